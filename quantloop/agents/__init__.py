@@ -1,0 +1,1 @@
+"""LangGraph agents (Evaluation, Quantization, Reviewer)."""

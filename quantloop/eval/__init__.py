@@ -1,0 +1,1 @@
+"""Measurement: perplexity, KL divergence, speed, size and generation checks."""

@@ -1,0 +1,58 @@
+"""Generation-failure checks on a fixed prompt set (thresholds in specs/acceptance.yaml).
+
+For each prompt the model continues greedily; the continuation fails if it is
+- empty: fewer than `min_new_tokens` tokens, or only whitespace;
+- a repetition loop: the share of its n-grams already seen earlier in the
+  same continuation is above `max_repeated_ngram_rate`;
+- nonsense: the float model's perplexity of the continuation (given the
+  prompt) is above `max_nonsense_ppl`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantloop.eval.perplexity import log_softmax
+from quantloop.schemas import GenerationReport, GenerationSample, GenerationSettings
+
+
+def repeated_ngram_rate(tokens: list[int], n: int) -> float:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    seen: set = set()
+    repeats = 0
+    for g in grams:
+        if g in seen:
+            repeats += 1
+        seen.add(g)
+    return repeats / len(grams)
+
+
+def continuation_ppl(float_runner, prompt_ids: list[int], new_ids: list[int]) -> float:
+    """Perplexity the float model assigns to `new_ids` following `prompt_ids`."""
+    ids = list(prompt_ids) + list(new_ids)
+    lp = log_softmax(float_runner.logits(ids)[len(prompt_ids) - 1:len(ids) - 1])
+    nll = -lp[np.arange(len(new_ids)), new_ids]
+    return float(np.exp(nll.mean()))
+
+
+def check_generations(runner, float_runner, settings: GenerationSettings, prompts: list[str] | None = None) -> GenerationReport:
+    samples = []
+    for prompt in prompts or settings.prompts:
+        prompt_ids = float_runner.tokenize(prompt)
+        new = runner.generate_greedy(prompt_ids, settings.max_new_tokens)
+        text = runner.detokenize(new)
+        failures = []
+        if len(new) < settings.min_new_tokens or not text.strip():
+            failures.append("empty output")
+        rate = repeated_ngram_rate(new, settings.ngram)
+        if rate > settings.max_repeated_ngram_rate:
+            failures.append(f"repetition loop ({rate:.0%} of {settings.ngram}-grams repeated)")
+        ppl = continuation_ppl(float_runner, prompt_ids, new) if new else None
+        if ppl is not None and ppl > settings.max_nonsense_ppl:
+            failures.append(f"nonsense (float-model perplexity {ppl:.1f})")
+        samples.append(GenerationSample(prompt=prompt, output=text, new_tokens=len(new), repeated_ngram_rate=rate,
+                                        float_ppl=ppl, failures=failures))
+    n_fail = sum(1 for s in samples if s.failures)
+    return GenerationReport(model=runner.ref, samples=samples, failures=n_fail, passed=n_fail == 0)

@@ -1,0 +1,60 @@
+"""Shared steps of the measurement tools: open runners, read the test tokens, score chunks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from quantloop.datasets import DEFAULT_DATASET, read_split
+from quantloop.errors import InputError
+from quantloop.eval.kld import KLDAccumulator
+from quantloop.eval.perplexity import chunk_nll, make_chunks, summarize_nll
+from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
+from quantloop.models import ResolvedModel, load_hf_tokenizer
+from quantloop.paths import DATASETS_DIR
+from quantloop.schemas import PerplexityReport
+
+
+def dataset_dir_or_default(dataset_dir: str | None) -> Path:
+    return Path(dataset_dir) if dataset_dir else DATASETS_DIR / DEFAULT_DATASET
+
+
+def open_runner(model: ResolvedModel, runtime: str, n_ctx: int):
+    if runtime == "llama.cpp":
+        if model.gguf is None:
+            raise InputError(model.path, "no GGUF file for the llama.cpp runtime", "run `quantloop prepare` on it or pass a .gguf")
+        return LlamaCppRunner(model.gguf, n_ctx=n_ctx)
+    if model.hf_dir is None:
+        raise InputError(model.path, "no transformers checkpoint (config.json) for the transformers runtime", "pass a checkpoint folder")
+    return TransformersRunner(model.hf_dir)
+
+
+def test_tokens(dataset_dir: Path, tokenizer_model: ResolvedModel, context: int, chunks: int, fallback_runner=None) -> list[np.ndarray]:
+    """Tokenize the test split once (HF tokenizer when there is one, else llama.cpp's) and cut it into chunks."""
+    text = read_split(dataset_dir, "test")
+    if tokenizer_model.hf_dir is not None:
+        ids = load_hf_tokenizer(tokenizer_model.hf_dir)(text, add_special_tokens=False)["input_ids"]
+    elif fallback_runner is not None:
+        ids = fallback_runner.tokenize(text)
+    else:
+        raise InputError(tokenizer_model.path, "no tokenizer available", "pass a checkpoint folder or a .gguf")
+    out = make_chunks(ids, context, chunks)
+    if not out:
+        raise InputError(Path(dataset_dir) / "test.txt", f"test split too short: {len(ids)} tokens, one chunk needs {context}", "prepare the dataset from more text")
+    return out
+
+
+def perplexity(runner, chunks: list[np.ndarray], desc: str) -> PerplexityReport:
+    nll = [chunk_nll(runner.logits(c), c) for c in tqdm(chunks, desc=desc, unit="chunk", leave=False)]
+    ppl, err, mean = summarize_nll(np.concatenate(nll))
+    return PerplexityReport(model=runner.ref, context=len(chunks[0]), chunks=len(chunks), tokens_scored=sum(len(n) for n in nll),
+                            ppl=ppl, ppl_stderr=err, mean_nll=mean)
+
+
+def kl_divergence(base_runner, quant_runner, chunks: list[np.ndarray], desc: str = "KLD"):
+    acc = KLDAccumulator()
+    for c in tqdm(chunks, desc=desc, unit="chunk", leave=False):
+        acc.add_chunk(base_runner.logits(c), quant_runner.logits(c), c)
+    return acc.report()

@@ -1,0 +1,66 @@
+"""Size on disk and exact bits per weight, from the tensor tables (no loading)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from quantloop.schemas import SizeReport
+
+GGUF_LINEAR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+HF_LINEAR = re.compile(r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.(weight|qweight)$")
+DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8,
+              "F8_E4M3": 8, "F8_E5M2": 8}
+
+
+def gguf_size(path: str | Path) -> SizeReport:
+    from quantloop.llamacpp import read_metadata
+
+    path = Path(path)
+    tensors = read_metadata(path)["tensors"]
+    n = sum(t[2] for t in tensors)
+    b = sum(t[3] for t in tensors)
+    lin = [t for t in tensors if GGUF_LINEAR.match(t[0])]
+    ln, lb = sum(t[2] for t in lin), sum(t[3] for t in lin)
+    types = Counter()
+    for name, typ, ne, _ in tensors:
+        types[typ] += ne
+    return SizeReport(
+        path=str(path), bytes_on_disk=path.stat().st_size, n_weights=n, bits_per_weight=8 * b / n,
+        n_linear_weights=ln, linear_bits_per_weight=8 * lb / ln if ln else 0.0, tensor_types=dict(types),
+    )
+
+
+def _safetensors_table(path: Path) -> list[tuple[str, str, int, int]]:
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    rows = []
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        ne = 1
+        for d in v["shape"]:
+            ne *= d
+        rows.append((name, v["dtype"], ne, v["data_offsets"][1] - v["data_offsets"][0]))
+    return rows
+
+
+def hf_size(hf_dir: str | Path) -> SizeReport:
+    """Float checkpoints: weights = tensor elements. Files other than *.gguf count toward the bytes on disk."""
+    hf_dir = Path(hf_dir)
+    rows = [r for f in sorted(hf_dir.glob("*.safetensors")) for r in _safetensors_table(f)]
+    n = sum(r[2] for r in rows)
+    b = sum(r[3] for r in rows)
+    lin = [r for r in rows if HF_LINEAR.search(r[0])]
+    ln, lb = sum(r[2] for r in lin), sum(r[3] for r in lin)
+    types = Counter()
+    for _, dt, ne, _ in rows:
+        types[dt] += ne
+    on_disk = sum(p.stat().st_size for p in hf_dir.iterdir() if p.is_file() and p.suffix != ".gguf")
+    return SizeReport(
+        path=str(hf_dir), bytes_on_disk=on_disk, n_weights=n, bits_per_weight=8 * b / n if n else 0.0,
+        n_linear_weights=ln, linear_bits_per_weight=8 * lb / ln if ln else 0.0, tensor_types=dict(types),
+    )

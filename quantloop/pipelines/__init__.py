@@ -1,0 +1,1 @@
+"""Graph assembly, policy and the command-line interface."""

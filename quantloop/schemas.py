@@ -1,0 +1,296 @@
+"""Pydantic models shared by tools, agents, reports and the CLI.
+
+Every report quantloop writes is one of these models serialised to JSON.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from quantloop import __version__
+
+Runtime = Literal["transformers", "llama.cpp"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- specs
+
+
+class AcceptanceCriteria(Strict):
+    """The acceptance bar from specs/acceptance.yaml (seed 003)."""
+
+    max_ppl_increase_pct: float = Field(2.0, gt=0, description="perplexity increase vs the float baseline, percent")
+    min_speedup: float = Field(1.5, gt=0, description="token-generation speed vs the float baseline on the same runtime")
+    min_size_ratio: dict[int, float] = Field(
+        default_factory=lambda: {4: 3.5, 8: 1.8},
+        description="float bytes / quantized bytes required for a nominal bit width ('about 4x' at INT4, 'about 2x' at INT8)",
+    )
+    no_generation_failures: bool = True
+
+
+class EvalSettings(Strict):
+    context: int = Field(512, ge=16, description="tokens per chunk; each chunk scores its second half")
+    chunks: int = Field(16, ge=1, description="chunks of the test split scored (the first N)")
+
+
+class SpeedSettings(Strict):
+    prompt_tokens: int = Field(256, ge=8)
+    gen_tokens: int = Field(64, ge=4)
+    repeats: int = Field(3, ge=1, description="best of N, float and quantized interleaved")
+
+
+class GenerationSettings(Strict):
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(48, ge=4)
+    ngram: int = Field(4, ge=2)
+    max_repeated_ngram_rate: float = Field(0.5, gt=0, le=1)
+    max_nonsense_ppl: float = Field(100.0, gt=1)
+    min_new_tokens: int = Field(4, ge=1, description="fewer generated tokens than this counts as empty output")
+
+
+class QualitySpec(Strict):
+    """specs/acceptance.yaml as a whole."""
+
+    acceptance: AcceptanceCriteria = Field(default_factory=AcceptanceCriteria)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    speed: SpeedSettings = Field(default_factory=SpeedSettings)
+    generation: GenerationSettings
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SplitInfo(Strict):
+    file: str
+    sha256: str
+    documents: list[str]
+    n_documents: int
+    n_chars: int
+    n_tokens: int | None = None
+    tokenizer: str | None = None
+
+
+class DatasetManifest(Strict):
+    source: str
+    source_detail: str
+    created: str
+    splits: dict[str, SplitInfo]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelManifest(Strict):
+    """Written by `quantloop prepare` next to a prepared checkpoint."""
+
+    name: str
+    source: str
+    source_sha256: str | None = None
+    hf_dir: str
+    gguf_f16: str | None = None
+    dtype: str = "float32"
+    architecture: str
+    n_params: int
+    reference_note: str
+    created: str
+
+
+class ModelRef(Strict):
+    path: str
+    runtime: Runtime
+    format: str = Field(description="e.g. hf-float32, gguf:F16, gguf:Q4_K_M")
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+class PerplexityReport(Strict):
+    model: ModelRef
+    context: int
+    chunks: int
+    tokens_scored: int
+    ppl: float
+    ppl_stderr: float
+    mean_nll: float
+
+
+class Percentiles(Strict):
+    max: float
+    p99_9: float
+    p99: float
+    p95: float
+    p90: float
+    median: float
+    p10: float
+    p5: float
+    p1: float
+    p0_1: float
+    min: float
+
+
+class KLDReport(Strict):
+    """Same statistics as llama-perplexity --kl-divergence, full vocabulary."""
+
+    tokens: int
+    ppl_base: float
+    ppl_quant: float
+    ln_ppl_ratio: float
+    ln_ppl_ratio_stderr: float
+    ppl_ratio: float
+    ppl_increase_pct: float
+    kld_mean: float
+    kld_mean_stderr: float
+    kld: Percentiles
+    delta_p_mean: float = Field(description="mean of p_quant(correct) - p_base(correct)")
+    delta_p_mean_stderr: float
+    delta_p: Percentiles
+    rms_delta_p: float
+    rms_delta_p_stderr: float
+    same_top_rate: float
+    same_top_rate_stderr: float
+
+
+class SpeedReport(Strict):
+    model: ModelRef
+    threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    pp_tokens_per_s: float
+    tg_tokens_per_s: float
+    load_s: float
+    peak_rss_bytes: int
+
+
+class SizeReport(Strict):
+    path: str
+    bytes_on_disk: int
+    n_weights: int
+    bits_per_weight: float = Field(description="8 * tensor bytes / weights, over all weights")
+    n_linear_weights: int
+    linear_bits_per_weight: float = Field(description="over the linear (attention and feed-forward) weights alone")
+    tensor_types: dict[str, int] = Field(description="weights per storage type")
+
+
+class GenerationSample(Strict):
+    prompt: str
+    output: str
+    new_tokens: int
+    repeated_ngram_rate: float
+    float_ppl: float | None
+    failures: list[str]
+
+
+class GenerationReport(Strict):
+    model: ModelRef
+    samples: list[GenerationSample]
+    failures: int
+    passed: bool
+
+
+class CriterionResult(Strict):
+    name: str
+    passed: bool
+    measured: float | None
+    threshold: str
+    detail: str
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class EvaluationReport(Strict):
+    """`quantloop evaluate`: one model measured on its own (a float baseline report)."""
+
+    quantloop_version: str = __version__
+    created: str = Field(default_factory=_now)
+    reference_note: str
+    dataset: str
+    perplexity: list[PerplexityReport]
+    speed: list[SpeedReport]
+    size: SizeReport
+    generation: GenerationReport | None
+
+
+class ValidationRequest(Strict):
+    """Input of the validate_quantization tool."""
+
+    quantized: str = Field(description="quantized model: a .gguf file, or a directory holding one")
+    baseline: str = Field(description="float baseline: a prepared checkpoint directory or an F16/F32 .gguf")
+    nominal_bits: int | None = Field(None, ge=2, le=16, description="bit width the size criterion uses; read from the GGUF file type when omitted")
+    dataset_dir: str | None = None
+    spec_file: str | None = None
+    report_path: str | None = Field(None, description="where validation_report.json goes; default: next to the quantized model")
+    chunks: int | None = Field(None, ge=1)
+    check_generation: bool = True
+    measure_speed: bool = True
+
+
+class ValidationReport(Strict):
+    quantloop_version: str = __version__
+    created: str = Field(default_factory=_now)
+    reference_note: str
+    runtime: Runtime
+    dataset: str
+    baseline: ModelRef
+    quantized: ModelRef
+    nominal_bits: int | None
+    acceptance: AcceptanceCriteria
+    kld: KLDReport
+    speed_baseline: SpeedReport | None
+    speed_quantized: SpeedReport | None
+    speedup_pp: float | None
+    speedup_tg: float | None
+    size_baseline: SizeReport
+    size_quantized: SizeReport
+    size_ratio: float
+    generation: GenerationReport | None
+    criteria: list[CriterionResult]
+    passed: bool
+    report_path: str | None = None
+
+
+class CompareRequest(Strict):
+    model_a: str
+    model_b: str
+    prompts: list[str] | None = None
+    max_new_tokens: int = Field(48, ge=1)
+    spec_file: str | None = None
+
+
+class CompareRow(Strict):
+    prompt: str
+    output_a: str
+    output_b: str
+    identical: bool
+
+
+class CompareReport(Strict):
+    model_a: ModelRef
+    model_b: ModelRef
+    rows: list[CompareRow]
+    identical_rate: float
+    markdown: str
+
+    @field_validator("identical_rate")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        return round(v, 6)
+
+
+class EvaluateRequest(Strict):
+    """Input of the evaluate_model tool."""
+
+    model: str
+    dataset_dir: str | None = None
+    spec_file: str | None = None
+    runtimes: list[Runtime] | None = Field(None, description="default: every runtime the model has files for")
+    chunks: int | None = Field(None, ge=1)
+    measure_speed: bool = True
+    check_generation: bool = True

@@ -1,0 +1,7 @@
+"""Typed tools the agents (or any LLM agent) call: plain functions, pydantic in and out."""
+
+from quantloop.tools.compare import compare_outputs
+from quantloop.tools.evaluate import evaluate_model
+from quantloop.tools.validate import validate_quantization
+
+__all__ = ["compare_outputs", "evaluate_model", "validate_quantization"]

@@ -1,0 +1,122 @@
+"""validate_quantization: measure a quantized model against its float baseline on the
+runtime it is deployed with, and judge it against the acceptance criteria."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantloop.errors import InputError
+from quantloop.eval.generation import check_generations
+from quantloop.eval.runtimes import default_threads
+from quantloop.eval.session import dataset_dir_or_default, kl_divergence, open_runner, test_tokens
+from quantloop.eval.size import gguf_size, hf_size
+from quantloop.eval.speed import measure_speed
+from quantloop.datasets import manifest_digest
+from quantloop.fileio import write_json_atomic
+from quantloop.llamacpp import nominal_bits_of
+from quantloop.models import resolve_model
+from quantloop.schemas import AcceptanceCriteria, CriterionResult, ValidationReport, ValidationRequest
+from quantloop.specs import load_quality_spec
+
+REPORT_NAME = "validation_report.json"
+
+
+def required_size_ratio(criteria: AcceptanceCriteria, bits: int) -> float:
+    """The ratio the spec names for these bits; otherwise the INT4 rule scaled to the bit width."""
+    if bits in criteria.min_size_ratio:
+        return criteria.min_size_ratio[bits]
+    ref_bits, ref_ratio = min(criteria.min_size_ratio.items())
+    return round(ref_ratio * ref_bits / bits, 2)
+
+
+def judge(report_parts: dict, criteria: AcceptanceCriteria, bits: int | None) -> list[CriterionResult]:
+    kld, speedup, size_ratio, gen = report_parts["kld"], report_parts["speedup_tg"], report_parts["size_ratio"], report_parts["generation"]
+    out = [
+        CriterionResult(
+            name="perplexity", passed=kld.ppl_increase_pct < criteria.max_ppl_increase_pct, measured=kld.ppl_increase_pct,
+            threshold=f"< {criteria.max_ppl_increase_pct} % increase",
+            detail=f"PPL {kld.ppl_quant:.4f} vs {kld.ppl_base:.4f} ({kld.ppl_increase_pct:+.2f} %, mean KLD {kld.kld_mean:.4f})",
+        )
+    ]
+    if speedup is None:
+        out.append(CriterionResult(name="speed", passed=False, measured=None, threshold=f">= {criteria.min_speedup}x", detail="not measured"))
+    else:
+        out.append(CriterionResult(name="speed", passed=speedup >= criteria.min_speedup, measured=speedup,
+                                   threshold=f">= {criteria.min_speedup}x token generation",
+                                   detail=f"token generation {speedup:.2f}x the float baseline on the same runtime"))
+    if bits is None:
+        out.append(CriterionResult(name="size", passed=False, measured=size_ratio, threshold="unknown bit width",
+                                   detail="nominal bit width unknown; pass --bits"))
+    else:
+        need = required_size_ratio(criteria, bits)
+        out.append(CriterionResult(name="size", passed=size_ratio >= need, measured=size_ratio, threshold=f">= {need}x at {bits} bits",
+                                   detail=f"{size_ratio:.2f}x smaller than the float baseline"))
+    if criteria.no_generation_failures:
+        if gen is None:
+            out.append(CriterionResult(name="generation", passed=False, measured=None, threshold="0 failures", detail="not checked"))
+        else:
+            bad = [f"'{s.prompt}': {', '.join(s.failures)}" for s in gen.samples if s.failures]
+            out.append(CriterionResult(name="generation", passed=gen.passed, measured=float(gen.failures), threshold="0 failures",
+                                       detail="; ".join(bad) if bad else f"{len(gen.samples)} prompts, no failure"))
+    return out
+
+
+def validate_quantization(req: ValidationRequest) -> ValidationReport:
+    spec = load_quality_spec(req.spec_file)
+    quant = resolve_model(req.quantized)
+    base = resolve_model(req.baseline)
+    runtime = "llama.cpp" if quant.gguf is not None else "transformers"
+    if runtime == "llama.cpp" and base.gguf is None:
+        raise InputError(base.path, "baseline has no GGUF to compare a GGUF against on llama.cpp", "run `quantloop prepare` on the baseline")
+    if runtime == "transformers" and base.hf_dir is None:
+        raise InputError(base.path, "baseline has no transformers checkpoint", "pass a prepared checkpoint folder")
+    dataset_dir = dataset_dir_or_default(req.dataset_dir)
+    ctx = spec.eval.context
+    base_runner = open_runner(base, runtime, ctx)
+    quant_runner = open_runner(quant, runtime, ctx)
+    if base_runner.n_vocab != quant_runner.n_vocab:
+        raise InputError(quant.path, f"vocabulary of {quant_runner.n_vocab} tokens differs from the baseline's {base_runner.n_vocab}", "compare models that share a tokenizer")
+    chunks = test_tokens(dataset_dir, base, ctx, req.chunks or spec.eval.chunks, fallback_runner=base_runner)
+    kld = kl_divergence(base_runner, quant_runner, chunks)
+    gen = check_generations(quant_runner, base_runner, spec.generation) if req.check_generation else None
+
+    speed_b = speed_q = None
+    if req.measure_speed:
+        speed_b, speed_q = measure_speed([base_runner.ref, quant_runner.ref], spec.speed, default_threads())
+    if runtime == "llama.cpp":
+        size_b, size_q = gguf_size(base.gguf), gguf_size(quant.gguf)
+        bits = req.nominal_bits or nominal_bits_of(quant_runner.ref.format.removeprefix("gguf:"))
+    else:
+        size_b, size_q = hf_size(base.hf_dir), hf_size(quant.hf_dir)
+        bits = req.nominal_bits
+    parts = {
+        "kld": kld,
+        "speedup_tg": speed_q.tg_tokens_per_s / speed_b.tg_tokens_per_s if speed_q else None,
+        "size_ratio": size_b.bytes_on_disk / size_q.bytes_on_disk,
+        "generation": gen,
+    }
+    criteria = judge(parts, spec.acceptance, bits)
+    report_path = Path(req.report_path) if req.report_path else (quant.path if quant.path.is_dir() else quant.path.parent) / REPORT_NAME
+    report = ValidationReport(
+        reference_note=base.reference_note,
+        runtime=runtime,
+        dataset=f"{dataset_dir} test split (manifest {manifest_digest(dataset_dir)}), {len(chunks)} x {ctx} tokens",
+        baseline=base_runner.ref,
+        quantized=quant_runner.ref,
+        nominal_bits=bits,
+        acceptance=spec.acceptance,
+        kld=kld,
+        speed_baseline=speed_b,
+        speed_quantized=speed_q,
+        speedup_pp=speed_q.pp_tokens_per_s / speed_b.pp_tokens_per_s if speed_q else None,
+        speedup_tg=parts["speedup_tg"],
+        size_baseline=size_b,
+        size_quantized=size_q,
+        size_ratio=parts["size_ratio"],
+        generation=gen,
+        criteria=criteria,
+        passed=all(c.passed for c in criteria),
+        report_path=str(report_path),
+    )
+    write_json_atomic(report_path, report)
+    return report
