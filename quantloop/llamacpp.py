@@ -51,24 +51,68 @@ def check_gguf_file(path: str | Path) -> Path:
     return path
 
 
-def read_metadata(path: str | Path) -> dict:
-    """Architecture, file type and tensor table of a GGUF file (reads headers only, memory-mapped)."""
-    from gguf import GGUFReader
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    reader = GGUFReader(str(path))
 
-    def field(name):
-        f = reader.fields.get(name)
-        if f is None:
+def _read_value(f, vtype: int, keep: bool):
+    """One GGUF metadata value; arrays are skipped (returned as None) unless `keep`."""
+    import struct
+
+    if vtype in _SCALAR:
+        fmt = _SCALAR[vtype]
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+    if vtype == 8:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n).decode("utf-8", errors="replace")
+    if vtype == 9:
+        itype, count = struct.unpack("<IQ", f.read(12))
+        if itype in _SCALAR and not keep:
+            f.seek(count * struct.calcsize(_SCALAR[itype]), 1)
             return None
-        v = f.contents()
-        return v
+        items = [_read_value(f, itype, keep) for _ in range(count)]
+        return items if keep else None
+    raise ValueError(f"unknown GGUF value type {vtype}")
 
-    tensors = [(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+
+def read_metadata(path: str | Path) -> dict:
+    """Architecture, file type and tensor table (name, type, elements, bytes) of a GGUF file.
+
+    Reads the header only. gguf-py's GGUFReader parses every tokenizer array into
+    numpy views, which takes seconds; this skips arrays. Tested against GGUFReader.
+    """
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ValueError("bad magic")
+        version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+        fields = {}
+        for _ in range(n_kv):
+            (klen,) = struct.unpack("<Q", f.read(8))
+            key = f.read(klen).decode("utf-8")
+            (vtype,) = struct.unpack("<I", f.read(4))
+            fields[key] = _read_value(f, vtype, keep=False)
+        tensors = []
+        for _ in range(n_tensors):
+            (nlen,) = struct.unpack("<Q", f.read(8))
+            name = f.read(nlen).decode("utf-8")
+            (n_dims,) = struct.unpack("<I", f.read(4))
+            dims = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
+            ttype, _offset = struct.unpack("<IQ", f.read(12))
+            qtype = GGMLQuantizationType(ttype)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            n_el = 1
+            for d in dims:
+                n_el *= d
+            tensors.append((name, qtype.name, n_el, n_el // block * type_size))
     return {
-        "architecture": field("general.architecture"),
-        "name": field("general.name"),
-        "file_type": field("general.file_type"),
+        "architecture": fields.get("general.architecture"),
+        "name": fields.get("general.name"),
+        "file_type": fields.get("general.file_type"),
         "tensors": tensors,
     }
 

@@ -31,7 +31,7 @@ def open_runner(model: ResolvedModel, runtime: str, n_ctx: int):
     return TransformersRunner(model.hf_dir)
 
 
-def test_tokens(dataset_dir: Path, tokenizer_model: ResolvedModel, context: int, chunks: int, fallback_runner=None) -> list[np.ndarray]:
+def split_chunks(dataset_dir: Path, tokenizer_model: ResolvedModel, context: int, chunks: int, fallback_runner=None) -> list[np.ndarray]:
     """Tokenize the test split once (HF tokenizer when there is one, else llama.cpp's) and cut it into chunks."""
     text = read_split(dataset_dir, "test")
     if tokenizer_model.hf_dir is not None:

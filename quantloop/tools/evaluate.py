@@ -6,7 +6,7 @@ from __future__ import annotations
 from quantloop.datasets import manifest_digest
 from quantloop.eval.generation import check_generations
 from quantloop.eval.runtimes import default_threads
-from quantloop.eval.session import dataset_dir_or_default, open_runner, perplexity, test_tokens
+from quantloop.eval.session import dataset_dir_or_default, open_runner, perplexity, split_chunks
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.eval.speed import measure_speed
 from quantloop.models import resolve_model
@@ -21,7 +21,7 @@ def evaluate_model(req: EvaluateRequest) -> EvaluationReport:
     dataset_dir = dataset_dir_or_default(req.dataset_dir)
     ctx = spec.eval.context
     runners = [open_runner(model, r, ctx) for r in runtimes]
-    chunks = test_tokens(dataset_dir, model, ctx, req.chunks or spec.eval.chunks, fallback_runner=runners[-1])
+    chunks = split_chunks(dataset_dir, model, ctx, req.chunks or spec.eval.chunks, fallback_runner=runners[-1])
     ppl = [perplexity(r, chunks, desc=f"perplexity ({r.runtime})") for r in runners]
     gen_runner = runners[-1]  # llama.cpp when the model has a GGUF: the deployment runtime
     gen = check_generations(gen_runner, gen_runner, spec.generation) if req.check_generation else None

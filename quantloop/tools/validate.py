@@ -8,7 +8,7 @@ from pathlib import Path
 from quantloop.errors import InputError
 from quantloop.eval.generation import check_generations
 from quantloop.eval.runtimes import default_threads
-from quantloop.eval.session import dataset_dir_or_default, kl_divergence, open_runner, test_tokens
+from quantloop.eval.session import dataset_dir_or_default, kl_divergence, open_runner, split_chunks
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.eval.speed import measure_speed
 from quantloop.datasets import manifest_digest
@@ -76,7 +76,7 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
     quant_runner = open_runner(quant, runtime, ctx)
     if base_runner.n_vocab != quant_runner.n_vocab:
         raise InputError(quant.path, f"vocabulary of {quant_runner.n_vocab} tokens differs from the baseline's {base_runner.n_vocab}", "compare models that share a tokenizer")
-    chunks = test_tokens(dataset_dir, base, ctx, req.chunks or spec.eval.chunks, fallback_runner=base_runner)
+    chunks = split_chunks(dataset_dir, base, ctx, req.chunks or spec.eval.chunks, fallback_runner=base_runner)
     kld = kl_divergence(base_runner, quant_runner, chunks)
     gen = check_generations(quant_runner, base_runner, spec.generation) if req.check_generation else None
 

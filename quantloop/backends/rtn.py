@@ -1,0 +1,68 @@
+"""Round-to-nearest (RTN) fake quantization: the calibration-free baseline.
+
+Each output row is cut into groups of `group_size` consecutive input columns;
+each group gets its own scale, and every weight is rounded to the nearest
+level (ties round up, as llama.cpp does) and written back dequantized.
+
+- asymmetric (GGUF Q4_1 style): scale = (max - min) / (2^bits - 1), offset = min,
+  w ~ q * scale + min with q in [0, 2^bits - 1]. Error at most half a step.
+- symmetric (GGUF Q4_0 style): m = the group's value of largest magnitude, with
+  its sign; scale = m / -2^(bits-1), w ~ (q - 2^(bits-1)) * scale with q in
+  [0, 2^bits - 1]. m itself is exact; values on the side opposite m beyond
+  2^(bits-1) - 1/2 steps clamp to the last level (error up to one step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantloop.errors import InputError
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_rtn_settings(width: int, bits: int, group_size: int, where: str | None = None) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise InputError(where, f"RTN bits must be an integer from 2 to 8, not {bits!r}", "use 4 or 8")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise InputError(where, f"RTN group size must be a positive integer, not {group_size!r}", "use e.g. 32")
+    if width % group_size:
+        raise InputError(where, f"RTN group size {group_size} does not divide the weight width {width}", "pick a group size that divides every input width (32 for SmolLM2)")
+
+
+def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """Round a [out, in] weight to a bits-wide grid per group of input columns; returns the dequantized weight."""
+    if w.dim() != 2:
+        raise InputError(None, f"RTN expects a 2-D weight, got shape {tuple(w.shape)}")
+    out_features, width = w.shape
+    check_rtn_settings(width, bits, group_size)
+    x = w.detach().float().reshape(out_features, width // group_size, group_size)
+    levels = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        idx = x.abs().argmax(dim=-1, keepdim=True)
+        scale = x.gather(-1, idx) / -half
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.clamp(torch.floor(x / safe + half + 0.5), 0, levels)
+        deq = (q - half) * scale
+    else:
+        lo = x.amin(dim=-1, keepdim=True)
+        scale = (x.amax(dim=-1, keepdim=True) - lo) / levels
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.clamp(torch.floor((x - lo) / safe + 0.5), 0, levels)
+        deq = q * scale + lo
+    return deq.reshape(out_features, width).to(w.dtype)
+
+
+def rtn_quantize_model_(model, bits: int, group_size: int, symmetric: bool) -> list[str]:
+    """Fake-quantize every q/k/v/o/gate/up/down linear weight in place; returns the module names it changed."""
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LINEAR_NAMES]
+    if not linears:
+        raise InputError(None, "model has no q/k/v/o/gate/up/down_proj linear layers", "RTN supports Llama-style models")
+    for name, m in linears:  # check every width first, so a bad setting changes nothing
+        check_rtn_settings(m.weight.shape[1], bits, group_size, name)
+    with torch.no_grad():
+        for _, m in linears:
+            m.weight.copy_(rtn_fake_quantize(m.weight, bits, group_size, symmetric))
+    return [name for name, _ in linears]

@@ -1,0 +1,64 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR  # noqa: E402
+
+DATASET_DIR = DATASETS_DIR / "shakespeare"
+
+
+def need_prepared():
+    if not (DEFAULT_MODEL_DIR / "quantloop_model.json").is_file() or not (DATASET_DIR / "manifest.json").is_file():
+        pytest.skip("the reference model and text are not prepared: run `make test` (it runs `quantloop prepare` first)")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    need_prepared()
+    return DEFAULT_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def dataset_dir() -> Path:
+    need_prepared()
+    return DATASET_DIR
+
+
+def build_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer (vocabulary 49152), saved as an HF checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory, reference_dir) -> Path:
+    """The tiny Llama prepared like any user checkpoint: float32 HF folder + F16 GGUF + manifest."""
+    from quantloop.models import prepare_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    raw = build_tiny_llama(root / "raw", reference_dir)
+    prepare_model(raw, "tiny", root / "checkpoints")
+    return root / "checkpoints" / "tiny"
+
+
+@pytest.fixture
+def tiny_copy(tmp_path, tiny_prepared) -> Path:
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_prepared, dst)
+    return dst

@@ -1,0 +1,94 @@
+"""The measurement tools end to end on a tiny random Llama (real transformers, real llama.cpp)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from quantloop.backends.gguf import quantize_gguf
+from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
+from quantloop.eval.session import perplexity, split_chunks
+from quantloop.models import resolve_model
+from quantloop.schemas import CompareRequest, EvaluateRequest, ValidationRequest
+from quantloop.tools import compare_outputs, evaluate_model, validate_quantization
+
+
+def test_prepared_checkpoint_loads_offline_and_matches_its_gguf(tiny_prepared, dataset_dir):
+    from transformers import AutoModelForCausalLM
+
+    manifest = json.loads((tiny_prepared / "quantloop_model.json").read_text())
+    assert manifest["gguf_f16"] == "tiny-f16.gguf" and manifest["dtype"] == "float32"
+    model = AutoModelForCausalLM.from_pretrained(tiny_prepared, local_files_only=True)
+    assert next(model.parameters()).dtype == torch.float32
+    m = resolve_model(tiny_prepared)
+    chunks = split_chunks(dataset_dir, m, 512, 2)
+    hf = perplexity(TransformersRunner(tiny_prepared), chunks, "hf")
+    cpp = perplexity(LlamaCppRunner(m.gguf), chunks, "cpp")
+    assert hf.tokens_scored == cpp.tokens_scored == 2 * 255
+    assert abs(cpp.ppl / hf.ppl - 1) < 0.005  # same token ids, same chunking: runtimes agree within 0.5 %
+
+
+def test_same_token_ids_on_both_runtimes(tiny_prepared):
+    m = resolve_model(tiny_prepared)
+    text = "To be, or not to be, that is the question."
+    assert TransformersRunner(tiny_prepared).tokenize(text) == LlamaCppRunner(m.gguf).tokenize(text)
+
+
+def test_validate_q8_0_writes_a_complete_report(tiny_copy, dataset_dir, tmp_path):
+    q = quantize_gguf(tiny_copy / "tiny-f16.gguf", tmp_path / "tiny-q8_0.gguf", "Q8_0")
+    r = validate_quantization(ValidationRequest(quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(dataset_dir), chunks=2))
+    saved = json.loads((tmp_path / "validation_report.json").read_text())
+    assert saved["passed"] == r.passed
+    assert r.runtime == "llama.cpp" and r.quantized.format == "gguf:Q8_0" and r.baseline.format == "gguf:F16"
+    assert r.nominal_bits == 8
+    assert r.kld.tokens == 2 * 255
+    assert 0 <= r.kld.kld_mean < 0.01 and r.kld.same_top_rate > 0.9
+    assert r.size_quantized.linear_bits_per_weight == pytest.approx(8.5)  # Q8_0: 34 bytes per 32 weights
+    assert r.size_baseline.linear_bits_per_weight == pytest.approx(16.0)
+    assert r.size_ratio == pytest.approx((tiny_copy / "tiny-f16.gguf").stat().st_size / q.stat().st_size)
+    assert r.size_ratio > 1.2  # the tiny model's file is dominated by its tokenizer metadata, so less than 2x
+    assert r.speed_baseline.tg_tokens_per_s > 0 and r.speed_quantized.peak_rss_bytes > 0
+    assert {c.name for c in r.criteria} == {"perplexity", "speed", "size", "generation"}
+    assert "dequantized" not in r.reference_note  # a user checkpoint, not the grid-aligned reference
+
+
+def test_validate_detects_a_damaged_model(tiny_copy, dataset_dir, tmp_path):
+    q = quantize_gguf(tiny_copy / "tiny-f16.gguf", tmp_path / "tiny-q2_k.gguf", "Q2_K")
+    r = validate_quantization(ValidationRequest(quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
+                                                chunks=2, measure_speed=False, check_generation=False))
+    q8 = quantize_gguf(tiny_copy / "tiny-f16.gguf", tmp_path / "tiny-q8_0.gguf", "Q8_0")
+    r8 = validate_quantization(ValidationRequest(quantized=str(q8), baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
+                                                 chunks=2, measure_speed=False, check_generation=False))
+    assert r.kld.kld_mean > 5 * r8.kld.kld_mean
+    speed = next(c for c in r.criteria if c.name == "speed")
+    assert not speed.passed and not r.passed  # not measured is never a pass
+
+
+def test_evaluate_reports_both_runtimes(tiny_prepared, dataset_dir):
+    r = evaluate_model(EvaluateRequest(model=str(tiny_prepared), dataset_dir=str(dataset_dir), chunks=1, measure_speed=False))
+    assert [p.model.runtime for p in r.perplexity] == ["transformers", "llama.cpp"]
+    assert r.size.bits_per_weight == pytest.approx(32.0)
+    assert r.generation is not None and len(r.generation.samples) == 8
+
+
+def test_compare_outputs_side_by_side(tiny_prepared, tmp_path):
+    q = quantize_gguf(tiny_prepared / "tiny-f16.gguf", tmp_path / "tiny-q8_0.gguf", "Q8_0")
+    r = compare_outputs(CompareRequest(model_a=str(tiny_prepared), model_b=str(q), prompts=["Hello there", "One two"], max_new_tokens=8))
+    assert len(r.rows) == 2
+    assert r.model_a.format == "gguf:F16" and r.model_b.format == "gguf:Q8_0"
+    assert r.markdown.count("\n") == 4 and "Hello there" in r.markdown
+    assert all(row.output_a for row in r.rows)
+    same = compare_outputs(CompareRequest(model_a=str(tiny_prepared), model_b=str(tiny_prepared), prompts=["Hello there"], max_new_tokens=8))
+    assert same.identical_rate == 1.0
+
+
+def test_greedy_generation_agrees_across_runtimes(tiny_prepared):
+    m = resolve_model(tiny_prepared)
+    hf, cpp = TransformersRunner(tiny_prepared), LlamaCppRunner(m.gguf)
+    prompt = hf.tokenize("The capital of France is")
+    a, b = hf.generate_greedy(prompt, 6), cpp.generate_greedy(prompt, 6)
+    assert len(a) == len(b) == 6
+    assert a[0] == b[0]
+    logits = hf.logits(prompt + a)
+    assert int(np.argmax(logits[len(prompt) - 1])) == a[0]
