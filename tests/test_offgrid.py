@@ -174,13 +174,16 @@ def test_rtn_model_touches_only_the_linears():
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, reference_dir, dataset_dir):
-    """The reference, its off-grid twin (prepared into a temporary folder) and 4 x 512 test tokens."""
+    """The reference, its off-grid twin (written by `quantloop prepare`) and 4 x 512 test tokens."""
     from quantloop.datasets import read_split
     from quantloop.eval.perplexity import make_chunks
     from quantloop.models import load_hf_model, load_hf_tokenizer
+    from quantloop.paths import OFFGRID_MODEL_DIR
 
-    out = tmp_path_factory.mktemp("offgrid") / "smollm2-135m-offgrid"
-    manifest = prepare_offgrid(reference_dir, out)
+    out = OFFGRID_MODEL_DIR
+    if not (out / "quantloop_model.json").is_file():
+        pytest.skip("the off-grid twin is not prepared: run `quantloop prepare`")
+    manifest = prepare_offgrid(reference_dir, out)  # reuses the prepared twin
     tok = load_hf_tokenizer(reference_dir)
     ids = tok(read_split(dataset_dir, "test"), add_special_tokens=False)["input_ids"]
     chunks = make_chunks(ids, 512, 4)

