@@ -294,3 +294,56 @@ class EvaluateRequest(Strict):
     chunks: int | None = Field(None, ge=1)
     measure_speed: bool = True
     check_generation: bool = True
+
+
+# --------------------------------------------------------------------------- quantization
+
+QuantMethod = Literal["gptq", "awq", "autoround", "rtn", "gguf"]
+
+
+class CalibrationSpec(Strict):
+    """Where calibration text comes from and how much of it."""
+
+    source: Literal["dataset", "synthetic"] = "dataset"
+    dataset_dir: str | None = Field(None, description="prepared dataset folder (default: SLM/datasets/shakespeare)")
+    split: str = "calibration"
+    samples: int = Field(128, ge=1)
+    seqlen: int = Field(512, ge=16)
+    seed: int = 0
+
+
+class QuantSpec(Strict):
+    """One quantization attempt, as the agents and the CLI describe it."""
+
+    method: QuantMethod
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = Field(128, description="weights per quantization group along the input dimension; -1 = per channel")
+    symmetric: bool = True
+    act_order: bool = False
+    gguf_type: str | None = Field(None, description="llama.cpp type for method 'gguf' (Q4_K_M, Q8_0, ...) or the export target")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left unquantized")
+    overrides: dict[str, dict] = Field(default_factory=dict, description="per-module overrides: regex -> {bits, group_size, symmetric}")
+    seed: int = 0
+
+    def tag(self) -> str:
+        if self.method == "gguf":
+            return f"gguf-{(self.gguf_type or 'q4_k_m').lower()}"
+        g = "pc" if self.group_size == -1 else f"g{self.group_size}"
+        return f"{self.method}-w{self.bits}{g}{'' if self.symmetric else '-asym'}"
+
+
+class QuantizationResult(Strict):
+    """What every backend returns (the same fields, so the agents can compare them)."""
+
+    spec: QuantSpec
+    output_dir: str
+    model_path: str = Field(description="the file or folder a runtime loads")
+    format: str = Field(description="gguf:<TYPE>, or the HF format name (gptq, awq, hf-float32 fake-quant, ...)")
+    wall_s: float
+    peak_rss_bytes: int
+    bytes_on_disk: int
+    bits_per_weight: float
+    linear_bits_per_weight: float
+    libraries: dict[str, str]
+    calibration_manifest_sha256: str | None = None
