@@ -125,11 +125,13 @@ def test_rtn_error_is_bounded(bits, symmetric):
     if symmetric:
         step = g.abs().amax(-1, keepdim=True) / 2 ** (bits - 1)
         err_bound = step  # the side opposite the extreme value clamps to the last level
-        assert torch.equal(qg.abs().amax(-1), g.abs().amax(-1))  # the extreme value is exact
+        # the extreme value is exact up to the fp16 rounding of the scale
+        assert torch.allclose(qg.abs().amax(-1), g.abs().amax(-1), rtol=2**-10)
     else:
         step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / (2**bits - 1)
         err_bound = step / 2
-    assert ((qg - g).abs() <= err_bound * (1 + 1e-5) + 1e-7).all()
+    fp16_slack = (2**bits * step + g.abs().amax(-1, keepdim=True)) * 2**-10  # scales and offsets are fp16
+    assert ((qg - g).abs() <= err_bound * (1 + 1e-5) + fp16_slack + 1e-7).all()
     assert qg.unique().numel() <= 16 * 4 * 2**bits
     for row in qg.reshape(-1, 32):
         assert row.unique().numel() <= 2**bits

@@ -2,7 +2,9 @@
 
 Each output row is cut into groups of `group_size` consecutive input columns;
 each group gets its own scale, and every weight is rounded to the nearest
-level (ties round up, as llama.cpp does) and written back dequantized.
+level (ties round up, as llama.cpp does) and written back dequantized. Scales
+and offsets are rounded to fp16 first, as GGUF and GPTQ store them, so a
+layout that a GGUF block type holds (group 32) exports to it exactly.
 
 - asymmetric (GGUF Q4_1 style): scale = (max - min) / (2^bits - 1), offset = min,
   w ~ q * scale + min with q in [0, 2^bits - 1]. Error at most half a step.
@@ -41,13 +43,13 @@ def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bo
     if symmetric:
         half = 2 ** (bits - 1)
         idx = x.abs().argmax(dim=-1, keepdim=True)
-        scale = x.gather(-1, idx) / -half
+        scale = (x.gather(-1, idx) / -half).half().float()  # fp16 scales, as stored by GGUF and GPTQ
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.clamp(torch.floor(x / safe + half + 0.5), 0, levels)
         deq = (q - half) * scale
     else:
-        lo = x.amin(dim=-1, keepdim=True)
-        scale = (x.amax(dim=-1, keepdim=True) - lo) / levels
+        lo = x.amin(dim=-1, keepdim=True).half().float()
+        scale = ((x.amax(dim=-1, keepdim=True) - lo) / levels).half().float()
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.clamp(torch.floor((x - lo) / safe + 0.5), 0, levels)
         deq = q * scale + lo
@@ -66,3 +68,18 @@ def rtn_quantize_model_(model, bits: int, group_size: int, symmetric: bool) -> l
         for _, m in linears:
             m.weight.copy_(rtn_fake_quantize(m.weight, bits, group_size, symmetric))
     return [name for name, _ in linears]
+
+
+def quantize_rtn_checkpoint(hf_dir, out_dir, spec) -> "Path":
+    """RTN of a float checkpoint into out_dir: a float32 transformers checkpoint whose
+    linear weights lie on the RTN grid (dense: it runs at float speed on transformers)."""
+    from pathlib import Path
+
+    from quantloop.models import load_hf_model, load_hf_tokenizer
+
+    model = load_hf_model(Path(hf_dir))
+    torch.manual_seed(spec.seed)
+    rtn_quantize_model_(model, spec.bits, spec.group_size, spec.symmetric)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    load_hf_tokenizer(Path(hf_dir)).save_pretrained(str(out_dir))
+    return Path(out_dir)

@@ -102,29 +102,21 @@ def cmd_compare(a) -> int:
 
 
 def cmd_quantize(a) -> int:
-    import json
-    import time
+    from quantloop.pipelines.report_format import mib, table
+    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.tools.quantize import default_output_dir, quantize_model
 
-    from quantloop.backends.gguf import quantize_gguf
-    from quantloop.fileio import atomic_output, write_json_atomic
-    from quantloop.models import resolve_model
-
-    model = resolve_model(a.model)
-    if model.gguf is None:
-        raise InputError(model.path, "no F16/F32 GGUF to quantize", "run `quantloop prepare` on it first")
-    name = model.manifest.name if model.manifest else model.path.stem
-    out = Path(a.out) if a.out else QUANTIZED_DIR / f"{name}_{a.type.lower()}"
-    if out.exists() and not a.overwrite:
-        raise InputError(out, "output folder exists", "pass --overwrite or choose --out")
-    t0 = time.perf_counter()
-    with atomic_output(out, is_dir=True) as tmp:
-        quantize_gguf(model.gguf, tmp / f"{name}-{a.type.lower()}.gguf", a.type)
-        import llama_cpp
-
-        write_json_atomic(tmp / "quantization_config.json", {
-            "method": "gguf", "type": a.type.upper(), "source": str(model.gguf),
-            "library": {"llama-cpp-python": llama_cpp.__version__}, "wall_s": round(time.perf_counter() - t0, 3)})
-    print(json.dumps({"output": str(out), "wall_s": round(time.perf_counter() - t0, 2)}))
+    try:
+        spec = QuantSpec(method=a.method, bits=a.bits, group_size=a.group_size, symmetric=not a.asym, act_order=a.act_order,
+                         gguf_type=a.type, calibration=CalibrationSpec(dataset_dir=a.dataset, samples=a.calib_samples, seqlen=a.calib_seqlen))
+    except ValueError as e:
+        err = e.errors()[0] if hasattr(e, "errors") else {"loc": ["?"], "msg": str(e)}
+        raise InputError(None, f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}", "see `quantloop quantize --help`") from None
+    out = Path(a.out) if a.out else default_output_dir(a.model, spec)
+    r = quantize_model(a.model, out, spec, overwrite=a.overwrite)
+    print(table(["output", "format", "size", "bits/weight", "linear bits/weight", "wall time", "peak RSS"],
+                [[r.output_dir, r.format, mib(r.bytes_on_disk), f"{r.bits_per_weight:.3f}", f"{r.linear_bits_per_weight:.3f}",
+                  f"{r.wall_s:.1f} s", mib(r.peak_rss_bytes)]]))
     return 0
 
 
@@ -185,14 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="folder for comparison.json and comparison.md")
     s.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser("quantize", help="quantize a prepared model (llama.cpp GGUF types)",
-                       description="Quantize the F16 GGUF of a prepared model with llama.cpp. Output: "
-                                   "SLM/models/quantized/NAME_TYPE/ with the .gguf and quantization_config.json.", epilog=EPILOG)
-    s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR))
-    s.add_argument("--method", choices=["gguf"], default="gguf")
-    s.add_argument("--type", default="Q4_K_M", help="llama.cpp type: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... (default: Q4_K_M)")
-    s.add_argument("--out", help="output folder (default: SLM/models/quantized/NAME_TYPE)")
-    s.add_argument("--overwrite", action="store_true")
+    s = sub.add_parser("quantize", help="quantize a prepared model (GGUF k-quants, RTN, GPTQ, AWQ)",
+                       description="Quantize a prepared model. Output: SLM/models/quantized/NAME_TAG/ with the model files and "
+                                   "quantization_config.json (the full spec, library versions, calibration manifest hash).",
+                       epilog=EPILOG)
+    s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"prepared checkpoint (default: {DEFAULT_MODEL_DIR})")
+    s.add_argument("--method", choices=["gguf", "rtn", "gptq", "awq"], default="gguf",
+                   help="gguf: llama.cpp's own quantizer; rtn: round-to-nearest; gptq/awq: GPTQModel (default: gguf)")
+    s.add_argument("--type", help="llama.cpp type for --method gguf: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... (default: Q4_K_M)")
+    s.add_argument("--bits", type=int, default=4, help="weight bits for rtn/gptq/awq (default: 4)")
+    s.add_argument("--group-size", type=int, default=128, help="weights per group, -1 = per channel (default: 128)")
+    s.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
+    s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size")
+    s.add_argument("--dataset", help="prepared dataset for calibration (default: SLM/datasets/shakespeare)")
+    s.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default: 128)")
+    s.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    s.add_argument("--out", help="output folder (default: SLM/models/quantized/NAME_TAG)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=cmd_quantize)
     return p
 

@@ -1,0 +1,122 @@
+"""quantize_model: the one entry point to every quantizer backend.
+
+Writes SLM/models/quantized/<name>_<tag>/ (seed 003's layout): the model files,
+config.json (for HF formats), quantization_config.json (the full spec, library
+versions, the calibration manifest's hash) — into a temporary folder that is
+renamed into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from quantloop.errors import InputError
+from quantloop.eval.size import gguf_size, hf_size
+from quantloop.fileio import atomic_output, write_json_atomic
+from quantloop.models import resolve_model
+from quantloop.schemas import QuantizationResult, QuantSpec
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _library_versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def check_architecture(model) -> None:
+    if model.hf_dir is None:
+        return
+    arch = (json.loads((model.hf_dir / "config.json").read_text()).get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise InputError(model.hf_dir / "config.json", f"architecture {arch} is not supported", f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
+    from quantloop.paths import QUANTIZED_DIR
+
+    m = resolve_model(checkpoint)
+    name = m.manifest.name if m.manifest else m.path.stem
+    return QUANTIZED_DIR / f"{name}_{spec.tag()}"
+
+
+def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSpec, overwrite: bool = False) -> QuantizationResult:
+    model = resolve_model(checkpoint)
+    check_architecture(model)
+    out = Path(output_dir)
+    if out.exists() and not overwrite:
+        raise InputError(out, "output folder exists", "pass --overwrite or choose another output folder")
+    name = model.manifest.name if model.manifest else model.path.stem
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    calib_digest = None
+    with atomic_output(out, is_dir=True) as tmp:
+        if spec.method == "gguf":
+            from quantloop.backends.gguf import quantize_gguf
+
+            if model.gguf is None:
+                raise InputError(model.path, "no F16/F32 GGUF to quantize", "run `quantloop prepare` on it first")
+            gguf_type = (spec.gguf_type or "Q4_K_M").upper()
+            model_path = quantize_gguf(model.gguf, tmp / f"{name}-{gguf_type.lower()}.gguf", gguf_type)
+            libs = _library_versions("llama_cpp_python")
+        elif spec.method == "rtn":
+            from quantloop.backends.rtn import quantize_rtn_checkpoint
+
+            if model.hf_dir is None:
+                raise InputError(model.path, "RTN needs a transformers checkpoint", "pass a prepared checkpoint folder")
+            model_path = quantize_rtn_checkpoint(model.hf_dir, tmp, spec)
+            libs = _library_versions("torch", "transformers")
+        elif spec.method in ("gptq", "awq"):
+            from quantloop.backends.gptq import quantize_gptq  # noqa: F401  (GPTQModel)
+            from quantloop.calibration import calibration_sequences
+            from quantloop.models import load_hf_tokenizer
+
+            if model.hf_dir is None:
+                raise InputError(model.path, f"{spec.method.upper()} needs a transformers checkpoint", "pass a prepared checkpoint folder")
+            seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir))
+            quantize_gptq(model.hf_dir, tmp, spec.bits, spec.group_size, spec.symmetric, spec.act_order, seqs,
+                          method=spec.method, seed=spec.seed)
+            model_path = tmp
+            libs = _library_versions("gptqmodel", "torch", "transformers")
+        else:
+            raise InputError(None, f"method '{spec.method}' is not available yet", "use gguf, rtn, gptq or awq")
+        wall = time.perf_counter() - t0
+        size = gguf_size(model_path) if Path(model_path).suffix == ".gguf" else hf_size(model_path)
+        fmt = f"gguf:{(spec.gguf_type or 'Q4_K_M').upper()}" if spec.method == "gguf" else spec.method
+        result = QuantizationResult(
+            spec=spec, output_dir=str(out), model_path=str(out / Path(model_path).relative_to(tmp)) if model_path != tmp else str(out),
+            format=fmt, wall_s=wall, peak_rss_bytes=_peak_rss_bytes(), bytes_on_disk=size.bytes_on_disk,
+            bits_per_weight=size.bits_per_weight, linear_bits_per_weight=size.linear_bits_per_weight,
+            libraries=libs, calibration_manifest_sha256=calib_digest,
+        )
+        write_json_atomic(tmp / "quantization_config.json", {"quantloop": result.model_dump(), "source": str(model.path)})
+    return result

@@ -1,0 +1,56 @@
+"""quantize_model on the tiny Llama: outputs reload, stay within a quantization step, and are reproducible."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quantloop.errors import InputError
+from quantloop.models import load_hf_model
+from quantloop.schemas import CalibrationSpec, QuantSpec
+from quantloop.tools.quantize import quantize_model
+
+
+def test_rtn_output_reloads_within_a_step_and_is_reproducible(tiny_prepared, tmp_path):
+    spec = QuantSpec(method="rtn", bits=4, group_size=32, symmetric=False)
+    r1 = quantize_model(tiny_prepared, tmp_path / "a", spec)
+    r2 = quantize_model(tiny_prepared, tmp_path / "b", spec)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref = load_hf_model(tiny_prepared).state_dict()
+    q = load_hf_model(tmp_path / "a").state_dict()
+    name = "model.layers.0.mlp.down_proj.weight"
+    w, wq = ref[name].view(-1, 4, 32), q[name].view(-1, 4, 32)
+    step = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15
+    assert ((w - wq).abs() <= step * 0.51 + 1e-3 * step).all()
+    assert not torch.equal(w, wq)
+    assert torch.equal(ref["model.norm.weight"], q["model.norm.weight"])  # norms stay float
+    assert all(len(torch.unique(row)) <= 16 for row in wq.reshape(-1, 32)[:50])
+    cfg = json.loads((tmp_path / "a" / "quantization_config.json").read_text())
+    assert cfg["quantloop"]["spec"]["method"] == "rtn" and cfg["quantloop"]["libraries"]["torch"]
+    assert r1.wall_s > 0 and r1.peak_rss_bytes > 0 and r1.bytes_on_disk == r2.bytes_on_disk
+
+
+def test_gguf_method_reports_exact_bits(tiny_prepared, tmp_path):
+    r = quantize_model(tiny_prepared, tmp_path / "q8", QuantSpec(method="gguf", gguf_type="Q8_0"))
+    assert r.format == "gguf:Q8_0" and r.model_path.endswith(".gguf")
+    assert r.linear_bits_per_weight == pytest.approx(8.5)
+    with pytest.raises(InputError, match="output folder exists"):
+        quantize_model(tiny_prepared, tmp_path / "q8", QuantSpec(method="gguf", gguf_type="Q8_0"))
+
+
+def test_too_small_calibration_set_is_refused(tiny_prepared, tmp_path, dataset_dir):
+    from quantloop.calibration import calibration_sequences
+    from quantloop.models import load_hf_tokenizer
+
+    with pytest.raises(InputError, match="calibration set too small"):
+        calibration_sequences(CalibrationSpec(dataset_dir=str(dataset_dir), samples=100000, seqlen=512), load_hf_tokenizer(tiny_prepared))
+    seqs, digest = calibration_sequences(CalibrationSpec(dataset_dir=str(dataset_dir), samples=3, seqlen=64), load_hf_tokenizer(tiny_prepared))
+    assert [len(s) for s in seqs] == [64, 64, 64] and len(digest) == 16
+
+
+def test_rtn_bad_group_size_leaves_nothing(tiny_prepared, tmp_path):
+    with pytest.raises(InputError, match="group size 48 does not divide"):
+        quantize_model(tiny_prepared, tmp_path / "bad", QuantSpec(method="rtn", bits=4, group_size=48))
+    assert list(tmp_path.iterdir()) == []
