@@ -321,6 +321,8 @@ class QuantSpec(Strict):
     symmetric: bool = True
     act_order: bool = False
     gguf_type: str | None = Field(None, description="llama.cpp type for method 'gguf' (Q4_K_M, Q8_0, ...) or the export target")
+    gguf_tensor_types: dict[str, str] = Field(default_factory=dict, description="method 'gguf': llama-quantize --tensor-type, e.g. {'attn_v': 'q8_0'}")
+    imatrix: bool = Field(False, description="method 'gguf': importance matrix from the calibration text (llama-imatrix)")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left unquantized")
     overrides: dict[str, dict] = Field(default_factory=dict, description="per-module overrides: regex -> {bits, group_size, symmetric}")
@@ -328,7 +330,8 @@ class QuantSpec(Strict):
 
     def tag(self) -> str:
         if self.method == "gguf":
-            return f"gguf-{(self.gguf_type or 'q4_k_m').lower()}"
+            mix = "-mix" if self.gguf_tensor_types else ""
+            return f"gguf-{(self.gguf_type or 'q4_k_m').lower()}{'-imat' if self.imatrix else ''}{mix}"
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         return f"{self.method}-w{self.bits}{g}{'' if self.symmetric else '-asym'}"
 

@@ -5,7 +5,9 @@
 #   - llama-cpp-python compiles llama.cpp from source; the wheel is cached in
 #     $QUANTLOOP_CACHE/wheels and reused by every clone on this machine;
 #   - llama.cpp's own sources (convert_hf_to_gguf.py, gguf-py) are unpacked from
-#     the same sdist into $QUANTLOOP_CACHE/llama.cpp-<version>/.
+#     the same sdist into $QUANTLOOP_CACHE/llama.cpp-<version>/, and its tools
+#     llama-quantize, llama-imatrix and llama-perplexity are built from them into
+#     $QUANTLOOP_CACHE/llama.cpp-<version>-build/bin/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,10 +19,12 @@ TORCH_VERSION=2.13.0
 SDIST="$CACHE/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
 WHEELS="$CACHE/wheels/$(uname -m)"
 LLAMA_SRC="$CACHE/llama.cpp-$LLAMA_CPP_PYTHON_VERSION"
+LLAMA_BUILD="$CACHE/llama.cpp-$LLAMA_CPP_PYTHON_VERSION-build"
+LLAMA_BIN="$LLAMA_BUILD/bin"
 
 stamp_value=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 stamp_file="$VENV/.quantloop-setup"
-if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp_value" && -f "$LLAMA_SRC/.complete" ]]; then
+if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp_value" && -f "$LLAMA_SRC/.complete" && -x "$LLAMA_BIN/llama-imatrix" ]]; then
   exit 0
 fi
 
@@ -56,6 +60,14 @@ if [[ ! -f "$LLAMA_SRC/.complete" ]]; then
   mv "$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$LLAMA_SRC"
   rm -rf "$tmp"
   touch "$LLAMA_SRC/.complete"
+fi
+if [[ ! -x "$LLAMA_BIN/llama-imatrix" || ! -x "$LLAMA_BIN/llama-quantize" ]]; then
+  log "building llama.cpp's llama-quantize, llama-imatrix and llama-perplexity (about 10 minutes on 2 cores; cached afterwards)"
+  generator=(); command -v ninja >/dev/null && generator=(-G Ninja)
+  cmake -S "$LLAMA_SRC" -B "$LLAMA_BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON > "$CACHE/llama-tools-build.log" 2>&1
+  cmake --build "$LLAMA_BUILD" -j"$(nproc)" --target llama-quantize llama-imatrix llama-perplexity >> "$CACHE/llama-tools-build.log" 2>&1 \
+    || { echo "[setup] llama.cpp tools build failed, see $CACHE/llama-tools-build.log"; exit 1; }
 fi
 echo "$stamp_value" > "$stamp_file"
 log "done"

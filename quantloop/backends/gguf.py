@@ -18,8 +18,66 @@ def gguf_types() -> list[str]:
     return [t.name.removeprefix("MOSTLY_") for t in LlamaFileType if t.name.startswith("MOSTLY_") and "GUESSED" not in t.name]
 
 
+def tools_dir() -> Path:
+    from quantloop.llamacpp import llama_cpp_version
+    from quantloop.paths import CACHE_DIR
+
+    return CACHE_DIR / f"llama.cpp-{llama_cpp_version()}-build" / "bin"
+
+
+def tool(name: str) -> Path:
+    path = tools_dir() / name
+    if not path.is_file():
+        raise InputError(path, f"llama.cpp tool {name} is not built", "run `make setup` (scripts/setup.sh builds it once and caches it)")
+    return path
+
+
+def _run(cmd: list[str], what: str, where: Path) -> None:
+    import subprocess
+
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise InputError(where, f"{what} failed: {tail[0][:200]}", "see the llama.cpp message")
+
+
+def compute_imatrix(model_gguf: Path, text_file: Path, out: Path, chunks: int, context: int = 512, threads: int | None = None) -> Path:
+    """llama-imatrix over `chunks` x `context` tokens of `text_file` (calibration text, real or synthetic)."""
+    tmp = out.with_name(f".{out.name}.tmp-imatrix.gguf")
+    try:
+        _run([tool("llama-imatrix"), "-m", model_gguf, "-f", text_file, "-o", tmp, "--chunks", chunks, "-c", context,
+              "-t", threads or os.cpu_count() or 1, "--no-ppl"], "llama-imatrix", model_gguf)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def quantize_gguf_tool(src: Path, dst: Path, type_name: str, imatrix: Path | None = None,
+                       tensor_types: dict[str, str] | None = None, threads: int | None = None) -> Path:
+    """llama-quantize with an importance matrix and/or per-tensor type overrides (--tensor-type)."""
+    check_gguf_file(src)
+    if type_name.upper() not in gguf_types():
+        raise InputError(None, f"unknown GGUF type '{type_name}'", f"choose one of {', '.join(gguf_types())}")
+    cmd: list = [tool("llama-quantize")]
+    if imatrix is not None:
+        cmd += ["--imatrix", imatrix]
+    for pattern, t in (tensor_types or {}).items():
+        cmd += ["--tensor-type", f"{pattern}={t.lower()}"]
+    tmp = dst.with_name(f".{dst.name}.tmp-quantize")
+    try:
+        _run(cmd + [src, tmp, type_name.upper(), threads or os.cpu_count() or 1], "llama-quantize", src)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst
+
+
 def quantize_gguf(src: str | Path, dst: str | Path, type_name: str, threads: int | None = None) -> Path:
-    """Quantize `src` to `type_name`, written to a temporary file and renamed to `dst`."""
+    """Quantize `src` to `type_name` with the llama.cpp library in llama-cpp-python (no tools needed);
+    written to a temporary file and renamed to `dst`."""
     import llama_cpp
     from gguf import LlamaFileType
 

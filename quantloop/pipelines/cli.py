@@ -101,6 +101,16 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def parse_tensor_types(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        pattern, sep, t = item.partition("=")
+        if not sep or not pattern or not t:
+            raise InputError(None, f"--tensor-type '{item}' is not PATTERN=TYPE", "write e.g. --tensor-type attn_v=q8_0")
+        out[pattern] = t
+    return out
+
+
 def cmd_quantize(a) -> int:
     from quantloop.pipelines.report_format import mib, table
     from quantloop.schemas import CalibrationSpec, QuantSpec
@@ -108,7 +118,8 @@ def cmd_quantize(a) -> int:
 
     try:
         spec = QuantSpec(method=a.method, bits=a.bits, group_size=a.group_size, symmetric=not a.asym, act_order=a.act_order,
-                         gguf_type=a.type, calibration=CalibrationSpec(dataset_dir=a.dataset, samples=a.calib_samples, seqlen=a.calib_seqlen))
+                         gguf_type=a.type, imatrix=a.imatrix, gguf_tensor_types=parse_tensor_types(a.tensor_type),
+                         calibration=CalibrationSpec(dataset_dir=a.dataset, samples=a.calib_samples, seqlen=a.calib_seqlen))
     except ValueError as e:
         err = e.errors()[0] if hasattr(e, "errors") else {"loc": ["?"], "msg": str(e)}
         raise InputError(None, f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}", "see `quantloop quantize --help`") from None
@@ -185,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=["gguf", "rtn", "gptq", "awq"], default="gguf",
                    help="gguf: llama.cpp's own quantizer; rtn: round-to-nearest; gptq/awq: GPTQModel (default: gguf)")
     s.add_argument("--type", help="llama.cpp type for --method gguf: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... (default: Q4_K_M)")
+    s.add_argument("--imatrix", action="store_true", help="--method gguf: importance matrix from the calibration text (llama-imatrix)")
+    s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
+                   help="--method gguf: per-tensor type override, e.g. attn_v=q8_0 (repeatable; llama-quantize --tensor-type)")
     s.add_argument("--bits", type=int, default=4, help="weight bits for rtn/gptq/awq (default: 4)")
     s.add_argument("--group-size", type=int, default=128, help="weights per group, -1 = per channel (default: 128)")
     s.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")

@@ -53,6 +53,18 @@ def _library_versions(*names: str) -> dict[str, str]:
     return out
 
 
+def calibration_text_file(calib) -> tuple[Path, str]:
+    """The calibration split as a file (llama-imatrix tokenizes it itself), checked against its manifest."""
+    from quantloop.datasets import load_manifest, manifest_digest, read_split
+    from quantloop.eval.session import dataset_dir_or_default
+
+    if calib.source != "dataset":
+        raise InputError(None, f"calibration source '{calib.source}' is not available yet", "use source: dataset")
+    d = dataset_dir_or_default(calib.dataset_dir)
+    read_split(d, calib.split)  # checks sha256 and that it is not empty
+    return d / load_manifest(d).splits[calib.split].file, manifest_digest(d)
+
+
 def check_architecture(model) -> None:
     if model.hf_dir is None:
         return
@@ -86,7 +98,19 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             if model.gguf is None:
                 raise InputError(model.path, "no F16/F32 GGUF to quantize", "run `quantloop prepare` on it first")
             gguf_type = (spec.gguf_type or "Q4_K_M").upper()
-            model_path = quantize_gguf(model.gguf, tmp / f"{name}-{gguf_type.lower()}.gguf", gguf_type)
+            dst = tmp / f"{name}-{spec.tag().removeprefix('gguf-')}.gguf"
+            if spec.imatrix or spec.gguf_tensor_types:
+                from quantloop.backends.gguf import compute_imatrix, quantize_gguf_tool
+
+                imatrix = None
+                if spec.imatrix:
+                    text_file, calib_digest = calibration_text_file(spec.calibration)
+                    imatrix = compute_imatrix(model.gguf, text_file, tmp / "imatrix.gguf", spec.calibration.samples, spec.calibration.seqlen)
+                model_path = quantize_gguf_tool(model.gguf, dst, gguf_type, imatrix, spec.gguf_tensor_types)
+                if imatrix is not None:
+                    imatrix.unlink()
+            else:
+                model_path = quantize_gguf(model.gguf, dst, gguf_type)
             libs = _library_versions("llama_cpp_python")
         elif spec.method == "rtn":
             from quantloop.backends.rtn import quantize_rtn_checkpoint

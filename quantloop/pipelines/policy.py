@@ -1,0 +1,98 @@
+"""The fallback policy as data: specs/policy.yaml, validated here (replace it with --policy FILE).
+
+A policy names the deployment target (`cpu`: GGUF on llama.cpp; `cuda`: the
+quantizer's own format and kernels), the acceptance spec every attempt is
+judged against, how much measuring each validation does, and per target the
+ordered steps the agents try: INT4 GPTQ g128 -> INT4 AWQ -> INT8 -> INT4 with
+4x the calibration samples -> QAT -> next-best checkpoint (seed 003).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from quantloop.errors import InputError
+from quantloop.paths import PROJECT_ROOT, SPECS_DIR
+from quantloop.schemas import QuantSpec, Strict
+from quantloop.specs import load_yaml_model
+
+DEFAULT_POLICY = SPECS_DIR / "policy.yaml"
+Target = Literal["cpu", "cuda"]
+StepKind = Literal["quantize", "qat", "next_checkpoint"]
+
+
+class PolicyStep(Strict):
+    """One step of the plan: a quantization spec, QAT towards a spec's grid, or the next-best checkpoint."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="short id, used in folder names and MLflow")
+    kind: StepKind = "quantize"
+    spec: QuantSpec | None = Field(None, description="what to quantize to (kinds quantize and qat)")
+    retry: list[str] = Field(default_factory=list, description="next_checkpoint: names of earlier steps to run again on that checkpoint (default: all quantize steps)")
+
+    @model_validator(mode="after")
+    def _spec_matches_kind(self):
+        if self.kind in ("quantize", "qat") and self.spec is None:
+            raise ValueError(f"step '{self.name}' of kind {self.kind} needs a 'spec'")
+        if self.kind == "next_checkpoint" and self.spec is not None:
+            raise ValueError(f"step '{self.name}' of kind next_checkpoint takes no 'spec' (it re-runs 'retry' steps)")
+        return self
+
+
+class ValidationSettings(Strict):
+    """How much each validation measures (the acceptance spec sets context, speed tokens and prompts)."""
+
+    chunks: int | None = Field(None, ge=1, description="test chunks scored (default: the acceptance spec's eval.chunks)")
+    measure_speed: bool = True
+    check_generation: bool = True
+    compare_generations: bool = Field(True, description="write the side-by-side generations (Markdown) of every attempt")
+    selection_chunks: int = Field(4, ge=1, description="validation-split chunks the EvaluationAgent scores per checkpoint")
+
+
+class Policy(Strict):
+    target: Target = "cpu"
+    acceptance_spec: str = Field("acceptance.yaml", description="acceptance spec YAML, relative to the policy file (or absolute)")
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    log_model_max_mib: float = Field(64.0, ge=0, description="model files up to this size are logged to MLflow; larger ones by path")
+    steps: dict[Target, list[PolicyStep]] = Field(description="ordered fallback steps per deployment target")
+
+    @model_validator(mode="after")
+    def _check_steps(self):
+        for target, steps in self.steps.items():
+            names = [s.name for s in steps]
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"steps.{target}: step names must be unique, repeated: {', '.join(sorted(dup))}")
+            for i, s in enumerate(steps):
+                if target == "cuda" and s.spec is not None and s.spec.method == "gguf":
+                    raise ValueError(f"steps.cuda.{i}: method gguf runs on llama.cpp, not on the cuda target")
+                unknown = [r for r in s.retry if r not in names[:i]]
+                if unknown:
+                    raise ValueError(f"steps.{target}.{i}.retry: no earlier step named {', '.join(unknown)}")
+        if self.target not in self.steps or not self.steps[self.target]:
+            raise ValueError(f"steps: no steps for the target '{self.target}'")
+        return self
+
+    def plan_steps(self) -> list[PolicyStep]:
+        return self.steps[self.target]
+
+
+def load_policy(path: str | Path | None = None, target: Target | None = None) -> tuple[Policy, Path]:
+    """Read and validate a policy; `target` overrides its deployment target. Returns it and its acceptance spec path."""
+    path = Path(path) if path else DEFAULT_POLICY
+    try:
+        policy = load_yaml_model(path, Policy)
+    except InputError as e:
+        raise InputError(e.path, e.problem, "see specs/policy.yaml for the expected fields") from None
+    if target is not None and target != policy.target:
+        if target not in policy.steps:
+            raise InputError(path, f"field 'steps': no steps for the target '{target}'", f"add steps.{target} to the policy")
+        policy = policy.model_copy(update={"target": target})
+    spec = Path(policy.acceptance_spec)
+    if not spec.is_absolute():
+        spec = next((p for p in (path.parent / spec, PROJECT_ROOT / spec, SPECS_DIR / spec) if p.is_file()), path.parent / spec)
+    if not spec.is_file():
+        raise InputError(path, f"field 'acceptance_spec': {spec} not found", "point it at an acceptance YAML such as specs/acceptance.yaml")
+    return policy, spec.resolve()
