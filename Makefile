@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: setup prepare run test test-fast bench help
 
 help:
-	@echo "make run        set up, prepare the default model and text, run the main job"
+	@echo "make run        set up, prepare the default model and text, run the agent loop (quantloop run)"
 	@echo "make test       set up, prepare, run every test (fast and slow)"
 	@echo "make test-fast  the fast tests only"
 	@echo "make bench      print the measurement benchmark (bench/)"
@@ -21,7 +21,7 @@ prepare: setup
 	@$(QL) prepare
 
 run: prepare
-	$(QL) evaluate
+	$(QL) run
 
 test: prepare
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)

@@ -70,10 +70,10 @@ class QuantBlocks(NamedTuple):
 class OffGridError(ValueError):
     """A weight that no codes and scales of the type reproduce to fp16 rounding."""
 
-    def __init__(self, type_name: str, n_bad: int, n_blocks: int, max_deviation: float, relative: float):
+    def __init__(self, type_name: str, n_bad: int, n_blocks: int, unit: int, max_deviation: float, relative: float):
         self.type_name, self.n_bad, self.n_blocks = type_name, n_bad, n_blocks
         self.max_deviation, self.relative = max_deviation, relative
-        super().__init__(f"{n_bad} of {n_blocks} blocks are not on the {type_name} grid "
+        super().__init__(f"{n_bad} of {n_blocks} blocks of {unit} are not on the {type_name} grid "
                          f"(max deviation {max_deviation:.3g}, {relative:.1%} of the block's largest magnitude)")
 
 
@@ -137,7 +137,8 @@ def _fp16(a, name: str, shape: tuple, bt: BlockType) -> np.ndarray:
     a = np.asarray(a)
     if a.shape != shape:
         raise ValueError(f"{bt.name}: {name} must have shape {shape}, got {a.shape}")
-    h = a.astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = a.astype(np.float16)
     if not np.isfinite(h).all():
         raise ValueError(f"{bt.name}: {name} must be finite and within fp16 range (|x| <= 65504)")
     if a.dtype != np.float16 and (h.astype(np.float64) != a.astype(np.float64)).any():
@@ -301,8 +302,24 @@ def quantize_blocks(w: np.ndarray, type_name: str) -> QuantBlocks:
     if not bt.kquant:
         import gguf.quants
 
-        return unpack(gguf.quants.quantize(w, qtype(bt.name)), bt.name)
+        qb = unpack(gguf.quants.quantize(w, qtype(bt.name)), bt.name)
+        return _c_signed_zeros(qb, w.reshape(-1, QK), bt)
     return _quantize_q6_k(w) if bt.name == "Q6_K" else _quantize_q45_k(w, bt)
+
+
+def _c_signed_zeros(qb: QuantBlocks, X: np.ndarray, bt: BlockType) -> QuantBlocks:
+    """The sign of zero scales and offsets as the C loops pick them (numpy's argmax/min differ on +-0)."""
+    shape = qb.scales.shape
+    if bt.bits == 8:
+        return qb
+    if bt.symmetric:  # max stays 0.0f when every |x| is 0, so d = 0.0f/-nmax = -0.0
+        d = np.where(np.abs(X).max(axis=1) == 0, np.float16(-0.0), qb.scales.reshape(-1))
+        return qb._replace(scales=d.reshape(shape))
+    lo, hi = X.min(axis=1), X.max(axis=1)  # the C loop keeps the first of equal values
+    first = lambda v: np.take_along_axis(X, (X == v[:, None]).argmax(axis=1)[:, None], axis=1)[:, 0]  # noqa: E731
+    m = first(lo).astype(np.float16)
+    d = np.where(hi == lo, np.float16(0), qb.scales.reshape(-1))
+    return qb._replace(scales=d.reshape(shape), mins=m.reshape(shape))
 
 
 def fake_quantize(w: np.ndarray, type_name: str) -> np.ndarray:
@@ -472,81 +489,326 @@ def pack_from_codes(codes, scales, type_name: str, zeros=None, group_size: int =
 
 # --------------------------------------------------------------------------- recover codes from on-grid weights
 
-GRID_RTOL = 2.0**-10  # one fp16 step at the block's largest magnitude
+GRID_RTOL = 2.0**-11 * 1.0625  # fp16 rounding (half a unit in the last place), with a little slack
+EXACT_RTOL = 2.0**-20  # float32 arithmetic only
 
 
-def _deq32(q: np.ndarray, d: np.ndarray, m: np.ndarray | None, bt: BlockType) -> np.ndarray:
-    """dequantize_row_* for block-32 types from (n, 32) stored codes and fp16 d (and m)."""
-    d = d.astype(F32)[:, None]
-    if m is not None:
-        return d * q.astype(F32) + m.astype(F32)[:, None]
-    return d * (q.astype(F32) - (0 if bt.bits == 8 else 2 ** (bt.bits - 1)))
+def _rdev(X: np.ndarray, deq: np.ndarray, offset=None) -> np.ndarray:
+    """Per row, the largest |deq - X| in units of each value's magnitude: max |deq_i - x_i| / (|x_i| + 2|offset|).
+
+    A block is on the grid "to fp16 rounding" when this is at most GRID_RTOL: each weight is within
+    fp16 rounding of itself, plus that of the block's fp16 offset (Q4_1/Q5_1 m, when an optimizer's
+    zero point made it non-fp16). The floor 2^-13 x the row's largest |x| keeps values near zero
+    from asking more than float32 arithmetic gives.
+    """
+    size = np.abs(X)
+    floor = 2.0**-13 * size.max(axis=-1, keepdims=True) + 1e-30
+    if offset is not None:
+        size = size + 2 * np.abs(offset.astype(F32))[..., None]
+    return (np.abs(deq - X) / (size + floor)).max(axis=-1)
 
 
 def fit_blocks(w: np.ndarray, type_name: str, rtol: float = GRID_RTOL) -> QuantBlocks:
     """Codes and scales that reproduce a weight already on the type's grid, to fp16 rounding.
 
-    A block fits when every value is within rtol x (its largest magnitude, or |m|) of
-    the packed block's dequantized value. llama.cpp's own rounding is tried first (so
-    a weight made by its round-to-nearest packs to llama-quantize's bytes); for
-    block-32 types, blocks it misses (e.g. GPTQ codes that do not reach the ends of
-    the range) are searched over every scale their largest value (symmetric) or their
-    range (asymmetric) allows. K-quants accept only weights llama.cpp's rounding
-    reproduces. Raises OffGridError (a ValueError) naming the worst deviation.
+    The inverse of fake quantization, for weights whose codes are not at hand (a float
+    checkpoint written by RTN, GPTQ or QAT). A block (k-quants: a sub-block) fits when
+    each value is within rtol of itself (see `_rdev`); where several fit, the closest is
+    kept. llama.cpp's own rounding comes first, so a weight it rounded packs to
+    llama-quantize's bytes. Blocks it does not reproduce exactly (GPTQ/QAT codes that do
+    not reach the ends of the range) are searched: block-32 types over every scale that
+    the largest value (symmetric) or the range (asymmetric) allows; k-quants over every
+    sub-block scale and min under llama.cpp's super-block d and dmin, then, for
+    super-blocks still off, over d and dmin rebuilt from the gaps between their values.
+    Raises OffGridError (a ValueError) with the worst deviation when some block fits nothing.
     """
     bt = block_type(type_name)
     w = _matrix(w, bt)
     qb = quantize_blocks(w, bt.name)
-    deq = dequantize(pack(qb.codes, qb.scales, qb.mins, bt.name, qb.d, qb.dmin), bt.name)
-    X, D = w.reshape(-1, bt.block), deq.reshape(-1, bt.block)
-    ref = np.abs(X).max(axis=1)
-    dev = np.abs(D - X).max(axis=1)
-    bad = np.flatnonzero(dev > rtol * ref)
-    if bad.size and not bt.kquant:
-        codes, scales = qb.codes.reshape(-1, QK).copy(), qb.scales.reshape(-1).copy()
-        mins = None if bt.symmetric else qb.mins.reshape(-1).copy()
-        for q, d, m, rows in _search32(X[bad], bt, rtol):
-            codes[bad[rows]], scales[bad[rows]] = q, d
-            if mins is not None:
-                mins[bad[rows]] = m
-            dev[bad[rows]] = 0
-        bad = bad[dev[bad] > rtol * ref[bad]]
-        qb = QuantBlocks(codes.reshape(w.shape), scales.reshape(qb.scales.shape), None if mins is None else mins.reshape(qb.scales.shape))
+    qb, rdev, unit = (_fit_k if bt.kquant else _fit32)(w, qb, bt, rtol)
+    bad = np.flatnonzero(rdev > rtol)
     if bad.size:
-        worst = bad[np.argmax(dev[bad] / np.maximum(ref[bad], 1e-30))]
-        raise OffGridError(bt.name, int(bad.size), int(X.shape[0]), float(dev[bad].max()), float(dev[worst] / max(ref[worst], 1e-30)))
+        X = w.reshape(-1, unit)
+        err = np.abs(dequantize(pack(qb.codes, qb.scales, qb.mins, bt.name, qb.d, qb.dmin), bt.name).reshape(-1, unit) - X)
+        dev, top = err[bad].max(axis=1), np.abs(X[bad]).max(axis=1)
+        raise OffGridError(bt.name, int(bad.size), int(rdev.size), unit, float(dev.max()),
+                           float((dev / np.maximum(top, 1e-30)).max()))
     return qb
 
 
+# block-32 types
+
+
+def _fit32(w, qb, bt, rtol):
+    X = w.reshape(-1, QK)
+    codes, d = qb.codes.reshape(-1, QK).copy(), qb.scales.reshape(-1).copy()
+    m = None if bt.symmetric else qb.mins.reshape(-1).copy()
+    rdev = _rdev32(X, codes, d, m, bt)
+    todo = np.flatnonzero(rdev > EXACT_RTOL)
+    if todo.size:
+        for q, dd, mm, e, rows in _search32(X[todo], bt, rtol):
+            i = todo[rows]
+            better = e < rdev[i]
+            i = i[better]
+            codes[i], d[i], rdev[i] = q[better], dd[better], e[better]
+            if m is not None:
+                m[i] = mm[better]
+    shape = qb.scales.shape
+    return QuantBlocks(codes.reshape(w.shape), d.reshape(shape), None if m is None else m.reshape(shape)), rdev, QK
+
+
+def _rdev32(X, q, d, m, bt):
+    """`_rdev` of block-32 codes and fp16 d (and m), dequantized as dequantize_row_* does."""
+    df = d.astype(F32)[..., None]
+    if m is None:
+        return _rdev(X, df * (q.astype(F32) - (0 if bt.bits == 8 else 2 ** (bt.bits - 1))))
+    return _rdev(X, df * q.astype(F32) + m.astype(F32)[..., None], m)
+
+
 def _search32(X: np.ndarray, bt: BlockType, rtol: float):
-    """Yield (codes, d, m, rows) for the rows of X (n, 32) that some block of the type reproduces."""
+    """Yield (codes, d, m, rdev, rows) for rows of X (n, 32) that a block of the type fits.
+
+    Symmetric: the largest |x| is d*k for some k != 0 in -nmax..nmax-1, so d = x/k (finest grids
+    first). Asymmetric: the range is d*span for some span (largest first) and the minimum is
+    d*qlo + m; every qlo is tried at once and the closest kept, and a fit that is not exact is
+    compared with the coarser grids whose span divides its span (an exact fit may hide there).
+    """
     left = np.arange(X.shape[0])
     if bt.symmetric:
-        nmax = 2 ** (bt.bits - 1)  # value d*k, k in -nmax..nmax-1; the largest |x| is d*k for some k != 0
+        nmax = 2 ** (bt.bits - 1)
         big = np.take_along_axis(X, np.abs(X).argmax(axis=1)[:, None], axis=1)[:, 0]
-        ks = [k for a in range(nmax, 0, -1) for k in (-a, a) if k < nmax]
-        cands = ((k, None) for k in ks)
-    else:
-        nmax = 2**bt.bits - 1  # value d*q + m; the range is d*span for some span, the minimum d*qlo + m
-        lo, hi = X.min(axis=1), X.max(axis=1)
-        cands = ((span, qlo) for span in range(nmax, 0, -1) for qlo in range(nmax - span + 1))
-    for a, b in cands:
+        for k in [k for a in range(nmax, 0, -1) for k in (-a, a) if k < nmax]:
+            if left.size == 0:
+                return
+            x = X[left]
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                d = (big[left] / F32(k)).astype(np.float16)
+                q = np.clip(np.rint(x / d.astype(F32)[:, None]), -nmax, nmax - 1)
+                q = np.nan_to_num(q if bt.bits == 8 else q + nmax).astype(np.int64)
+                e = _rdev32(x, q, d, None, bt)
+            ok = np.isfinite(d) & (e <= rtol)
+            if ok.any():
+                yield q[ok], d[ok], None, e[ok], left[ok]
+                left = left[~ok]
+        return
+    for span in range(2**bt.bits - 1, 0, -1):
         if left.size == 0:
             return
-        x = X[left]
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            if bt.symmetric:
-                d = (big[left] / F32(a)).astype(np.float16)
-                m = None
-                k = np.clip(np.rint(x / d.astype(F32)[:, None]), -nmax, nmax - 1)
-                q = k if bt.bits == 8 else k + nmax
-            else:
-                d = ((hi[left] - lo[left]) / F32(a)).astype(np.float16)
-                m = (lo[left] - F32(b) * d.astype(F32)).astype(np.float16)
-                q = np.clip(np.rint((x - m.astype(F32)[:, None]) / d.astype(F32)[:, None]), 0, nmax)
-            q = np.nan_to_num(q).astype(np.int64)
-            ref = np.abs(x).max(axis=1) if m is None else np.maximum(np.abs(x).max(axis=1), np.abs(m.astype(F32)))
-            ok = np.isfinite(d) & (np.abs(_deq32(q, d, m, bt) - x).max(axis=1) <= rtol * ref)
+        q, d, m, e = _asym_try(X[left], span, bt)
+        ok = e <= rtol
         if ok.any():
-            yield q[ok], d[ok], None if m is None else m[ok], left[ok]
+            q, d, m, e, rows = q[ok], d[ok], m[ok], e[ok], left[ok]
+            for coarse in [c for c in range(1, span) if span % c == 0]:
+                loose = np.flatnonzero(e > EXACT_RTOL)
+                if loose.size == 0:
+                    break
+                q2, d2, m2, e2 = _asym_try(X[rows[loose]], coarse, bt)
+                j = e2 < e[loose]
+                i = loose[j]
+                q[i], d[i], m[i], e[i] = q2[j], d2[j], m2[j], e2[j]
+            yield q, d, m, e, rows
             left = left[~ok]
+
+
+def _asym_try(x: np.ndarray, span: int, bt: BlockType):
+    """Closest Q4_1/Q5_1 block to each row of x whose range is d*span: (codes, d, m, rdev)."""
+    nmax = 2**bt.bits - 1
+    lo, hi = x.min(axis=1), x.max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d = ((hi - lo) / F32(span)).astype(np.float16)
+        mq = (lo[:, None] - np.arange(nmax - span + 1, dtype=F32) * d.astype(F32)[:, None]).astype(np.float16)
+        q = np.clip(np.rint((x[:, None, :] - mq.astype(F32)[..., None]) / d.astype(F32)[:, None, None]), 0, nmax)
+        q = np.nan_to_num(q).astype(np.int64)  # (row, qlo, value)
+        e = _rdev32(np.broadcast_to(x[:, None, :], q.shape), q, np.broadcast_to(d[:, None], mq.shape), mq, bt)
+    e = np.where(np.isfinite(mq) & np.isfinite(d)[:, None], e, np.inf)
+    pick = (np.arange(x.shape[0]), e.argmin(axis=1))
+    return q[pick], d, mq[pick], e[pick]
+
+
+# k-quants
+
+
+def _rdevk(X, q, d, sc, dmin, mn):
+    """`_rdev` of k-quant sub-blocks (rows), dequantized as dequantize_row_q{4,5,6}_K does."""
+    D = (d * sc.astype(F32))[..., None]
+    if mn is None:
+        return _rdev(X, D * (q.astype(F32) - 32))
+    return _rdev(X, D * q.astype(F32) - (dmin * mn.astype(F32))[..., None])
+
+
+def _fit_k(w, qb, bt, rtol):
+    """K-quants: llama.cpp's rounding, then searches for the sub-blocks and super-blocks it misses."""
+    n = 16 if bt.name == "Q6_K" else 32
+    per = QK_K // n
+    X = w.reshape(-1, n)
+    codes, sc = qb.codes.reshape(-1, n).astype(np.int64), qb.scales.reshape(-1).astype(np.int64)
+    mn = None if qb.mins is None else qb.mins.reshape(-1).astype(np.int64)
+    d, dmin = qb.d.reshape(-1).copy(), None if qb.dmin is None else qb.dmin.reshape(-1).copy()
+    dsub = np.repeat(d.astype(F32), per)
+    msub = None if dmin is None else np.repeat(dmin.astype(F32), per)
+    rdev = _rdevk(X, codes, dsub, sc, msub, mn)
+
+    def accept(rows, fit):
+        codes[rows], sc[rows], rdev[rows] = fit[0], fit[1], fit[3]
+        if mn is not None:
+            mn[rows] = fit[2]
+
+    # 1. sub-blocks llama.cpp does not reproduce exactly, under its super-block d and dmin
+    todo = np.flatnonzero(rdev > EXACT_RTOL)
+    if todo.size:
+        fit = _search_k(X[todo], dsub[todo], None if msub is None else msub[todo], bt, rtol)
+        better = fit[3] < rdev[todo]
+        accept(todo[better], [f[better] for f in fit])
+    # 2. super-blocks whose d (or dmin) llama.cpp estimated differently: rebuild them from their values
+    for blk in np.unique(np.flatnonzero(rdev > rtol) // per):
+        rows = np.arange(blk * per, (blk + 1) * per)
+        fit = _superblock_fit(X[rows], bt, rtol)
+        if fit is not None:
+            d[blk] = fit[0]
+            if dmin is not None:
+                dmin[blk] = fit[1]
+            accept(rows, fit[2:])
+    out = QuantBlocks(codes.reshape(w.shape), sc.reshape(qb.scales.shape), None if mn is None else mn.reshape(qb.mins.shape),
+                      d.reshape(qb.d.shape), None if dmin is None else dmin.reshape(qb.dmin.shape))
+    return out, rdev, n
+
+
+def _search_k(X, d, dmin, bt, rtol):
+    """For each sub-block (row of X) under super-block scales d (and dmin), the first sub-block scale
+    (largest first) that reproduces it, with the min that fits it best: (codes, sc, mn, rdev); rows
+    that nothing fits keep an infinite rdev."""
+    nmax = 2**bt.bits - 1
+    k = X.shape[0]
+    codes, sc, mn = np.zeros(X.shape, np.int64), np.zeros(k, np.int64), np.zeros(k, np.int64)
+    rdev = np.full(k, np.inf)
+    left = np.arange(k)
+    cands = range(-128, 128) if dmin is None else range(64)
+    for s in sorted(cands, key=lambda v: (v == 0, -abs(v))):
+        if left.size == 0:
+            break
+        x, D = X[left], d[left] * F32(s)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if dmin is None:
+                q = np.nan_to_num(np.clip(np.rint(x / D[:, None]), -32, 31)).astype(np.int64) + 32
+                m = np.zeros(left.size, np.int64)
+            else:  # w = D*q - dmin*m: the lowest value is D*t - dmin*m for some code t; take the best (t, m)
+                dm, lo = dmin[left][:, None], x.min(axis=1)[:, None]
+                M = D[:, None] * np.arange(nmax + 1, dtype=F32) - lo
+                m = np.rint(M / dm)
+                err = np.where((m >= 0) & (m <= 63), np.abs(M - dm * m), np.inf)
+                m = np.nan_to_num(np.take_along_axis(m, err.argmin(axis=1)[:, None], axis=1)[:, 0]).astype(np.int64)
+                q = np.clip(np.rint((x + (dm[:, 0] * m.astype(F32))[:, None]) / D[:, None]), 0, nmax)
+                q = np.nan_to_num(q).astype(np.int64)
+            e = _rdevk(x, q, d[left], np.full(left.size, s), None if dmin is None else dmin[left], None if dmin is None else m)
+        hit = np.flatnonzero(e <= rtol)
+        if hit.size:
+            i = left[hit]
+            codes[i], sc[i], mn[i], rdev[i] = q[hit], s, m[hit], e[hit]
+            left = np.delete(left, hit)
+    return codes, sc, mn, rdev
+
+
+def _step(x: np.ndarray, nmax: int, rel: float) -> float:
+    """The grid step of one sub-block: the (approximate) gcd of the gaps between its distinct values.
+
+    0 for a constant sub-block, nan when the gaps have no common step of at most nmax per range.
+    """
+    g = np.diff(np.unique(x)).astype(np.float64)
+    if g.size == 0:
+        return 0.0
+    tol = rel * g.min()
+    step = g.min()
+    for v in g:  # Euclid on floats
+        a, b = v, step
+        while b > tol:
+            r = np.fmod(a, b)
+            a, b = b, (0.0 if b - r <= tol else r)
+        step = a
+    k = g / step
+    if np.abs(k - np.rint(k)).max() > rel or g.sum() / step > nmax + rel:
+        return np.nan
+    return step
+
+
+def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, rel: float = 1e-3):
+    """(d, dmin, codes, sc, mn, rdev) of one k-quant super-block (rows = sub-blocks) rebuilt from
+    its values, or None.
+
+    Each sub-block's step D_j = d*sc_j is the gcd of its value gaps; d is D_max/s for an integer s
+    that leaves every D_j/d an integer in range; dmin makes every sub-block minimum lo_j equal
+    D_j*t - dmin*mn_j for integers t and mn_j in 0..63.
+    """
+    nmax = 2**bt.bits - 1
+    steps = np.array([_step(x, nmax, rel) for x in X])
+    if np.isnan(steps).any() or not (steps > 0).any():
+        return None
+    smax = 128 if bt.name == "Q6_K" else 63
+    per = X.shape[0]
+    for s in range(smax, 0, -1):
+        d = np.float16(steps.max() / s)
+        ratio = steps / np.float64(d) if np.isfinite(d) and d > 0 else np.array([np.nan])
+        if not (np.abs(ratio - np.rint(ratio)) <= rel).all() or np.rint(ratio).max() > smax:
+            continue
+        sc = np.rint(ratio).astype(np.int64)
+        if bt.name == "Q6_K":  # w = D*(q - 32): try both signs of each sub-block scale
+            (q1, e1), (q2, e2) = _q6_try(X, d, sc), _q6_try(X, d, -sc)
+            pos = e1 <= e2
+            q, sc, e = np.where(pos[:, None], q1, q2), np.where(pos, sc, -sc), np.where(pos, e1, e2)
+            flat = np.flatnonzero(steps == 0)  # constant sub-blocks: any scale that holds the value
+            if flat.size:
+                f = _search_k(X[flat], np.full(flat.size, d, F32), None, bt, rtol)
+                q[flat], sc[flat], e[flat] = f[0], f[1], f[3]
+            if (e <= rtol).all():
+                return d, None, q, sc, np.zeros(per, np.int64), e
+            continue
+        D = F32(d) * sc.astype(F32)
+        for dmin, mn in _dmin_candidates(X, steps, nmax, rel):
+            M = F32(dmin) * mn.astype(F32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = np.nan_to_num(np.clip(np.rint((X + M[:, None]) / D[:, None]), 0, nmax)).astype(np.int64)
+            e = _rdevk(X, q, np.full(per, d, F32), sc, np.full(per, dmin, F32), mn)
+            if (e <= rtol).all():
+                return d, dmin, q, sc, mn, e
+    return None
+
+
+def _q6_try(X, d, sc):
+    """Q6_K codes of sub-blocks X under d and signed sub-block scales sc: (codes, rdev)."""
+    D = F32(d) * sc.astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.nan_to_num(np.clip(np.rint(X / D[:, None]), -32, 31)).astype(np.int64) + 32
+    e = _rdevk(X, q, np.full(X.shape[0], d, F32), sc, None, None)
+    return q, np.where(sc > 127, np.inf, e)  # int8 scales: -128..127
+
+
+def _dmin_candidates(X, steps, nmax, rel):
+    """Yield (dmin, mn per sub-block), closest first, such that every sub-block minimum lo_k is
+    D_k*t - dmin*mn_k with t in 0..nmax-span_k (a constant sub-block: lo_k = -dmin*mn_k)."""
+    lo = X.min(axis=1).astype(np.float64)
+    D = np.where(steps > 0, steps, 1.0)
+    span = np.where(steps > 0, np.rint((X.max(axis=1) - lo) / D), 0)
+    j = int(np.argmin(lo))  # the most negative minimum: dmin*mn_j = D_j*t - lo_j for some t and mn_j
+    M = D[j] * np.arange(nmax - span[j] + 1) - lo[j] if steps[j] > 0 else np.array([-lo[j]])
+    c = (M[M > 0][:, None] / np.arange(1, 64)).astype(np.float16).ravel()
+    cands = np.unique(np.concatenate([[np.float16(0)], c[np.isfinite(c) & (c > 0)]]))
+    alive = np.arange(cands.size)
+    miss = np.zeros((cands.size, X.shape[0]))
+    mn = np.zeros((cands.size, X.shape[0]), np.int64)
+    scale = max(np.abs(lo).max(), 1e-30)
+    for k in np.argsort(-np.abs(lo)):  # checking every sub-block in turn prunes the candidates fast
+        v = cands[alive].astype(np.float64)[:, None] * np.arange(64) + lo[k]  # = D_k * t
+        if steps[k] > 0:
+            t = v / D[k]
+            err = np.abs(t - np.rint(t))
+            ok = (err <= rel) & (np.rint(t) >= 0) & (np.rint(t) <= nmax - span[k])
+        else:
+            err = np.abs(v) / scale
+            ok = err <= rel
+        err = np.where(ok, err, np.inf)
+        keep = np.isfinite(err.min(axis=1))
+        alive, err = alive[keep], err[keep]
+        miss[alive, k], mn[alive, k] = err.min(axis=1), err.argmin(axis=1)
+        if alive.size == 0:
+            return
+    for i in alive[np.argsort(miss[alive].max(axis=1), kind="stable")]:
+        yield cands[i], mn[i]

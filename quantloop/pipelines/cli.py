@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: SLM/models/quantized/NAME_TAG)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=cmd_quantize)
+
+    from quantloop.pipelines.run import add_run_command
+
+    add_run_command(sub)
     return p
 
 

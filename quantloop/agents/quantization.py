@@ -1,0 +1,128 @@
+"""QuantizationAgent: run the next planned attempt with the tools (quantize_model, then
+validate_quantization, then compare_outputs) and record what happened."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from quantloop.errors import InputError
+from quantloop.fileio import write_text_atomic
+from quantloop.pipelines.state import Attempt, PipelineState, PlannedAttempt
+from quantloop.schemas import CompareRequest, ValidationReport, ValidationRequest
+
+GENERATIONS_NAME = "generations.md"
+
+
+def flatten_numbers(data, prefix: str = "") -> dict[str, float]:
+    """Every number (and boolean, as 0/1) of a nested report, keyed by its dotted path."""
+    out: dict[str, float] = {}
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list):
+        items = ((str(i), v) for i, v in enumerate(data))
+    else:
+        if isinstance(data, bool):
+            return {prefix: float(data)}
+        if isinstance(data, (int, float)):
+            return {prefix: float(data)}
+        return {}
+    for k, v in items:
+        if isinstance(data, list) and isinstance(v, dict) and "name" in v:
+            k = str(v["name"])  # criteria: keyed by name, not position
+        out.update(flatten_numbers(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def unavailable_reason(err: BaseException) -> str | None:
+    """The one-line reason when an error says a capability is not built or installed yet, else None."""
+    if isinstance(err, ImportError):
+        return f"not available: {err}"
+    if isinstance(err, InputError) and "not available" in err.problem:
+        return f"not available: {err.line()}"
+    return None
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """A run killed inside an atomic write leaves `.NAME.tmp-*` next to NAME; clear them before retrying."""
+    for tmp in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def skipped(planned: PlannedAttempt, note: str, status: str = "skipped") -> Attempt:
+    spec = planned.spec
+    return Attempt(index=planned.index, step=planned.step, kind=planned.kind, method=spec.method if spec else None,
+                   bits=spec.bits if spec else None, checkpoint=planned.checkpoint, output_dir=None, status=status, note=note)
+
+
+def run_qat(planned: PlannedAttempt, state: PipelineState):
+    try:
+        from quantloop.backends.qat import quantize_qat  # noqa: F401
+    except ImportError:
+        raise InputError(None, "QAT is not available yet (no quantloop.backends.qat)", "build the QAT backend") from None
+    raise InputError(None, "QAT is not available yet (quantloop.backends.qat is not wired into quantize_model)", "wire it")
+
+
+class QuantizationAgent:
+    def __call__(self, state: PipelineState) -> dict:
+        planned = state.plan[state.next_index]
+        return {"attempts": state.attempts + [self.attempt(planned, state)], "next_index": state.next_index + 1}
+
+    def attempt(self, planned: PlannedAttempt, state: PipelineState) -> Attempt:
+        from quantloop.tools.quantize import quantize_model
+
+        if planned.kind == "next_checkpoint":
+            return skipped(planned, "no other checkpoint to try: the run was given a single checkpoint")
+        spec = planned.spec
+        out = Path(planned.output_dir)
+        remove_stale_temporaries(out)
+        t0 = time.perf_counter()
+        try:
+            if planned.kind == "qat":
+                result = run_qat(planned, state)
+            else:
+                result = quantize_model(planned.checkpoint, out, spec, overwrite=True)
+        except Exception as e:  # noqa: BLE001 — the loop goes on; the attempt records why
+            reason = unavailable_reason(e)
+            if reason is not None:
+                return skipped(planned, reason)
+            if isinstance(e, InputError):
+                return skipped(planned, f"cannot run on this input: {e.line()}")
+            return skipped(planned, f"quantizer failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", status="failed")
+        report = self.validate(result.model_path, planned, state)
+        generations = self.compare(result.model_path, planned, state)
+        return Attempt(
+            index=planned.index, step=planned.step, kind=planned.kind, method=spec.method, bits=spec.bits,
+            checkpoint=planned.checkpoint, output_dir=str(out), status="validated", quantization=result,
+            report_path=report.report_path, generations_path=generations, criteria=report.criteria,
+            metrics=flatten_numbers(report.model_dump(mode="json")), passed=report.passed, wall_s=time.perf_counter() - t0,
+        )
+
+    @staticmethod
+    def validate(model_path: str, planned: PlannedAttempt, state: PipelineState) -> ValidationReport:
+        from quantloop.tools.validate import validate_quantization
+
+        v = state.policy.validation
+        return validate_quantization(ValidationRequest(
+            quantized=model_path, baseline=planned.checkpoint,
+            nominal_bits=None if planned.spec.method == "gguf" else planned.spec.bits,
+            dataset_dir=state.dataset_dir, spec_file=state.acceptance_spec,
+            report_path=str(Path(planned.output_dir) / "validation_report.json"),
+            chunks=v.chunks, measure_speed=v.measure_speed, check_generation=v.check_generation,
+        ))
+
+    @staticmethod
+    def compare(model_path: str, planned: PlannedAttempt, state: PipelineState) -> str | None:
+        if not state.policy.validation.compare_generations:
+            return None
+        from quantloop.specs import load_quality_spec
+        from quantloop.tools.compare import compare_outputs
+
+        quality = load_quality_spec(state.acceptance_spec)
+        r = compare_outputs(CompareRequest(model_a=planned.checkpoint, model_b=model_path, spec_file=state.acceptance_spec,
+                                           max_new_tokens=quality.generation.max_new_tokens))
+        path = Path(planned.output_dir) / GENERATIONS_NAME
+        write_text_atomic(path, f"# Side-by-side generations: float (A) vs {planned.step} (B)\n\n{r.markdown}"
+                                f"\nidentical outputs: {r.identical_rate:.0%}\n")
+        return str(path)

@@ -1,0 +1,73 @@
+"""ReviewerAgent: apply the acceptance criteria to the last attempt; accept it, or pick the next
+fallback step and say why in one sentence naming the failing measurement(s); when the plan is
+exhausted, reject and recommend what a person should try."""
+
+from __future__ import annotations
+
+from quantloop.pipelines.state import Attempt, PipelineState
+from quantloop.schemas import CriterionResult
+
+
+def describe_failure(c: CriterionResult) -> str:
+    if c.measured is None:
+        return f"{c.name} not measured (needs {c.threshold})"
+    if c.name == "perplexity":
+        return f"perplexity {c.measured:+.2f} % (needs {c.threshold})"
+    if c.name in ("speed", "size"):
+        return f"{c.name} {c.measured:.2f}x (needs {c.threshold})"
+    if c.name == "generation":
+        return f"generation {int(c.measured)} failure(s) ({c.detail})"
+    return f"{c.name} {c.detail} (needs {c.threshold})"
+
+
+def failing_measurements(attempt: Attempt) -> str:
+    return " and ".join(describe_failure(c) for c in attempt.criteria if not c.passed)
+
+
+def recommendation(attempts: list[Attempt]) -> str:
+    """What a person should try, from which criteria failed on the attempts that were measured."""
+    measured = [a for a in attempts if a.status == "validated"]
+    if not measured:
+        return ("No step could run (" + "; ".join(f"{a.step}: {a.note}" for a in attempts if a.note)[:600] +
+                "); install or build the missing quantizers, or add steps that are available to the policy.")
+    failed = {c.name for a in measured for c in a.criteria if not c.passed}
+    tips = []
+    if "perplexity" in failed:
+        tips.append("perplexity is the binding limit: try QAT, mixed precision (keep attention or the most sensitive layers at 8 bits), "
+                    "more or more representative calibration text, or an earlier/later training checkpoint")
+    if "speed" in failed:
+        tips.append("speed falls short: measure on the deployment hardware, or use a lower-bit format with fast kernels on that target")
+    if "size" in failed:
+        tips.append("size falls short: quantize the embeddings and output layer too, or choose a lower-bit type")
+    if "generation" in failed:
+        tips.append("generations fail the checks: read the side-by-side generations and review the prompts and limits in the acceptance spec")
+    return "; ".join(tips) + "." if tips else "Review the attempts' reports."
+
+
+class ReviewerAgent:
+    def __call__(self, state: PipelineState) -> dict:
+        attempts = list(state.attempts)
+        last = attempts[-1]
+        remaining = state.plan[state.next_index:]
+        next_step = remaining[0].step if remaining else None
+        if last.status == "validated" and last.passed:
+            verdict, reason = "accepted", f"{last.step} passes every acceptance criterion ({self.passing_summary(last)})."
+        elif last.status != "validated":
+            verdict = "skipped"
+            what = "was skipped" if last.status == "skipped" else "failed"
+            reason = f"{last.step} {what}: {last.note}" + (f"; next: {next_step}." if next_step else "; the plan is exhausted.")
+        else:
+            verdict = "fallback" if next_step else "rejected"
+            then = f"next: {next_step}" if next_step else "the plan is exhausted"
+            reason = f"{last.step} fails on {failing_measurements(last)}; {then}."
+        attempts[-1] = last.model_copy(update={"verdict": verdict, "reason": reason})
+        update: dict = {"attempts": attempts}
+        if verdict == "accepted":
+            update.update(decision="accepted", accepted_index=last.index)
+        elif not remaining:
+            update.update(decision="rejected", recommendation=recommendation(attempts))
+        return update
+
+    @staticmethod
+    def passing_summary(a: Attempt) -> str:
+        return ", ".join(f"{c.name} {c.detail}" for c in a.criteria)

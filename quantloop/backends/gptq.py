@@ -1,0 +1,504 @@
+"""GPTQ and AWQ through GPTQModel (the maintained successor of AutoGPTQ and AutoAWQ).
+
+GPTQModel 7.6.0 is the last release that installs beside torch 2.13 (7.7 needs
+torch >= 2.14.1). On CPU:
+
+- quantization runs with ``GPTQMODEL_CPU_WORKERS`` (set here to the core count,
+  at most 2 unless the caller set it); AWQ must be given
+  ``backend=BACKEND.AWQ_TORCH`` (the default AWQ_GEMM kernel is CUDA only);
+- calibration is always the caller's token ids: GPTQModel never sees a dataset
+  name, so it never fetches one;
+- the first GPTQ quantization on a machine JIT-compiles GPTQModel's small C++
+  packer (``pack_block_cpu``, about a minute on 2 cores, cached under
+  ``~/.cache/gptqmodel/torch_extensions`` or ``$GPTQMODEL_TORCH_EXTENSIONS_DIR``);
+  if no compiler is there it falls back to a Python packer with identical output;
+- reloaded 4-bit checkpoints run a real int4 matmul on CPU (``TorchAtenLinear``);
+  8-bit ones run a dequantizing torch kernel.
+
+Saved layout (``format`` "gptq", the AutoGPTQ v1 layout that transformers,
+vLLM and llama.cpp converters read), per quantized linear ``<name>``:
+
+- ``<name>.qweight`` int32 ``[in * bits / 32, out]``: each word holds
+  ``32 / bits`` consecutive *input* rows, row ``r * (32 / bits) + j`` in bits
+  ``[bits * j, bits * (j + 1))``;
+- ``<name>.scales`` float16 ``[groups, out]``;
+- ``<name>.qzeros`` int32 ``[groups, out * bits / 32]``, consecutive *output*
+  columns packed the same way, holding ``zero - 1`` (the v1 convention; the
+  subtraction is done on the whole 32-bit word, so decoding adds
+  ``0x11111111`` (4-bit) / ``0x01010101`` (8-bit) to the whole word before
+  unpacking). Symmetric: every zero is ``2 ** (bits - 1)``;
+- ``<name>.g_idx`` int32 ``[in]``: the group of each input column; ``i // group``
+  unless act-order (``desc_act``) permuted it.
+
+AWQ (``format`` "gemm"): ``qweight`` int32 ``[in, out * bits / 32]`` packed
+along the *output* axis in AWQ's interleaved order (word ``k``, field ``j``
+holds column ``8k + [0, 2, 4, 6, 1, 3, 5, 7][j]``), ``qzeros`` int32
+``[groups, out * bits / 32]`` likewise with the zero itself (no offset),
+``scales`` float16 ``[groups, out]``, no ``g_idx``.
+
+Either way ``W[o, i] = scale[o, g] * (q[o, i] - zero[o, g])``, ``g = g_idx[i]``,
+which :func:`read_quantized_linear` returns as plain tensors for exporters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantloop.errors import InputError
+
+GPTQMODEL_VERSION = "7.6.0"
+METHOD_BITS = {"gptq": (2, 3, 4, 8), "awq": (4,)}
+GROUP_SIZES = (-1, 32, 64, 128)
+# Non-quantized tensors (embeddings, norms, lm_head) are written in this dtype,
+# the precision of the F16 reference the acceptance criteria compare against.
+SAVE_DTYPE = "float16"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _read_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise InputError(hf_dir, "no config.json: not a Hugging Face checkpoint folder", "pass a folder written by save_pretrained")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(path, "not valid JSON", "re-create the checkpoint") from None
+
+
+def _safetensors_header(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise InputError(path, "unreadable safetensors header", "re-create the checkpoint") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise InputError(hf_dir, "no *.safetensors weights", "save the float model with save_pretrained(safe_serialization=True)")
+    return files
+
+
+def linear_shapes(hf_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every 2-D ``*.weight`` inside the decoder layers of a float checkpoint: name -> (out, in)."""
+    shapes = {}
+    for f in _weight_files(Path(hf_dir)):
+        for name, meta in _safetensors_header(f).items():
+            if name.endswith(".weight") and ".layers." in name and len(meta.get("shape", ())) == 2:
+                shapes[name.removesuffix(".weight")] = tuple(meta["shape"])
+    return shapes
+
+
+def check_gptq_settings(hf_dir: Path, method: str, bits: int, group_size: int, symmetric: bool,
+                        act_order: bool) -> dict[str, tuple[int, int]]:
+    """Cheap checks (no GPTQModel import): method, bits, group size against every layer width."""
+    hf_dir = Path(hf_dir)
+    if method not in METHOD_BITS:
+        raise InputError(None, f"unknown method {method!r}", f"use one of {', '.join(METHOD_BITS)}")
+    allowed = METHOD_BITS[method]
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
+        raise InputError(None, f"{method.upper()} does not support {bits!r} bits",
+                         f"use {' or '.join(map(str, allowed))} bits")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        raise InputError(None, f"{method.upper()} group size {group_size!r} is not supported",
+                         f"use one of {', '.join(map(str, GROUP_SIZES))} (-1 = one group per row)")
+    if method == "awq" and act_order:
+        raise InputError(None, "act-order is a GPTQ option; AWQ has none", "leave act_order off for AWQ")
+    if method == "awq" and group_size == -1:
+        raise InputError(None, "AWQ needs a group size", "use 32, 64 or 128")
+    _read_config(hf_dir)
+    shapes = linear_shapes(hf_dir)
+    if not shapes:
+        raise InputError(hf_dir, "no 2-D layer weights found under '*.layers.*'", "GPTQ/AWQ quantize decoder-layer linears")
+    for name, (out_f, in_f) in sorted(shapes.items()):
+        if group_size > 0 and in_f % group_size:
+            raise InputError(hf_dir, f"group size {group_size} does not divide the input width {in_f} of {name}",
+                             "pick a group size that divides every input width (32 or 64 for SmolLM2-135M, whose width is 576)")
+        if in_f % 32 or out_f % 32:
+            raise InputError(hf_dir, f"{name} is {out_f}x{in_f}; GPTQ/AWQ packing needs widths that are multiples of 32",
+                             "quantize a model whose layer widths are multiples of 32")
+        # AWQ's clip search walks output channels in blocks of 64 (q/k are not clipped).
+        if method == "awq" and out_f % 64 and not any(k in name.rsplit(".", 1)[-1] for k in ("q_", "k_")):
+            raise InputError(hf_dir, f"{name} has {out_f} outputs; GPTQModel's AWQ needs multiples of 64",
+                             "use GPTQ for this model")
+    return shapes
+
+
+def _check_calibration(calibration, vocab_size: int | None) -> list[list[int]]:
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        raise InputError(None, "calibration is empty", "give at least one token-id sequence from the calibration split")
+    out = []
+    for i, seq in enumerate(calibration):
+        ids = [int(t) for t in (seq.tolist() if hasattr(seq, "tolist") else seq)]
+        if not ids:
+            raise InputError(None, f"calibration sequence {i} is empty", "drop empty sequences")
+        if min(ids) < 0 or (vocab_size and max(ids) >= vocab_size):
+            raise InputError(None, f"calibration sequence {i} has token ids outside [0, {vocab_size})",
+                             "tokenize the calibration text with this model's tokenizer")
+        out.append(ids)
+    return out
+
+
+def supported_architectures() -> list[str]:
+    from gptqmodel.models.auto import SUPPORTED_MODELS
+
+    return sorted(SUPPORTED_MODELS)
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def _set_env() -> None:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _cast_unquantized(out_dir: Path, dtype: str) -> None:
+    """Rewrite float tensors that are not GPTQ/AWQ buffers (embeddings, norms) in `dtype`; scales stay float16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = getattr(torch, dtype)
+    quant_suffixes = (".scales",)
+    for f in sorted(out_dir.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        changed = False
+        for k, v in tensors.items():
+            if v.is_floating_point() and v.dtype != target and not k.endswith(quant_suffixes):
+                tensors[k] = v.to(target).contiguous()
+                changed = True
+        if changed:
+            tmp = f.with_name(f".{f.name}.tmp")
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, f)
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = dtype
+    cfg.pop("torch_dtype", None)
+    qc = cfg.get("quantization_config", {})
+    if isinstance(qc, dict) and isinstance(qc.get("meta"), dict):
+        qc["meta"].pop("offload_to_disk_path", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux: /proc/self/clear_refs, "5")."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except Exception:
+        return None
+
+
+def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symmetric: bool, act_order: bool,
+                  calibration: list[list[int]], method: str = "gptq", seed: int = 0,
+                  dtype: str | None = None, damp_percent: float | None = None) -> dict:
+    """Quantize the float HF checkpoint `hf_dir` with GPTQModel (GPTQ or AWQ) on CPU and save it to `out_dir`.
+
+    `calibration` is a list of token-id lists (the caller's calibration split);
+    `out_dir` must not exist yet or be empty (callers write to a temporary
+    folder and rename it into place). `dtype` is the compute dtype of the
+    calibration forward passes: float32 for GPTQ (fastest and most exact on
+    CPUs without native half precision), float16 for AWQ (its CPU kernels take
+    float16 or bfloat16, not float32; float16 keeps three more mantissa bits).
+    Non-quantized tensors are saved as float16 either way.
+    Returns versions, the on-disk format, the settings used and timings.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    method = str(method).lower()
+    check_gptq_settings(hf_dir, method, bits, group_size, symmetric, act_order)
+    config = _read_config(hf_dir)
+    calib = _check_calibration(calibration, config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+    if dtype is None:
+        dtype = "float16" if method == "awq" else "float32"
+    if dtype not in _DTYPES:
+        raise InputError(None, f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+    if damp_percent is not None and not 0 < damp_percent < 1:
+        raise InputError(None, f"damp_percent {damp_percent!r} must lie strictly between 0 and 1", "use e.g. 0.05")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(out_dir, "output folder exists and is not empty", "pass a new folder")
+
+    _set_env()
+    import numpy as np
+    import torch
+
+    import gptqmodel
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.quantization.config import AWQConfig, GPTQConfig
+    from gptqmodel.models.auto import SUPPORTED_MODELS
+
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODELS:
+        raise InputError(hf_dir / "config.json", f"architecture {model_type!r} is not supported by GPTQModel {gptqmodel.__version__}",
+                         f"supported: {', '.join(sorted(SUPPORTED_MODELS))}")
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+    common = dict(bits=bits, group_size=group_size, sym=bool(symmetric), offload_to_disk=False)
+    if method == "gptq":
+        extra = {"desc_act": bool(act_order)}
+        if act_order:
+            extra["act_group_aware"] = False  # GAR and desc_act exclude each other
+        if damp_percent is not None:
+            extra["damp_percent"] = float(damp_percent)
+        qcfg = GPTQConfig(**common, **extra)
+        backend = BACKEND.AUTO
+    else:
+        qcfg = AWQConfig(**common)
+        backend = BACKEND.AWQ_TORCH
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peak_is_this_call = _reset_peak_rss()
+    t0 = time.perf_counter()
+    model = GPTQModel.load(str(hf_dir), qcfg, dtype=getattr(torch, dtype))
+    t_load = time.perf_counter() - t0
+    rows = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib]
+    t1 = time.perf_counter()
+    model.quantize(rows, batch_size=1, backend=backend, calibration_sort=None, calibration_data_min_length=0)
+    t_quant = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    model.save(str(out_dir))
+    del model
+    _cast_unquantized(out_dir, SAVE_DTYPE)
+    for name in TOKENIZER_FILES:
+        src = hf_dir / name
+        if src.is_file() and not (out_dir / name).exists():
+            shutil.copy2(src, out_dir / name)
+    t_save = time.perf_counter() - t2
+
+    qc = json.loads((out_dir / "quantize_config.json").read_text())
+    import transformers
+
+    return {
+        "library": "gptqmodel",
+        "library_version": gptqmodel.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "method": method,
+        "format": qc.get("format"),
+        "bits": bits,
+        "group_size": group_size,
+        "symmetric": bool(symmetric),
+        "act_order": bool(qc.get("desc_act", False)),
+        "act_group_aware": bool(qc.get("meta", {}).get("act_group_aware", False)),
+        "damp_percent": qc.get("meta", {}).get("damp_percent"),
+        "compute_dtype": dtype,
+        "saved_dtype": SAVE_DTYPE,
+        "scale_dtype": "float16",
+        "calibration_samples": len(calib),
+        "calibration_tokens": sum(len(c) for c in calib),
+        "seed": seed,
+        "cpu_workers": int(os.environ["GPTQMODEL_CPU_WORKERS"]),
+        "load_s": round(t_load, 3),
+        "quantize_s": round(t_quant, 3),
+        "save_s": round(t_save, 3),
+        "wall_s": round(t_load + t_quant + t_save, 3),
+        # peak RSS of this process during the call (since process start where it cannot be reset)
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_is_this_call": peak_is_this_call,
+        "bytes_on_disk": sum(f.stat().st_size for f in out_dir.glob("*.safetensors")),
+    }
+
+
+# --------------------------------------------------------------------------- reload and run
+
+
+def load_gptq(out_dir: Path, dtype: str | None = "float16"):
+    """Reload a saved GPTQ/AWQ checkpoint for CPU inference with GPTQModel; returns its model (a GPTQModel wrapper).
+
+    `dtype` is the activation dtype: float16 (default; the precision of the F16
+    reference) runs 4-bit GPTQ/AWQ on GPTQModel's int4 CPU kernels
+    (TorchAtenLinear / TorchAtenAwqLinear) and 8-bit on TorchLinear, which
+    torch.compiles its dequantization on the first calls (tens of seconds, then
+    cached by inductor); float32 works for 4-bit only (TorchFusedLinear);
+    None lets GPTQModel choose (bfloat16 on CPU).
+    """
+    out_dir = Path(out_dir)
+    if not (out_dir / "quantize_config.json").is_file() and "quantization_config" not in _read_config(out_dir):
+        raise InputError(out_dir, "not a GPTQ/AWQ checkpoint (no quantize_config.json)", "quantize it first")
+    _set_env()
+    import torch
+    from gptqmodel import GPTQModel
+
+    if dtype is not None and dtype not in _DTYPES:
+        raise InputError(None, f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    model = GPTQModel.load(str(out_dir), device="cpu", **kwargs)
+    model.model.eval()
+    return model
+
+
+def gptq_logits(model, ids: list[int]):
+    """Float32 logits [len(ids), vocab] of a loaded GPTQ/AWQ model for one token-id sequence."""
+    import torch
+
+    hf = getattr(model, "model", model)
+    with torch.inference_mode():
+        out = hf(input_ids=torch.tensor([list(ids)], dtype=torch.long))
+    return out.logits[0].float()
+
+
+def kernel_names(model) -> list[str]:
+    """Class names of the quantized linear kernels a loaded model runs (e.g. ['TorchAtenLinear'])."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    hf = getattr(model, "model", model)
+    return sorted({type(m).__name__ for m in hf.modules() if isinstance(m, BaseQuantLinear)})
+
+
+# --------------------------------------------------------------------------- read codes, scales, zeros
+
+
+@dataclass
+class QuantizedLinear:
+    """One quantized linear as plain tensors: W[o, i] = scales[o, g_idx[i]] * (codes[o, i] - zeros[o, g_idx[i]])."""
+
+    name: str
+    method: str          # "gptq" or "awq"
+    bits: int
+    group_size: int      # -1: one group per row
+    symmetric: bool
+    codes: "object"      # torch.uint8 [out, in], values 0 .. 2**bits - 1
+    scales: "object"     # torch.float16 [out, groups], exactly as saved
+    zeros: "object"      # torch.uint8 [out, groups], the integer zero point (2**(bits-1) everywhere when symmetric)
+    g_idx: "object"      # torch.int32 [in]
+
+    @property
+    def trivial_groups(self) -> bool:
+        """True when input column i is in group i // group_size (no act-order permutation)."""
+        import torch
+
+        gs = self.group_size if self.group_size > 0 else self.codes.shape[1]
+        return bool(torch.equal(self.g_idx, torch.arange(self.codes.shape[1], dtype=torch.int32) // gs))
+
+    def dequantize(self):
+        """The float32 weight [out, in] the checkpoint stands for."""
+        g = self.g_idx.long()
+        s = self.scales.float()[:, g]
+        z = self.zeros.float()[:, g]
+        return s * (self.codes.float() - z)
+
+
+def _unpack_words(words, bits: int, axis: int):
+    """Unpack int32 words holding 32/bits fields each (field j at bits [bits*j, bits*(j+1))) along `axis` (0 or 1)."""
+    import torch
+
+    per = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    if axis == 0:  # [rows/per, cols] -> [rows, cols]
+        v = (w.unsqueeze(1) >> shifts.view(1, per, 1)) & ((1 << bits) - 1)
+        return v.reshape(w.shape[0] * per, w.shape[1])
+    v = (w.unsqueeze(2) >> shifts.view(1, 1, per)) & ((1 << bits) - 1)
+    return v.reshape(w.shape[0], w.shape[1] * per)
+
+
+def _quant_config(out_dir: Path) -> dict:
+    path = out_dir / "quantize_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    qc = _read_config(out_dir).get("quantization_config")
+    if not qc:
+        raise InputError(out_dir, "not a GPTQ/AWQ checkpoint (no quantize_config.json)", "quantize it first")
+    return qc
+
+
+def quantized_linear_names(out_dir: Path) -> list[str]:
+    """Names of every quantized linear (the prefix of its .qweight tensor) in a saved checkpoint."""
+    names = []
+    for f in _weight_files(Path(out_dir)):
+        names += [k.removesuffix(".qweight") for k in _safetensors_header(f) if k.endswith(".qweight")]
+    return sorted(names)
+
+
+def read_quantized_linear(out_dir: Path, name: str) -> QuantizedLinear:
+    """Integer codes, float16 scales and integer zero points of one quantized linear, read from the safetensors.
+
+    `name` is the module path, e.g. "model.layers.0.self_attn.q_proj".
+    Supports GPTQ ("gptq" v1 format) and AWQ ("gemm" format) at 2, 4 or 8 bits.
+    """
+    import torch
+    from safetensors import safe_open
+
+    out_dir = Path(out_dir)
+    qc = _quant_config(out_dir)
+    bits, group_size = int(qc["bits"]), int(qc["group_size"])
+    method = str(qc.get("quant_method") or qc.get("method")).lower()
+    fmt = str(qc.get("checkpoint_format") or qc.get("format") or qc.get("version")).lower()
+    sym = bool(qc.get("sym", not qc.get("zero_point", True)))
+    if bits not in (2, 4, 8):
+        raise InputError(out_dir, f"reading {bits}-bit codes is not supported (their words straddle fields)",
+                         "use 2, 4 or 8 bits")
+    if (method, fmt) not in (("gptq", "gptq"), ("awq", "gemm")):
+        raise InputError(out_dir, f"unsupported checkpoint layout {method}/{fmt}", "write GPTQ 'gptq' or AWQ 'gemm' checkpoints")
+    tensors = {}
+    for f in _weight_files(out_dir):
+        with safe_open(str(f), framework="pt") as st:
+            for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+                key = f"{name}.{suffix}"
+                if key in st.keys():
+                    tensors[suffix] = st.get_tensor(key)
+    if "qweight" not in tensors:
+        raise InputError(out_dir, f"no quantized linear named {name!r}", "see quantized_linear_names()")
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    per = 32 // bits
+    if method == "gptq":
+        codes = _unpack_words(qweight, bits, axis=0).T          # [out, in]
+        offset = sum(1 << (bits * j) for j in range(per))        # v1: zero - 1 on the whole word
+        zeros = _unpack_words((qzeros.to(torch.int64) + offset) & 0xFFFFFFFF, bits, axis=1)
+        zeros = zeros[:, : scales.shape[1]].T                    # [out, groups]
+        g_idx = tensors.get("g_idx")
+        in_f = codes.shape[1]
+        if g_idx is None:
+            gs = group_size if group_size > 0 else in_f
+            g_idx = torch.arange(in_f, dtype=torch.int32) // gs
+    else:
+        out_f = scales.shape[1]
+        codes = _unpack_words(qweight, bits, axis=1)             # [in, out] in packed order
+        zeros = _unpack_words(qzeros, bits, axis=1)              # [groups, out] in packed order
+        if bits == 4:
+            order = torch.arange(codes.shape[1]).view(-1, 8)[:, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(-1)
+            codes, zeros = codes[:, order], zeros[:, order]
+        codes, zeros = codes[:, :out_f].T, zeros[:, :out_f].T
+        in_f = codes.shape[1]
+        gs = group_size if group_size > 0 else in_f
+        g_idx = torch.arange(in_f, dtype=torch.int32) // gs
+    return QuantizedLinear(name=name, method=method, bits=bits, group_size=group_size, symmetric=sym,
+                           codes=codes.to(torch.uint8).contiguous(), scales=scales.T.contiguous(),
+                           zeros=zeros.to(torch.uint8).contiguous(), g_idx=g_idx.to(torch.int32))

@@ -1,0 +1,138 @@
+"""Export an HF checkpoint whose linear weights are already on a GGUF grid, losing nothing.
+
+RTN, GPTQ, AWQ or QAT with a GGUF-compatible layout leave float weights that are
+exactly dequantized blocks of some GGUF type. This writes those blocks: llama.cpp's
+own convert_hf_to_gguf.py makes an F32 GGUF (names, metadata, tokenizer, its q/k row
+permutation for llama, which keeps every input-dimension block intact), then every
+linear weight is matched to codes and scales of the target type
+(`gguf_blocks.fit_blocks`) and written as raw blocks with gguf-py's GGUFWriter. A
+weight that is not on the grid is refused, never requantized.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from quantloop import gguf_blocks
+from quantloop.errors import InputError
+from quantloop.fileio import atomic_output
+
+LINEAR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down))\.weight$")
+EMBEDDINGS = ("token_embd.weight", "output.weight")
+FLOAT_TYPES = ("F32", "F16")
+
+# general.file_type for a file of mostly one block type (k-quants: llama.cpp's "S" mixes are the closest)
+FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
+              "Q8_0": "MOSTLY_Q8_0", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K",
+              "F16": "MOSTLY_F16", "F32": "ALL_F32"}
+
+
+def _check_type(t: str, what: str, floats: bool = True) -> str:
+    t = str(t).upper()
+    if t in gguf_blocks.TYPES or (floats and t in FLOAT_TYPES):
+        return t
+    choices = list(gguf_blocks.TYPES) + (list(FLOAT_TYPES) if floats else [])
+    raise InputError(None, f"{what}: unknown GGUF type '{t}'", f"choose one of {', '.join(choices)}")
+
+
+def export_hf_to_gguf(
+    hf_dir: str | Path,
+    out_file: str | Path,
+    type_name: str,
+    tensor_types: dict[str, str] | None = None,
+    embedding_type: str = "F16",
+    overwrite: bool = False,
+) -> Path:
+    """Write `hf_dir` as a GGUF whose linear weights are raw `type_name` blocks; returns the path.
+
+    tensor_types maps regular expressions over GGUF tensor names (searched, first match
+    wins, as llama-quantize --tensor-type) to a type for the linear weights they match,
+    e.g. {"ffn_": "Q6_K", "attn_": "Q4_K"}; F16/F32 keep a weight in float.
+    embedding_type is the type of token_embd/output (F16 by default; a block type
+    requires those weights on its grid too). Norms and other 1-D tensors stay F32.
+    Raises InputError when a weight is not on its type's grid (to fp16 rounding) or
+    does not split into whole blocks; nothing is written then.
+    """
+    import gguf
+
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    type_name = _check_type(type_name, "export type", floats=False)
+    embedding_type = _check_type(embedding_type, "embedding type")
+    rules = []
+    for pattern, t in (tensor_types or {}).items():
+        try:
+            rules.append((re.compile(pattern), _check_type(t, f"tensor type for '{pattern}'")))
+        except re.error as e:
+            raise InputError(None, f"tensor type pattern '{pattern}' is not a regular expression ({e})", "use e.g. 'ffn_down'") from None
+    if out_file.exists() and not overwrite:
+        raise InputError(out_file, "output file exists", "choose another path or pass overwrite")
+    from quantloop.llamacpp import convert_hf_to_gguf
+    from quantloop.models import check_hf_dir
+
+    if not hf_dir.is_dir():
+        raise InputError(hf_dir, "not a folder", "pass an HF checkpoint folder")
+    check_hf_dir(hf_dir)
+
+    with atomic_output(out_file) as tmp:
+        src = convert_hf_to_gguf(hf_dir, tmp.parent / "source-f32.gguf", "f32")
+        reader = gguf.GGUFReader(src)
+        tensors = []
+        for t in reader.tensors:
+            target = _target_type(t.name, t.data.ndim, type_name, embedding_type, rules)
+            tensors.append((t.name, *_encode(hf_dir, t, target)))
+        arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+        writer = gguf.GGUFWriter(tmp, arch)
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
+                                                                gguf.Keys.General.QUANTIZATION_VERSION):
+                continue
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+        writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[type_name]].value)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, data, raw_dtype in tensors:
+            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        del reader
+    return out_file
+
+
+def _target_type(name: str, ndim: int, type_name: str, embedding_type: str, rules) -> str | None:
+    """The type a tensor is written as; None keeps the source's (F32) data."""
+    if ndim < 2:
+        return None
+    if name in EMBEDDINGS:
+        return embedding_type
+    if LINEAR.match(name):
+        return next((t for rx, t in rules if rx.search(name)), type_name)
+    return None
+
+
+def _encode(hf_dir: Path, t, target: str | None):
+    """(array, raw_dtype) for GGUFWriter.add_tensor: raw blocks for block types, floats otherwise."""
+    data = np.asarray(t.data)
+    if target is None:
+        return data, None
+    if target in FLOAT_TYPES:
+        return data.astype(np.float16 if target == "F16" else np.float32), None
+    if data.dtype not in (np.float32, np.float16):
+        raise InputError(hf_dir, f"tensor {t.name} is {t.tensor_type.name} in the converted GGUF, not F32")
+    data = data.astype(np.float32)
+    bt = gguf_blocks.block_type(target)
+    if data.shape[-1] % bt.block:
+        raise InputError(hf_dir, f"tensor {t.name} has rows of {data.shape[-1]} values, not a multiple of the "
+                         f"{target} block of {bt.block}", "choose a type whose block divides every row (Q4_0, Q8_0, ... use 32)")
+    try:
+        qb = gguf_blocks.fit_blocks(data.reshape(-1, data.shape[-1]), target)
+    except gguf_blocks.OffGridError as e:
+        raise InputError(hf_dir, f"tensor {t.name} is not on the {target} grid: {e.n_bad} of {e.n_blocks} blocks are off "
+                         f"(max deviation {e.max_deviation:.3g}, {e.relative:.1%} of a block's largest magnitude)",
+                         "quantize it with a matching layout first: blocks of 32, fp16 scales; or export it as F16") from None
+    raw = gguf_blocks.pack(qb.codes, qb.scales, qb.mins, target, qb.d, qb.dmin)
+    return raw.reshape(*data.shape[:-1], raw.shape[-1]), gguf_blocks.qtype(target)

@@ -1,0 +1,123 @@
+"""The agent loop as a LangGraph StateGraph, checkpointed to SQLite after every node.
+
+    evaluate ──▶ quantize ──▶ review ──▶ track ──▶ quantize ... (next fallback step)
+                                           └──────▶ finish ──▶ END  (accepted, or plan exhausted)
+
+evaluate  EvaluationAgent: score the candidate checkpoints, pick the best, plan the attempts
+quantize  QuantizationAgent: quantize_model + validate_quantization for the next planned attempt
+review    ReviewerAgent: accept, fall back (one sentence naming the failing measurement), or reject
+track     one nested MLflow run for the attempt just reviewed (idempotent, so a resume never duplicates it)
+finish    quantization_summary.json, the accepted model in the MLflow Model Registry, the parent run closed
+
+A run killed at any point restarts from the last completed node of its thread (the --run-id):
+a finished attempt is never redone, an interrupted one is redone from scratch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.graph import END, START, StateGraph
+
+from quantloop.agents.evaluation import EvaluationAgent
+from quantloop.agents.quantization import QuantizationAgent
+from quantloop.agents.reviewer import ReviewerAgent
+from quantloop.fileio import write_json_atomic
+from quantloop.pipelines.state import PipelineState, serialisable_types
+from quantloop.specs import load_quality_spec
+from quantloop.tracking import Tracker
+
+SUMMARY_NAME = "quantization_summary.json"
+
+
+def timed(node):
+    """Add the node's own wall time to state.active_s (the run's time summed over resumes)."""
+
+    def run(state: PipelineState) -> dict:
+        t0 = time.perf_counter()
+        update = node(state)
+        return update | {"active_s": state.active_s + time.perf_counter() - t0}
+
+    run.__name__ = getattr(node, "__name__", type(node).__name__)
+    return run
+
+
+def summary(state: PipelineState) -> dict:
+    """quantization_summary.json: every attempt of the run side by side, the decision, the acceptance bar."""
+    rows = []
+    for a in state.attempts:
+        m = a.metrics
+        rows.append({
+            "index": a.index, "step": a.step, "kind": a.kind, "method": a.method, "bits": a.bits, "checkpoint": a.checkpoint,
+            "status": a.status, "verdict": a.verdict, "reason": a.reason, "output_dir": a.output_dir, "report": a.report_path,
+            "format": a.quantization.format if a.quantization else None,
+            "ppl_increase_pct": m.get("kld.ppl_increase_pct"), "kld_mean": m.get("kld.kld_mean"),
+            "speedup_tg": m.get("speedup_tg"), "size_ratio": m.get("size_ratio"),
+            "bits_per_weight": a.quantization.bits_per_weight if a.quantization else None,
+            "quantize_wall_s": a.quantization.wall_s if a.quantization else None, "attempt_wall_s": a.wall_s,
+            "mlflow_run_id": a.mlflow_run_id,
+        })
+    accepted = state.attempts[state.accepted_index] if state.accepted_index is not None else None
+    return {
+        "run_id": state.run_id, "model": state.model, "target": state.target, "decision": state.decision,
+        "accepted": {"step": accepted.step, "output_dir": accepted.output_dir, "report": accepted.report_path} if accepted else None,
+        "recommendation": state.recommendation or None,
+        "acceptance": load_quality_spec(state.acceptance_spec).acceptance.model_dump(mode="json"),
+        "acceptance_spec": state.acceptance_spec,
+        "checkpoints": [{"name": c.name, "path": c.path, "training_step": c.training_step, "validation_ppl": c.validation_ppl.ppl,
+                         "bytes_on_disk": c.size.bytes_on_disk,
+                         "tg_tokens_per_s": c.speed.tg_tokens_per_s if c.speed else None} for c in state.candidates],
+        "attempts": rows,
+        "mlflow": {"parent_run_id": state.mlflow_parent_run_id, "registered_model": state.registered_model},
+        "active_s": round(state.active_s, 2),
+    }
+
+
+def build_graph(tracker: Tracker, state_db: Path):
+    """Compile the graph with the SQLite checkpointer at `state_db` (one thread per --run-id)."""
+
+    def track(state: PipelineState) -> dict:
+        attempts = list(state.attempts)
+        a = attempts[-1]
+        rid = tracker.log_attempt(state.mlflow_parent_run_id, state.run_id, a, state.policy.log_model_max_mib)
+        attempts[-1] = a.model_copy(update={"mlflow_run_id": rid})
+        return {"attempts": attempts}
+
+    def finish(state: PipelineState) -> dict:
+        registered = None
+        if state.accepted_index is not None:
+            a = state.attempts[state.accepted_index]
+            name = f"quantloop-{Path(a.checkpoint).name}"
+            registered = tracker.register(name, a.mlflow_run_id, a.quantization.model_path, a.reason,
+                                          {"step": a.step, "format": a.quantization.format, "run_id": state.run_id,
+                                           "report": a.report_path or ""})
+        state = state.model_copy(update={"registered_model": registered})
+        path = write_json_atomic(Path(state.output_root) / SUMMARY_NAME, summary(state))
+        tracker.finish_parent(state.mlflow_parent_run_id, state.decision, state.recommendation,
+                              [path, Path(state.acceptance_spec)],
+                              {"attempts": len(state.attempts), "accepted": float(state.accepted_index is not None)})
+        return {"registered_model": registered, "summary_path": str(path)}
+
+    def after_track(state: PipelineState) -> str:
+        return "finish" if state.decision != "running" else "quantize"
+
+    g = StateGraph(PipelineState)
+    g.add_node("evaluate", timed(EvaluationAgent()))
+    g.add_node("quantize", timed(QuantizationAgent()))
+    g.add_node("review", timed(ReviewerAgent()))
+    g.add_node("track", timed(track))
+    g.add_node("finish", timed(finish))
+    g.add_edge(START, "evaluate")
+    g.add_edge("evaluate", "quantize")
+    g.add_edge("quantize", "review")
+    g.add_edge("review", "track")
+    g.add_conditional_edges("track", after_track, {"quantize": "quantize", "finish": "finish"})
+    g.add_edge("finish", END)
+    state_db.parent.mkdir(parents=True, exist_ok=True)
+    saver = SqliteSaver(sqlite3.connect(str(state_db), check_same_thread=False),
+                        serde=JsonPlusSerializer(allowed_msgpack_modules=serialisable_types()))
+    return g.compile(checkpointer=saver)

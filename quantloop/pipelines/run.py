@@ -1,0 +1,181 @@
+"""`quantloop run`: the agent loop end to end, resumable by --run-id.
+
+Wire it into the main CLI with `add_run_command(sub)`; `python -m quantloop.pipelines.run`
+runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from quantloop.errors import InputError  # noqa: E402
+from quantloop.paths import DEFAULT_MODEL_DIR, QUANTIZED_DIR, SLM_DIR  # noqa: E402
+
+STATE_DB_NAME = "runs/langgraph_checkpoints.sqlite"
+
+
+def new_run_id() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None = None, target: str | None = None,
+                 run_id: str | None = None, tracking_uri: str | None = None, data_free: bool = False,
+                 dataset_dir: str | Path | None = None, output_root: str | Path | None = None, state_db: str | Path | None = None,
+                 on_attempt: Callable | None = None, on_start: Callable | None = None):
+    """Run (or resume, with the same run_id) the loop. Returns the final PipelineState."""
+    from quantloop.agents.evaluation import find_checkpoints
+    from quantloop.eval.session import dataset_dir_or_default
+    from quantloop.pipelines.policy import load_policy
+
+    if data_free:
+        raise InputError(None, "--data-free is not available yet", "run with the prepared calibration text")
+    policy, spec_path = load_policy(policy_file, target)
+    model_path = Path(model) if model else DEFAULT_MODEL_DIR
+    find_checkpoints(model_path)  # a folder without checkpoints fails here, before anything else
+    model_path = model_path.resolve()
+    dataset = dataset_dir_or_default(str(dataset_dir) if dataset_dir else None).resolve()
+    if not (dataset / "manifest.json").is_file():
+        raise InputError(dataset, "not a prepared dataset (no manifest.json)", "run `quantloop prepare` first")
+
+    from quantloop.tracking import Tracker, check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)  # fail fast: before any quantization work
+    tracker = Tracker(uri)
+
+    from quantloop.pipelines.graph import build_graph
+    from quantloop.pipelines.state import PipelineState
+
+    run_id = run_id or new_run_id()
+    graph = build_graph(tracker, Path(state_db) if state_db else SLM_DIR / STATE_DB_NAME)
+    config = {"configurable": {"thread_id": run_id}}
+    saved = graph.get_state(config)
+    if saved.values:
+        old = PipelineState.model_validate(saved.values)
+        if old.model != str(model_path):
+            raise InputError(None, f"run id '{run_id}' belongs to a run on {old.model}, not {model_path}",
+                             "pass that model, or a new --run-id")
+        if old.policy != policy:
+            raise InputError(None, f"run id '{run_id}' was started with another policy or target", "pass the same policy, or a new --run-id")
+        inputs = None
+        done = {a.index for a in old.attempts if a.mlflow_run_id}
+        for a in old.attempts:  # attempts finished before the kill: reported again, never redone
+            if a.index in done and on_attempt:
+                on_attempt(a, resumed=True)
+    else:
+        parent = tracker.parent_run(run_id, {"model": str(model_path), "target": policy.target, "acceptance_spec": str(spec_path),
+                                             "steps": ", ".join(s.name for s in policy.plan_steps())})
+        inputs = PipelineState(run_id=run_id, model=str(model_path), target=policy.target, policy=policy,
+                               acceptance_spec=str(spec_path), dataset_dir=str(dataset),
+                               output_root=str(Path(output_root or QUANTIZED_DIR).resolve()),
+                               mlflow_parent_run_id=parent, started_unix=time.time())
+    if on_start:
+        on_start(run_id, uri, resumed=inputs is None)
+    for update in graph.stream(inputs, config, stream_mode="updates", durability="sync"):
+        if "track" in update and on_attempt:
+            on_attempt(update["track"]["attempts"][-1], resumed=False)
+    return PipelineState.model_validate(graph.get_state(config).values)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def fmt(v, pattern: str, none: str = "-") -> str:
+    return none if v is None else pattern.format(v)
+
+
+def attempt_cells(a) -> list[str]:
+    m = a.metrics
+    return [str(a.index), a.step, a.method or "-", fmt(a.bits, "{}"), fmt(m.get("kld.ppl_increase_pct"), "{:+.2f} %"),
+            fmt(m.get("kld.kld_mean"), "{:.4f}"), fmt(m.get("speedup_tg"), "{:.2f}x"), fmt(m.get("size_ratio"), "{:.2f}x"),
+            a.verdict or a.status]
+
+
+HEADERS = ["#", "step", "method", "bits", "ppl Δ", "KLD", "speed", "size", "verdict"]
+
+
+def print_attempt(a, resumed: bool = False) -> None:
+    c = attempt_cells(a)
+    done = " (done before the restart)" if resumed else ""
+    print(f"[{c[0]}] {c[1]}  {c[2]} {c[3]}-bit  ppl {c[4]}  KLD {c[5]}  speed {c[6]}  size {c[7]}  -> {c[8]}{done}: {a.reason}",
+          flush=True)
+
+
+def cmd_run(a) -> int:
+    from quantloop.pipelines.report_format import table
+    from quantloop.specs import load_quality_spec
+
+    t0 = time.perf_counter()
+
+    def on_start(run_id: str, uri: str, resumed: bool) -> None:
+        print(f"run id: {run_id} ({'resumed' if resumed else 'new'}; resume with --run-id {run_id})   tracking: {uri}", flush=True)
+
+    state = run_pipeline(a.model, a.policy, a.target, a.run_id, a.tracking_uri, a.data_free, a.dataset,
+                         on_attempt=print_attempt, on_start=on_start)
+    acc = load_quality_spec(state.acceptance_spec).acceptance
+    print()
+    if state.candidates:
+        best = state.candidates[0]
+        print(f"checkpoint: {best.path} (validation PPL {best.validation_ppl.ppl:.4f}"
+              f"{'; best of ' + str(len(state.candidates)) if len(state.candidates) > 1 else ''})")
+    print(f"acceptance ({state.acceptance_spec}): PPL increase < {acc.max_ppl_increase_pct} %, speed >= {acc.min_speedup}x, "
+          f"size >= {', '.join(f'{v}x at {k} bits' for k, v in acc.min_size_ratio.items())}, "
+          f"no generation failures: {acc.no_generation_failures}; target: {state.target}")
+    print(table(HEADERS, [attempt_cells(x) for x in state.attempts]))
+    print()
+    if state.decision == "accepted":
+        x = state.attempts[state.accepted_index]
+        print(f"ACCEPTED: {x.step} -> {x.output_dir}   registered: {state.registered_model}")
+    else:
+        print(f"REJECTED: no step passed. Recommendation: {state.recommendation}")
+    print(f"summary: {state.summary_path}   MLflow parent run: {state.mlflow_parent_run_id}")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s this invocation, {state.active_s:.1f} s in the graph over all invocations")
+    return 0 if state.decision == "accepted" else 1
+
+
+def add_run_command(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "run", help="the agent loop: quantize, validate and fall back until a model passes (exit 1 if none does)",
+        description="EvaluationAgent picks the best checkpoint, QuantizationAgent tries the policy's steps in order "
+                    "(specs/policy.yaml), ReviewerAgent accepts or falls back. Every attempt is an MLflow run; a killed "
+                    "run continues with the same --run-id. Exit code 0: accepted, 1: rejected, 2: bad input.",
+        epilog="Models and text are local only; nothing is fetched from a model hub.")
+    s.add_argument("model", nargs="?", default=None,
+                   help=f"a checkpoint folder, or a folder of step_N checkpoints (default: {DEFAULT_MODEL_DIR})")
+    s.add_argument("--policy", help="fallback policy YAML (default: specs/policy.yaml)")
+    s.add_argument("--target", choices=["cpu", "cuda"], help="deployment target (default: the policy's)")
+    s.add_argument("--run-id", help="resume this run, or name a new one (default: a new id)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///SLM/mlflow.db)")
+    s.add_argument("--data-free", action="store_true", help="quantize without calibration text (not available yet)")
+    s.add_argument("--dataset", help="prepared dataset folder (default: SLM/datasets/shakespeare)")
+    s.set_defaults(func=cmd_run)
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="quantloop")
+    add_run_command(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"quantloop: error: {e.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantloop: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

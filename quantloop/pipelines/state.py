@@ -1,0 +1,94 @@
+"""The pipeline's state: what LangGraph checkpoints after every node (pydantic models only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from quantloop.pipelines.policy import Policy, StepKind, Target
+from quantloop.schemas import CriterionResult, PerplexityReport, QuantizationResult, QuantSpec, SizeReport, SpeedReport, Strict
+
+Verdict = Literal["accepted", "fallback", "skipped", "rejected"]
+Decision = Literal["running", "accepted", "rejected"]
+
+
+class CheckpointScore(Strict):
+    """The float baseline report of one candidate checkpoint (computed once, reused by every attempt)."""
+
+    name: str
+    path: str
+    training_step: int | None = None
+    validation_ppl: PerplexityReport
+    size: SizeReport
+    speed: SpeedReport | None = None
+
+
+class PlannedAttempt(Strict):
+    """One policy step applied to one checkpoint; its output folder is fixed when the plan is made."""
+
+    index: int
+    step: str
+    kind: StepKind
+    spec: QuantSpec | None
+    checkpoint: str
+    output_dir: str | None
+
+
+class Attempt(Strict):
+    index: int
+    step: str
+    kind: StepKind
+    method: str | None
+    bits: int | None
+    checkpoint: str
+    output_dir: str | None
+    status: Literal["validated", "skipped", "failed"]
+    note: str = Field("", description="why a step was skipped or failed")
+    quantization: QuantizationResult | None = None
+    report_path: str | None = None
+    generations_path: str | None = None
+    criteria: list[CriterionResult] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict, description="every number of the validation report, flattened")
+    passed: bool = False
+    wall_s: float = 0.0
+    verdict: Verdict | None = None
+    reason: str = ""
+    mlflow_run_id: str | None = None
+
+
+class PipelineState(BaseModel):
+    run_id: str
+    model: str = Field(description="the model or checkpoint folder the run was started on (resolved path)")
+    target: Target
+    policy: Policy
+    acceptance_spec: str
+    dataset_dir: str
+    output_root: str
+    candidates: list[CheckpointScore] = Field(default_factory=list, description="ranked, best first")
+    plan: list[PlannedAttempt] = Field(default_factory=list)
+    next_index: int = 0
+    attempts: list[Attempt] = Field(default_factory=list)
+    decision: Decision = "running"
+    accepted_index: int | None = None
+    recommendation: str = ""
+    mlflow_parent_run_id: str | None = None
+    registered_model: str | None = None
+    summary_path: str | None = None
+    started_unix: float = 0.0
+    active_s: float = Field(0.0, description="seconds spent in the graph's nodes, summed over resumes")
+
+
+def serialisable_types() -> list[tuple[str, str]]:
+    """(module, class) of every pydantic model the checkpointer may store, for LangGraph's msgpack allowlist."""
+    import inspect
+
+    import quantloop.pipelines.policy as policy_mod
+    import quantloop.schemas as schemas_mod
+
+    out = []
+    for mod in (schemas_mod, policy_mod, __import__(__name__, fromlist=["_"])):
+        for name, obj in vars(mod).items():
+            if inspect.isclass(obj) and issubclass(obj, BaseModel) and obj.__module__ == mod.__name__:
+                out.append((mod.__name__, name))
+    return out

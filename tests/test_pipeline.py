@@ -1,0 +1,297 @@
+"""The agent loop (issue 5) on the tiny random Llama: fallback chain, MLflow records, resume after kill -9."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantloop.errors import InputError
+from quantloop.pipelines.policy import load_policy
+from quantloop.pipelines.run import main as run_main
+from quantloop.pipelines.run import run_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_acceptance(path: Path, max_ppl_pct: float = 0.1, size_ratio: float = 1.0) -> Path:
+    """Measurement settings small enough for a 2-layer model; Q4_0 loses ~0.3 % PPL on it, Q8_0 ~0.01 %."""
+    path.write_text(yaml.safe_dump({
+        "acceptance": {"max_ppl_increase_pct": max_ppl_pct, "min_speedup": 1e-6,  # speed on a 2-layer model is noise; the criterion is exercised, not meaningful
+                       "min_size_ratio": {2: size_ratio, 4: size_ratio, 5: size_ratio, 8: size_ratio}, "no_generation_failures": False},
+        "eval": {"context": 64, "chunks": 2},
+        "speed": {"prompt_tokens": 8, "gen_tokens": 4, "repeats": 1},
+        "generation": {"prompts": ["Hello there"], "max_new_tokens": 4, "min_new_tokens": 1},
+    }))
+    return path
+
+
+def tiny_policy(tmp_path: Path, steps: list[dict], measure_speed: bool = True, **acceptance) -> Path:
+    tiny_acceptance(tmp_path / "acceptance.yaml", **acceptance)
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({
+        "target": "cpu", "acceptance_spec": "acceptance.yaml",
+        "validation": {"chunks": 2, "measure_speed": measure_speed, "selection_chunks": 1},
+        "steps": {"cpu": steps},
+    }))
+    return path
+
+
+def gguf_step(name: str, gguf_type: str, bits: int) -> dict:
+    return {"name": name, "spec": {"method": "gguf", "bits": bits, "gguf_type": gguf_type}}
+
+
+QAT_STEP = {"name": "qat-int4", "kind": "qat", "spec": {"method": "gguf", "gguf_type": "Q4_0"}}
+NEXT_CHECKPOINT = {"name": "next-checkpoint", "kind": "next_checkpoint"}
+
+
+# ------------------------------------------------------------------------- policy (no model needed)
+
+
+def test_default_policy_follows_the_seed_order():
+    policy, spec = load_policy()
+    names = [s.name for s in policy.plan_steps()]
+    assert names[:2] == ["int4-gptq-g128", "int4-awq"] and names[-2:] == ["qat-int4", "next-checkpoint"]
+    assert names.index("int8-gguf-q8_0") < names.index("int4-gptq-4x-calib")
+    steps = {s.name: s for s in policy.plan_steps()}
+    assert steps["int4-gptq-4x-calib"].spec.calibration.samples == 4 * steps["int4-gptq-g128"].spec.calibration.samples
+    assert spec.name == "acceptance.yaml"
+    cuda, _ = load_policy(target="cuda")
+    assert cuda.target == "cuda" and all(s.spec is None or s.spec.method != "gguf" for s in cuda.plan_steps())
+
+
+@pytest.mark.parametrize("steps, field", [
+    ([{"name": "x", "spec": {"method": "magic"}}], "steps.cpu.0.spec.method"),
+    ([{"name": "x", "spec": {"method": "gguf", "bitz": 4}}], "steps.cpu.0.spec.bitz"),
+    ([{"name": "x", "kind": "quantize"}], "steps.cpu.0"),
+])
+def test_bad_policy_names_the_field(tmp_path, steps, field):
+    with pytest.raises(InputError, match=field.replace(".", r"\.")):
+        load_policy(tiny_policy(tmp_path, steps))
+
+
+def test_bad_policy_file_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("target: [unclosed\n")
+    assert run_main(["run", "--policy", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not valid YAML" in err
+
+
+def test_folder_without_checkpoints_is_rejected(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run_main(["run", str(tmp_path / "empty"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    assert "no checkpoints" in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_fails_before_any_work(tiny_prepared, dataset_dir, tmp_path):
+    policy = tiny_policy(tmp_path, [gguf_step("int8", "Q8_0", 8)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="cannot be reached"):
+        run_pipeline(tiny_prepared, policy, tracking_uri=f"http://127.0.0.1:{port}", dataset_dir=dataset_dir,
+                     output_root=tmp_path / "out", state_db=tmp_path / "state.sqlite")
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "out").exists() and not (tmp_path / "state.sqlite").exists()
+
+
+# ------------------------------------------------------------------------- the loop, in process
+
+
+def run_tiny(tmp_path, model, dataset_dir, policy, run_id="r1", **kw):
+    return run_pipeline(model, policy, run_id=run_id, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", dataset_dir=dataset_dir,
+                        output_root=tmp_path / "quantized", state_db=tmp_path / "state.sqlite", **kw)
+
+
+@pytest.mark.slow
+def test_fallback_chain_in_order_with_reasons_and_mlflow_records(tiny_prepared, dataset_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    policy = tiny_policy(tmp_path, [gguf_step("int4-q4_0", "Q4_0", 4), QAT_STEP, gguf_step("int8-q8_0", "Q8_0", 8), NEXT_CHECKPOINT])
+    printed = []
+    state = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy, on_attempt=lambda a, resumed: printed.append(a.step))
+    assert [a.step for a in state.attempts] == ["int4-q4_0", "qat-int4", "int8-q8_0"] == printed
+    assert [a.verdict for a in state.attempts] == ["fallback", "skipped", "accepted"]
+    q4, qat, q8 = state.attempts
+    assert q4.reason.startswith("int4-q4_0 fails on perplexity +") and "next: qat-int4" in q4.reason
+    assert "not available" in qat.reason and "QAT" in qat.reason and qat.output_dir is None
+    assert state.decision == "accepted" and state.accepted_index == 2
+
+    out = tmp_path / "quantized" / "tiny_gguf-q8_0"
+    assert {p.name for p in out.iterdir()} == {"tiny-q8_0.gguf", "quantization_config.json", "validation_report.json", "generations.md"}
+    summary = json.loads((tmp_path / "quantized" / "quantization_summary.json").read_text())
+    assert [r["verdict"] for r in summary["attempts"]] == ["fallback", "skipped", "accepted"]
+    assert summary["acceptance"]["max_ppl_increase_pct"] == 0.1 and summary["accepted"]["output_dir"] == str(out)
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("quantloop")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_id == state.mlflow_parent_run_id)
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: int(r.data.tags["quantloop.attempt"]))
+    assert [r.data.tags["decision"] for r in children] == ["fallback", "skipped", "accepted"]
+    assert parent.data.tags["decision"] == "accepted"
+    q8_run = children[2]
+    assert q8_run.data.params["spec.gguf_type"] == "Q8_0" and q8_run.data.params["checkpoint"] == str(tiny_prepared)
+    report = json.loads((out / "validation_report.json").read_text())
+    assert q8_run.data.metrics["kld.kld_mean"] == pytest.approx(report["kld"]["kld_mean"])
+    assert q8_run.data.metrics["size_ratio"] == pytest.approx(report["size_ratio"])
+    arts = {a.path for a in client.list_artifacts(q8_run.info.run_id)}
+    assert {"quantization_config.json", "validation_report.json", "generations.md", "model"} <= arts
+    assert [a.path for a in client.list_artifacts(q8_run.info.run_id, "model")] == ["model/tiny-q8_0.gguf"]
+    versions = client.search_model_versions("name = 'quantloop-tiny'")
+    assert [v.run_id for v in versions] == [q8_run.info.run_id] and state.registered_model == "quantloop-tiny/1"
+
+    # the same run id again: nothing is redone, nothing is logged twice
+    again = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy)
+    assert [a.mlflow_run_id for a in again.attempts] == [a.mlflow_run_id for a in state.attempts]
+    assert len(client.search_runs([exp.experiment_id])) == 4
+
+    # a run id that belongs to another model
+    other = tmp_path / "other"
+    shutil.copytree(tiny_prepared, other)
+    with pytest.raises(InputError, match="belongs to a run on"):
+        run_tiny(tmp_path, other, dataset_dir, policy)
+
+
+def test_exhausted_plan_is_rejected_with_a_recommendation(tiny_prepared, dataset_dir, tmp_path):
+    policy = tiny_policy(tmp_path, [gguf_step("int4-q4_0", "Q4_0", 4), NEXT_CHECKPOINT], measure_speed=False, size_ratio=100.0)
+    state = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy)
+    assert [a.verdict for a in state.attempts] == ["fallback", "skipped"]
+    assert "speed not measured" in state.attempts[0].reason and "size" in state.attempts[0].reason
+    assert "no other checkpoint" in state.attempts[1].reason
+    assert state.decision == "rejected" and "size falls short" in state.recommendation
+    assert state.registered_model is None
+
+
+def test_best_of_several_checkpoints_and_next_checkpoint_plan(tiny_prepared, dataset_dir, tmp_path):
+    from quantloop.agents.evaluation import EvaluationAgent
+    from quantloop.pipelines.state import PipelineState
+
+    folder = tmp_path / "checkpoints"
+    for step in (100, 200):
+        shutil.copytree(tiny_prepared, folder / f"step_{step}")
+    policy_file = tiny_policy(tmp_path, [gguf_step("int4-q4_0", "Q4_0", 4), gguf_step("int8-q8_0", "Q8_0", 8),
+                                         {**NEXT_CHECKPOINT, "retry": ["int8-q8_0"]}], measure_speed=False)
+    policy, spec = load_policy(policy_file)
+    state = PipelineState(run_id="x", model=str(folder), target="cpu", policy=policy, acceptance_spec=str(spec),
+                          dataset_dir=str(dataset_dir), output_root=str(tmp_path / "q"))
+    update = EvaluationAgent()(state)
+    ranked = update["candidates"]
+    assert [c.training_step for c in ranked] == [200, 100]  # equal perplexity: the later checkpoint first
+    assert ranked[0].validation_ppl.ppl == pytest.approx(ranked[1].validation_ppl.ppl) and ranked[0].validation_ppl.chunks == 1
+    plan = update["plan"]
+    assert [(p.step, Path(p.checkpoint).name) for p in plan] == [
+        ("int4-q4_0", "step_200"), ("int8-q8_0", "step_200"), ("int8-q8_0@checkpoints-step_100", "step_100")]
+    assert Path(plan[2].output_dir).name == "checkpoints-step_100_gguf-q8_0"
+
+
+# ------------------------------------------------------------------------- a real MLflow server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_against_a_real_mlflow_server(tiny_prepared, dataset_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        policy = tiny_policy(tmp_path, [gguf_step("int8-q8_0", "Q8_0", 8)])
+        state = run_pipeline(tiny_prepared, policy, run_id="srv", tracking_uri=uri, dataset_dir=dataset_dir,
+                             output_root=tmp_path / "quantized", state_db=tmp_path / "state.sqlite")
+        assert state.decision == "accepted"
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("quantloop")
+        runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+        child = runs[state.attempts[0].mlflow_run_id]
+        assert child.data.tags["mlflow.parentRunId"] == state.mlflow_parent_run_id and child.data.tags["decision"] == "accepted"
+        assert child.data.metrics["kld.ppl_increase_pct"] < 0.1
+        local = client.download_artifacts(child.info.run_id, "validation_report.json", str(tmp_path / "dl"))
+        assert json.loads(Path(local).read_text())["passed"] is True
+        assert (tmp_path / "server-artifacts").is_dir()  # uploaded through the server
+        [version] = client.search_model_versions("name = 'quantloop-tiny'")
+        assert version.run_id == child.info.run_id
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
+# ------------------------------------------------------------------------- kill -9 and resume
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_after_the_last_completed_attempt(tiny_prepared, dataset_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    # every step fails on size, so the run walks the whole plan; we kill it while attempt 1 is being validated
+    policy = tiny_policy(tmp_path, [gguf_step("int4-q4_0", "Q4_0", 4), gguf_step("int5-q5_0", "Q5_0", 5),
+                                    gguf_step("int8-q8_0", "Q8_0", 8)], size_ratio=100.0)
+    slm = tmp_path / "SLM"
+    env = {**os.environ, "QUANTLOOP_SLM_DIR": str(slm), "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "quantloop.pipelines.run", "run", str(tiny_prepared), "--policy", str(policy),
+           "--run-id", "killme", "--dataset", str(dataset_dir)]
+    out = slm / "models" / "quantized"
+    first, second = out / "tiny_gguf-q4_0", out / "tiny_gguf-q5_0"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (second.is_dir() and not (second / "validation_report.json").exists()):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    first_log = proc.stdout.read()
+    assert "[0] int4-q4_0" in first_log and "[1]" not in first_log
+    q4_stamp = (first / "quantization_config.json").stat().st_mtime_ns
+    report_stamp = (first / "validation_report.json").stat().st_mtime_ns
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout  # rejected: every step fails on size
+    assert "run id: killme (resumed" in done.stdout
+    assert "[0] int4-q4_0" in done.stdout and "(done before the restart)" in done.stdout
+    assert "[1] int5-q5_0" in done.stdout and "[2] int8-q8_0" in done.stdout
+    # attempt 0 was not redone; attempt 1 was redone whole; nothing half-written is left
+    assert (first / "quantization_config.json").stat().st_mtime_ns == q4_stamp
+    assert (first / "validation_report.json").stat().st_mtime_ns == report_stamp
+    assert (second / "validation_report.json").is_file()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    summary = json.loads((out / "quantization_summary.json").read_text())
+    assert [r["step"] for r in summary["attempts"]] == ["int4-q4_0", "int5-q5_0", "int8-q8_0"]
+    assert summary["decision"] == "rejected"
+
+    client = MlflowClient(f"sqlite:///{slm}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("quantloop").experiment_id])
+    attempts = sorted(r.data.tags["quantloop.attempt"] for r in runs)
+    assert attempts == ["0", "1", "2", "parent"]  # one record per attempt, none lost, none doubled
+    assert all(r.info.status == "FINISHED" for r in runs)
