@@ -54,3 +54,17 @@ def test_rtn_bad_group_size_leaves_nothing(tiny_prepared, tmp_path):
     with pytest.raises(InputError, match="group size 48 does not divide"):
         quantize_model(tiny_prepared, tmp_path / "bad", QuantSpec(method="rtn", bits=4, group_size=48))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_with_imatrix_and_tensor_type_overrides(tiny_prepared, tmp_path, dataset_dir):
+    from quantloop.backends.gguf import tools_dir
+    from quantloop.llamacpp import read_metadata
+
+    if not (tools_dir() / "llama-imatrix").is_file():
+        pytest.skip("llama.cpp tools not built: run `make setup`")
+    spec = QuantSpec(method="gguf", gguf_type="Q4_0", imatrix=True, gguf_tensor_types={"attn_v": "q8_0"},
+                     calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=4, seqlen=256))
+    r = quantize_model(tiny_prepared, tmp_path / "q", spec)
+    types = {name: t for name, t, _, _ in read_metadata(r.model_path)["tensors"]}
+    assert types["blk.0.attn_v.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"
+    assert r.calibration_manifest_sha256 and not (tmp_path / "q" / "imatrix.gguf").exists()
