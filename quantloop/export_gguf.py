@@ -52,9 +52,11 @@ def export_hf_to_gguf(
     wins, as llama-quantize --tensor-type) to a type for the linear weights they match,
     e.g. {"ffn_": "Q6_K", "attn_": "Q4_K"}; F16/F32 keep a weight in float.
     embedding_type is the type of token_embd/output (F16 by default; a block type
-    requires those weights on its grid too). Norms and other 1-D tensors stay F32.
-    Raises InputError when a weight is not on its type's grid (to fp16 rounding) or
-    does not split into whole blocks; nothing is written then.
+    requires those weights on its grid too). Norms and other 1-D tensors stay F32. Rows a
+    type's block does not divide get llama-quantize's fallback type (Q4_K -> Q5_0, ...,
+    see gguf_blocks.fallback_type), and must be on that type's grid.
+    Raises InputError when a weight is not on its type's grid (to fp16 rounding);
+    nothing is written then.
     """
     import gguf
 
@@ -85,6 +87,8 @@ def export_hf_to_gguf(
             tensors.append((t.name, *_encode(hf_dir, t, target)))
         arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
         writer = gguf.GGUFWriter(tmp, arch)
+        if (align := reader.get_field(gguf.Keys.General.ALIGNMENT)) is not None:
+            writer.data_alignment = int(align.contents())
         for field in reader.fields.values():
             if field.name.startswith("GGUF.") or field.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
                                                                 gguf.Keys.General.QUANTIZATION_VERSION):
@@ -119,15 +123,13 @@ def _encode(hf_dir: Path, t, target: str | None):
     data = np.asarray(t.data)
     if target is None:
         return data, None
+    if target not in FLOAT_TYPES:  # rows the block does not divide: llama-quantize's fallback type
+        target = gguf_blocks.fallback_type(target, data.shape[-1])
     if target in FLOAT_TYPES:
         return data.astype(np.float16 if target == "F16" else np.float32), None
     if data.dtype not in (np.float32, np.float16):
         raise InputError(hf_dir, f"tensor {t.name} is {t.tensor_type.name} in the converted GGUF, not F32")
     data = data.astype(np.float32)
-    bt = gguf_blocks.block_type(target)
-    if data.shape[-1] % bt.block:
-        raise InputError(hf_dir, f"tensor {t.name} has rows of {data.shape[-1]} values, not a multiple of the "
-                         f"{target} block of {bt.block}", "choose a type whose block divides every row (Q4_0, Q8_0, ... use 32)")
     try:
         qb = gguf_blocks.fit_blocks(data.reshape(-1, data.shape[-1]), target)
     except gguf_blocks.OffGridError as e:

@@ -14,10 +14,16 @@ integers exactly as stored; d, m, dmin are fp16):
   Q5_K  256 values d, dmin, 8 x (sc, mn in 0..63), q in 0..31   w = d*sc*q - dmin*mn  (sub-blocks of 32)
   Q6_K  256 values d, 16 x sc in -128..127, q in 0..63          w = d*sc*(q - 32)     (sub-blocks of 16)
 
-Quantizing reproduces llama.cpp's reference rounding (ggml-quants.c,
-quantize_row_*_ref, which is what llama-quantize runs without an importance
-matrix): gguf-py's numpy quantizers for the block-32 types, a numpy port for
-the k-quants. Dequantizing is gguf-py's (`gguf.quants.dequantize`).
+Public functions:
+  quantize_blocks(w, type) -> QuantBlocks   llama.cpp's rounding (ggml-quants.c quantize_row_*_ref, what
+                                            llama-quantize runs without an importance matrix): gguf-py's
+                                            numpy ports for block-32 types, ports here for the k-quants
+  pack(codes, scales, mins, type[, d, dmin]) -> uint8 (rows, bytes)   the ggml block layout; unpack() inverts
+  dequantize(raw, type), fake_quantize(w, type), quantize_to_bytes(w, type)   (gguf-py's dequantizers)
+  pack_from_codes(codes, scales, type, zeros, group_size)   GPTQ-style integer codes -> block-32 bytes
+  fit_blocks(w, type) -> QuantBlocks       codes and scales of a float weight already on the grid
+  gguf_type_for_layout(bits, group_size, symmetric), fallback_type(type, width)
+Every one refuses (ValueError) what the type cannot hold exactly, rather than rounding it.
 """
 
 from __future__ import annotations
@@ -101,6 +107,20 @@ def gguf_type_for_layout(bits: int, group_size: int, symmetric: bool) -> str | N
         return None
     return {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1",
             (8, True): "Q8_0"}.get((bits, bool(symmetric)))
+
+
+def fallback_type(type_name: str, width: int) -> str:
+    """The type llama-quantize writes for rows of `width` values when `type_name`'s block does not divide
+    them (llama-quant.cpp tensor_type_fallback): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, else F16.
+
+    A fake quantizer aiming at a k-quant grid must use this type for such layers (SmolLM2's 576-wide
+    rows, for example), or the exported file cannot match it.
+    """
+    bt = block_type(type_name)
+    if width % bt.block == 0:
+        return bt.name
+    fallback = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}.get(bt.name, "F16")
+    return fallback if fallback != "F16" and width % QK == 0 else "F16"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -196,7 +216,7 @@ def pack(codes, scales, mins, type_name: str, d=None, dmin=None) -> np.ndarray:
         q = _ints(codes, "codes", lo, hi, codes.shape, bt).reshape(n, QK)
         parts = [_h(_fp16(scales, "scales", (rows, cols // QK), bt))]
         if bt.symmetric and mins is not None:
-            raise ValueError(f"{bt.name} is symmetric and stores no mins; an offset needs {bt.name[:2]}_1")
+            raise ValueError(f"{bt.name} is symmetric and stores no mins" + (f"; an offset needs {bt.name[:2]}_1" if bt.bits < 8 else ""))
         if not bt.symmetric:
             if mins is None:
                 raise ValueError(f"{bt.name} stores an offset per block: mins are required")
@@ -252,7 +272,7 @@ def unpack(raw: np.ndarray, type_name: str) -> QuantBlocks:
     rows, n = raw.shape[0], raw.size // size
     b = raw.reshape(n, size)
 
-    def f16(lo, hi=None):
+    def f16(lo):
         return np.ascontiguousarray(b[:, lo:lo + 2]).view(np.float16).reshape(rows, -1)
 
     if not bt.kquant:
@@ -304,7 +324,19 @@ def quantize_blocks(w: np.ndarray, type_name: str) -> QuantBlocks:
 
         qb = unpack(gguf.quants.quantize(w, qtype(bt.name)), bt.name)
         return _c_signed_zeros(qb, w.reshape(-1, QK), bt)
-    return _quantize_q6_k(w) if bt.name == "Q6_K" else _quantize_q45_k(w, bt)
+    return _concat([_quantize_q6_k(c) if bt.name == "Q6_K" else _quantize_q45_k(c, bt) for c in _row_chunks(w)])
+
+
+CHUNK = 1 << 20  # values per piece of work, to bound the memory of the vectorised searches
+
+
+def _row_chunks(w: np.ndarray):
+    step = max(1, CHUNK // w.shape[1])
+    return [w[i:i + step] for i in range(0, w.shape[0], step)]
+
+
+def _concat(parts: list[QuantBlocks]) -> QuantBlocks:
+    return QuantBlocks(*[None if f[0] is None else np.concatenate(f) for f in zip(*parts)])
 
 
 def _c_signed_zeros(qb: QuantBlocks, X: np.ndarray, bt: BlockType) -> QuantBlocks:
@@ -328,13 +360,13 @@ def fake_quantize(w: np.ndarray, type_name: str) -> np.ndarray:
 
 
 def quantize_to_bytes(w: np.ndarray, type_name: str) -> np.ndarray:
+    """pack(quantize_blocks(w)): the bytes llama-quantize writes for w (without an importance matrix)."""
     qb = quantize_blocks(w, type_name)
     return pack(qb.codes, qb.scales, qb.mins, type_name, qb.d, qb.dmin)
 
 
 def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """ggml-quants.c make_qkx2_quants (use_mad = false) over rows of x: (L, scale, the_min)."""
-    n = x.shape[1]
     mn, mx = x.min(axis=1), x.max(axis=1)
     sum_w = _seqsum(weights)
     sum_x = _seqsum(weights * x)
@@ -367,7 +399,6 @@ def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float
             mn = np.where(better, this_min, mn)
     L = np.where(flat[:, None], 0, L)
     scale = np.where(flat, F32(0), scale).astype(F32)
-    assert n == x.shape[1]
     return L, scale, (-mn).astype(F32)
 
 
@@ -498,11 +529,11 @@ def _rdev(X: np.ndarray, deq: np.ndarray, offset=None) -> np.ndarray:
 
     A block is on the grid "to fp16 rounding" when this is at most GRID_RTOL: each weight is within
     fp16 rounding of itself, plus that of the block's fp16 offset (Q4_1/Q5_1 m, when an optimizer's
-    zero point made it non-fp16). The floor 2^-13 x the row's largest |x| keeps values near zero
-    from asking more than float32 arithmetic gives.
+    zero point made it non-fp16). The floor 2^-10 x the row's largest |x| keeps values near zero
+    from asking more than float32 arithmetic gives (a formula evaluated in another order).
     """
     size = np.abs(X)
-    floor = 2.0**-13 * size.max(axis=-1, keepdims=True) + 1e-30
+    floor = 2.0**-10 * size.max(axis=-1, keepdims=True) + 1e-30
     if offset is not None:
         size = size + 2 * np.abs(offset.astype(F32))[..., None]
     return (np.abs(deq - X) / (size + floor)).max(axis=-1)
@@ -524,8 +555,9 @@ def fit_blocks(w: np.ndarray, type_name: str, rtol: float = GRID_RTOL) -> QuantB
     """
     bt = block_type(type_name)
     w = _matrix(w, bt)
-    qb = quantize_blocks(w, bt.name)
-    qb, rdev, unit = (_fit_k if bt.kquant else _fit32)(w, qb, bt, rtol)
+    fit = _fit_k if bt.kquant else _fit32
+    parts = [fit(c, quantize_blocks(c, bt.name), bt, rtol) for c in _row_chunks(w)]
+    qb, rdev, unit = _concat([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), parts[0][2]
     bad = np.flatnonzero(rdev > rtol)
     if bad.size:
         X = w.reshape(-1, unit)
@@ -662,7 +694,7 @@ def _fit_k(w, qb, bt, rtol):
     # 2. super-blocks whose d (or dmin) llama.cpp estimated differently: rebuild them from their values
     for blk in np.unique(np.flatnonzero(rdev > rtol) // per):
         rows = np.arange(blk * per, (blk + 1) * per)
-        fit = _superblock_fit(X[rows], bt, rtol)
+        fit = _superblock_fit(X[rows], bt, rtol, float(d[blk]))
         if fit is not None:
             d[blk] = fit[0]
             if dmin is not None:
@@ -708,34 +740,39 @@ def _search_k(X, d, dmin, bt, rtol):
     return codes, sc, mn, rdev
 
 
-def _step(x: np.ndarray, nmax: int, rel: float) -> float:
-    """The grid step of one sub-block: the (approximate) gcd of the gaps between its distinct values.
-
-    0 for a constant sub-block, nan when the gaps have no common step of at most nmax per range.
-    """
-    g = np.diff(np.unique(x)).astype(np.float64)
-    if g.size == 0:
-        return 0.0
-    tol = rel * g.min()
-    step = g.min()
-    for v in g:  # Euclid on floats
+def _fgcd(values: np.ndarray, rel: float) -> float:
+    """Approximate gcd of positive floats that are near-integer multiples of a common step (Euclid)."""
+    tol = rel * values.min()
+    step = values.min()
+    for v in values:
         a, b = v, step
         while b > tol:
             r = np.fmod(a, b)
             a, b = b, (0.0 if b - r <= tol else r)
         step = a
+    return step
+
+
+def _step(x: np.ndarray, nmax: int, rel: float) -> float:
+    """A grid step of one sub-block: the gcd of the gaps between its distinct values (a multiple of the
+    true step when all codes share a factor). 0 for a constant sub-block, nan when there is none."""
+    g = np.diff(np.unique(x)).astype(np.float64)
+    if g.size == 0:
+        return 0.0
+    step = _fgcd(g, rel)
     k = g / step
     if np.abs(k - np.rint(k)).max() > rel or g.sum() / step > nmax + rel:
         return np.nan
     return step
 
 
-def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, rel: float = 1e-3):
+def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, d_hint: float, rel: float = 1e-3):
     """(d, dmin, codes, sc, mn, rdev) of one k-quant super-block (rows = sub-blocks) rebuilt from
     its values, or None.
 
-    Each sub-block's step D_j = d*sc_j is the gcd of its value gaps; d is D_max/s for an integer s
-    that leaves every D_j/d an integer in range; dmin makes every sub-block minimum lo_j equal
+    Every sub-block's grid step is a multiple of d (d*sc_j, or more when its codes share a factor),
+    so d is their gcd over a small integer, tried nearest llama.cpp's estimate d_hint first; each
+    sc_j is then the largest that fits; dmin makes every sub-block minimum lo_j equal
     D_j*t - dmin*mn_j for integers t and mn_j in 0..63.
     """
     nmax = 2**bt.bits - 1
@@ -744,12 +781,20 @@ def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, rel: float = 1e-3
         return None
     smax = 128 if bt.name == "Q6_K" else 63
     per = X.shape[0]
-    for s in range(smax, 0, -1):
-        d = np.float16(steps.max() / s)
-        ratio = steps / np.float64(d) if np.isfinite(d) and d > 0 else np.array([np.nan])
-        if not (np.abs(ratio - np.rint(ratio)) <= rel).all() or np.rint(ratio).max() > smax:
+    G = _fgcd(steps[steps > 0], rel)
+    s0 = G / d_hint if d_hint > 0 else 1.0
+    near = sorted(range(max(1, int(s0 * 0.9)), int(s0 * 1.1) + 2), key=lambda v: abs(v - s0))
+    spans = (X.max(axis=1) - X.min(axis=1)).astype(np.float64)
+    for s in dict.fromkeys(near + list(range(1, 65))):
+        d = np.float16(G / s)
+        if not np.isfinite(d) or d <= 0:
             continue
-        sc = np.rint(ratio).astype(np.int64)
+        ratio = steps / np.float64(d)
+        if not (np.abs(ratio - np.rint(ratio)) <= rel).all():
+            continue
+        sc = _largest_scales(np.rint(ratio).astype(np.int64), spans / np.float64(d), smax, nmax)
+        if sc is None:
+            continue
         if bt.name == "Q6_K":  # w = D*(q - 32): try both signs of each sub-block scale
             (q1, e1), (q2, e2) = _q6_try(X, d, sc), _q6_try(X, d, -sc)
             pos = e1 <= e2
@@ -762,7 +807,7 @@ def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, rel: float = 1e-3
                 return d, None, q, sc, np.zeros(per, np.int64), e
             continue
         D = F32(d) * sc.astype(F32)
-        for dmin, mn in _dmin_candidates(X, steps, nmax, rel):
+        for dmin, mn in _dmin_candidates(X, D.astype(np.float64), nmax, rel):
             M = F32(dmin) * mn.astype(F32)
             with np.errstate(divide="ignore", invalid="ignore"):
                 q = np.nan_to_num(np.clip(np.rint((X + M[:, None]) / D[:, None]), 0, nmax)).astype(np.int64)
@@ -770,6 +815,21 @@ def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, rel: float = 1e-3
             if (e <= rtol).all():
                 return d, dmin, q, sc, mn, e
     return None
+
+
+def _largest_scales(ratio: np.ndarray, span: np.ndarray, smax: int, nmax: int) -> np.ndarray | None:
+    """Per sub-block the largest sc <= smax dividing its step ratio (step = d*ratio) whose codes
+    still fit (range/(d*sc) <= nmax); 0 for constant sub-blocks; None when one has none."""
+    out = np.zeros(ratio.size, np.int64)
+    for j, (r, sp) in enumerate(zip(ratio, span)):
+        if r == 0:
+            continue
+        k = np.arange(1, r + 1)
+        ok = (r % k == 0) & (r // k <= smax) & (sp / (r // k) <= nmax + 0.5)
+        if not ok.any():
+            return None
+        out[j] = r // k[ok.argmax()]
+    return out
 
 
 def _q6_try(X, d, sc):

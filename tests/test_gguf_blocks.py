@@ -186,6 +186,12 @@ def test_fp16_rounding_is_tolerated():
     assert (np.abs(back - r) <= 2.0**-11 * (np.abs(r) + 2 * s * z)).all() and not np.array_equal(back, r)
 
 
+def test_fallback_types_follow_llama_quantize():
+    assert gb.fallback_type("Q4_K", 512) == "Q4_K"
+    assert [gb.fallback_type(t, 576) for t in ("Q4_K", "Q5_K", "Q6_K", "Q4_0")] == ["Q5_0", "Q5_1", "Q8_0", "Q4_0"]
+    assert gb.fallback_type("Q4_K", 40) == gb.fallback_type("Q8_0", 40) == "F16"
+
+
 def test_layout_to_type():
     assert gb.gguf_type_for_layout(4, 32, True) == "Q4_0"
     assert gb.gguf_type_for_layout(4, 32, False) == "Q4_1"
@@ -326,7 +332,7 @@ def test_export_refuses_off_grid_weights(tiny_prepared, tmp_path, monkeypatch):
     out = tmp_path / "x.gguf"
     # the float weights as llama.cpp's converter writes them, without running it again (F16 holds them closely enough)
     monkeypatch.setattr(quantloop.llamacpp, "convert_hf_to_gguf", lambda src, dst, outtype: shutil.copy(hf / "tiny-f16.gguf", dst))
-    with pytest.raises(InputError, match="rows of 64 values, not a multiple of the Q4_K block of 256"):
+    with pytest.raises(InputError, match="not on the Q5_0 grid"):  # 64-wide rows: llama.cpp's fallback for Q4_K
         export_hf_to_gguf(hf, out, "Q4_K")
     with pytest.raises(InputError, match=r"tensor blk\.\d+\.\w+\.weight is not on the Q4_0 grid: \d+ of \d+ blocks are off \(max dev"):
         export_hf_to_gguf(hf, out, "Q4_0")
