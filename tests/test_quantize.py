@@ -68,3 +68,19 @@ def test_gguf_with_imatrix_and_tensor_type_overrides(tiny_prepared, tmp_path, da
     types = {name: t for name, t, _, _ in read_metadata(r.model_path)["tensors"]}
     assert types["blk.0.attn_v.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"
     assert r.calibration_manifest_sha256 and not (tmp_path / "q" / "imatrix.gguf").exists()
+
+
+def test_rtn_g32_exports_to_gguf_q4_0_exactly(tiny_prepared, tmp_path):
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    r = quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="rtn", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0"))
+    assert r.format == "gguf:Q4_0" and r.model_path.endswith(".gguf")
+    hf = load_file(tmp_path / "q" / "model.safetensors")
+    t = next(t for t in GGUFReader(r.model_path).tensors if t.name == "blk.1.ffn_down.weight")
+    assert t.tensor_type.name == "Q4_0"
+    deq = dequantize(t.data, t.tensor_type).reshape(hf["model.layers.1.mlp.down_proj.weight"].shape)
+    assert np.array_equal(deq, hf["model.layers.1.mlp.down_proj.weight"].numpy())
+    with pytest.raises(InputError, match="no exact GGUF Q4_0 form"):
+        quantize_model(tiny_prepared, tmp_path / "bad", QuantSpec(method="rtn", bits=4, group_size=64, gguf_type="Q4_0"))

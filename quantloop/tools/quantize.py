@@ -65,6 +65,19 @@ def calibration_text_file(calib) -> tuple[Path, str]:
     return d / load_manifest(d).splits[calib.split].file, manifest_digest(d)
 
 
+def export_exact_gguf(hf_dir: Path, out_file: Path, spec: QuantSpec) -> Path:
+    """Write the grid-aligned HF weights into the GGUF block type that holds the layout exactly."""
+    from quantloop.export_gguf import export_hf_to_gguf
+    from quantloop.gguf_blocks import gguf_type_for_layout
+
+    exact = gguf_type_for_layout(spec.bits, spec.group_size, spec.symmetric)
+    if exact is None or exact != spec.gguf_type.upper():
+        raise InputError(None, f"{spec.method} {spec.bits}-bit group {spec.group_size} {'symmetric' if spec.symmetric else 'asymmetric'} "
+                         f"has no exact GGUF {spec.gguf_type} form" + (f" (it maps to {exact})" if exact else ""),
+                         "use 4/5/8 bits, group size 32 (symmetric: Q4_0/Q5_0/Q8_0, asymmetric: Q4_1/Q5_1)")
+    return export_hf_to_gguf(hf_dir, out_file, exact)
+
+
 def check_architecture(model) -> None:
     if model.hf_dir is None:
         return
@@ -119,6 +132,8 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                 raise InputError(model.path, "RTN needs a transformers checkpoint", "pass a prepared checkpoint folder")
             model_path = quantize_rtn_checkpoint(model.hf_dir, tmp, spec)
             libs = _library_versions("torch", "transformers")
+            if spec.gguf_type:
+                model_path = export_exact_gguf(tmp, tmp / f"{name}-{spec.tag()}.gguf", spec)
         elif spec.method in ("gptq", "awq"):
             from quantloop.backends.gptq import quantize_gptq  # noqa: F401  (GPTQModel)
             from quantloop.calibration import calibration_sequences
@@ -135,7 +150,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             raise InputError(None, f"method '{spec.method}' is not available yet", "use gguf, rtn, gptq or awq")
         wall = time.perf_counter() - t0
         size = gguf_size(model_path) if Path(model_path).suffix == ".gguf" else hf_size(model_path)
-        fmt = f"gguf:{(spec.gguf_type or 'Q4_K_M').upper()}" if spec.method == "gguf" else spec.method
+        fmt = f"gguf:{(spec.gguf_type or 'Q4_K_M').upper()}" if spec.method == "gguf" or spec.gguf_type else spec.method
         result = QuantizationResult(
             spec=spec, output_dir=str(out), model_path=str(out / Path(model_path).relative_to(tmp)) if model_path != tmp else str(out),
             format=fmt, wall_s=wall, peak_rss_bytes=_peak_rss_bytes(), bytes_on_disk=size.bytes_on_disk,
