@@ -1,0 +1,421 @@
+"""Quantization-aware training by distillation onto an exact GGUF grid (block-32 types).
+
+The student is a copy of the float teacher whose q/k/v/o/gate/up/down linear weights
+pass through a fake quantizer that reproduces llama.cpp's own quantizer
+(quantize_row_<type>_ref, as gguf-py ports it) bit for bit in torch: same block
+scale choice, same float32 arithmetic for the codes, fp16-rounded scales and offsets.
+The latent float weights are trained with a straight-through estimator; at export
+the fake-quantized weights are written, so the GGUF holds exactly what was trained.
+
+Grids (block of 32 values, d and m fp16):
+  Q4_0  d = x[argmax|x|] / -8,  q = trunc(x/d + 8.5)  clipped 0..15,  w = d*(q - 8)
+  Q5_0  d = x[argmax|x|] / -16, q = trunc(x/d + 16.5) clipped 0..31,  w = d*(q - 16)
+  Q4_1  d = (max - min)/15, m = min, q = trunc((x - m)/d + 0.5) clipped 0..15, w = d*q + m
+  Q5_1  the same with 31 levels
+  Q8_0  d = max|x| / 127, q = roundf(x/d) (half away from zero),  w = d*q
+
+Protocol (seed 002, issue 6): (1) the student starts from the teacher's weights;
+(2) calibration sequences (real or quantloop.synthetic); (3) a sensitivity score per
+decoder layer (KL when only that layer is fake-quantized, on one batch), then layers
+are quantized in groups in that order, a few steps per stage, a stage stopping early
+when the KL rises past a threshold; (4) a short global fine-tune with everything
+quantized. Loss: T^2 * KL(teacher || student) on logits at temperature T, optionally
+plus cross-entropy on the next token.
+
+Public: fake_quantize_torch, ste_fake_quantize, kl_divergence, QATConfig, QATResult,
+check_qat_type, check_qat_model, run_qat, qat_checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quantloop.errors import InputError
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK = 32
+QAT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def check_qat_type(gguf_type: str | None = None, bits: int | None = None, symmetric: bool = True) -> str:
+    """The block-32 GGUF type QAT trains for, from a type name or (bits, symmetric); InputError otherwise."""
+    if gguf_type is None:
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+            raise InputError(None, f"QAT bits must be an integer from 2 to 8, not {bits!r}", "use 4, 5 or 8")
+        from quantloop.gguf_blocks import gguf_type_for_layout
+
+        t = gguf_type_for_layout(bits, BLOCK, symmetric)
+        if t is None:
+            kind = "symmetric" if symmetric else "asymmetric"
+            raise InputError(None, f"no block-32 GGUF type holds {bits}-bit {kind} weights",
+                             "QAT supports Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (4/5-bit either way, 8-bit symmetric)")
+        return t
+    t = str(gguf_type).upper()
+    if t in QAT_TYPES:
+        return t
+    if t in KQUANTS:
+        raise InputError(None, f"QAT for the k-quant {t} is not implemented yet", f"use one of {', '.join(QAT_TYPES)}")
+    raise InputError(None, f"QAT cannot train for GGUF type '{gguf_type}'", f"use one of {', '.join(QAT_TYPES)}")
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """gguf-py np_roundf: round half away from zero, with its exact float32 steps."""
+    a = x.abs()
+    fl = torch.floor(a)
+    return torch.sign(x) * (fl + torch.floor(2 * (a - fl)))
+
+
+def fake_quantize_torch(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
+    """The grid point llama.cpp stores for a (rows, cols) weight: equals gguf_blocks.fake_quantize(w, type).
+
+    Computed in float32 (result in w's dtype), no gradient tracking of its own (see ste_fake_quantize).
+    """
+    t = check_qat_type(gguf_type)
+    if w.dim() != 2 or w.shape[1] % BLOCK:
+        raise InputError(None, f"{t}: expected a 2-D weight with a multiple of {BLOCK} columns, got {tuple(w.shape)}")
+    rows, cols = w.shape
+    x = w.detach().float().reshape(rows, cols // BLOCK, BLOCK)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    if t == "Q8_0":
+        d = x.abs().amax(dim=-1, keepdim=True) / 127
+        inv = torch.where(d == 0, zero, 1 / d)
+        q = _roundf(x * inv)
+        deq = d.half().float() * q
+    elif t in ("Q4_0", "Q5_0"):
+        half = 8 if t == "Q4_0" else 16
+        idx = x.abs().argmax(dim=-1, keepdim=True)
+        d = x.gather(-1, idx) / -half
+        inv = torch.where(d == 0, zero, 1 / d)
+        q = torch.clamp(torch.trunc(x * inv + (half + 0.5)), 0, 2 * half - 1)
+        deq = d.half().float() * (q - half)
+    else:  # Q4_1, Q5_1
+        levels = 15 if t == "Q4_1" else 31
+        mx, mn = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+        d = (mx - mn) / levels
+        inv = torch.where(d == 0, zero, 1 / d)
+        q = torch.clamp(torch.trunc((x - mn) * inv + 0.5), 0, levels)
+        deq = d.half().float() * q + mn.half().float()
+    return deq.reshape(rows, cols).to(w.dtype)
+
+
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, gguf_type):
+        return fake_quantize_torch(w, gguf_type)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def ste_fake_quantize(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
+    """Forward: exactly fake_quantize_torch(w); backward: the identity (straight-through estimator).
+
+    (Not w + (fq(w) - w).detach(): that differs from fq(w) by float rounding, so the student would
+    train slightly off the grid it exports.)"""
+    return _STE.apply(w, gguf_type)
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """Wraps an nn.Linear; when `enabled`, its weight is fake-quantized (STE) in the forward pass."""
+
+    def __init__(self, linear: torch.nn.Linear, gguf_type: str, enabled: bool = False):
+        super().__init__()
+        self.linear = linear
+        self.gguf_type = gguf_type
+        self.enabled = enabled
+
+    def forward(self, x):
+        w = ste_fake_quantize(self.linear.weight, self.gguf_type) if self.enabled else self.linear.weight
+        return F.linear(x, w, self.linear.bias)
+
+    def quantized_weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            return fake_quantize_torch(self.linear.weight, self.gguf_type)
+
+
+def _linears(model) -> list[tuple[str, torch.nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LINEAR_NAMES]
+
+
+def check_qat_model(model, gguf_type: str, where=None) -> list[str]:
+    """The names of the linears QAT quantizes; InputError naming the first layer the block does not divide."""
+    lins = _linears(model)
+    if not lins:
+        raise InputError(where, "model has no q/k/v/o/gate/up/down_proj linear layers", "QAT supports Llama-style models")
+    for name, m in lins:
+        width = m.weight.shape[1]
+        if width % BLOCK:
+            raise InputError(where, f"layer {name}: the {gguf_type} block of {BLOCK} does not divide its input width {width}",
+                             "quantize this architecture with a type whose block divides every linear width")
+    return [n for n, _ in lins]
+
+
+def _wrap(model, gguf_type: str) -> dict[str, FakeQuantLinear]:
+    wrapped = {}
+    for name, lin in _linears(model):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        fq = FakeQuantLinear(lin, gguf_type)
+        setattr(parent, attr, fq)
+        wrapped[name] = fq
+    return wrapped
+
+
+def _unwrap(model, wrapped: dict[str, FakeQuantLinear]) -> None:
+    """Put plain nn.Linears back, with their weights replaced by the fake-quantized values (exactly on the grid)."""
+    with torch.no_grad():
+        for name, fq in wrapped.items():
+            fq.linear.weight.copy_(fq.quantized_weight())
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, fq.linear)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * mean over positions of KL(softmax(t/T) || softmax(s/T)), in nats."""
+    T = float(temperature)
+    lt = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    ls = F.log_softmax(student_logits.float() / T, dim=-1)
+    kl = (lt.exp() * (lt - ls)).sum(dim=-1)
+    return kl.mean() * (T * T)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class QATConfig:
+    gguf_type: str = "Q4_0"
+    steps: int = 200  # total optimizer steps: progressive stages + global fine-tune
+    global_fraction: float = 0.4  # share of `steps` for the final global fine-tune
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 4
+    temperature: float = 1.0
+    ce_weight: float = 0.0  # loss = KL + ce_weight * CE(next token)
+    groups: int = 4  # progressive stages (groups of decoder layers, ordered by sensitivity)
+    most_sensitive_first: bool = True  # sensitive layers get the most training steps
+    early_stop_ratio: float = 1.25  # stop a stage when the held-out KL exceeds this times the stage's starting KL
+    check_every: int = 5  # steps between held-out KL checks within a stage (0: never stop early)
+    eval_sequences: int = 4  # held-out sequences for the reported KL (taken from the end of the data)
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class QATResult:
+    gguf_type: str
+    steps: int
+    wall_s: float
+    rtn_kl: float  # held-out KL with every layer round-to-nearest (the starting point)
+    final_kl: float  # held-out KL after QAT
+    stages: list[dict] = field(default_factory=list)  # per stage: layers, steps, start/end KL, early_stop
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _layer_of(name: str) -> str:
+    """The decoder layer a linear belongs to ('model.layers.3'), or the name itself."""
+    m = re.match(r"^(.*\.layers\.\d+)\.", name)
+    return m.group(1) if m else name
+
+
+def _batches(seqs: torch.Tensor, batch_size: int, gen: torch.Generator):
+    while True:
+        perm = torch.randperm(seqs.shape[0], generator=gen)
+        for i in range(0, len(perm), batch_size):
+            yield seqs[perm[i:i + batch_size]]
+
+
+def _as_tensor(sequences) -> torch.Tensor:
+    seqs = [list(map(int, s)) for s in sequences]
+    if not seqs or min(len(s) for s in seqs) < 2:
+        raise InputError(None, "QAT needs at least one calibration sequence of 2 or more tokens")
+    n = min(len(s) for s in seqs)
+    return torch.tensor([s[:n] for s in seqs], dtype=torch.long)
+
+
+def _set_enabled(wrapped: dict[str, FakeQuantLinear], names) -> None:
+    names = set(names)
+    for n, fq in wrapped.items():
+        fq.enabled = n in names
+
+
+@torch.no_grad()
+def _eval_kl(teacher, student, batch: torch.Tensor, T: float, chunk: int) -> float:
+    tot, n = 0.0, 0
+    for i in range(0, batch.shape[0], chunk):
+        b = batch[i:i + chunk]
+        tot += float(kl_divergence(teacher(input_ids=b).logits, student(input_ids=b).logits, T)) * b.shape[0]
+        n += b.shape[0]
+    return tot / n
+
+
+def run_qat(teacher, sequences, config: QATConfig | None = None):
+    """Distill `teacher` (HF causal LM, float) into a fake-quantized copy; returns (student, QATResult).
+
+    The returned student has plain nn.Linears whose weights are exactly on the config's GGUF grid.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or QATConfig()
+    gguf_type = check_qat_type(cfg.gguf_type)
+    check_qat_model(teacher, gguf_type)
+    if cfg.steps < 0 or cfg.groups < 1 or cfg.batch_size < 1:
+        raise InputError(None, f"QAT steps must be >= 0, groups and batch size >= 1 (got {cfg.steps}, {cfg.groups}, {cfg.batch_size})")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    seqs = _as_tensor(sequences)
+    n_eval = min(cfg.eval_sequences, max(1, seqs.shape[0] // 4)) if seqs.shape[0] > 1 else 1
+    eval_batch = seqs[-n_eval:].to(device)
+    train = seqs[:-n_eval] if seqs.shape[0] > n_eval else seqs
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    wrapped = _wrap(student, gguf_type)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for fq in wrapped.values():
+        fq.linear.weight.requires_grad_(True)
+    T = cfg.temperature
+    chunk = cfg.batch_size
+
+    # sensitivity: held-out KL with only one decoder layer fake-quantized
+    layers: dict[str, list[str]] = {}
+    for n in wrapped:
+        layers.setdefault(_layer_of(n), []).append(n)
+    sens_batch = train[: cfg.batch_size].to(device)
+    sensitivity = {}
+    for layer, names in layers.items():
+        _set_enabled(wrapped, names)
+        sensitivity[layer] = _eval_kl(teacher, student, sens_batch, T, chunk)
+    _set_enabled(wrapped, wrapped)
+    rtn_kl = _eval_kl(teacher, student, eval_batch, T, chunk)
+
+    order = sorted(layers, key=lambda k: sensitivity[k], reverse=cfg.most_sensitive_first)
+    n_groups = min(cfg.groups, len(order))
+    groups = [order[i * len(order) // n_groups:(i + 1) * len(order) // n_groups] for i in range(n_groups)]
+    global_steps = int(round(cfg.steps * cfg.global_fraction)) if cfg.groups > 0 else cfg.steps
+    stage_steps = [(cfg.steps - global_steps) * (i + 1) // n_groups - (cfg.steps - global_steps) * i // n_groups
+                   for i in range(n_groups)]
+
+    params = [fq.linear.weight for fq in wrapped.values()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = sum(stage_steps) + global_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
+    batches = _batches(train, cfg.batch_size, gen)
+    student.train()
+
+    def step() -> float:
+        b = next(batches).to(device)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=b).logits
+        s_logits = student(input_ids=b).logits
+        loss = kl_divergence(t_logits, s_logits, T)
+        kl = float(loss.detach())
+        if cfg.ce_weight:
+            loss = loss + cfg.ce_weight * F.cross_entropy(s_logits[:, :-1].reshape(-1, s_logits.shape[-1]).float(),
+                                                          b[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        return kl
+
+    stages = []
+    done = 0
+    enabled: list[str] = []
+    bar = tqdm(total=total, desc=f"QAT {gguf_type}", unit="step", disable=not cfg.progress)
+    try:
+        for gi, (group, n_steps) in enumerate(zip(groups, stage_steps)):
+            enabled += [n for layer in group for n in layers[layer]]
+            _set_enabled(wrapped, enabled)
+            start = _eval_kl(teacher, student, eval_batch, T, chunk)
+            early, taken = False, 0
+            for _ in range(n_steps):
+                kl = step()
+                taken += 1
+                bar.update(1)
+                bar.set_postfix(stage=gi + 1, kl=f"{kl:.4g}")
+                # check on the held-out batch (batch KLs are too noisy to compare)
+                if cfg.check_every and taken % cfg.check_every == 0 and taken < n_steps:
+                    now = _eval_kl(teacher, student, eval_batch, T, chunk)
+                    if start > 0 and now > cfg.early_stop_ratio * start:
+                        early = True
+                        break
+            end = _eval_kl(teacher, student, eval_batch, T, chunk)
+            done += taken
+            stages.append({"stage": gi + 1, "layers": group, "steps": taken, "start_kl": start, "end_kl": end,
+                           "early_stop": early})
+        _set_enabled(wrapped, wrapped)
+        start = _eval_kl(teacher, student, eval_batch, T, chunk)
+        for _ in range(global_steps):
+            kl = step()
+            done += 1
+            bar.update(1)
+            bar.set_postfix(stage="global", kl=f"{kl:.4g}")
+        student.eval()
+        final = _eval_kl(teacher, student, eval_batch, T, chunk)
+        stages.append({"stage": "global", "layers": list(layers), "steps": global_steps, "start_kl": start,
+                       "end_kl": final, "early_stop": False})
+    finally:
+        bar.close()
+    _unwrap(student, wrapped)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    result = QATResult(gguf_type=gguf_type, steps=done, wall_s=time.perf_counter() - t0, rtn_kl=rtn_kl,
+                       final_kl=final, stages=stages, sensitivity=sensitivity, device=str(device))
+    return student.eval(), result
+
+
+def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200, seed: int = 0,
+                   config: QATConfig | None = None, overwrite: bool = False) -> Path:
+    """QAT of the float checkpoint hf_dir for `gguf_type`; writes out_dir (float32 HF checkpoint, weights on
+    the grid, plus tokenizer and qat_result.json) and out_dir/<name>-<type>.gguf; returns the GGUF path."""
+    import json
+
+    from quantloop.export_gguf import export_hf_to_gguf
+    from quantloop.models import load_hf_model, load_hf_tokenizer
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    gguf_type = check_qat_type(gguf_type)
+    cfg = dataclasses.replace(config or QATConfig(), gguf_type=gguf_type, steps=int(steps), seed=int(seed))
+    teacher = load_hf_model(hf_dir)
+    check_qat_model(teacher, gguf_type, hf_dir)
+    student, result = run_qat(teacher, sequences, cfg)
+    del teacher
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student.to("cpu").float().save_pretrained(str(out_dir), safe_serialization=True)
+    load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
+    (out_dir / "qat_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    name = hf_dir.resolve().name
+    return export_hf_to_gguf(out_dir, out_dir / f"{name}-{gguf_type}.gguf", gguf_type, overwrite=overwrite)
