@@ -193,9 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "quantization_config.json (the full spec, library versions, calibration manifest hash).",
                        epilog=EPILOG)
     s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"prepared checkpoint (default: {DEFAULT_MODEL_DIR})")
-    s.add_argument("--method", choices=["gguf", "rtn", "gptq", "awq"], default="gguf",
-                   help="gguf: llama.cpp's own quantizer; rtn: round-to-nearest; gptq/awq: GPTQModel (default: gguf)")
-    s.add_argument("--type", help="llama.cpp type for --method gguf: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... (default: Q4_K_M)")
+    s.add_argument("--method", choices=["gguf", "rtn", "gptq", "awq", "autoround"], default="gguf",
+                   help="gguf: llama.cpp's own quantizer; rtn: round-to-nearest; gptq/awq: GPTQModel; "
+                        "autoround: AutoRound to a GGUF type (default: gguf)")
+    s.add_argument("--type", help="GGUF type: for --method gguf/autoround, or the exact export target of rtn/gptq: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... (default: Q4_K_M)")
     s.add_argument("--imatrix", action="store_true", help="--method gguf: importance matrix from the calibration text (llama-imatrix)")
     s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="--method gguf: per-tensor type override, e.g. attn_v=q8_0 (repeatable; llama-quantize --tensor-type)")

@@ -146,11 +146,23 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                           method=spec.method, seed=spec.seed)
             model_path = tmp
             libs = _library_versions("gptqmodel", "torch", "transformers")
+        elif spec.method == "autoround":
+            from quantloop.backends.autoround import quantize_autoround
+            from quantloop.calibration import calibration_sequences
+            from quantloop.models import load_hf_tokenizer
+
+            if model.hf_dir is None:
+                raise InputError(model.path, "AutoRound needs a transformers checkpoint", "pass a prepared checkpoint folder")
+            if not spec.gguf_type:
+                raise InputError(None, "AutoRound is offered with GGUF output only", "set a GGUF type, e.g. --type Q4_K_M")
+            seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir))
+            model_path = quantize_autoround(model.hf_dir, tmp, spec, seqs)
+            libs = _library_versions("auto-round", "torch", "transformers")
         else:
-            raise InputError(None, f"method '{spec.method}' is not available yet", "use gguf, rtn, gptq or awq")
+            raise InputError(None, f"method '{spec.method}' is not available yet", "use gguf, rtn, gptq, awq or autoround")
         wall = time.perf_counter() - t0
         size = gguf_size(model_path) if Path(model_path).suffix == ".gguf" else hf_size(model_path)
-        fmt = f"gguf:{(spec.gguf_type or 'Q4_K_M').upper()}" if spec.method == "gguf" or spec.gguf_type else spec.method
+        fmt = f"gguf:{(spec.gguf_type or 'Q4_K_M').upper()}" if Path(model_path).suffix == ".gguf" else spec.method
         result = QuantizationResult(
             spec=spec, output_dir=str(out), model_path=str(out / Path(model_path).relative_to(tmp)) if model_path != tmp else str(out),
             format=fmt, wall_s=wall, peak_rss_bytes=_peak_rss_bytes(), bytes_on_disk=size.bytes_on_disk,

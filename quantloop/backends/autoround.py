@@ -1,0 +1,206 @@
+"""AutoRound (Intel, PyPI ``auto-round``) on CPU: GGUF export or AutoRound's own checkpoint formats.
+
+Verified with auto-round 0.15.1 beside torch 2.13.0 (CPU), transformers 5.23.0.
+
+- With ``spec.gguf_type`` set (``Q4_K_M``, ``Q4_0``, ``Q8_0`` ...), AutoRound
+  quantizes with the scheme ``gguf:<type>`` and writes a GGUF itself
+  (``format="gguf:<type>"``; needs the ``gguf`` and ``sentencepiece``
+  packages). ``iters=0`` (the default here, :data:`GGUF_ITERS`) is AutoRound's
+  recommendation for GGUF: an optimized round-to-nearest whose search is
+  weighted by an importance matrix gathered from the calibration data. Sign
+  gradient tuning (iters > 0) measured worse on SmolLM2 (see ASSETS.md) and is
+  far slower on CPU. The spec's bits / group size / symmetric fields do not
+  apply: the GGUF type fixes them. Rows whose width is not a multiple of 256
+  (SmolLM2's 576, the tests' 64) cannot hold k-quants; AutoRound then falls
+  back per tensor (Q5_0 / Q8_0), as llama.cpp's own mixes do.
+- Without ``gguf_type``, AutoRound's own format (``auto_round``, or
+  ``auto_gptq`` via ``fmt``) with the spec's bits, group size and symmetry;
+  the default is AutoRound's own 200 sign-gradient iterations
+  (:data:`DEFAULT_ITERS`).
+
+Calibration is always the caller's token ids, handed to AutoRound as a list of
+``[1, seqlen]`` tensors: given no ``dataset``, AutoRound would fetch
+``NeelNanda/pile-10k`` from the hub. Hub access is switched off here as well
+(``HF_HUB_OFFLINE`` and friends, set if the caller has not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from quantloop.errors import InputError
+
+AUTOROUND_VERSION = "0.15.1"
+# Sign-gradient iterations: 0 (optimized RTN + importance matrix) for GGUF, AutoRound's default otherwise.
+GGUF_ITERS = 0
+DEFAULT_ITERS = 200
+# GGUF types AutoRound 0.15 exports (its export_to_gguf.config.GGUF_CONFIG keys, without "gguf:").
+GGUF_TYPES = ("Q2_K_S", "Q2_K_MIXED", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M",
+              "Q5_0", "Q5_1", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+HF_FORMATS = ("auto_round", "auto_gptq")
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (-1, 32, 64, 128)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _read_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise InputError(hf_dir, "no config.json: not a Hugging Face checkpoint folder", "pass a folder written by save_pretrained")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(path, "not valid JSON", "re-create the checkpoint") from None
+
+
+def _check_calibration(calibration, vocab_size: int | None) -> list[list[int]]:
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        raise InputError(None, "calibration is empty", "give at least one token-id sequence from the calibration split")
+    out = []
+    for i, seq in enumerate(calibration):
+        ids = [int(t) for t in (seq.tolist() if hasattr(seq, "tolist") else seq)]
+        if not ids:
+            raise InputError(None, f"calibration sequence {i} is empty", "drop empty sequences")
+        if min(ids) < 0 or (vocab_size and max(ids) >= vocab_size):
+            raise InputError(None, f"calibration sequence {i} has token ids outside [0, {vocab_size})",
+                             "tokenize the calibration text with this model's tokenizer")
+        out.append(ids)
+    if len({len(s) for s in out}) != 1:
+        raise InputError(None, "calibration sequences differ in length",
+                         "give sequences of one length (calibration_sequences() does)")
+    return out
+
+
+def gguf_scheme(gguf_type: str) -> str:
+    """'Q4_K_M' -> 'gguf:q4_k_m', refusing types AutoRound cannot export."""
+    t = str(gguf_type).strip().upper().removeprefix("GGUF:")
+    if t not in GGUF_TYPES:
+        raise InputError(None, f"AutoRound cannot export GGUF type {gguf_type!r}", f"use one of {', '.join(GGUF_TYPES)}")
+    return f"gguf:{t.lower()}"
+
+
+def check_autoround_settings(hf_dir: Path, spec, fmt: str = "auto_round") -> dict:
+    """Cheap checks (no AutoRound import); returns the checkpoint's config.json."""
+    hf_dir = Path(hf_dir)
+    method = getattr(spec, "method", "autoround")
+    if method != "autoround":
+        raise InputError(None, f"spec.method is {method!r}, not 'autoround'", "set method: autoround")
+    if getattr(spec, "act_order", False):
+        raise InputError(None, "act-order is a GPTQ option; AutoRound has none", "leave act_order off")
+    if getattr(spec, "gguf_tensor_types", None):
+        raise InputError(None, "per-tensor GGUF types are a llama-quantize option, not supported with AutoRound",
+                         "use method 'gguf' for --tensor-type mixes, or drop gguf_tensor_types")
+    if getattr(spec, "overrides", None):
+        raise InputError(None, "per-module overrides are not supported by the AutoRound backend yet",
+                         "drop overrides, or use method gptq/rtn")
+    config = _read_config(hf_dir)
+    if not list(hf_dir.glob("*.safetensors")):
+        raise InputError(hf_dir, "no *.safetensors weights", "save the float model with save_pretrained(safe_serialization=True)")
+    if spec.gguf_type:
+        gguf_scheme(spec.gguf_type)
+        return config
+    if fmt not in HF_FORMATS:
+        raise InputError(None, f"unknown AutoRound format {fmt!r}", f"use one of {', '.join(HF_FORMATS)}")
+    bits, group_size = spec.bits, spec.group_size
+    if bits not in BITS:
+        raise InputError(None, f"AutoRound does not support {bits!r} bits here", f"use {', '.join(map(str, BITS))} bits")
+    if group_size not in GROUP_SIZES:
+        raise InputError(None, f"AutoRound group size {group_size!r} is not supported",
+                         f"use one of {', '.join(map(str, GROUP_SIZES))} (-1 = one group per row)")
+    widths = {config.get("hidden_size"), config.get("intermediate_size")} - {None}
+    for w in sorted(widths):
+        if group_size > 0 and w % group_size:
+            raise InputError(hf_dir / "config.json", f"group size {group_size} does not divide the layer width {w}",
+                             "pick a group size that divides every width (32 or 64 for SmolLM2-135M, whose width is 576)")
+    return config
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def _set_env() -> None:
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(k, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list[int]],
+                       iters: int | None = None, fmt: str = "auto_round", device: str | None = None) -> Path:
+    """Quantize the float HF checkpoint `hf_dir` with AutoRound; return what a runtime loads.
+
+    `spec` is a :class:`quantloop.schemas.QuantSpec` (method "autoround").
+    With `spec.gguf_type` set, the return value is the single GGUF file written
+    in `out_dir` (``<hf_dir name>-<TYPE>.gguf``); otherwise `out_dir` itself,
+    holding AutoRound's `fmt` checkpoint ("auto_round" or "auto_gptq") and the
+    tokenizer. `calibration` is a list of equally long token-id lists. `iters`
+    defaults to :data:`GGUF_ITERS` (0) for GGUF and :data:`DEFAULT_ITERS`
+    otherwise. `device` defaults to "cuda" when torch sees one, else "cpu".
+    `out_dir` must not exist yet or be empty. Seeded with `spec.seed`: the same
+    inputs give byte-identical output on the same machine.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config = check_autoround_settings(hf_dir, spec, fmt)
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    calib = _check_calibration(calibration, vocab)
+    if iters is None:
+        iters = GGUF_ITERS if spec.gguf_type else DEFAULT_ITERS
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise InputError(None, f"iters must be a non-negative integer, got {iters!r}", "use 0 (RTN + imatrix) or e.g. 200")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(out_dir, "output folder exists and is not empty", "pass a new folder")
+
+    _set_env()
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from auto_round import AutoRound
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    random.seed(spec.seed)
+    np.random.seed(spec.seed % 2**32)
+    torch.manual_seed(spec.seed)
+
+    dataset = [torch.tensor([ids], dtype=torch.long) for ids in calib]
+    common = dict(tokenizer=AutoTokenizer.from_pretrained(str(hf_dir)), dataset=dataset, iters=iters,
+                  nsamples=len(calib), seqlen=len(calib[0]), batch_size=min(8, len(calib)),
+                  seed=spec.seed, device_map=device)
+    skip = [m for m in (getattr(spec, "skip_modules", None) or []) if m != "lm_head"]
+    if skip:
+        common["ignore_layers"] = ",".join(skip)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = out_dir / ".autoround-stage"
+    try:
+        if spec.gguf_type:
+            scheme = gguf_scheme(spec.gguf_type)
+            ar = AutoRound(str(hf_dir), scheme=scheme, **common)
+            ar.quantize_and_save(str(stage), format=scheme)
+            written = sorted(stage.rglob("*.gguf"))
+            if len(written) != 1:
+                raise RuntimeError(f"AutoRound wrote {len(written)} GGUF files under {stage}, expected 1: {written}")
+            target = out_dir / f"{hf_dir.name}-{scheme.split(':', 1)[1].upper()}.gguf"
+            os.replace(written[0], target)
+            shutil.rmtree(stage)
+            return target
+        ar = AutoRound(str(hf_dir), scheme="W4A16", bits=spec.bits, group_size=spec.group_size,
+                       sym=bool(spec.symmetric), **common)
+        ar.quantize_and_save(str(stage), format=fmt)
+        # AutoRound may nest its output one level down; flatten it into out_dir.
+        files = [p for p in stage.rglob("*") if p.is_file()]
+        root = stage if (stage / "config.json").is_file() else files[0].parent
+        for p in sorted(root.iterdir()):
+            os.replace(p, out_dir / p.name)
+        shutil.rmtree(stage)
+        return out_dir
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
