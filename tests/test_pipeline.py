@@ -59,10 +59,10 @@ NEXT_CHECKPOINT = {"name": "next-checkpoint", "kind": "next_checkpoint"}
 def test_default_policy_follows_the_seed_order():
     policy, spec = load_policy()
     names = [s.name for s in policy.plan_steps()]
-    assert names[:2] == ["int4-gptq-g128", "int4-awq"] and names[-2:] == ["qat-int4", "next-checkpoint"]
+    assert names[:2] == ["int4-gptq-g32", "int4-awq"] and names[-2:] == ["qat-int4", "next-checkpoint"]
     assert names.index("int8-gguf-q8_0") < names.index("int4-gptq-4x-calib")
     steps = {s.name: s for s in policy.plan_steps()}
-    assert steps["int4-gptq-4x-calib"].spec.calibration.samples == 4 * steps["int4-gptq-g128"].spec.calibration.samples
+    assert steps["int4-gptq-4x-calib"].spec.calibration.samples == 4 * steps["int4-gptq-g32"].spec.calibration.samples
     assert spec.name == "acceptance.yaml"
     cuda, _ = load_policy(target="cuda")
     assert cuda.target == "cuda" and all(s.spec is None or s.spec.method != "gguf" for s in cuda.plan_steps())

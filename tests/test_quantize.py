@@ -84,3 +84,20 @@ def test_rtn_g32_exports_to_gguf_q4_0_exactly(tiny_prepared, tmp_path):
     assert np.array_equal(deq, hf["model.layers.1.mlp.down_proj.weight"].numpy())
     with pytest.raises(InputError, match="no exact GGUF Q4_0 form"):
         quantize_model(tiny_prepared, tmp_path / "bad", QuantSpec(method="rtn", bits=4, group_size=64, gguf_type="Q4_0"))
+
+
+def test_gptq_g32_exports_its_codes_to_gguf_q4_0(tiny_prepared, tmp_path, dataset_dir):
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from quantloop.backends.gptq import read_quantized_linear
+
+    spec = QuantSpec(method="gptq", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0",
+                     calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=128))
+    r = quantize_model(tiny_prepared, tmp_path / "q", spec)
+    assert r.format == "gguf:Q4_0" and r.calibration_manifest_sha256
+    expected = read_quantized_linear(tmp_path / "q", "model.layers.0.mlp.down_proj").dequantize().numpy()
+    t = next(t for t in GGUFReader(r.model_path).tensors if t.name == "blk.0.ffn_down.weight")
+    assert t.tensor_type.name == "Q4_0"
+    assert np.array_equal(dequantize(t.data, t.tensor_type).reshape(expected.shape), expected)

@@ -65,7 +65,7 @@ def calibration_text_file(calib) -> tuple[Path, str]:
     return d / load_manifest(d).splits[calib.split].file, manifest_digest(d)
 
 
-def export_exact_gguf(hf_dir: Path, out_file: Path, spec: QuantSpec) -> Path:
+def export_exact_gguf(hf_dir: Path | None, out_file: Path | None, spec: QuantSpec) -> Path | None:
     """Write the grid-aligned HF weights into the GGUF block type that holds the layout exactly."""
     from quantloop.export_gguf import export_hf_to_gguf
     from quantloop.gguf_blocks import gguf_type_for_layout
@@ -75,6 +75,8 @@ def export_exact_gguf(hf_dir: Path, out_file: Path, spec: QuantSpec) -> Path:
         raise InputError(None, f"{spec.method} {spec.bits}-bit group {spec.group_size} {'symmetric' if spec.symmetric else 'asymmetric'} "
                          f"has no exact GGUF {spec.gguf_type} form" + (f" (it maps to {exact})" if exact else ""),
                          "use 4/5/8 bits, group size 32 (symmetric: Q4_0/Q5_0/Q8_0, asymmetric: Q4_1/Q5_1)")
+    if hf_dir is None:  # layout check only
+        return None
     return export_hf_to_gguf(hf_dir, out_file, exact)
 
 
@@ -142,10 +144,16 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             if model.hf_dir is None:
                 raise InputError(model.path, f"{spec.method.upper()} needs a transformers checkpoint", "pass a prepared checkpoint folder")
             seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir))
+            if spec.gguf_type:
+                export_exact_gguf(None, None, spec)  # refuse a layout no GGUF block holds before the slow part
             quantize_gptq(model.hf_dir, tmp, spec.bits, spec.group_size, spec.symmetric, spec.act_order, seqs,
                           method=spec.method, seed=spec.seed)
             model_path = tmp
             libs = _library_versions("gptqmodel", "torch", "transformers")
+            if spec.gguf_type:
+                from quantloop.backends.gptq_export import export_gptq_to_gguf
+
+                model_path = export_gptq_to_gguf(tmp, model.hf_dir, tmp / f"{name}-{spec.tag()}.gguf", spec.gguf_type.upper())
         elif spec.method == "autoround":
             from quantloop.backends.autoround import quantize_autoround
             from quantloop.calibration import calibration_sequences
