@@ -72,6 +72,8 @@ class QuantizationAgent:
     def attempt(self, planned: PlannedAttempt, state: PipelineState) -> Attempt:
         from quantloop.tools.quantize import quantize_model
 
+        if planned.skip:
+            return skipped(planned, planned.skip)
         if planned.kind == "next_checkpoint":
             return skipped(planned, "no other checkpoint to try: the run was given a single checkpoint")
         spec = planned.spec

@@ -12,8 +12,14 @@ torch >= 2.14.1). On CPU:
   packer (``pack_block_cpu``, about a minute on 2 cores, cached under
   ``~/.cache/gptqmodel/torch_extensions`` or ``$GPTQMODEL_TORCH_EXTENSIONS_DIR``);
   if no compiler is there it falls back to a Python packer with identical output;
-- reloaded 4-bit checkpoints run a real int4 matmul on CPU (``TorchAtenLinear``);
-  8-bit ones run a dequantizing torch kernel.
+- reloaded 4-bit checkpoints run a real int4 matmul on CPU (``TorchAtenLinear``,
+  ``aten::_weight_int4pack_mm_for_cpu``), which rounds scales and activations to
+  bfloat16 internally; 8-bit ones run a dequantizing torch kernel
+  (``TorchLinear``) that torch.compiles itself on its first calls;
+- AWQ only packs from a float16/bfloat16 model, and half-precision matmul on an
+  AVX2-only CPU runs about 100x slower than float32 (measured 1.1 vs 117
+  GFLOP/s here): AWQ on CPU is practical for tiny models only; GPTQ calibrates
+  in float32 and is not affected.
 
 Saved layout (``format`` "gptq", the AutoGPTQ v1 layout that transformers,
 vLLM and llama.cpp converters read), per quantized linear ``<name>``:
@@ -234,7 +240,8 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
     folder and rename it into place). `dtype` is the compute dtype of the
     calibration forward passes: float32 for GPTQ (fastest and most exact on
     CPUs without native half precision), float16 for AWQ (its CPU kernels take
-    float16 or bfloat16, not float32; float16 keeps three more mantissa bits).
+    float16 or bfloat16, not float32; float16 keeps three more mantissa bits;
+    both are ~100x slower than float32 on AVX2-only CPUs).
     Non-quantized tensors are saved as float16 either way.
     Returns versions, the on-disk format, the settings used and timings.
     """
@@ -247,6 +254,8 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
         dtype = "float16" if method == "awq" else "float32"
     if dtype not in _DTYPES:
         raise InputError(None, f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+    if method == "awq" and dtype == "float32":
+        raise InputError(None, "GPTQModel's AWQ packs only float16/bfloat16 models", "use dtype float16 or bfloat16 for AWQ")
     if damp_percent is not None and not 0 < damp_percent < 1:
         raise InputError(None, f"damp_percent {damp_percent!r} must lie strictly between 0 and 1", "use e.g. 0.05")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -283,24 +292,33 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
         qcfg = AWQConfig(**common)
         backend = BACKEND.AWQ_TORCH
 
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     peak_is_this_call = _reset_peak_rss()
-    t0 = time.perf_counter()
-    model = GPTQModel.load(str(hf_dir), qcfg, dtype=getattr(torch, dtype))
-    t_load = time.perf_counter() - t0
-    rows = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib]
-    t1 = time.perf_counter()
-    model.quantize(rows, batch_size=1, backend=backend, calibration_sort=None, calibration_data_min_length=0)
-    t_quant = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    model.save(str(out_dir))
-    del model
-    _cast_unquantized(out_dir, SAVE_DTYPE)
-    for name in TOKENIZER_FILES:
-        src = hf_dir / name
-        if src.is_file() and not (out_dir / name).exists():
-            shutil.copy2(src, out_dir / name)
-    t_save = time.perf_counter() - t2
+    try:
+        t0 = time.perf_counter()
+        model = GPTQModel.load(str(hf_dir), qcfg, dtype=getattr(torch, dtype))
+        t_load = time.perf_counter() - t0
+        rows = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib]
+        t1 = time.perf_counter()
+        model.quantize(rows, batch_size=1, backend=backend, calibration_sort=None, calibration_data_min_length=0)
+        t_quant = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        model.save(str(out_dir))
+        del model
+        _cast_unquantized(out_dir, SAVE_DTYPE)
+        for name in TOKENIZER_FILES:
+            src = hf_dir / name
+            if src.is_file() and not (out_dir / name).exists():
+                shutil.copy2(src, out_dir / name)
+        t_save = time.perf_counter() - t2
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for child in out_dir.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        raise
 
     qc = json.loads((out_dir / "quantize_config.json").read_text())
     import transformers

@@ -31,6 +31,7 @@ class PolicyStep(Strict):
     kind: StepKind = "quantize"
     spec: QuantSpec | None = Field(None, description="what to quantize to (kinds quantize and qat)")
     retry: list[str] = Field(default_factory=list, description="next_checkpoint: names of earlier steps to run again on that checkpoint (default: all quantize steps)")
+    skip: str | None = Field(None, description="record this step as skipped with this reason (a capability this target cannot run)")
 
     @model_validator(mode="after")
     def _spec_matches_kind(self):

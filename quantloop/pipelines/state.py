@@ -33,6 +33,7 @@ class PlannedAttempt(Strict):
     spec: QuantSpec | None
     checkpoint: str
     output_dir: str | None
+    skip: str | None = None
 
 
 class Attempt(Strict):
