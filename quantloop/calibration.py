@@ -31,3 +31,22 @@ def calibration_sequences(spec: CalibrationSpec, tokenizer) -> tuple[list[list[i
         )
     seqs = [ids[i * spec.seqlen:(i + 1) * spec.seqlen] for i in range(spec.samples)]
     return seqs, manifest_digest(dataset_dir)
+
+
+def check_calibration(calibration, vocab_size: int | None, same_length: bool = False) -> list[list[int]]:
+    """Token-id sequences a quantizer can use: non-empty, inside the vocabulary (and of one length if asked)."""
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        raise InputError(None, "calibration is empty", "give at least one token-id sequence from the calibration split")
+    out = []
+    for i, seq in enumerate(calibration):
+        ids = [int(t) for t in (seq.tolist() if hasattr(seq, "tolist") else seq)]
+        if not ids:
+            raise InputError(None, f"calibration sequence {i} is empty", "drop empty sequences")
+        if min(ids) < 0 or (vocab_size and max(ids) >= vocab_size):
+            raise InputError(None, f"calibration sequence {i} has token ids outside [0, {vocab_size})",
+                             "tokenize the calibration text with this model's tokenizer")
+        out.append(ids)
+    if same_length and len({len(s) for s in out}) != 1:
+        raise InputError(None, "calibration sequences differ in length",
+                         "give sequences of one length (calibration_sequences() does)")
+    return out

@@ -31,6 +31,7 @@ import os
 import shutil
 from pathlib import Path
 
+from quantloop.calibration import check_calibration
 from quantloop.errors import InputError
 
 AUTOROUND_VERSION = "0.15.1"
@@ -56,24 +57,6 @@ def _read_config(hf_dir: Path) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(path, "not valid JSON", "re-create the checkpoint") from None
-
-
-def _check_calibration(calibration, vocab_size: int | None) -> list[list[int]]:
-    if not isinstance(calibration, (list, tuple)) or not calibration:
-        raise InputError(None, "calibration is empty", "give at least one token-id sequence from the calibration split")
-    out = []
-    for i, seq in enumerate(calibration):
-        ids = [int(t) for t in (seq.tolist() if hasattr(seq, "tolist") else seq)]
-        if not ids:
-            raise InputError(None, f"calibration sequence {i} is empty", "drop empty sequences")
-        if min(ids) < 0 or (vocab_size and max(ids) >= vocab_size):
-            raise InputError(None, f"calibration sequence {i} has token ids outside [0, {vocab_size})",
-                             "tokenize the calibration text with this model's tokenizer")
-        out.append(ids)
-    if len({len(s) for s in out}) != 1:
-        raise InputError(None, "calibration sequences differ in length",
-                         "give sequences of one length (calibration_sequences() does)")
-    return out
 
 
 def gguf_scheme(gguf_type: str) -> str:
@@ -146,7 +129,7 @@ def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = check_autoround_settings(hf_dir, spec, fmt)
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    calib = _check_calibration(calibration, vocab)
+    calib = check_calibration(calibration, vocab, same_length=True)
     if iters is None:
         iters = GGUF_ITERS if spec.gguf_type else DEFAULT_ITERS
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:

@@ -56,7 +56,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantloop.calibration import check_calibration
 from quantloop.errors import InputError
+from quantloop.memory import peak_rss_bytes, reset_peak_rss
 
 GPTQMODEL_VERSION = "7.6.0"
 METHOD_BITS = {"gptq": (2, 3, 4, 8), "awq": (4,)}
@@ -145,21 +147,6 @@ def check_gptq_settings(hf_dir: Path, method: str, bits: int, group_size: int, s
     return shapes
 
 
-def _check_calibration(calibration, vocab_size: int | None) -> list[list[int]]:
-    if not isinstance(calibration, (list, tuple)) or not calibration:
-        raise InputError(None, "calibration is empty", "give at least one token-id sequence from the calibration split")
-    out = []
-    for i, seq in enumerate(calibration):
-        ids = [int(t) for t in (seq.tolist() if hasattr(seq, "tolist") else seq)]
-        if not ids:
-            raise InputError(None, f"calibration sequence {i} is empty", "drop empty sequences")
-        if min(ids) < 0 or (vocab_size and max(ids) >= vocab_size):
-            raise InputError(None, f"calibration sequence {i} has token ids outside [0, {vocab_size})",
-                             "tokenize the calibration text with this model's tokenizer")
-        out.append(ids)
-    return out
-
-
 def supported_architectures() -> list[str]:
     from gptqmodel.models.auto import SUPPORTED_MODELS
 
@@ -205,31 +192,6 @@ def _cast_unquantized(out_dir: Path, dtype: str) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak resident set size (Linux: /proc/self/clear_refs, "5")."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except Exception:
-        return None
-
-
 def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symmetric: bool, act_order: bool,
                   calibration: list[list[int]], method: str = "gptq", seed: int = 0,
                   dtype: str | None = None, damp_percent: float | None = None) -> dict:
@@ -249,7 +211,7 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
     method = str(method).lower()
     check_gptq_settings(hf_dir, method, bits, group_size, symmetric, act_order)
     config = _read_config(hf_dir)
-    calib = _check_calibration(calibration, config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+    calib = check_calibration(calibration, config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
     if dtype is None:
         dtype = "float16" if method == "awq" else "float32"
     if dtype not in _DTYPES:
@@ -294,7 +256,7 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
 
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    peak_is_this_call = _reset_peak_rss()
+    peak_is_this_call = reset_peak_rss()
     try:
         t0 = time.perf_counter()
         model = GPTQModel.load(str(hf_dir), qcfg, dtype=getattr(torch, dtype))
@@ -348,7 +310,7 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
         "save_s": round(t_save, 3),
         "wall_s": round(t_load + t_quant + t_save, 3),
         # peak RSS of this process during the call (since process start where it cannot be reset)
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_is_this_call": peak_is_this_call,
         "bytes_on_disk": sum(f.stat().st_size for f in out_dir.glob("*.safetensors")),
     }

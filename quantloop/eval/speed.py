@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from quantloop.memory import peak_rss_bytes
 
 from quantloop.schemas import ModelRef, SpeedReport, SpeedSettings
 
@@ -106,17 +107,6 @@ def _measure_once(ref: ModelRef, settings: SpeedSettings, threads: int) -> tuple
     return result, result["peak_rss_kb"]
 
 
-def _vm_hwm_kb() -> int:
-    """Peak resident memory of this process image. (ru_maxrss would include the parent's peak: Linux keeps it across exec.)"""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="one speed measurement (used by quantloop.eval.speed.measure_speed)")
     p.add_argument("--runtime", choices=["llama.cpp", "transformers"], required=True)
@@ -127,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     fn = _bench_llama_cpp if a.runtime == "llama.cpp" else _bench_transformers
     result = fn(a.model, a.prompt_tokens, a.gen_tokens, a.threads)
-    result["peak_rss_kb"] = _vm_hwm_kb()
+    result["peak_rss_kb"] = peak_rss_bytes() // 1024
     print(json.dumps(result))
 
 

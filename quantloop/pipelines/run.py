@@ -164,17 +164,10 @@ def add_run_command(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="quantloop")
-    add_run_command(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except InputError as e:
-        print(f"quantloop: error: {e.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("quantloop: interrupted", file=sys.stderr)
-        return 130
+    """`python -m quantloop.pipelines.run run ...`: the same command line as `quantloop run`."""
+    from quantloop.pipelines.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -15,30 +15,11 @@ from pathlib import Path
 from quantloop.errors import InputError
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.fileio import atomic_output, write_json_atomic
+from quantloop.memory import peak_rss_bytes, reset_peak_rss
 from quantloop.models import resolve_model
 from quantloop.schemas import QuantizationResult, QuantSpec
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _library_versions(*names: str) -> dict[str, str]:
@@ -103,7 +84,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
     if out.exists() and not overwrite:
         raise InputError(out, "output folder exists", "pass --overwrite or choose another output folder")
     name = model.manifest.name if model.manifest else model.path.stem
-    _reset_peak_rss()
+    reset_peak_rss()
     t0 = time.perf_counter()
     calib_digest = None
     with atomic_output(out, is_dir=True) as tmp:
@@ -173,7 +154,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
         fmt = f"gguf:{(spec.gguf_type or 'Q4_K_M').upper()}" if Path(model_path).suffix == ".gguf" else spec.method
         result = QuantizationResult(
             spec=spec, output_dir=str(out), model_path=str(out / Path(model_path).relative_to(tmp)) if model_path != tmp else str(out),
-            format=fmt, wall_s=wall, peak_rss_bytes=_peak_rss_bytes(), bytes_on_disk=size.bytes_on_disk,
+            format=fmt, wall_s=wall, peak_rss_bytes=peak_rss_bytes(), bytes_on_disk=size.bytes_on_disk,
             bits_per_weight=size.bits_per_weight, linear_bits_per_weight=size.linear_bits_per_weight,
             libraries=libs, calibration_manifest_sha256=calib_digest,
         )
