@@ -1,8 +1,10 @@
-"""Calibration token sequences from a prepared dataset split (real text).
+"""Calibration token sequences: real text from a prepared dataset split, or text the
+float model writes itself (source "synthetic", the data-free path).
 
-Sequences are consecutive, non-overlapping windows of `seqlen` tokens taken
-from the split in order (deterministic); the manifest's sha256 identifies the
-text in every quantization_config.json.
+Real text: consecutive, non-overlapping windows of `seqlen` tokens taken from the
+split in order (deterministic); the dataset manifest's sha256 identifies the text in
+every quantization_config.json. Synthetic: quantloop.synthetic's LLM-QAT generator,
+cached under ~/.cache/quantloop/synthetic; the sha256 of the token ids identifies it.
 """
 
 from __future__ import annotations
@@ -15,10 +17,25 @@ from quantloop.eval.session import dataset_dir_or_default
 from quantloop.schemas import CalibrationSpec
 
 
-def calibration_sequences(spec: CalibrationSpec, tokenizer) -> tuple[list[list[int]], str]:
-    """Return `spec.samples` token lists of `spec.seqlen` tokens, and the dataset manifest's digest."""
-    if spec.source != "dataset":
-        raise InputError(None, f"calibration source '{spec.source}' is not available yet", "use source: dataset")
+def synthetic_sequences(spec: CalibrationSpec, model_dir: Path | None) -> tuple[list[list[int]], str]:
+    """`spec.samples` sequences the float checkpoint `model_dir` generates itself, and their sha256."""
+    import numpy as np
+
+    from quantloop.paths import CACHE_DIR
+    from quantloop.synthetic import _ids_sha256, cached_synthetic
+
+    if model_dir is None:
+        raise InputError(None, "synthetic calibration needs the float transformers checkpoint that writes it",
+                         "pass a prepared checkpoint folder")
+    seqs = cached_synthetic(model_dir, spec.samples, spec.seqlen, spec.seed, CACHE_DIR / "synthetic")
+    return seqs, _ids_sha256(np.asarray(seqs, dtype=np.int64))
+
+
+def calibration_sequences(spec: CalibrationSpec, tokenizer, model_dir: Path | None = None) -> tuple[list[list[int]], str]:
+    """Return `spec.samples` token lists of `spec.seqlen` tokens, and the digest that identifies them
+    (the dataset manifest's, or the synthetic ids' sha256). `model_dir` writes synthetic data."""
+    if spec.source == "synthetic":
+        return synthetic_sequences(spec, model_dir)
     dataset_dir = dataset_dir_or_default(spec.dataset_dir)
     text = read_split(Path(dataset_dir), spec.split)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

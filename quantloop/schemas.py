@@ -298,7 +298,7 @@ class EvaluateRequest(Strict):
 
 # --------------------------------------------------------------------------- quantization
 
-QuantMethod = Literal["gptq", "awq", "autoround", "rtn", "gguf"]
+QuantMethod = Literal["gptq", "awq", "autoround", "rtn", "gguf", "qat"]
 
 
 class CalibrationSpec(Strict):
@@ -326,14 +326,22 @@ class QuantSpec(Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left unquantized")
     overrides: dict[str, dict] = Field(default_factory=dict, description="per-module overrides: regex -> {bits, group_size, symmetric}")
+    qat_steps: int = Field(200, ge=0, description="method 'qat': optimizer steps of the KL distillation")
     seed: int = 0
 
+    def uses_calibration(self) -> bool:
+        return self.method in ("gptq", "awq", "autoround", "qat") or (self.method == "gguf" and self.imatrix)
+
     def tag(self) -> str:
+        synth = "-synth" if self.uses_calibration() and self.calibration.source == "synthetic" else ""
         if self.method == "gguf":
             mix = "-mix" if self.gguf_tensor_types else ""
-            return f"gguf-{(self.gguf_type or 'q4_k_m').lower()}{'-imat' if self.imatrix else ''}{mix}"
+            return f"gguf-{(self.gguf_type or 'q4_k_m').lower()}{'-imat' if self.imatrix else ''}{mix}{synth}"
+        if self.method == "qat":
+            target = self.gguf_type.lower() if self.gguf_type else f"w{self.bits}{'' if self.symmetric else '-asym'}"
+            return f"qat-{target}-s{self.qat_steps}{synth}"
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.method}-w{self.bits}{g}{'' if self.symmetric else '-asym'}"
+        return f"{self.method}-w{self.bits}{g}{'' if self.symmetric else '-asym'}{synth}"
 
 
 class QuantizationResult(Strict):

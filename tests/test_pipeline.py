@@ -49,7 +49,8 @@ def gguf_step(name: str, gguf_type: str, bits: int) -> dict:
     return {"name": name, "spec": {"method": "gguf", "bits": bits, "gguf_type": gguf_type}}
 
 
-QAT_STEP = {"name": "qat-int4", "kind": "qat", "spec": {"method": "gguf", "gguf_type": "Q4_0"}}
+QAT_STEP = {"name": "qat-int4", "kind": "qat", "spec": {"method": "qat", "gguf_type": "Q4_0", "qat_steps": 4,
+                                                         "calibration": {"source": "synthetic", "samples": 8, "seqlen": 64}}}
 NEXT_CHECKPOINT = {"name": "next-checkpoint", "kind": "next_checkpoint"}
 
 
@@ -68,10 +69,22 @@ def test_default_policy_follows_the_seed_order():
     assert cuda.target == "cuda" and all(s.spec is None or s.spec.method != "gguf" for s in cuda.plan_steps())
 
 
+def test_data_free_policy_calibrates_every_step_on_synthetic_text():
+    policy, _ = load_policy()
+    free = policy.data_free()
+    calibrated = [s for s in free.plan_steps() if s.spec is not None and s.spec.uses_calibration()]
+    assert {s.name for s in calibrated} >= {"int4-gptq-g32", "int4-gptq-4x-calib", "qat-int4"}
+    assert all(s.spec.calibration.source == "synthetic" and s.spec.tag().endswith("-synth") for s in calibrated)
+    assert all(s.spec.calibration.source == "dataset" for s in policy.plan_steps() if s.spec is not None)  # a copy
+    q8 = next(s for s in free.plan_steps() if s.name == "int8-gguf-q8_0")
+    assert not q8.spec.uses_calibration() and q8.spec.tag() == "gguf-q8_0"
+
+
 @pytest.mark.parametrize("steps, field", [
     ([{"name": "x", "spec": {"method": "magic"}}], "steps.cpu.0.spec.method"),
     ([{"name": "x", "spec": {"method": "gguf", "bitz": 4}}], "steps.cpu.0.spec.bitz"),
     ([{"name": "x", "kind": "quantize"}], "steps.cpu.0"),
+    ([{"name": "x", "kind": "qat", "spec": {"method": "gguf", "gguf_type": "Q4_0"}}], "steps.cpu.0"),
 ])
 def test_bad_policy_names_the_field(tmp_path, steps, field):
     with pytest.raises(InputError, match=field.replace(".", r"\.")):
@@ -121,16 +134,20 @@ def test_fallback_chain_in_order_with_reasons_and_mlflow_records(tiny_prepared, 
     printed = []
     state = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy, on_attempt=lambda a, resumed: printed.append(a.step))
     assert [a.step for a in state.attempts] == ["int4-q4_0", "qat-int4", "int8-q8_0"] == printed
-    assert [a.verdict for a in state.attempts] == ["fallback", "skipped", "accepted"]
+    assert [a.verdict for a in state.attempts] == ["fallback", "fallback", "accepted"]
     q4, qat, q8 = state.attempts
     assert q4.reason.startswith("int4-q4_0 fails on perplexity +") and "next: qat-int4" in q4.reason
-    assert "not available" in qat.reason and "QAT" in qat.reason and qat.output_dir is None
+    # QAT really ran (4 steps, data-free): its GGUF was validated like any other attempt
+    assert qat.reason.startswith("qat-int4 fails on") and qat.quantization.format == "gguf:Q4_0"
+    qat_files = {p.name for p in Path(qat.output_dir).iterdir()}
+    assert {"qat_result.json", "config.json", "validation_report.json"} <= qat_files and any(f.endswith(".gguf") for f in qat_files)
+    assert qat.quantization.calibration_manifest_sha256 and "-synth" in qat.output_dir
     assert state.decision == "accepted" and state.accepted_index == 2
 
     out = tmp_path / "quantized" / "tiny_gguf-q8_0"
     assert {p.name for p in out.iterdir()} == {"tiny-q8_0.gguf", "quantization_config.json", "validation_report.json", "generations.md"}
     summary = json.loads((tmp_path / "quantized" / "quantization_summary.json").read_text())
-    assert [r["verdict"] for r in summary["attempts"]] == ["fallback", "skipped", "accepted"]
+    assert [r["verdict"] for r in summary["attempts"]] == ["fallback", "fallback", "accepted"]
     assert summary["acceptance"]["max_ppl_increase_pct"] == 0.1 and summary["accepted"]["output_dir"] == str(out)
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -139,7 +156,7 @@ def test_fallback_chain_in_order_with_reasons_and_mlflow_records(tiny_prepared, 
     parent = next(r for r in runs if r.info.run_id == state.mlflow_parent_run_id)
     children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                       key=lambda r: int(r.data.tags["quantloop.attempt"]))
-    assert [r.data.tags["decision"] for r in children] == ["fallback", "skipped", "accepted"]
+    assert [r.data.tags["decision"] for r in children] == ["fallback", "fallback", "accepted"]
     assert parent.data.tags["decision"] == "accepted"
     q8_run = children[2]
     assert q8_run.data.params["spec.gguf_type"] == "Q8_0" and q8_run.data.params["checkpoint"] == str(tiny_prepared)

@@ -1,6 +1,7 @@
 """QAT onto the exact GGUF grid (quantloop.backends.qat) and LLM-QAT synthetic data (quantloop.synthetic)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,27 @@ def test_short_qat_lowers_kl_and_exports_exactly(tiny_prepared, tmp_path):
     b = LlamaCppRunner(path, n_ctx=64).logits(ids)
     assert a.shape == b.shape and np.isfinite(b).all()
     assert np.abs(a - b).max() <= 0.01 * np.abs(a).max()
+
+
+def test_quantize_model_qat_data_free_is_deterministic(tiny_prepared, tmp_path):
+    """`quantloop quantize --method qat --data-free`: synthetic calibration, a GGUF on the Q4_0 grid, same tensors twice."""
+    import json
+
+    from quantloop.llamacpp import read_metadata
+    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.tools.quantize import quantize_model
+
+    spec = QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=3, calibration=CalibrationSpec(source="synthetic", samples=6, seqlen=32))
+    a = quantize_model(tiny_prepared, tmp_path / "a", spec)
+    b = quantize_model(tiny_prepared, tmp_path / "b", spec)
+    assert a.format == "gguf:Q4_0" and a.model_path.endswith(".gguf") and "-synth" in spec.tag()
+    from gguf import GGUFReader
+
+    ta, tb = GGUFReader(a.model_path).tensors, GGUFReader(b.model_path).tensors
+    assert [t.name for t in ta] == [t.name for t in tb]
+    assert all(x.tensor_type == y.tensor_type and np.array_equal(x.data, y.data) for x, y in zip(ta, tb))
+    assert a.calibration_manifest_sha256 == b.calibration_manifest_sha256 and len(a.calibration_manifest_sha256) == 64
+    assert read_metadata(a.model_path)["file_type"] == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+    saved = json.loads((tmp_path / "a" / "quantization_config.json").read_text())["quantloop"]
+    assert saved["spec"]["method"] == "qat" and saved["spec"]["calibration"]["source"] == "synthetic"
+    assert json.loads((tmp_path / "a" / "qat_result.json").read_text())["steps"] == 3

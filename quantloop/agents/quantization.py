@@ -56,14 +56,6 @@ def skipped(planned: PlannedAttempt, note: str, status: str = "skipped") -> Atte
                    bits=spec.bits if spec else None, checkpoint=planned.checkpoint, output_dir=None, status=status, note=note)
 
 
-def run_qat(planned: PlannedAttempt, state: PipelineState):
-    try:
-        from quantloop.backends.qat import quantize_qat  # noqa: F401
-    except ImportError:
-        raise InputError(None, "QAT is not available yet (no quantloop.backends.qat)", "build the QAT backend") from None
-    raise InputError(None, "QAT is not available yet (quantloop.backends.qat is not wired into quantize_model)", "wire it")
-
-
 class QuantizationAgent:
     def __call__(self, state: PipelineState) -> dict:
         planned = state.plan[state.next_index]
@@ -81,10 +73,7 @@ class QuantizationAgent:
         remove_stale_temporaries(out)
         t0 = time.perf_counter()
         try:
-            if planned.kind == "qat":
-                result = run_qat(planned, state)
-            else:
-                result = quantize_model(planned.checkpoint, out, spec, overwrite=True)
+            result = quantize_model(planned.checkpoint, out, spec, overwrite=True)
         except Exception as e:  # noqa: BLE001 — the loop goes on; the attempt records why
             reason = unavailable_reason(e)
             if reason is not None:
@@ -108,7 +97,7 @@ class QuantizationAgent:
         v = state.policy.validation
         return validate_quantization(ValidationRequest(
             quantized=model_path, baseline=planned.checkpoint,
-            nominal_bits=None if planned.spec.method == "gguf" else planned.spec.bits,
+            nominal_bits=None if planned.spec.method in ("gguf", "qat") else planned.spec.bits,
             dataset_dir=state.dataset_dir, spec_file=state.acceptance_spec,
             report_path=str(Path(planned.output_dir) / "validation_report.json"),
             chunks=v.chunks, measure_speed=v.measure_speed, check_generation=v.check_generation,

@@ -398,7 +398,7 @@ def run_qat(teacher, sequences, config: QATConfig | None = None):
 
 
 def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200, seed: int = 0,
-                   config: QATConfig | None = None, overwrite: bool = False) -> Path:
+                   config: QATConfig | None = None, overwrite: bool = False, gguf_name: str | None = None) -> Path:
     """QAT of the float checkpoint hf_dir for `gguf_type`; writes out_dir (float32 HF checkpoint, weights on
     the grid, plus tokenizer and qat_result.json) and out_dir/<name>-<type>.gguf; returns the GGUF path."""
     import json
@@ -417,5 +417,5 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
     student.to("cpu").float().save_pretrained(str(out_dir), safe_serialization=True)
     load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
     (out_dir / "qat_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    name = hf_dir.resolve().name
-    return export_hf_to_gguf(out_dir, out_dir / f"{name}-{gguf_type}.gguf", gguf_type, overwrite=overwrite)
+    gguf_name = gguf_name or f"{hf_dir.resolve().name}-{gguf_type}.gguf"
+    return export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, overwrite=overwrite)

@@ -119,7 +119,9 @@ def cmd_quantize(a) -> int:
     try:
         spec = QuantSpec(method=a.method, bits=a.bits, group_size=a.group_size, symmetric=not a.asym, act_order=a.act_order,
                          gguf_type=a.type, imatrix=a.imatrix, gguf_tensor_types=parse_tensor_types(a.tensor_type),
-                         calibration=CalibrationSpec(dataset_dir=a.dataset, samples=a.calib_samples, seqlen=a.calib_seqlen))
+                         qat_steps=a.qat_steps,
+                         calibration=CalibrationSpec(source="synthetic" if a.data_free else "dataset", dataset_dir=a.dataset,
+                                                     samples=a.calib_samples, seqlen=a.calib_seqlen))
     except ValueError as e:
         err = e.errors()[0] if hasattr(e, "errors") else {"loc": ["?"], "msg": str(e)}
         raise InputError(None, f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}", "see `quantloop quantize --help`") from None
@@ -188,14 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="folder for comparison.json and comparison.md")
     s.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser("quantize", help="quantize a prepared model (GGUF k-quants, RTN, GPTQ, AWQ)",
+    s = sub.add_parser("quantize", help="quantize a prepared model (GGUF k-quants, RTN, GPTQ, AWQ, AutoRound, QAT)",
                        description="Quantize a prepared model. Output: SLM/models/quantized/NAME_TAG/ with the model files and "
                                    "quantization_config.json (the full spec, library versions, calibration manifest hash).",
                        epilog=EPILOG)
     s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"prepared checkpoint (default: {DEFAULT_MODEL_DIR})")
-    s.add_argument("--method", choices=["gguf", "rtn", "gptq", "awq", "autoround"], default="gguf",
+    s.add_argument("--method", choices=["gguf", "rtn", "gptq", "awq", "autoround", "qat"], default="gguf",
                    help="gguf: llama.cpp's own quantizer; rtn: round-to-nearest; gptq/awq: GPTQModel; "
-                        "autoround: AutoRound to a GGUF type (default: gguf)")
+                        "autoround: AutoRound to a GGUF type; qat: KL-distillation QAT on a block-32 GGUF grid "
+                        "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) written into the GGUF exactly (default: gguf)")
     s.add_argument("--type", help="GGUF type: for --method gguf/autoround, or the exact export target of rtn/gptq: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... (default: Q4_K_M)")
     s.add_argument("--imatrix", action="store_true", help="--method gguf: importance matrix from the calibration text (llama-imatrix)")
     s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
@@ -207,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", help="prepared dataset for calibration (default: SLM/datasets/shakespeare)")
     s.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default: 128)")
     s.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    s.add_argument("--data-free", action="store_true",
+                   help="calibrate on text the float model generates itself (cached in ~/.cache/quantloop/synthetic) "
+                        "instead of the dataset's calibration split")
+    s.add_argument("--qat-steps", type=int, default=200, help="--method qat: optimizer steps (default: 200)")
     s.add_argument("--out", help="output folder (default: SLM/models/quantized/NAME_TAG)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=cmd_quantize)
@@ -214,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     from quantloop.pipelines.run import add_run_command
 
     add_run_command(sub)
+    from quantloop.train import add_train_command
+
+    add_train_command(sub)
     return p
 
 

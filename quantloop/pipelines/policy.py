@@ -37,6 +37,8 @@ class PolicyStep(Strict):
     def _spec_matches_kind(self):
         if self.kind in ("quantize", "qat") and self.spec is None:
             raise ValueError(f"step '{self.name}' of kind {self.kind} needs a 'spec'")
+        if self.spec is not None and (self.kind == "qat") != (self.spec.method == "qat"):
+            raise ValueError(f"step '{self.name}': kind qat goes with method qat (and method qat with kind qat)")
         if self.kind == "next_checkpoint" and self.spec is not None:
             raise ValueError(f"step '{self.name}' of kind next_checkpoint takes no 'spec' (it re-runs 'retry' steps)")
         return self
@@ -78,6 +80,16 @@ class Policy(Strict):
 
     def plan_steps(self) -> list[PolicyStep]:
         return self.steps[self.target]
+
+    def data_free(self) -> "Policy":
+        """The same policy with every calibrated step on self-generated (synthetic) calibration text."""
+        def synth(step: PolicyStep) -> PolicyStep:
+            if step.spec is None or not step.spec.uses_calibration():
+                return step
+            cal = step.spec.calibration.model_copy(update={"source": "synthetic"})
+            return step.model_copy(update={"spec": step.spec.model_copy(update={"calibration": cal})})
+
+        return self.model_copy(update={"steps": {t: [synth(s) for s in steps] for t, steps in self.steps.items()}})
 
 
 def load_policy(path: str | Path | None = None, target: Target | None = None) -> tuple[Policy, Path]:

@@ -38,9 +38,9 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
     from quantloop.eval.session import dataset_dir_or_default
     from quantloop.pipelines.policy import load_policy
 
-    if data_free:
-        raise InputError(None, "--data-free is not available yet", "run with the prepared calibration text")
     policy, spec_path = load_policy(policy_file, target)
+    if data_free:  # calibration from the model's own generations; the test split is only used to validate
+        policy = policy.data_free()
     model_path = Path(model) if model else DEFAULT_MODEL_DIR
     find_checkpoints(model_path)  # a folder without checkpoints fails here, before anything else
     model_path = model_path.resolve()
@@ -157,7 +157,8 @@ def add_run_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--target", choices=["cpu", "cuda"], help="deployment target (default: the policy's)")
     s.add_argument("--run-id", help="resume this run, or name a new one (default: a new id)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///SLM/mlflow.db)")
-    s.add_argument("--data-free", action="store_true", help="quantize without calibration text (not available yet)")
+    s.add_argument("--data-free", action="store_true", help="no calibration text: GPTQ, imatrix and QAT calibrate on text the float model "
+                        "generates itself (the test split is still used, only to validate)")
     s.add_argument("--dataset", help="prepared dataset folder (default: SLM/datasets/shakespeare)")
     s.set_defaults(func=cmd_run)
     return s

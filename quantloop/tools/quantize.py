@@ -34,13 +34,21 @@ def _library_versions(*names: str) -> dict[str, str]:
     return out
 
 
-def calibration_text_file(calib) -> tuple[Path, str]:
-    """The calibration split as a file (llama-imatrix tokenizes it itself), checked against its manifest."""
+def calibration_text_file(calib, hf_dir: Path | None, work_dir: Path) -> tuple[Path, str]:
+    """The calibration text as a file (llama-imatrix tokenizes it itself): the dataset split, checked against
+    its manifest, or the synthetic sequences decoded to text (written into work_dir)."""
     from quantloop.datasets import load_manifest, manifest_digest, read_split
     from quantloop.eval.session import dataset_dir_or_default
 
-    if calib.source != "dataset":
-        raise InputError(None, f"calibration source '{calib.source}' is not available yet", "use source: dataset")
+    if calib.source == "synthetic":
+        from quantloop.calibration import synthetic_sequences
+        from quantloop.models import load_hf_tokenizer
+
+        seqs, digest = synthetic_sequences(calib, hf_dir)
+        tok = load_hf_tokenizer(hf_dir)
+        path = work_dir / "synthetic-calibration.txt"
+        path.write_text("\n\n".join(tok.decode(s, skip_special_tokens=True) for s in seqs), encoding="utf-8")
+        return path, digest
     d = dataset_dir_or_default(calib.dataset_dir)
     read_split(d, calib.split)  # checks sha256 and that it is not empty
     return d / load_manifest(d).splits[calib.split].file, manifest_digest(d)
@@ -100,11 +108,12 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
 
                 imatrix = None
                 if spec.imatrix:
-                    text_file, calib_digest = calibration_text_file(spec.calibration)
+                    text_file, calib_digest = calibration_text_file(spec.calibration, model.hf_dir, tmp)
                     imatrix = compute_imatrix(model.gguf, text_file, tmp / "imatrix.gguf", spec.calibration.samples, spec.calibration.seqlen)
                 model_path = quantize_gguf_tool(model.gguf, dst, gguf_type, imatrix, spec.gguf_tensor_types)
                 if imatrix is not None:
                     imatrix.unlink()
+                    (tmp / "synthetic-calibration.txt").unlink(missing_ok=True)
             else:
                 model_path = quantize_gguf(model.gguf, dst, gguf_type)
             libs = _library_versions("llama_cpp_python")
@@ -124,9 +133,9 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
 
             if model.hf_dir is None:
                 raise InputError(model.path, f"{spec.method.upper()} needs a transformers checkpoint", "pass a prepared checkpoint folder")
-            seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir))
             if spec.gguf_type:
                 export_exact_gguf(None, None, spec)  # refuse a layout no GGUF block holds before the slow part
+            seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir), model.hf_dir)
             quantize_gptq(model.hf_dir, tmp, spec.bits, spec.group_size, spec.symmetric, spec.act_order, seqs,
                           method=spec.method, seed=spec.seed)
             model_path = tmp
@@ -144,14 +153,28 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                 raise InputError(model.path, "AutoRound needs a transformers checkpoint", "pass a prepared checkpoint folder")
             if not spec.gguf_type:
                 raise InputError(None, "AutoRound is offered with GGUF output only", "set a GGUF type, e.g. --type Q4_K_M")
-            seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir))
+            seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir), model.hf_dir)
             model_path = quantize_autoround(model.hf_dir, tmp, spec, seqs)
             libs = _library_versions("auto-round", "torch", "transformers")
+        elif spec.method == "qat":
+            from quantloop.backends.qat import check_qat_type, qat_checkpoint
+            from quantloop.calibration import calibration_sequences
+            from quantloop.models import load_hf_tokenizer
+
+            if model.hf_dir is None:
+                raise InputError(model.path, "QAT needs a transformers checkpoint", "pass a prepared checkpoint folder")
+            gguf_type = check_qat_type(spec.gguf_type, spec.bits, spec.symmetric)
+            seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir), model.hf_dir)
+            model_path = qat_checkpoint(model.hf_dir, tmp, gguf_type, seqs, steps=spec.qat_steps, seed=spec.seed,
+                                        gguf_name=f"{name}-{spec.tag()}.gguf")
+            libs = _library_versions("torch", "transformers", "gguf")
         else:
-            raise InputError(None, f"method '{spec.method}' is not available yet", "use gguf, rtn, gptq, awq or autoround")
+            raise InputError(None, f"method '{spec.method}' is not available yet", "use gguf, rtn, gptq, awq, autoround or qat")
         wall = time.perf_counter() - t0
         size = gguf_size(model_path) if Path(model_path).suffix == ".gguf" else hf_size(model_path)
         fmt = f"gguf:{(spec.gguf_type or 'Q4_K_M').upper()}" if Path(model_path).suffix == ".gguf" else spec.method
+        if spec.method == "qat":
+            fmt = f"gguf:{gguf_type}"
         result = QuantizationResult(
             spec=spec, output_dir=str(out), model_path=str(out / Path(model_path).relative_to(tmp)) if model_path != tmp else str(out),
             format=fmt, wall_s=wall, peak_rss_bytes=peak_rss_bytes(), bytes_on_disk=size.bytes_on_disk,
