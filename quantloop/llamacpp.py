@@ -96,24 +96,31 @@ def read_metadata(path: str | Path) -> dict:
             key = f.read(klen).decode("utf-8")
             (vtype,) = struct.unpack("<I", f.read(4))
             fields[key] = _read_value(f, vtype, keep=False)
-        tensors = []
+        tensors, shapes, offsets = [], {}, {}
         for _ in range(n_tensors):
             (nlen,) = struct.unpack("<Q", f.read(8))
             name = f.read(nlen).decode("utf-8")
             (n_dims,) = struct.unpack("<I", f.read(4))
             dims = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
-            ttype, _offset = struct.unpack("<IQ", f.read(12))
+            ttype, offset = struct.unpack("<IQ", f.read(12))
+            shapes[name], offsets[name] = dims, offset
             qtype = GGMLQuantizationType(ttype)
             block, type_size = GGML_QUANT_SIZES[qtype]
             n_el = 1
             for d in dims:
                 n_el *= d
             tensors.append((name, qtype.name, n_el, n_el // block * type_size))
+        align = fields.get("general.alignment") or 32
+        data_offset = -(-f.tell() // align) * align
     return {
         "architecture": fields.get("general.architecture"),
         "name": fields.get("general.name"),
         "file_type": fields.get("general.file_type"),
         "tensors": tensors,
+        "shapes": shapes,  # name -> dims, innermost (row length) first
+        "offsets": offsets,  # name -> offset of its data from data_offset
+        "data_offset": data_offset,  # bytes before the tensor data (header, metadata, tensor infos, padding)
+        "alignment": align,
     }
 
 

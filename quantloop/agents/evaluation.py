@@ -4,6 +4,7 @@ rank them, and turn the policy into the attempt plan for the best one."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 from quantloop.datasets import read_split
@@ -64,6 +65,7 @@ def runtime_for(model: ResolvedModel, target: str) -> str:
 
 def score_checkpoint(path: Path, target: str, policy: Policy, spec_file: str, dataset_dir: str) -> CheckpointScore:
     """The float baseline report of one checkpoint: validation perplexity, size, speed on the target's runtime."""
+    t0 = time.perf_counter()
     quality = load_quality_spec(spec_file)
     model = resolve_model(path)
     runtime = runtime_for(model, target)
@@ -73,7 +75,7 @@ def score_checkpoint(path: Path, target: str, policy: Policy, spec_file: str, da
     size = gguf_size(model.gguf) if runtime == "llama.cpp" else hf_size(model.hf_dir)
     speed = measure_speed([runner.ref], quality.speed, default_threads())[0] if policy.validation.measure_speed else None
     return CheckpointScore(name=checkpoint_name(model), path=str(model.path), training_step=training_step(model.path),
-                           validation_ppl=ppl, size=size, speed=speed)
+                           validation_ppl=ppl, size=size, speed=speed, wall_s=time.perf_counter() - t0)
 
 
 def output_folder(root: Path, checkpoint: CheckpointScore, step_name: str, kind: str, spec, taken: set[str]) -> str:

@@ -55,12 +55,13 @@ def compute_imatrix(model_gguf: Path, text_file: Path, out: Path, chunks: int, c
 
 
 def quantize_gguf_tool(src: Path, dst: Path, type_name: str, imatrix: Path | None = None,
-                       tensor_types: dict[str, str] | None = None, threads: int | None = None) -> Path:
-    """llama-quantize with an importance matrix and/or per-tensor type overrides (--tensor-type)."""
+                       tensor_types: dict[str, str] | None = None, threads: int | None = None, pure: bool = False) -> Path:
+    """llama-quantize with an importance matrix and/or per-tensor type overrides (--tensor-type);
+    `pure` turns off llama.cpp's k-quant mixture rules (unmatched tensors get exactly `type_name`)."""
     check_gguf_file(src)
     if type_name.upper() not in gguf_types():
         raise InputError(None, f"unknown GGUF type '{type_name}'", f"choose one of {', '.join(gguf_types())}")
-    cmd: list = [tool("llama-quantize")]
+    cmd: list = [tool("llama-quantize")] + (["--pure"] if pure else [])
     if imatrix is not None:
         cmd += ["--imatrix", imatrix]
     for pattern, t in (tensor_types or {}).items():

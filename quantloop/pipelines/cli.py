@@ -111,6 +111,44 @@ def parse_tensor_types(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def parse_pairs(items: list[str] | None, flag: str, example: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise InputError(None, f"{flag} '{item}' is not NAME=TYPE", f"write e.g. {flag} {example}")
+        out[key] = value
+    return out
+
+
+def cmd_estimate(a) -> int:
+    from collections import defaultdict
+
+    from quantloop.mixed_precision import estimate_bytes, layer_type_of, planned_types, precision_map, tensor_rules
+    from quantloop.models import resolve_model
+    from quantloop.pipelines.report_format import mib, table
+
+    model = resolve_model(a.model)
+    if model.gguf is None:
+        raise InputError(model.path, "no F16/F32 GGUF to estimate from", "run `quantloop prepare` on it first")
+    pmap = precision_map(a.preset, parse_pairs(a.layer_type, "--layer-type", "attention=Q4_K"))
+    base = (a.type or pmap.get("embeddings") or "Q8_0").upper()
+    if base.endswith(("_S", "_M", "_L", "_XS", "_XXS")):
+        raise InputError(None, f"--type {base} is a llama.cpp mixture chosen inside llama-quantize",
+                         "estimate a uniform type (Q4_K, Q6_K, Q8_0, ...) or a --preset / --layer-type map")
+    types = planned_types(model.gguf, base, tensor_rules(pmap, parse_tensor_types(a.tensor_type)), pmap)
+    e = estimate_bytes(model.gguf, types)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for name, t, ne, nbytes in e["tensors"]:
+        g = groups[(layer_type_of(name), t)]
+        g[0], g[1], g[2] = g[0] + 1, g[1] + ne, g[2] + nbytes
+    print(table(["layer type", "GGUF type", "tensors", "weights", "bytes", "bits/weight"],
+                [[lt, t, n, f"{ne:,}", mib(b), f"{8 * b / ne:.3f}"] for (lt, t), (n, ne, b) in sorted(groups.items())]))
+    print(f"file: {e['bytes']:,} bytes ({mib(e['bytes'])}), {e['bits_per_weight']:.3f} bits per weight over {e['n_weights']:,} weights "
+          f"(base type {base}; rows a block does not divide use llama.cpp's fallback type)")
+    return 0
+
+
 def cmd_quantize(a) -> int:
     from quantloop.pipelines.report_format import mib, table
     from quantloop.schemas import CalibrationSpec, QuantSpec
@@ -119,6 +157,7 @@ def cmd_quantize(a) -> int:
     try:
         spec = QuantSpec(method=a.method, bits=a.bits, group_size=a.group_size, symmetric=not a.asym, act_order=a.act_order,
                          gguf_type=a.type, imatrix=a.imatrix, gguf_tensor_types=parse_tensor_types(a.tensor_type),
+                         preset=a.preset, layer_types=parse_pairs(a.layer_type, "--layer-type", "attention=Q4_K"),
                          qat_steps=a.qat_steps,
                          calibration=CalibrationSpec(source="synthetic" if a.data_free else "dataset", dataset_dir=a.dataset,
                                                      samples=a.calib_samples, seqlen=a.calib_seqlen))
@@ -203,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--imatrix", action="store_true", help="--method gguf: importance matrix from the calibration text (llama-imatrix)")
     s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="--method gguf: per-tensor type override, e.g. attn_v=q8_0 (repeatable; llama-quantize --tensor-type)")
+    s.add_argument("--preset", help="--method gguf: mixed-precision preset; arch-default = embeddings Q8_0, attention Q4_K, "
+                                    "feed-forward Q6_K, norms F32 (see `quantloop estimate`)")
+    s.add_argument("--layer-type", action="append", metavar="LAYER=TYPE",
+                   help="--method gguf: GGUF type of a layer type (embeddings, output, attention, feed_forward), on top of --preset")
     s.add_argument("--bits", type=int, default=4, help="weight bits for rtn/gptq/awq (default: 4)")
     s.add_argument("--group-size", type=int, default=128, help="weights per group, -1 = per channel (default: 128)")
     s.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
@@ -217,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: SLM/models/quantized/NAME_TAG)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("estimate", help="exact bytes and bits per weight of a (mixed-precision) GGUF before quantizing",
+                       description="Apply a precision map (--preset, --layer-type, --tensor-type; anything unmatched gets "
+                                   "--type) to the prepared model's F16 GGUF and print every layer type's GGUF type, weights and "
+                                   "bytes, and the file size llama-quantize will write, including llama.cpp's fallback types "
+                                   "for rows a block does not divide.", epilog=EPILOG)
+    s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"prepared checkpoint (default: {DEFAULT_MODEL_DIR})")
+    s.add_argument("--preset", help="mixed-precision preset (arch-default: embeddings Q8_0, attention Q4_K, feed-forward Q6_K, norms F32)")
+    s.add_argument("--layer-type", action="append", metavar="LAYER=TYPE", help="type of a layer type, on top of --preset (repeatable)")
+    s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE", help="type of the tensors a regex matches (repeatable; first match wins)")
+    s.add_argument("--type", help="type of every tensor nothing else matches (default: the embeddings' type, else Q8_0)")
+    s.set_defaults(func=cmd_estimate)
 
     from quantloop.pipelines.run import add_run_command
 

@@ -68,12 +68,13 @@ def summary(state: PipelineState) -> dict:
         "recommendation": state.recommendation or None,
         "acceptance": load_quality_spec(state.acceptance_spec).acceptance.model_dump(mode="json"),
         "acceptance_spec": state.acceptance_spec,
-        "checkpoints": [{"name": c.name, "path": c.path, "training_step": c.training_step, "validation_ppl": c.validation_ppl.ppl,
+        "checkpoints": [{"name": c.name, "path": c.path, "training_step": c.training_step, "validation_ppl": c.validation_ppl.ppl, "wall_s": c.wall_s,
                          "bytes_on_disk": c.size.bytes_on_disk,
                          "tg_tokens_per_s": c.speed.tg_tokens_per_s if c.speed else None} for c in state.candidates],
         "attempts": rows,
         "mlflow": {"parent_run_id": state.mlflow_parent_run_id, "registered_model": state.registered_model},
         "active_s": round(state.active_s, 2),
+        "time": {k: round(v, 4) for k, v in state.time_breakdown().items()},
     }
 
 

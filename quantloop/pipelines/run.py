@@ -140,7 +140,10 @@ def cmd_run(a) -> int:
     else:
         print(f"REJECTED: no step passed. Recommendation: {state.recommendation}")
     print(f"summary: {state.summary_path}   MLflow parent run: {state.mlflow_parent_run_id}")
-    print(f"wall time: {time.perf_counter() - t0:.1f} s this invocation, {state.active_s:.1f} s in the graph over all invocations")
+    t = state.time_breakdown()
+    print(f"wall time: {time.perf_counter() - t0:.1f} s this invocation, {state.active_s:.1f} s in the graph over all invocations: "
+          f"checkpoint evaluation {t['evaluation_s']:.1f} s, attempts (quantize, validate, compare) {t['attempts_s']:.1f} s, "
+          f"quantloop's own code (agents, MLflow, state) {t['own_s']:.1f} s = {100 * t['own_share']:.1f} %")
     return 0 if state.decision == "accepted" else 1
 
 

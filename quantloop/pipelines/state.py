@@ -22,6 +22,7 @@ class CheckpointScore(Strict):
     validation_ppl: PerplexityReport
     size: SizeReport
     speed: SpeedReport | None = None
+    wall_s: float = Field(0.0, description="seconds spent scoring it (the evaluation tools)")
 
 
 class PlannedAttempt(Strict):
@@ -78,6 +79,14 @@ class PipelineState(BaseModel):
     summary_path: str | None = None
     started_unix: float = 0.0
     active_s: float = Field(0.0, description="seconds spent in the graph's nodes, summed over resumes")
+
+    def time_breakdown(self) -> dict[str, float]:
+        """Where the run's time went: the tools (evaluation, quantizers, validation) versus quantloop's own code."""
+        evaluation = sum(c.wall_s for c in self.candidates)
+        attempts = sum(a.wall_s for a in self.attempts)
+        own = max(self.active_s - evaluation - attempts, 0.0)
+        return {"active_s": self.active_s, "evaluation_s": evaluation, "attempts_s": attempts, "own_s": own,
+                "own_share": own / self.active_s if self.active_s else 0.0}
 
 
 def serialisable_types() -> list[tuple[str, str]]:

@@ -95,6 +95,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
     reset_peak_rss()
     t0 = time.perf_counter()
     calib_digest = None
+    mixed = spec.method == "gguf" and (spec.preset is not None or bool(spec.layer_types))
     with atomic_output(out, is_dir=True) as tmp:
         if spec.method == "gguf":
             from quantloop.backends.gguf import quantize_gguf
@@ -103,14 +104,29 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                 raise InputError(model.path, "no F16/F32 GGUF to quantize", "run `quantloop prepare` on it first")
             gguf_type = (spec.gguf_type or "Q4_K_M").upper()
             dst = tmp / f"{name}-{spec.tag().removeprefix('gguf-')}.gguf"
-            if spec.imatrix or spec.gguf_tensor_types:
+            if mixed:
+                from quantloop.mixed_precision import planned_types, precision_map, tensor_rules
+
+                pmap = precision_map(spec.preset, spec.layer_types)
+                rules = tensor_rules(pmap, spec.gguf_tensor_types)
+                gguf_type = (spec.gguf_type or pmap.get("embeddings") or "Q8_0").upper()
+                planned = planned_types(model.gguf, gguf_type, rules, pmap)
+            if spec.imatrix or spec.gguf_tensor_types or mixed:
                 from quantloop.backends.gguf import compute_imatrix, quantize_gguf_tool
 
                 imatrix = None
                 if spec.imatrix:
                     text_file, calib_digest = calibration_text_file(spec.calibration, model.hf_dir, tmp)
                     imatrix = compute_imatrix(model.gguf, text_file, tmp / "imatrix.gguf", spec.calibration.samples, spec.calibration.seqlen)
-                model_path = quantize_gguf_tool(model.gguf, dst, gguf_type, imatrix, spec.gguf_tensor_types)
+                model_path = quantize_gguf_tool(model.gguf, dst, gguf_type, imatrix, rules if mixed else spec.gguf_tensor_types,
+                                                pure=mixed)
+                if mixed:
+                    from quantloop.llamacpp import read_metadata
+
+                    written = {t[0]: t[1] for t in read_metadata(model_path)["tensors"]}
+                    wrong = [n for n in planned if written.get(n) != planned[n]]
+                    if wrong:
+                        raise RuntimeError(f"llama-quantize wrote {written[wrong[0]]} for {wrong[0]}, the precision map planned {planned[wrong[0]]}")
                 if imatrix is not None:
                     imatrix.unlink()
                     (tmp / "synthetic-calibration.txt").unlink(missing_ok=True)
@@ -175,6 +191,8 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
         fmt = f"gguf:{(spec.gguf_type or 'Q4_K_M').upper()}" if Path(model_path).suffix == ".gguf" else spec.method
         if spec.method == "qat":
             fmt = f"gguf:{gguf_type}"
+        if mixed:
+            fmt = f"gguf:mixed-{spec.preset or 'custom'}"
         result = QuantizationResult(
             spec=spec, output_dir=str(out), model_path=str(out / Path(model_path).relative_to(tmp)) if model_path != tmp else str(out),
             format=fmt, wall_s=wall, peak_rss_bytes=peak_rss_bytes(), bytes_on_disk=size.bytes_on_disk,

@@ -1,0 +1,121 @@
+"""Per-layer mixed precision for GGUF: layer-type presets, the exact type of every tensor, and the
+file size before anything is quantized (`quantloop estimate`).
+
+A precision map gives a GGUF type per layer type (embeddings, attention, feed_forward, output,
+norms) and/or per tensor-name pattern. The architecture-aware default preset keeps embeddings
+at 8 bits, attention at 4, the feed-forward at 6 and norms in float:
+Q8_0 / Q4_K / Q6_K / F32. llama-quantize writes the file (`--pure` plus one `--tensor-type` per
+rule), so every quantizable tensor gets exactly the type the map names, after llama.cpp's own
+fallback for rows a block does not divide (gguf_blocks.fallback_type: Q4_K -> Q5_0, Q6_K ->
+Q8_0, ...; SmolLM2's 576-wide rows hit it). `estimate` applies the same rules to the F16 GGUF's
+tensor table, so it knows every tensor's type and the file's bytes before quantizing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from quantloop import gguf_blocks
+from quantloop.errors import InputError
+
+# GGUF tensor-name patterns of each layer type (llama.cpp's names, any architecture it converts)
+LAYER_TYPES: dict[str, str] = {
+    "embeddings": r"^token_embd\.weight$",
+    "output": r"^output\.weight$",
+    "attention": r"^blk\.\d+\.attn_(q|k|v|qkv|output)\.weight$",
+    "feed_forward": r"^blk\.\d+\.ffn_(gate|up|down)(_exps)?\.weight$",
+    "norms": r"_norm\.weight$",
+}
+PRESETS: dict[str, dict[str, str]] = {
+    # seeds 000/001: embeddings 8-bit, attention 4-bit, feed-forward 6-bit, norms kept in float
+    "arch-default": {"embeddings": "Q8_0", "attention": "Q4_K", "feed_forward": "Q6_K", "norms": "F32"},
+}
+FLOAT = ("F32", "F16")
+
+
+def check_type(t: str, where: str) -> str:
+    t = str(t).upper()
+    if t in gguf_blocks.TYPES or t in FLOAT:
+        return t
+    raise InputError(None, f"{where}: unknown GGUF type '{t}'", f"use one of {', '.join(list(gguf_blocks.TYPES) + list(FLOAT))}")
+
+
+def precision_map(preset: str | None = None, layer_types: dict[str, str] | None = None) -> dict[str, str]:
+    """Layer type -> GGUF type: the preset, then the user's per-layer-type entries on top."""
+    out: dict[str, str] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InputError(None, f"unknown precision preset '{preset}'", f"use one of {', '.join(PRESETS)}")
+        out.update(PRESETS[preset])
+    for layer, t in (layer_types or {}).items():
+        if layer not in LAYER_TYPES:
+            raise InputError(None, f"unknown layer type '{layer}'", f"use one of {', '.join(LAYER_TYPES)}")
+        out[layer] = t
+    for layer, t in out.items():
+        out[layer] = check_type(t, f"layer type {layer}")
+    if out.get("norms", "F32") != "F32":
+        raise InputError(None, f"norms must stay F32, not {out['norms']}", "llama.cpp keeps 1-D tensors in float; drop the norms entry")
+    return out
+
+
+def tensor_rules(pmap: dict[str, str], tensor_types: dict[str, str] | None = None) -> dict[str, str]:
+    """Ordered (pattern -> type) rules, llama-quantize --tensor-type style: the user's tensor patterns first, then layer types."""
+    rules = {p: check_type(t, f"tensor pattern {p}") for p, t in (tensor_types or {}).items()}
+    for layer, t in pmap.items():
+        if layer != "norms":
+            rules[LAYER_TYPES[layer]] = t
+    for p in rules:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise InputError(None, f"tensor type pattern '{p}' is not a regular expression ({e})", "use e.g. 'ffn_down'") from None
+    return rules
+
+
+def planned_types(gguf_f16: str | Path, base_type: str, rules: dict[str, str], pmap: dict[str, str] | None = None) -> dict[str, str]:
+    """The GGUF type llama-quantize --pure writes for every tensor of `gguf_f16` under `rules` (first match wins,
+    unmatched 2-D tensors get `base_type`, 1-D tensors stay as they are, then llama.cpp's width fallback)."""
+    from quantloop.llamacpp import read_metadata
+
+    meta = read_metadata(gguf_f16)
+    names = [t[0] for t in meta["tensors"]]
+    for layer in pmap or {}:
+        if not any(re.search(LAYER_TYPES[layer], n) for n in names):
+            raise InputError(gguf_f16, f"the preset names layer type '{layer}', which this model does not have",
+                             f"drop it; the model's tensors are e.g. {', '.join(names[:4])}")
+    base = check_type(base_type, "base type")
+    out = {}
+    for name, typ, _, _ in meta["tensors"]:
+        dims = meta["shapes"][name]
+        if len(dims) < 2:
+            out[name] = typ  # norms, biases: never quantized
+            continue
+        t = next((rt for p, rt in rules.items() if re.search(p, name)), base)
+        out[name] = t if t in FLOAT else gguf_blocks.fallback_type(t, dims[0])
+    return out
+
+
+def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
+    """Bytes and bits per weight of the file llama-quantize writes with these tensor types."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from quantloop.llamacpp import read_metadata
+
+    meta = read_metadata(gguf_f16)
+    align = meta["alignment"]
+    data, n_weights, rows = 0, 0, []
+    for name, _, ne, _ in meta["tensors"]:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[types[name]]]
+        nbytes = ne // block * size
+        data += -(-nbytes // align) * align
+        n_weights += ne
+        rows.append((name, types[name], ne, nbytes))
+    # the header (metadata, tokenizer, tensor infos) keeps its size; only general.file_type's value changes
+    total = meta["data_offset"] + data
+    return {"bytes": total, "tensor_bytes": sum(r[3] for r in rows), "n_weights": n_weights,
+            "bits_per_weight": 8 * sum(r[3] for r in rows) / n_weights, "tensors": rows}
+
+
+def layer_type_of(name: str) -> str:
+    return next((layer for layer, p in LAYER_TYPES.items() if re.search(p, name)), "other")
