@@ -1,0 +1,98 @@
+"""QAT on SmolLM2-135M (off-grid twin): round-to-nearest against data-free QAT and QAT on real text, on the
+exact Q4_0 grid, plus the mixed-precision preset against uniform 4-bit and 8-bit. Every model is a GGUF
+validated on llama.cpp against the float model's F16 GGUF, on the test split, in the same run.
+
+    .venv/bin/python bench/bench_qat.py [--steps 100] [--samples 64] [--seqlen 128] [--chunks 16] [--speed]
+
+"gap recovered" is the share of the round-to-nearest perplexity increase that QAT removed:
+(RTN increase - QAT increase) / RTN increase, for the same GGUF type. Writes SLM/reports/bench_qat.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quantloop.fileio import write_json_atomic  # noqa: E402
+from quantloop.paths import DATASETS_DIR, OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E402
+from quantloop.pipelines.report_format import table  # noqa: E402
+from quantloop.schemas import CalibrationSpec, QuantSpec, ValidationRequest  # noqa: E402
+from quantloop.tools import validate_quantization  # noqa: E402
+from quantloop.tools.quantize import quantize_model  # noqa: E402
+
+UNIFORM_Q4_K = {"embeddings": "Q4_K", "attention": "Q4_K", "feed_forward": "Q4_K"}
+
+
+def rows(steps: int, samples: int, seqlen: int) -> list[tuple[str, str | None, QuantSpec]]:
+    """(label, RTN row it is compared with, spec)."""
+    real = CalibrationSpec(source="dataset", samples=samples, seqlen=seqlen)
+    synth = CalibrationSpec(source="synthetic", samples=samples, seqlen=seqlen)
+    return [
+        ("Q4_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q4_0")),
+        ("Q4_0 QAT, data-free", "Q4_0 round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=synth)),
+        ("Q4_0 QAT, real text", "Q4_0 round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=real)),
+        ("Q4_K round-to-nearest (pure)", None, QuantSpec(method="gguf", layer_types=UNIFORM_Q4_K)),
+        ("mixed arch-default (RTN)", None, QuantSpec(method="gguf", preset="arch-default")),
+        ("Q8_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q8_0")),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=100, help="QAT optimizer steps (batch 4)")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (real or synthetic)")
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--chunks", type=int, default=16)
+    p.add_argument("--speed", action="store_true", help="also measure generation speed (slower)")
+    p.add_argument("--only", nargs="+", help="row labels to run (substring match)")
+    a = p.parse_args()
+    dataset = DATASETS_DIR / "shakespeare"
+    out_json = SLM_DIR / "reports" / "bench_qat.json"
+    results: dict[str, dict] = {}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=SLM_DIR) as tmp:
+        for label, rtn_label, spec in rows(a.steps, a.samples, a.seqlen):
+            if a.only and not any(o.lower() in label.lower() for o in a.only):
+                continue
+            out = Path(tmp) / spec.tag()
+            q = quantize_model(OFFGRID_MODEL_DIR, out, spec)
+            r = validate_quantization(ValidationRequest(quantized=q.model_path, baseline=str(OFFGRID_MODEL_DIR), dataset_dir=str(dataset),
+                                                        chunks=a.chunks, measure_speed=a.speed, nominal_bits=4 if "4" in label else 8,
+                                                        report_path=str(Path(tmp) / f"{spec.tag()}.json")))
+            qat = json.loads((out / "qat_result.json").read_text()) if spec.method == "qat" else None
+            results[label] = {"rtn": rtn_label, "quantization": json.loads(q.model_dump_json()),
+                              "validation": json.loads(r.model_dump_json()), "qat": qat}
+            print(f"  {label:30s} ppl {r.kld.ppl_increase_pct:+6.2f} %  KLD {r.kld.kld_mean:.4f}  bpw {r.size_quantized.bits_per_weight:.2f}"
+                  f"  {q.wall_s:.0f} s", flush=True)
+            write_json_atomic(out_json, results)
+    table_rows = []
+    for label, x in results.items():
+        k, q = x["validation"]["kld"], x["quantization"]
+        gap = "-"
+        if x["rtn"] in results:
+            base = results[x["rtn"]]["validation"]["kld"]["ppl_increase_pct"]
+            gap = f"{100 * (base - k['ppl_increase_pct']) / base:.0f} %" if base > 0 else "-"
+        qat = x["qat"]
+        table_rows.append([label, f"{k['ppl_increase_pct']:+.2f} %", f"{k['kld_mean']:.4f}", f"{100 * k['same_top_rate']:.1f} %",
+                           f"{x['validation']['size_quantized']['bits_per_weight']:.2f}",
+                           f"{q['wall_s']:.0f} s" if q["spec"]["method"] == "qat" else "-",
+                           f"{qat['rtn_kl']:.4f} -> {qat['final_kl']:.4f}" if qat else "-", gap,
+                           "pass" if x["validation"]["passed"] else "fail"])
+    print()
+    print(f"off-grid SmolLM2-135M, test split {a.chunks} x 512 tokens; QAT: {a.steps} steps of 4 x {a.seqlen} tokens, "
+          f"{a.samples} calibration sequences")
+    print(table(["model", "ppl increase", "mean KLD", "same top", "bits/weight", "QAT wall time", "held-out KL (QAT)",
+                 "gap recovered", "verdict"], table_rows))
+    print(f"\nwall time {time.perf_counter() - t_start:.0f} s\nreport: {out_json}")
+
+
+if __name__ == "__main__":
+    main()
