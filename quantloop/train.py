@@ -41,6 +41,9 @@ from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR  # noqa: E402
 # embeddings the embedding dominates the parameter count. Widths are multiples of 32 (GGUF Q4_0/Q8_0
 # blocks); intermediate sizes and the small model's hidden size are multiples of 256 (k-quant super-blocks).
 SIZES: dict[str, dict] = {
+    # about 1.6 M parameters: a trained model that takes seconds (test fixtures; too small to beat much)
+    "micro": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=128),
     # about 7.3 M parameters (6.3 M of them the tied embedding)
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024),
@@ -50,7 +53,7 @@ SIZES: dict[str, dict] = {
 }
 # Peak learning rates: a short run on a few CPU cores is step-bound, so the tiny model learns fastest at a high rate
 # (8 steps of 8 x 64 tokens: validation loss 7.26 at 1e-2 against 8.39 at 3e-3).
-DEFAULT_LR = {"tiny": 1e-2, "small": 5e-3}
+DEFAULT_LR = {"micro": 1e-2, "tiny": 1e-2, "small": 5e-3}
 COMMON_CONFIG = dict(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
                      rope_theta=10000.0, attention_dropout=0.0, hidden_act="silu")
 

@@ -62,3 +62,28 @@ def tiny_copy(tmp_path, tiny_prepared) -> Path:
     dst = tmp_path / "tiny"
     shutil.copytree(tiny_prepared, dst)
     return dst
+
+
+# A trained micro Llama with three step_N checkpoints: trained once (about a minute on 2 cores) and cached
+# outside the checkout, keyed by everything that changes it. Regenerate by deleting the folder; the command is
+#   quantloop train-slm --size micro --steps 90 --save-every 30 --batch-size 8 --seqlen 64 --out DIR
+TRAINED_RUN = dict(size="micro", steps=90, save_every=30, batch_size=8, seqlen=64, lr=1e-2, seed=0, eval_windows=8)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(reference_dir, dataset_dir) -> Path:
+    import hashlib
+    import json
+
+    import torch
+    import transformers
+
+    from quantloop import train
+    from quantloop.datasets import manifest_digest
+    from quantloop.paths import CACHE_DIR
+
+    key = hashlib.sha256(json.dumps([TRAINED_RUN, train.SIZES["micro"], manifest_digest(dataset_dir), torch.__version__,
+                                     transformers.__version__], sort_keys=True).encode()).hexdigest()[:12]
+    out = CACHE_DIR / "fixtures" / f"micro-{key}"
+    train.train_slm(out, dataset_dir=dataset_dir, tokenizer_dir=reference_dir, progress=False, **TRAINED_RUN)  # resumes: no-op when done
+    return out

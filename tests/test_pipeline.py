@@ -312,3 +312,19 @@ def test_killed_run_resumes_after_the_last_completed_attempt(tiny_prepared, data
     attempts = sorted(r.data.tags["quantloop.attempt"] for r in runs)
     assert attempts == ["0", "1", "2", "parent"]  # one record per attempt, none lost, none doubled
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_checkpoint_selection_and_next_checkpoint_fallback(trained_checkpoints, dataset_dir, tmp_path):
+    """A folder of trained step_N checkpoints: the best by validation perplexity is quantized first, the runner-up next."""
+    manifest = json.loads((trained_checkpoints / "training_manifest.json").read_text())
+    assert len(manifest["checkpoints"]) == 3
+    policy = tiny_policy(tmp_path, [gguf_step("int4-q4_0", "Q4_0", 4), {**NEXT_CHECKPOINT, "retry": ["int4-q4_0"]}],
+                         measure_speed=False, size_ratio=100.0)  # a size bar no model meets: the whole plan runs
+    state = run_tiny(tmp_path, trained_checkpoints, dataset_dir, policy)
+    ppl = [c.validation_ppl.ppl for c in state.candidates]
+    assert len(ppl) == 3 and ppl == sorted(ppl)
+    assert state.candidates[0].name.startswith(trained_checkpoints.name + "-step_")
+    assert [a.step for a in state.attempts] == ["int4-q4_0", f"int4-q4_0@{state.candidates[1].name}"]
+    assert [a.checkpoint for a in state.attempts] == [state.candidates[0].path, state.candidates[1].path]
+    assert all(a.status == "validated" and a.verdict in ("fallback", "rejected") for a in state.attempts)
+    assert state.decision == "rejected"
