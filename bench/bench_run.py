@@ -29,10 +29,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", help="checkpoint or folder of step_N checkpoints (default: the prepared SmolLM2-135M)")
     p.add_argument("--policy", help="policy YAML (default: specs/policy.yaml)")
+    p.add_argument("--spec", help="acceptance spec YAML (default: the policy's)")
     p.add_argument("--data-free", action="store_true")
     a = p.parse_args()
     t0 = time.perf_counter()
-    state = run_pipeline(a.model, a.policy, data_free=a.data_free, on_attempt=print_attempt)
+    state = run_pipeline(a.model, a.policy, data_free=a.data_free, on_attempt=print_attempt, spec_file=a.spec)
     wall = time.perf_counter() - t0
     t = state.time_breakdown()
     rows = [["checkpoint evaluation", f"{t['evaluation_s']:.1f} s", f"{100 * t['evaluation_s'] / wall:.1f} %"]]

@@ -99,6 +99,12 @@ def test_bad_policy_file_is_one_line_exit_2(tmp_path, capsys):
     assert err.count("\n") == 0 and "not valid YAML" in err
 
 
+def test_missing_acceptance_spec_is_one_line_exit_2(tmp_path, capsys):
+    assert run_main(["run", "--spec", str(tmp_path / "nope.yaml"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "acceptance spec not found" in err and not (tmp_path / "m.db").exists()
+
+
 def test_folder_without_checkpoints_is_rejected(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert run_main(["run", str(tmp_path / "empty"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2

@@ -32,13 +32,21 @@ def new_run_id() -> str:
 def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None = None, target: str | None = None,
                  run_id: str | None = None, tracking_uri: str | None = None, data_free: bool = False,
                  dataset_dir: str | Path | None = None, output_root: str | Path | None = None, state_db: str | Path | None = None,
-                 on_attempt: Callable | None = None, on_start: Callable | None = None):
+                 on_attempt: Callable | None = None, on_start: Callable | None = None, spec_file: str | Path | None = None):
     """Run (or resume, with the same run_id) the loop. Returns the final PipelineState."""
     from quantloop.agents.evaluation import find_checkpoints
     from quantloop.eval.session import dataset_dir_or_default
     from quantloop.pipelines.policy import load_policy
 
     policy, spec_path = load_policy(policy_file, target)
+    if spec_file is not None:  # another acceptance bar; part of the policy, so a resumed run must use it too
+        spec_path = Path(spec_file).resolve()
+        if not spec_path.is_file():
+            raise InputError(spec_path, "acceptance spec not found", "pass a YAML file such as specs/acceptance.yaml")
+        from quantloop.specs import load_quality_spec
+
+        load_quality_spec(spec_path)  # validated before any work
+        policy = policy.model_copy(update={"acceptance_spec": str(spec_path)})
     if data_free:  # calibration from the model's own generations; the test split is only used to validate
         policy = policy.data_free()
     model_path = Path(model) if model else DEFAULT_MODEL_DIR
@@ -122,7 +130,7 @@ def cmd_run(a) -> int:
         print(f"run id: {run_id} ({'resumed' if resumed else 'new'}; resume with --run-id {run_id})   tracking: {uri}", flush=True)
 
     state = run_pipeline(a.model, a.policy, a.target, a.run_id, a.tracking_uri, a.data_free, a.dataset,
-                         on_attempt=print_attempt, on_start=on_start)
+                         on_attempt=print_attempt, on_start=on_start, spec_file=a.spec)
     acc = load_quality_spec(state.acceptance_spec).acceptance
     print()
     if state.candidates:
@@ -158,6 +166,7 @@ def add_run_command(subparsers) -> argparse.ArgumentParser:
                    help=f"a checkpoint folder, or a folder of step_N checkpoints (default: {DEFAULT_MODEL_DIR})")
     s.add_argument("--policy", help="fallback policy YAML (default: specs/policy.yaml)")
     s.add_argument("--target", choices=["cpu", "cuda"], help="deployment target (default: the policy's)")
+    s.add_argument("--spec", help="acceptance spec YAML (default: the policy's acceptance_spec, specs/acceptance.yaml)")
     s.add_argument("--run-id", help="resume this run, or name a new one (default: a new id)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///SLM/mlflow.db)")
     s.add_argument("--data-free", action="store_true", help="no calibration text: GPTQ, imatrix and QAT calibrate on text the float model "
