@@ -1,5 +1,5 @@
 """QAT on SmolLM2-135M (off-grid twin): round-to-nearest against data-free QAT and QAT on real text, on the
-exact Q4_0 grid, plus the mixed-precision preset against uniform 4-bit and 8-bit. Every model is a GGUF
+exact Q4_0 and Q4_K grids, plus the mixed-precision preset against uniform 4-bit and 8-bit. Every model is a GGUF
 validated on llama.cpp against the float model's F16 GGUF, on the test split, in the same run.
 
     .venv/bin/python bench/bench_qat.py [--steps 100] [--samples 64] [--seqlen 128] [--chunks 16] [--speed]
@@ -28,7 +28,9 @@ from quantloop.schemas import CalibrationSpec, QuantSpec, ValidationRequest  # n
 from quantloop.tools import validate_quantization  # noqa: E402
 from quantloop.tools.quantize import quantize_model  # noqa: E402
 
-UNIFORM_Q4_K = {"embeddings": "Q4_K", "attention": "Q4_K", "feed_forward": "Q4_K"}
+# Q4_K everywhere llama-quantize --pure can put it; the embedding on Q8_0 as QAT's export keeps it (llama.cpp's
+# choice for a tied 576-wide embedding)
+UNIFORM_Q4_K = {"attention": "Q4_K", "feed_forward": "Q4_K"}
 
 
 def rows(steps: int, samples: int, seqlen: int) -> list[tuple[str, str | None, QuantSpec]]:
@@ -39,7 +41,9 @@ def rows(steps: int, samples: int, seqlen: int) -> list[tuple[str, str | None, Q
         ("Q4_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q4_0")),
         ("Q4_0 QAT, data-free", "Q4_0 round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=synth)),
         ("Q4_0 QAT, real text", "Q4_0 round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=real)),
-        ("Q4_K round-to-nearest (pure)", None, QuantSpec(method="gguf", layer_types=UNIFORM_Q4_K)),
+        ("Q4_K round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q8_0", layer_types=UNIFORM_Q4_K)),
+        ("Q4_K QAT, data-free", "Q4_K round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_K", qat_steps=steps, calibration=synth)),
+        ("Q4_K QAT, real text", "Q4_K round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_K", qat_steps=steps, calibration=real)),
         ("mixed arch-default (RTN)", None, QuantSpec(method="gguf", preset="arch-default")),
         ("Q8_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q8_0")),
     ]

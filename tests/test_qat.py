@@ -75,7 +75,7 @@ def test_kl_loss_on_known_distributions():
 
 
 def test_bad_settings_are_input_errors():
-    for bad in ("Q4_K", "Q6_K", "F16", "Q3"):
+    for bad in ("Q2_K", "IQ4_NL", "F16", "Q3"):
         with pytest.raises(InputError):
             check_qat_type(bad)
     for bits in (1, 9, 3.5):
@@ -227,3 +227,55 @@ def test_quantize_model_qat_data_free_is_deterministic(tiny_prepared, tmp_path):
     saved = json.loads((tmp_path / "a" / "quantization_config.json").read_text())["quantloop"]
     assert saved["spec"]["method"] == "qat" and saved["spec"]["calibration"]["source"] == "synthetic"
     assert json.loads((tmp_path / "a" / "qat_result.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_kquant_frozen_grid_starts_at_llama_cpp_rounding(type_name):
+    from quantloop.backends.qat import kquant_fake_quantize, kquant_grid
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 512, generator=g) * 0.05
+    w[0, :256] = 0.0  # an all-zero super-block
+    step, off = kquant_grid(w, type_name)
+    fq = kquant_fake_quantize(w, type_name, step, off)
+    np.testing.assert_array_equal(fq.numpy(), gb.fake_quantize(w.numpy(), type_name))
+    # a weight that moved a little stays on the frozen grid: every value is step * q - offset
+    moved = kquant_fake_quantize(w + 0.002 * torch.randn(6, 512, generator=g), type_name, step, off)
+    sub = 16 if type_name == "Q6_K" else 32
+    s = step.repeat_interleave(sub, dim=1)
+    o = 0 if off is None else off.repeat_interleave(sub, dim=1)
+    q = torch.where(s == 0, torch.zeros(()), (moved + o) / torch.where(s == 0, torch.ones(()), s))
+    assert torch.allclose(q, q.round(), atol=1e-3)
+
+
+def test_kquant_qat_exports_llama_cpp_rounding_exactly(reference_dir, tmp_path):
+    """Q4_K QAT on a 256-wide Llama: 256-wide rows are Q4_K in the GGUF, the 512-wide ffn_down too, and the file's
+    blocks dequantize to the student's weights; the embedding sits on llama-quantize's Q6_K grid."""
+    import json
+
+    from gguf import GGMLQuantizationType, GGUFReader
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from quantloop.backends.qat import qat_checkpoint
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    src = tmp_path / "src"
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    AutoTokenizer.from_pretrained(reference_dir).save_pretrained(src)
+    seqs = torch.randint(3, 49152, (6, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    out = tmp_path / "qat"
+    path = qat_checkpoint(src, out, "Q4_K", seqs, steps=3, config=QATConfig(batch_size=2, groups=1, progress=False, device="cpu"))
+    res = json.loads((out / "qat_result.json").read_text())
+    assert res["gguf_type"] == "Q4_K" and res["embedding_type"] == "Q6_K"
+    state = load_file(out / "model.safetensors")
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    t = tensors["blk.0.ffn_down.weight"]
+    assert t.tensor_type == GGMLQuantizationType.Q4_K
+    np.testing.assert_allclose(gb.dequantize(t.data, "Q4_K"), state["model.layers.0.mlp.down_proj.weight"], rtol=2**-11, atol=0)
+    t = tensors["token_embd.weight"]
+    assert t.tensor_type == GGMLQuantizationType.Q6_K
+    np.testing.assert_allclose(gb.dequantize(t.data, "Q6_K"), state["model.embed_tokens.weight"], rtol=2**-11, atol=0)
+    assert tensors["blk.0.attn_v.weight"].tensor_type == GGMLQuantizationType.Q4_K

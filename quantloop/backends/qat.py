@@ -1,4 +1,4 @@
-"""Quantization-aware training by distillation onto an exact GGUF grid (block-32 types).
+"""Quantization-aware training by distillation onto an exact GGUF grid (block-32 types and k-quants).
 
 The student is a copy of the float teacher whose q/k/v/o/gate/up/down linear weights
 pass through a fake quantizer that reproduces llama.cpp's own quantizer
@@ -14,7 +14,15 @@ Grids (block of 32 values, d and m fp16):
   Q5_1  the same with 31 levels
   Q8_0  d = max|x| / 127, q = roundf(x/d) (half away from zero),  w = d*q
 
-Protocol (seed 002, issue 6): (1) the student starts from the teacher's weights;
+K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256 with 6/8-bit sub-block scales): llama.cpp's
+scale search (make_qkx2_quants / make_qx_quants) is not differentiable, so the sub-block steps
+and offsets are taken from llama.cpp's rounding of the current weights (gguf_blocks.quantize_blocks)
+when a layer is switched on and frozen while it trains (value = step * q - offset); at the end
+every weight is re-rounded by llama.cpp's own k-quant rounding, which is what the GGUF holds, and
+the reported final KL is measured after that. Rows a super-block does not divide use llama.cpp's
+fallback type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), as llama-quantize does.
+
+Protocol (seed 002): (1) the student starts from the teacher's weights;
 (2) calibration sequences (real or quantloop.synthetic); (3) a sensitivity score per
 decoder layer (KL when only that layer is fake-quantized, on one batch), then layers
 are quantized in groups in that order, a few steps per stage, a stage stopping early
@@ -64,11 +72,51 @@ def check_qat_type(gguf_type: str | None = None, bits: int | None = None, symmet
                              "QAT supports Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (4/5-bit either way, 8-bit symmetric)")
         return t
     t = str(gguf_type).upper()
-    if t in QAT_TYPES:
+    if t in QAT_TYPES or t in KQUANTS:
         return t
-    if t in KQUANTS:
-        raise InputError(None, f"QAT for the k-quant {t} is not implemented yet", f"use one of {', '.join(QAT_TYPES)}")
-    raise InputError(None, f"QAT cannot train for GGUF type '{gguf_type}'", f"use one of {', '.join(QAT_TYPES)}")
+    raise InputError(None, f"QAT cannot train for GGUF type '{gguf_type}'", f"use one of {', '.join(QAT_TYPES + KQUANTS)}")
+
+
+def layer_type(gguf_type: str, width: int) -> str:
+    """The type a linear of input width `width` gets: k-quants fall back where 256 does not divide the rows."""
+    from quantloop.gguf_blocks import fallback_type
+
+    return fallback_type(gguf_type, width) if gguf_type in KQUANTS else gguf_type
+
+
+def kquant_grid(w: torch.Tensor, gguf_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sub-block steps and offsets of llama.cpp's k-quant rounding of w: value = step * q - offset.
+
+    Q4_K/Q5_K: sub-blocks of 32, step = d * scale, offset = dmin * min (float32, as dequantize_row_q4_K).
+    Q6_K: sub-blocks of 16, step = d * scale, no offset (q from -32 to 31)."""
+    import numpy as np
+
+    from quantloop import gguf_blocks as gb
+
+    rows, cols = w.shape
+    qb = gb.quantize_blocks(w.detach().float().cpu().numpy(), gguf_type)
+    ns = 16 if gguf_type == "Q6_K" else 8
+    d = qb.d.astype(np.float32).reshape(rows, -1, 1)
+    step = (d * qb.scales.reshape(rows, -1, ns).astype(np.float32)).reshape(rows, -1)
+    off = None
+    if gguf_type != "Q6_K":
+        dmin = qb.dmin.astype(np.float32).reshape(rows, -1, 1)
+        off = torch.from_numpy((dmin * qb.mins.reshape(rows, -1, ns).astype(np.float32)).reshape(rows, -1)).to(w.device)
+    return torch.from_numpy(step).to(w.device), off
+
+
+def kquant_fake_quantize(w: torch.Tensor, gguf_type: str, step: torch.Tensor, off: torch.Tensor | None) -> torch.Tensor:
+    """w rounded to the nearest point of a frozen k-quant grid (kquant_grid), in float32."""
+    rows, cols = w.shape
+    x = w.detach().float().reshape(rows, step.shape[1], -1)
+    s = step[..., None]
+    safe = torch.where(s == 0, torch.ones((), device=x.device), s)  # a zero step holds only its offset
+    if off is None:  # Q6_K
+        y = s * torch.clamp(torch.round(x / safe), -32, 31)
+    else:
+        o = off[..., None]
+        y = s * torch.clamp(torch.round((x + o) / safe), 0, 15 if gguf_type == "Q4_K" else 31) - o
+    return y.reshape(rows, cols).to(w.dtype)
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +132,8 @@ def fake_quantize_torch(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
     Computed in float32 (result in w's dtype), no gradient tracking of its own (see ste_fake_quantize).
     """
     t = check_qat_type(gguf_type)
+    if t in KQUANTS:
+        raise InputError(None, f"{t} is a k-quant: its grid comes from kquant_grid", "use kquant_fake_quantize")
     if w.dim() != 2 or w.shape[1] % BLOCK:
         raise InputError(None, f"{t}: expected a 2-D weight with a multiple of {BLOCK} columns, got {tuple(w.shape)}")
     rows, cols = w.shape
@@ -113,20 +163,21 @@ def fake_quantize_torch(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
 
 class _STE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, gguf_type):
-        return fake_quantize_torch(w, gguf_type)
+    def forward(ctx, w, gguf_type, grid=None):
+        return fake_quantize_torch(w, gguf_type) if grid is None else kquant_fake_quantize(w, gguf_type, *grid)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
-def ste_fake_quantize(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
-    """Forward: exactly fake_quantize_torch(w); backward: the identity (straight-through estimator).
+def ste_fake_quantize(w: torch.Tensor, gguf_type: str, grid=None) -> torch.Tensor:
+    """Forward: exactly fake_quantize_torch(w) (k-quants: kquant_fake_quantize on the frozen `grid`);
+    backward: the identity (straight-through estimator).
 
     (Not w + (fq(w) - w).detach(): that differs from fq(w) by float rounding, so the student would
     train slightly off the grid it exports.)"""
-    return _STE.apply(w, gguf_type)
+    return _STE.apply(w, gguf_type, grid)
 
 
 class FakeQuantLinear(torch.nn.Module):
@@ -135,15 +186,27 @@ class FakeQuantLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, gguf_type: str, enabled: bool = False):
         super().__init__()
         self.linear = linear
-        self.gguf_type = gguf_type
+        self.gguf_type = layer_type(gguf_type, linear.weight.shape[1])
+        self.grid = None  # k-quants: (step, offset) frozen while the layer trains
         self.enabled = enabled
 
+    def set_enabled(self, on: bool) -> None:
+        if on and not self.enabled and self.gguf_type in KQUANTS:
+            self.grid = kquant_grid(self.linear.weight, self.gguf_type)  # llama.cpp's rounding of the weights now
+        self.enabled = on
+
     def forward(self, x):
-        w = ste_fake_quantize(self.linear.weight, self.gguf_type) if self.enabled else self.linear.weight
+        w = ste_fake_quantize(self.linear.weight, self.gguf_type, self.grid) if self.enabled else self.linear.weight
         return F.linear(x, w, self.linear.bias)
 
     def quantized_weight(self) -> torch.Tensor:
+        """The weight as the GGUF stores it (k-quants: llama.cpp's own rounding of the trained weight)."""
         with torch.no_grad():
+            if self.gguf_type in KQUANTS:
+                from quantloop import gguf_blocks as gb
+
+                w = self.linear.weight
+                return torch.from_numpy(gb.fake_quantize(w.detach().float().cpu().numpy(), self.gguf_type)).to(w.device, w.dtype)
             return fake_quantize_torch(self.linear.weight, self.gguf_type)
 
 
@@ -220,6 +283,25 @@ class QATConfig:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    embedding_type: str | None = "auto"  # token embedding / output grid; auto: what llama-quantize picks; None: float
+
+
+def embedding_type_for(gguf_type: str, width: int) -> str:
+    """The type llama-quantize gives a (tied) token embedding / output matrix: Q8_0 for Q8_0 files, else Q6_K,
+    with its fallback (Q8_0) where 256 does not divide the rows (llama-quant.cpp, OUTPUT category)."""
+    from quantloop.gguf_blocks import fallback_type
+
+    return "Q8_0" if gguf_type == "Q8_0" else fallback_type("Q6_K", width)
+
+
+def _project_embeddings_(model, type_name: str) -> None:
+    """Put the token embedding (and an untied output matrix) on the GGUF grid the file will hold."""
+    from quantloop import gguf_blocks as gb
+
+    with torch.no_grad():
+        for m in {id(x): x for x in (model.get_input_embeddings(), model.get_output_embeddings()) if x is not None}.values():
+            w = m.weight
+            w.copy_(torch.from_numpy(gb.fake_quantize(w.detach().float().cpu().numpy(), type_name)).to(w.device, w.dtype))
 
 
 @dataclass
@@ -232,6 +314,7 @@ class QATResult:
     stages: list[dict] = field(default_factory=list)  # per stage: layers, steps, start/end KL, early_stop
     sensitivity: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    embedding_type: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -261,7 +344,7 @@ def _as_tensor(sequences) -> torch.Tensor:
 def _set_enabled(wrapped: dict[str, FakeQuantLinear], names) -> None:
     names = set(names)
     for n, fq in wrapped.items():
-        fq.enabled = n in names
+        fq.set_enabled(n in names)
 
 
 @torch.no_grad()
@@ -299,6 +382,11 @@ def run_qat(teacher, sequences, config: QATConfig | None = None):
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(teacher)
+    emb_type = cfg.embedding_type
+    if emb_type == "auto":
+        emb_type = embedding_type_for(gguf_type, student.get_input_embeddings().weight.shape[1])
+    if emb_type is not None:
+        _project_embeddings_(student, emb_type)
     wrapped = _wrap(student, gguf_type)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -384,16 +472,17 @@ def run_qat(teacher, sequences, config: QATConfig | None = None):
             bar.update(1)
             bar.set_postfix(stage="global", kl=f"{kl:.4g}")
         student.eval()
-        final = _eval_kl(teacher, student, eval_batch, T, chunk)
+        trained = _eval_kl(teacher, student, eval_batch, T, chunk)
         stages.append({"stage": "global", "layers": list(layers), "steps": global_steps, "start_kl": start,
-                       "end_kl": final, "early_stop": False})
+                       "end_kl": trained, "early_stop": False})
     finally:
         bar.close()
     _unwrap(student, wrapped)
     for p in student.parameters():
         p.requires_grad_(False)
+    final = _eval_kl(teacher, student, eval_batch, T, chunk)  # the weights the GGUF holds
     result = QATResult(gguf_type=gguf_type, steps=done, wall_s=time.perf_counter() - t0, rtn_kl=rtn_kl,
-                       final_kl=final, stages=stages, sensitivity=sensitivity, device=str(device))
+                       final_kl=final, stages=stages, sensitivity=sensitivity, device=str(device), embedding_type=emb_type)
     return student.eval(), result
 
 
@@ -418,4 +507,5 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
     load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
     (out_dir / "qat_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-{gguf_type}.gguf"
-    return export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, overwrite=overwrite)
+    return export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, embedding_type=result.embedding_type or "F16",
+                             overwrite=overwrite)
