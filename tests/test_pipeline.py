@@ -320,6 +320,7 @@ def test_killed_run_resumes_after_the_last_completed_attempt(tiny_prepared, data
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.slow
 def test_checkpoint_selection_and_next_checkpoint_fallback(trained_checkpoints, dataset_dir, tmp_path):
     """A folder of trained step_N checkpoints: the best by validation perplexity is quantized first, the runner-up next."""
     manifest = json.loads((trained_checkpoints / "training_manifest.json").read_text())

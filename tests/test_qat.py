@@ -248,6 +248,7 @@ def test_kquant_frozen_grid_starts_at_llama_cpp_rounding(type_name):
     assert torch.allclose(q, q.round(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_kquant_qat_exports_llama_cpp_rounding_exactly(reference_dir, tmp_path):
     """Q4_K QAT on a 256-wide Llama: 256-wide rows are Q4_K in the GGUF, the 512-wide ffn_down too, and the file's
     blocks dequantize to the student's weights; the embedding sits on llama-quantize's Q6_K grid."""
