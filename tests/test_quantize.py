@@ -101,3 +101,25 @@ def test_gptq_g32_exports_its_codes_to_gguf_q4_0(tiny_prepared, tmp_path, datase
     t = next(t for t in GGUFReader(r.model_path).tensors if t.name == "blk.0.ffn_down.weight")
     assert t.tensor_type.name == "Q4_0"
     assert np.array_equal(dequantize(t.data, t.tensor_type).reshape(expected.shape), expected)
+
+
+def test_export_gguf_command_writes_the_rtn_grid_and_refuses_a_wrong_type(tiny_prepared, tmp_path, capsys):
+    """`quantloop export-gguf`: an RTN g32 asymmetric checkpoint becomes Q4_1 code for code; Q4_0 (symmetric) is refused."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from quantloop.pipelines.cli import main
+
+    quantize_model(tiny_prepared, tmp_path / "rtn", QuantSpec(method="rtn", bits=4, group_size=32, symmetric=False))
+    out = tmp_path / "rtn.gguf"
+    assert main(["export-gguf", str(tmp_path / "rtn"), "--type", "Q4_1", "--out", str(out)]) == 0
+    hf = load_file(tmp_path / "rtn" / "model.safetensors")
+    t = next(t for t in GGUFReader(out).tensors if t.name == "blk.0.attn_output.weight")
+    assert t.tensor_type.name == "Q4_1"
+    np.testing.assert_allclose(dequantize(t.data, t.tensor_type), hf["model.layers.0.self_attn.o_proj.weight"].numpy(), rtol=2**-11, atol=0)
+    capsys.readouterr()
+    assert main(["export-gguf", str(tmp_path / "rtn"), "--type", "Q4_0", "--out", str(tmp_path / "bad.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Q4_0" in err and not (tmp_path / "bad.gguf").exists()
+    assert main(["export-gguf", str(tmp_path / "rtn"), "--type", "Q4_1", "--out", str(out)]) == 2  # exists

@@ -149,6 +149,34 @@ def cmd_estimate(a) -> int:
     return 0
 
 
+def cmd_export_gguf(a) -> int:
+    from quantloop.export_gguf import export_hf_to_gguf
+    from quantloop.models import check_hf_dir
+    from quantloop.pipelines.report_format import mib
+
+    src = Path(a.checkpoint)
+    if not (src / "config.json").is_file():
+        raise InputError(src, "not a checkpoint folder (no config.json)", "pass a folder written by quantloop quantize (rtn, gptq, awq, qat)")
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise InputError(out, "output file exists", "pass --overwrite or choose another --out")
+    if (src / "quantize_config.json").is_file():  # a GPTQModel checkpoint: its integer codes, onto the float base
+        from quantloop.backends.gptq_export import export_gptq_to_gguf
+
+        if not a.base:
+            raise InputError(src, "a GPTQ/AWQ checkpoint holds only the quantized linears", "pass --base FLOAT_CHECKPOINT (the model it was quantized from)")
+        check_hf_dir(Path(a.base))
+        try:
+            path = export_gptq_to_gguf(src, Path(a.base), out, a.type.upper())
+        except ValueError as e:
+            raise InputError(src, str(e).splitlines()[0], "quantize without act-order, group size 32") from None
+    else:
+        check_hf_dir(src)
+        path = export_hf_to_gguf(src, out, a.type.upper(), overwrite=a.overwrite)
+    print(f"written: {path} ({mib(Path(path).stat().st_size)}, {a.type.upper()}; codes and scales as in {src})")
+    return 0
+
+
 def cmd_quantize(a) -> int:
     from quantloop.pipelines.report_format import mib, table
     from quantloop.schemas import CalibrationSpec, QuantSpec
@@ -260,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: SLM/models/quantized/NAME_TAG)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("export-gguf", help="write a grid-aligned checkpoint (RTN, GPTQ, AWQ, QAT) into a GGUF, code for code",
+                       description="Write the weights of a checkpoint that already sits on a GGUF block grid (4, 5 or 8 bits, "
+                                   "group 32, fp16 scales: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; QAT also Q4_K, Q5_K, Q6_K) into a GGUF "
+                                   "of that type without re-quantizing. A weight that is not on the grid is refused with the "
+                                   "worst deviation, never silently rounded again.", epilog=EPILOG)
+    s.add_argument("checkpoint", help="checkpoint folder: RTN/QAT output (float weights on the grid) or a GPTQModel checkpoint")
+    s.add_argument("--type", required=True, help="GGUF type the layout maps to, e.g. Q4_0 (symmetric 4-bit) or Q4_1 (asymmetric)")
+    s.add_argument("--out", required=True, help="the .gguf file to write")
+    s.add_argument("--base", help="GPTQ/AWQ: the float checkpoint it was quantized from (embeddings, norms)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.set_defaults(func=cmd_export_gguf)
 
     s = sub.add_parser("estimate", help="exact bytes and bits per weight of a (mixed-precision) GGUF before quantizing",
                        description="Apply a precision map (--preset, --layer-type, --tensor-type; anything unmatched gets "
