@@ -43,7 +43,7 @@ def export_hf_to_gguf(
     out_file: str | Path,
     type_name: str,
     tensor_types: dict[str, str] | None = None,
-    embedding_type: str = "F16",
+    embedding_type: str = "auto",
     overwrite: bool = False,
 ) -> Path:
     """Write `hf_dir` as a GGUF whose linear weights are raw `type_name` blocks; returns the path.
@@ -51,8 +51,10 @@ def export_hf_to_gguf(
     tensor_types maps regular expressions over GGUF tensor names (searched, first match
     wins, as llama-quantize --tensor-type) to a type for the linear weights they match,
     e.g. {"ffn_": "Q6_K", "attn_": "Q4_K"}; F16/F32 keep a weight in float.
-    embedding_type is the type of token_embd/output (F16 by default; a block type
-    requires those weights on its grid too). Norms and other 1-D tensors stay F32. Rows a
+    embedding_type is the type of token_embd/output: "auto" (default) gives them the type
+    llama-quantize would (llama_embedding_type), so the file has llama.cpp's layout and
+    size; F16/F32 keep them in float. Embeddings already on that grid (QAT) are written
+    exactly; others are rounded as llama-quantize rounds them (no optimizer touched them). Norms and other 1-D tensors stay F32. Rows a
     type's block does not divide get llama-quantize's fallback type (Q4_K -> Q5_0, ...,
     see gguf_blocks.fallback_type), and must be on that type's grid.
     Raises InputError when a weight is not on its type's grid (to fp16 rounding);
@@ -62,7 +64,8 @@ def export_hf_to_gguf(
 
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     type_name = _check_type(type_name, "export type", floats=False)
-    embedding_type = _check_type(embedding_type, "embedding type")
+    if embedding_type != "auto":
+        embedding_type = _check_type(embedding_type, "embedding type")
     rules = []
     for pattern, t in (tensor_types or {}).items():
         try:
@@ -83,7 +86,8 @@ def export_hf_to_gguf(
         reader = gguf.GGUFReader(src)
         tensors = []
         for t in reader.tensors:
-            target = _target_type(t.name, t.data.ndim, type_name, embedding_type, rules)
+            emb = llama_embedding_type(type_name, t.data.shape[-1]) if embedding_type == "auto" else embedding_type
+            target = _target_type(t.name, t.data.ndim, type_name, emb, rules)
             tensors.append((t.name, *_encode(hf_dir, t, target)))
         arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
         writer = gguf.GGUFWriter(tmp, arch)
@@ -105,6 +109,12 @@ def export_hf_to_gguf(
         writer.close()
         del reader
     return out_file
+
+
+def llama_embedding_type(type_name: str, width: int) -> str:
+    """The type llama-quantize gives a tied token embedding / output matrix in a file of `type_name`: Q8_0 for
+    Q8_0 files, else Q6_K, or its fallback Q8_0 where 256 does not divide the rows (llama-quant.cpp, OUTPUT)."""
+    return "Q8_0" if type_name == "Q8_0" else gguf_blocks.fallback_type("Q6_K", width)
 
 
 def _target_type(name: str, ndim: int, type_name: str, embedding_type: str, rules) -> str | None:
@@ -133,6 +143,9 @@ def _encode(hf_dir: Path, t, target: str | None):
     try:
         qb = gguf_blocks.fit_blocks(data.reshape(-1, data.shape[-1]), target)
     except gguf_blocks.OffGridError as e:
+        if t.name in EMBEDDINGS:  # not optimized by any quantizer: rounded as llama-quantize rounds it
+            raw = gguf_blocks.quantize_to_bytes(data.reshape(-1, data.shape[-1]), target)
+            return raw.reshape(*data.shape[:-1], raw.shape[-1]), gguf_blocks.qtype(target)
         raise InputError(hf_dir, f"tensor {t.name} is not on the {target} grid: {e.n_bad} of {e.n_blocks} blocks are off "
                          f"(max deviation {e.max_deviation:.3g}, {e.relative:.1%} of a block's largest magnitude)",
                          "quantize it with a matching layout first: blocks of 32, fp16 scales; or export it as F16") from None

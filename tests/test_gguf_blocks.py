@@ -290,7 +290,8 @@ def test_export_is_lossless_and_loads_in_llama_cpp(tiny_prepared, tmp_path, type
     hf = tmp_path / "hf"
     mixed = type_name == "Q4_0"  # per-tensor types, as llama-quantize --tensor-type: down_proj in Q8_0
     state, config = _fake_quantize_checkpoint(tiny_prepared, hf, type_name, {"down_proj": "Q8_0"} if mixed else {})
-    out = export_hf_to_gguf(hf, tmp_path / f"tiny-{type_name}.gguf", type_name, {r"ffn_down": "Q8_0"} if mixed else None)
+    out = export_hf_to_gguf(hf, tmp_path / f"tiny-{type_name}.gguf", type_name, {r"ffn_down": "Q8_0"} if mixed else None,
+                            embedding_type="F16")  # float embeddings: llama.cpp must then compute what transformers does
     assert out.is_file() and not list(tmp_path.glob(".*tmp*"))
 
     # (a) the file's blocks dequantize (gguf-py) to the checkpoint's weights, exactly

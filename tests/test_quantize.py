@@ -82,6 +82,12 @@ def test_rtn_g32_exports_to_gguf_q4_0_exactly(tiny_prepared, tmp_path):
     assert t.tensor_type.name == "Q4_0"
     deq = dequantize(t.data, t.tensor_type).reshape(hf["model.layers.1.mlp.down_proj.weight"].shape)
     assert np.array_equal(deq, hf["model.layers.1.mlp.down_proj.weight"].numpy())
+    # the embedding gets what llama-quantize gives it (tied, 64 wide: Q6_K falls back to Q8_0), rounded as it rounds
+    from quantloop import gguf_blocks as gb
+
+    emb = next(t for t in GGUFReader(r.model_path).tensors if t.name == "token_embd.weight")
+    assert emb.tensor_type.name == "Q8_0"
+    assert np.array_equal(np.asarray(emb.data), gb.quantize_to_bytes(hf["model.embed_tokens.weight"].numpy(), "Q8_0"))
     with pytest.raises(InputError, match="no exact GGUF Q4_0 form"):
         quantize_model(tiny_prepared, tmp_path / "bad", QuantSpec(method="rtn", bits=4, group_size=64, gguf_type="Q4_0"))
 

@@ -286,14 +286,6 @@ class QATConfig:
     embedding_type: str | None = "auto"  # token embedding / output grid; auto: what llama-quantize picks; None: float
 
 
-def embedding_type_for(gguf_type: str, width: int) -> str:
-    """The type llama-quantize gives a (tied) token embedding / output matrix: Q8_0 for Q8_0 files, else Q6_K,
-    with its fallback (Q8_0) where 256 does not divide the rows (llama-quant.cpp, OUTPUT category)."""
-    from quantloop.gguf_blocks import fallback_type
-
-    return "Q8_0" if gguf_type == "Q8_0" else fallback_type("Q6_K", width)
-
-
 def _project_embeddings_(model, type_name: str) -> None:
     """Put the token embedding (and an untied output matrix) on the GGUF grid the file will hold."""
     from quantloop import gguf_blocks as gb
@@ -384,7 +376,9 @@ def run_qat(teacher, sequences, config: QATConfig | None = None):
     student = copy.deepcopy(teacher)
     emb_type = cfg.embedding_type
     if emb_type == "auto":
-        emb_type = embedding_type_for(gguf_type, student.get_input_embeddings().weight.shape[1])
+        from quantloop.export_gguf import llama_embedding_type
+
+        emb_type = llama_embedding_type(gguf_type, student.get_input_embeddings().weight.shape[1])
     if emb_type is not None:
         _project_embeddings_(student, emb_type)
     wrapped = _wrap(student, gguf_type)
