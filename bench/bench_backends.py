@@ -70,7 +70,7 @@ def main() -> None:
                 try:
                     q = quantize_model(model_dir, out, spec)
                     r = validate_quantization(ValidationRequest(quantized=str(out), baseline=str(model_dir), dataset_dir=str(dataset),
-                                                                chunks=a.chunks, measure_speed=not a.no_speed, nominal_bits=spec.bits,
+                                                                chunks=a.chunks, measure_speed=not a.no_speed, nominal_bits=None if spec.method in ("gguf", "autoround", "qat") else spec.bits,
                                                                 report_path=str(Path(tmp) / f"{key}-{spec.tag()}.json")))
                 except (InputError, ImportError) as e:
                     msg = e.line() if isinstance(e, InputError) else str(e)

@@ -69,7 +69,7 @@ def main() -> None:
             out = Path(tmp) / spec.tag()
             q = quantize_model(OFFGRID_MODEL_DIR, out, spec)
             r = validate_quantization(ValidationRequest(quantized=q.model_path, baseline=str(OFFGRID_MODEL_DIR), dataset_dir=str(dataset),
-                                                        chunks=a.chunks, measure_speed=a.speed, nominal_bits=4 if "4" in label else 8,
+                                                        chunks=a.chunks, measure_speed=a.speed, nominal_bits=None,
                                                         report_path=str(Path(tmp) / f"{spec.tag()}.json")))
             qat = json.loads((out / "qat_result.json").read_text()) if spec.method == "qat" else None
             results[label] = {"rtn": rtn_label, "quantization": json.loads(q.model_dump_json()),
