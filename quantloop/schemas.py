@@ -184,6 +184,7 @@ class GenerationSample(Strict):
     repeated_ngram_rate: float
     float_ppl: float | None
     failures: list[str]
+    float_failures: list[str] = Field(default_factory=list, description="failures the float model's own continuation shows too (not counted)")
 
 
 class GenerationReport(Strict):

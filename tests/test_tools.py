@@ -92,3 +92,24 @@ def test_greedy_generation_agrees_across_runtimes(tiny_prepared):
     assert a[0] == b[0]
     logits = hf.logits(prompt + a)
     assert int(np.argmax(logits[len(prompt) - 1])) == a[0]
+
+
+def test_generation_failures_the_float_model_shares_are_not_counted(tiny_prepared, tmp_path):
+    """The random tiny model loops and babbles in float already; its Q8_0 copy is not blamed for that."""
+    from quantloop.eval.generation import check_generations
+    from quantloop.eval.runtimes import LlamaCppRunner
+    from quantloop.schemas import QuantSpec
+    from quantloop.specs import load_quality_spec
+    from quantloop.tools.quantize import quantize_model
+
+    settings = load_quality_spec().generation
+    f = LlamaCppRunner(next(tiny_prepared.glob("*.gguf")), n_ctx=256)
+    q = LlamaCppRunner(quantize_model(tiny_prepared, tmp_path / "q8", QuantSpec(method="gguf", gguf_type="Q8_0")).model_path, n_ctx=256)
+    own = check_generations(f, f, settings)
+    judged = check_generations(q, f, settings)
+    assert own.failures > 0  # the float model's own report keeps its failures
+    assert any(s.float_failures for s in judged.samples)
+    for s in judged.samples:
+        kinds = {x.split()[0] for x in s.float_failures}
+        assert not any(x.split()[0] in kinds for x in s.failures)
+    assert judged.failures == sum(1 for s in judged.samples if s.failures) < own.failures + 1

@@ -6,6 +6,10 @@ For each prompt the model continues greedily; the continuation fails if it is
   same continuation is above `max_repeated_ngram_rate`;
 - nonsense: the float model's perplexity of the continuation (given the
   prompt) is above `max_nonsense_ppl`.
+
+A quantized model is judged against its float model: a failure the float model's own
+continuation of the same prompt shows too (an undertrained model that loops, say) is
+reported in `float_failures` and not counted against the quantization.
 """
 
 from __future__ import annotations
@@ -37,22 +41,34 @@ def continuation_ppl(float_runner, prompt_ids: list[int], new_ids: list[int]) ->
     return float(np.exp(nll.mean()))
 
 
+def _failures(new: list[int], text: str, prompt_ids: list[int], float_runner, settings: GenerationSettings):
+    """(failures, repeated n-gram rate, float-model perplexity) of one continuation."""
+    failures = []
+    if len(new) < settings.min_new_tokens or not text.strip():
+        failures.append("empty output")
+    rate = repeated_ngram_rate(new, settings.ngram)
+    if rate > settings.max_repeated_ngram_rate:
+        failures.append(f"repetition loop ({rate:.0%} of {settings.ngram}-grams repeated)")
+    ppl = continuation_ppl(float_runner, prompt_ids, new) if new else None
+    if ppl is not None and ppl > settings.max_nonsense_ppl:
+        failures.append(f"nonsense (float-model perplexity {ppl:.1f})")
+    return failures, rate, ppl
+
+
 def check_generations(runner, float_runner, settings: GenerationSettings, prompts: list[str] | None = None) -> GenerationReport:
     samples = []
     for prompt in prompts or settings.prompts:
         prompt_ids = float_runner.tokenize(prompt)
         new = runner.generate_greedy(prompt_ids, settings.max_new_tokens)
         text = runner.detokenize(new)
-        failures = []
-        if len(new) < settings.min_new_tokens or not text.strip():
-            failures.append("empty output")
-        rate = repeated_ngram_rate(new, settings.ngram)
-        if rate > settings.max_repeated_ngram_rate:
-            failures.append(f"repetition loop ({rate:.0%} of {settings.ngram}-grams repeated)")
-        ppl = continuation_ppl(float_runner, prompt_ids, new) if new else None
-        if ppl is not None and ppl > settings.max_nonsense_ppl:
-            failures.append(f"nonsense (float-model perplexity {ppl:.1f})")
+        failures, rate, ppl = _failures(new, text, prompt_ids, float_runner, settings)
+        inherited = []
+        if failures and runner is not float_runner:
+            ref = float_runner.generate_greedy(prompt_ids, settings.max_new_tokens)
+            ref_kinds = {f.split()[0] for f in _failures(ref, float_runner.detokenize(ref), prompt_ids, float_runner, settings)[0]}
+            inherited = [f for f in failures if f.split()[0] in ref_kinds]
+            failures = [f for f in failures if f.split()[0] not in ref_kinds]
         samples.append(GenerationSample(prompt=prompt, output=text, new_tokens=len(new), repeated_ngram_rate=rate,
-                                        float_ppl=ppl, failures=failures))
+                                        float_ppl=ppl, failures=failures, float_failures=inherited))
     n_fail = sum(1 for s in samples if s.failures)
     return GenerationReport(model=runner.ref, samples=samples, failures=n_fail, passed=n_fail == 0)
