@@ -96,6 +96,19 @@ def planned_types(gguf_f16: str | Path, base_type: str, rules: dict[str, str], p
     return out
 
 
+def plan_mixed_file(gguf_f16: str | Path, base_type: str | None, preset: str | None, layer_types: dict[str, str] | None,
+                    tensor_types: dict[str, str] | None) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(base type, llama-quantize --tensor-type rules, planned type of every tensor) of a mixed-precision file.
+    The base type (anything no rule matches) defaults to the embeddings' type, else Q8_0."""
+    pmap = precision_map(preset, layer_types)
+    base = (base_type or pmap.get("embeddings") or "Q8_0").upper()
+    if base.endswith(("_S", "_M", "_L", "_XS", "_XXS")):
+        raise InputError(None, f"--type {base} is a llama.cpp mixture chosen inside llama-quantize",
+                         "use a uniform type (Q4_K, Q6_K, Q8_0, ...) or a --preset / --layer-type map")
+    rules = tensor_rules(pmap, tensor_types)
+    return base, rules, planned_types(gguf_f16, base, rules, pmap)
+
+
 def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
     """Bytes and bits per weight of the file llama-quantize writes with these tensor types."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType

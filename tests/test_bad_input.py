@@ -10,20 +10,9 @@ from quantloop.datasets import prepare_text
 from quantloop.errors import InputError
 from quantloop.pipelines.cli import main
 
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    return code, lines
+from cli_helpers import assert_one_line_error, run_cli  # noqa: E402
 
 
-def assert_one_line_error(code, lines, *needles):
-    assert code == 2
-    errors = [ln for ln in lines if ln.startswith("quantloop: error:")]
-    assert len(errors) == 1, lines
-    for n in needles:
-        assert str(n) in errors[0], errors[0]
 
 
 def test_missing_path(capsys, tmp_path):

@@ -8,6 +8,8 @@ import pytest
 from quantloop import train
 from quantloop.pipelines.cli import main
 
+from cli_helpers import assert_one_line_error, run_cli  # noqa: E402
+
 # One layer of width 32: a step takes a fraction of a second on 2 CPU cores (the 49152 x 32 embedding dominates).
 MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
              max_position_embeddings=128)
@@ -28,18 +30,6 @@ def trained(tmp_path_factory, micro_size, reference_dir, dataset_dir):
     return out, manifest
 
 
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    return code, err
-
-
-def assert_one_line_error(code, lines, *needles):
-    assert code == 2
-    errors = [ln for ln in lines if ln.startswith("quantloop: error:")]
-    assert len(errors) == 1, lines
-    for n in needles:
-        assert str(n) in errors[0], errors[0]
 
 
 def test_checkpoints_and_manifest(trained):

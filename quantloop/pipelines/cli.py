@@ -101,42 +101,36 @@ def cmd_compare(a) -> int:
     return 0
 
 
-def parse_tensor_types(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        pattern, sep, t = item.partition("=")
-        if not sep or not pattern or not t:
-            raise InputError(None, f"--tensor-type '{item}' is not PATTERN=TYPE", "write e.g. --tensor-type attn_v=q8_0")
-        out[pattern] = t
-    return out
-
-
-def parse_pairs(items: list[str] | None, flag: str, example: str) -> dict[str, str]:
+def parse_pairs(items: list[str] | None, flag: str, form: str, example: str) -> dict[str, str]:
+    """Repeated KEY=VALUE options (e.g. --tensor-type attn_v=q8_0) as a dict, in the order given."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise InputError(None, f"{flag} '{item}' is not NAME=TYPE", f"write e.g. {flag} {example}")
+            raise InputError(None, f"{flag} '{item}' is not {form}", f"write e.g. {flag} {example}")
         out[key] = value
     return out
+
+
+def parse_tensor_types(items: list[str] | None) -> dict[str, str]:
+    return parse_pairs(items, "--tensor-type", "PATTERN=TYPE", "attn_v=q8_0")
+
+
+def parse_layer_types(items: list[str] | None) -> dict[str, str]:
+    return parse_pairs(items, "--layer-type", "NAME=TYPE", "attention=Q4_K")
 
 
 def cmd_estimate(a) -> int:
     from collections import defaultdict
 
-    from quantloop.mixed_precision import estimate_bytes, layer_type_of, planned_types, precision_map, tensor_rules
+    from quantloop.mixed_precision import estimate_bytes, layer_type_of, plan_mixed_file
     from quantloop.models import resolve_model
     from quantloop.pipelines.report_format import mib, table
 
     model = resolve_model(a.model)
     if model.gguf is None:
         raise InputError(model.path, "no F16/F32 GGUF to estimate from", "run `quantloop prepare` on it first")
-    pmap = precision_map(a.preset, parse_pairs(a.layer_type, "--layer-type", "attention=Q4_K"))
-    base = (a.type or pmap.get("embeddings") or "Q8_0").upper()
-    if base.endswith(("_S", "_M", "_L", "_XS", "_XXS")):
-        raise InputError(None, f"--type {base} is a llama.cpp mixture chosen inside llama-quantize",
-                         "estimate a uniform type (Q4_K, Q6_K, Q8_0, ...) or a --preset / --layer-type map")
-    types = planned_types(model.gguf, base, tensor_rules(pmap, parse_tensor_types(a.tensor_type)), pmap)
+    base, _, types = plan_mixed_file(model.gguf, a.type, a.preset, parse_layer_types(a.layer_type), parse_tensor_types(a.tensor_type))
     e = estimate_bytes(model.gguf, types)
     groups: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for name, t, ne, nbytes in e["tensors"]:
@@ -185,7 +179,7 @@ def cmd_quantize(a) -> int:
     try:
         spec = QuantSpec(method=a.method, bits=a.bits, group_size=a.group_size, symmetric=not a.asym, act_order=a.act_order,
                          gguf_type=a.type, imatrix=a.imatrix, gguf_tensor_types=parse_tensor_types(a.tensor_type),
-                         preset=a.preset, layer_types=parse_pairs(a.layer_type, "--layer-type", "attention=Q4_K"),
+                         preset=a.preset, layer_types=parse_layer_types(a.layer_type),
                          qat_steps=a.qat_steps,
                          calibration=CalibrationSpec(source="synthetic" if a.data_free else "dataset", dataset_dir=a.dataset,
                                                      samples=a.calib_samples, seqlen=a.calib_seqlen))

@@ -105,12 +105,10 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             gguf_type = (spec.gguf_type or "Q4_K_M").upper()
             dst = tmp / f"{name}-{spec.tag().removeprefix('gguf-')}.gguf"
             if mixed:
-                from quantloop.mixed_precision import planned_types, precision_map, tensor_rules
+                from quantloop.mixed_precision import plan_mixed_file
 
-                pmap = precision_map(spec.preset, spec.layer_types)
-                rules = tensor_rules(pmap, spec.gguf_tensor_types)
-                gguf_type = (spec.gguf_type or pmap.get("embeddings") or "Q8_0").upper()
-                planned = planned_types(model.gguf, gguf_type, rules, pmap)
+                gguf_type, rules, planned = plan_mixed_file(model.gguf, spec.gguf_type, spec.preset, spec.layer_types,
+                                                            spec.gguf_tensor_types)
             if spec.imatrix or spec.gguf_tensor_types or mixed:
                 from quantloop.backends.gguf import compute_imatrix, quantize_gguf_tool
 
