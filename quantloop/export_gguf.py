@@ -117,6 +117,23 @@ def llama_embedding_type(type_name: str, width: int) -> str:
     return "Q8_0" if type_name == "Q8_0" else gguf_blocks.fallback_type("Q6_K", width)
 
 
+def planned_export_types(f16_gguf: str | Path, type_name: str, embedding_type: str = "auto",
+                         tensor_types: dict[str, str] | None = None) -> dict[str, str]:
+    """The type export_hf_to_gguf gives every tensor of the model whose F16/F32 GGUF is `f16_gguf`
+    (for mixed_precision.estimate_bytes: the exact size of an export before anything is quantized)."""
+    from quantloop.llamacpp import read_metadata
+
+    meta = read_metadata(f16_gguf)
+    rules = [(re.compile(p), t.upper()) for p, t in (tensor_types or {}).items()]
+    out = {}
+    for name, *_ in meta["tensors"]:
+        dims = meta["shapes"][name]
+        emb = llama_embedding_type(type_name, dims[0]) if embedding_type == "auto" else embedding_type
+        target = _target_type(name, len(dims), type_name, emb, rules)
+        out[name] = "F32" if target is None else target if target in FLOAT_TYPES else gguf_blocks.fallback_type(target, dims[0])
+    return out
+
+
 def _target_type(name: str, ndim: int, type_name: str, embedding_type: str, rules) -> str | None:
     """The type a tensor is written as; None keeps the source's (F32) data."""
     if ndim < 2:

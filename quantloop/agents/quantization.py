@@ -69,6 +69,8 @@ class QuantizationAgent:
         if planned.kind == "next_checkpoint":
             return skipped(planned, "no other checkpoint to try: the run was given a single checkpoint")
         spec = planned.spec
+        if state.policy.validation.precheck_size and (too_big := self.size_precheck(planned, state)):
+            return skipped(planned, too_big)
         out = Path(planned.output_dir)
         remove_stale_temporaries(out)
         t0 = time.perf_counter()
@@ -89,6 +91,39 @@ class QuantizationAgent:
             report_path=report.report_path, generations_path=generations, criteria=report.criteria,
             metrics=flatten_numbers(report.model_dump(mode="json")), passed=report.passed, wall_s=time.perf_counter() - t0,
         )
+
+    @staticmethod
+    def size_precheck(planned: PlannedAttempt, state: PipelineState) -> str | None:
+        """Why the step cannot meet the size bar, when the file it writes is known before quantizing, else None.
+
+        Exact GGUF exports (GPTQ, RTN, AWQ, QAT with a gguf_type) write a layout fixed by the type alone, so
+        mixed_precision.estimate_bytes gives their size exactly; an optimizer changes codes, never bytes.
+        llama-quantize's own mixtures (Q4_K_M, ...) are decided inside llama.cpp and are not predicted."""
+        from quantloop.eval.size import gguf_size
+        from quantloop.export_gguf import planned_export_types
+        from quantloop.llamacpp import nominal_bits_of
+        from quantloop.mixed_precision import estimate_bytes
+        from quantloop.models import resolve_model
+        from quantloop.specs import load_quality_spec
+        from quantloop.tools.validate import required_size_ratio
+
+        spec = planned.spec
+        if spec.method not in ("gptq", "rtn", "awq", "qat") or not spec.gguf_type or spec.preset or spec.layer_types:
+            return None
+        base = resolve_model(planned.checkpoint)
+        if base.gguf is None:
+            return None
+        gguf_type = spec.gguf_type.upper()
+        types = planned_export_types(base.gguf, gguf_type)
+        predicted = estimate_bytes(base.gguf, types)
+        ratio = gguf_size(base.gguf).bytes_on_disk / predicted["bytes"]
+        bits = nominal_bits_of(gguf_type) if spec.method == "qat" else spec.bits
+        need = required_size_ratio(load_quality_spec(state.acceptance_spec).acceptance, bits)
+        if ratio >= need * 0.99:  # the estimate matches the written file within 1 %
+            return None
+        return (f"size {ratio:.2f}x (needs >= {need}x at {bits} bits), known before quantizing: its {gguf_type} file is "
+                f"{predicted['bytes']:,} bytes ({predicted['bits_per_weight']:.2f} bits/weight, "
+                f"token embedding {types.get('token_embd.weight', '?')}) whatever the optimizer finds")
 
     @staticmethod
     def validate(model_path: str, planned: PlannedAttempt, state: PipelineState) -> ValidationReport:

@@ -1,5 +1,10 @@
 """Speed at batch size 1 on the deployment runtime, prompt processing (pp) and
-token generation (tg) separately, as llama-bench measures them.
+token generation (tg) separately.
+
+On llama.cpp the numbers are llama-bench's own (the C++ benchmark that ships
+with llama.cpp, built by scripts/setup.sh): no Python call per token sits in
+the timed loop, so the ratio of two models is the runtime's, not the
+binding's. On transformers the forward passes are timed in Python.
 
 Each measurement runs in its own process (`python -m quantloop.eval.speed`),
 so its peak resident memory is that of one serving process holding one model; the float and the
@@ -29,22 +34,21 @@ def _ids(n: int, n_vocab: int) -> list[int]:
 
 
 def _bench_llama_cpp(path: str, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
-    from llama_cpp import Llama
+    """One llama-bench run (a warm-up, then one timed pass of each test) of one model."""
+    import resource
 
-    t0 = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=prompt_tokens + gen_tokens + 8, n_batch=prompt_tokens, n_ubatch=prompt_tokens,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
-    load_s = time.perf_counter() - t0
-    ids = _ids(prompt_tokens + gen_tokens, llm.n_vocab())
-    llm.reset(); llm.eval(ids[:8])  # warm-up
-    llm.reset()
-    t0 = time.perf_counter(); llm.eval(ids[:prompt_tokens]); pp_s = time.perf_counter() - t0
-    llm.reset(); llm.eval(ids[:1])
-    t0 = time.perf_counter()
-    for t in ids[1:gen_tokens + 1]:
-        llm.eval([t])
-    tg_s = time.perf_counter() - t0
-    return {"load_s": load_s, "pp_s": pp_s, "tg_s": tg_s}
+    from quantloop.backends.gguf import tool
+
+    cmd = [str(tool("llama-bench")), "-m", path, "-p", str(prompt_tokens), "-n", str(gen_tokens), "-r", "1",
+           "-t", str(threads), "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()][-1:] or [f"exit code {proc.returncode}"]
+        raise RuntimeError(f"llama-bench failed on {path}: {tail[0][:200]}")
+    tests = json.loads(proc.stdout)
+    seconds = {("pp" if t["n_prompt"] else "tg"): t["avg_ns"] / 1e9 for t in tests}
+    child_rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"load_s": None, "pp_s": seconds["pp"], "tg_s": seconds["tg"], "peak_rss_kb": child_rss_kb}
 
 
 def _bench_transformers(path: str, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
@@ -90,7 +94,7 @@ def measure_speed(refs: list[ModelRef], settings: SpeedSettings, threads: int) -
             model=ref, threads=threads, prompt_tokens=settings.prompt_tokens, gen_tokens=settings.gen_tokens,
             pp_tokens_per_s=settings.prompt_tokens / min(r["pp_s"] for r in rs),
             tg_tokens_per_s=settings.gen_tokens / min(r["tg_s"] for r in rs),
-            load_s=min(r["load_s"] for r in rs), peak_rss_bytes=peak[i],
+            load_s=min(r["load_s"] for r in rs) if rs[0]["load_s"] is not None else None, peak_rss_bytes=peak[i],
         )
         for i, (ref, rs) in enumerate(zip(refs, runs))
     ]
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     fn = _bench_llama_cpp if a.runtime == "llama.cpp" else _bench_transformers
     result = fn(a.model, a.prompt_tokens, a.gen_tokens, a.threads)
-    result["peak_rss_kb"] = peak_rss_bytes() // 1024
+    result.setdefault("peak_rss_kb", peak_rss_bytes() // 1024)
     print(json.dumps(result))
 
 

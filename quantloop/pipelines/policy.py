@@ -52,6 +52,8 @@ class ValidationSettings(Strict):
     check_generation: bool = True
     compare_generations: bool = Field(True, description="write the side-by-side generations (Markdown) of every attempt")
     selection_chunks: int = Field(4, ge=1, description="validation-split chunks the EvaluationAgent scores per checkpoint")
+    precheck_size: bool = Field(True, description="skip, before quantizing, a step whose GGUF layout cannot meet the size bar "
+                                                  "(its exact size is known from the tensor types alone)")
 
 
 class Policy(Strict):
