@@ -269,7 +269,7 @@ class QATConfig:
     gguf_type: str = "Q4_0"
     steps: int = 200  # total optimizer steps: progressive stages + global fine-tune
     global_fraction: float = 0.4  # share of `steps` for the final global fine-tune
-    lr: float = 2e-5
+    lr: float = 1e-4  # measured on SmolLM2-135M, Q4_0, 30 steps: held-out KL 0.408 -> 0.187 (2e-5: -> 0.231)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 4
