@@ -280,3 +280,56 @@ def test_kquant_qat_exports_llama_cpp_rounding_exactly(reference_dir, tmp_path):
     assert t.tensor_type == GGMLQuantizationType.Q6_K
     np.testing.assert_allclose(gb.dequantize(t.data, "Q6_K"), state["model.embed_tokens.weight"], rtol=2**-11, atol=0)
     assert tensors["blk.0.attn_v.weight"].tensor_type == GGMLQuantizationType.Q4_K
+
+
+@pytest.mark.slow
+def test_qat_with_the_arch_default_preset_writes_the_planned_mixed_file(reference_dir, tmp_path):
+    """QAT under the arch-default precision map on a 256-wide Llama: attention trains for Q4_K, the feed-forward for
+    Q6_K, the embedding sits on Q8_0; the GGUF has exactly the types `quantloop estimate` plans, its size, and blocks
+    that dequantize to the student's weights."""
+    import json
+
+    from gguf import GGUFReader
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from quantloop.mixed_precision import estimate_bytes, plan_mixed_file
+    from quantloop.models import prepare_model
+    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.tools.quantize import quantize_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "raw")
+    AutoTokenizer.from_pretrained(reference_dir).save_pretrained(tmp_path / "raw")
+    prepare_model(tmp_path / "raw", "wide", tmp_path / "checkpoints")
+    model = tmp_path / "checkpoints" / "wide"
+    spec = QuantSpec(method="qat", preset="arch-default", qat_steps=2,
+                     calibration=CalibrationSpec(source="synthetic", samples=6, seqlen=16))
+    r = quantize_model(model, tmp_path / "q", spec)
+    assert r.format == "gguf:mixed-arch-default" and spec.tag() == "qat-arch-default-s2-synth"
+    f16 = next(model.glob("*.gguf"))
+    _, _, planned = plan_mixed_file(f16, None, "arch-default", {}, {})
+    tensors = {t.name: t for t in GGUFReader(r.model_path).tensors}
+    assert {n: t.tensor_type.name for n, t in tensors.items()} == planned
+    assert planned["blk.0.attn_q.weight"] == "Q4_K" and planned["blk.0.ffn_up.weight"] == "Q6_K"
+    assert planned["token_embd.weight"] == "Q8_0" and planned["blk.0.attn_norm.weight"] == "F32"
+    assert estimate_bytes(f16, planned)["bytes"] == pytest.approx(r.bytes_on_disk, rel=0.01)
+    res = json.loads((tmp_path / "q" / "qat_result.json").read_text())
+    assert res["linear_types"] == {"Q4_K": 4, "Q6_K": 3} and res["embedding_type"] == "Q8_0"
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    for gguf_name, hf_name in [("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
+                               ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+                               ("token_embd.weight", "model.embed_tokens.weight")]:
+        t = tensors[gguf_name]
+        np.testing.assert_allclose(gb.dequantize(t.data, t.tensor_type.name), state[hf_name], rtol=2**-11, atol=0)
+
+
+def test_qat_preset_naming_a_missing_layer_type_is_an_input_error(tiny_prepared, tmp_path):
+    from quantloop.schemas import QuantSpec
+    from quantloop.tools.quantize import quantize_model
+
+    with pytest.raises(InputError, match="layer type 'output'"):
+        quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="qat", layer_types={"output": "Q8_0"}, qat_steps=1))
+    assert not (tmp_path / "q").exists()

@@ -37,6 +37,7 @@ check_qat_type, check_qat_model, run_qat, qat_checkpoint.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import dataclasses
 import math
 import re
@@ -228,12 +229,32 @@ def check_qat_model(model, gguf_type: str, where=None) -> list[str]:
     return [n for n, _ in lins]
 
 
-def _wrap(model, gguf_type: str) -> dict[str, FakeQuantLinear]:
+GGUF_LINEAR_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """model.layers.3.self_attn.q_proj -> blk.3.attn_q.weight (llama.cpp's name, which precision maps match)."""
+    m = re.search(r"layers\.(\d+)\..*?(\w+_proj)$", hf_name)
+    if not m or m.group(2) not in GGUF_LINEAR_NAMES:
+        raise InputError(None, f"no llama.cpp tensor name for linear {hf_name}", "QAT supports Llama-style models")
+    return f"blk.{m.group(1)}.{GGUF_LINEAR_NAMES[m.group(2)]}.weight"
+
+
+def linear_types(model, gguf_type: str, tensor_types: dict[str, str] | None = None) -> dict[str, str]:
+    """The GGUF type each quantized linear trains for: the first tensor_types pattern matching its llama.cpp
+    name, else gguf_type."""
+    rules = [(re.compile(p), check_qat_type(t)) for p, t in (tensor_types or {}).items()]
+    return {name: next((t for rx, t in rules if rx.search(gguf_tensor_name(name))), gguf_type) for name, _ in _linears(model)}
+
+
+def _wrap(model, gguf_type: str, tensor_types: dict[str, str] | None = None) -> dict[str, FakeQuantLinear]:
     wrapped = {}
+    types = linear_types(model, gguf_type, tensor_types)
     for name, lin in _linears(model):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        fq = FakeQuantLinear(lin, gguf_type)
+        fq = FakeQuantLinear(lin, types[name])
         setattr(parent, attr, fq)
         wrapped[name] = fq
     return wrapped
@@ -284,6 +305,7 @@ class QATConfig:
     device: str | None = None
     progress: bool = True
     embedding_type: str | None = "auto"  # token embedding / output grid; auto: what llama-quantize picks; None: float
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor-name regex -> type (first match wins), else gguf_type
 
 
 def _project_embeddings_(model, type_name: str) -> None:
@@ -307,6 +329,7 @@ class QATResult:
     sensitivity: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     embedding_type: str | None = None
+    linear_types: dict[str, int] = field(default_factory=dict)  # GGUF type -> number of linears trained for it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -381,7 +404,7 @@ def run_qat(teacher, sequences, config: QATConfig | None = None):
         emb_type = llama_embedding_type(gguf_type, student.get_input_embeddings().weight.shape[1])
     if emb_type is not None:
         _project_embeddings_(student, emb_type)
-    wrapped = _wrap(student, gguf_type)
+    wrapped = _wrap(student, gguf_type, cfg.tensor_types)
     for p in student.parameters():
         p.requires_grad_(False)
     for fq in wrapped.values():
@@ -476,12 +499,14 @@ def run_qat(teacher, sequences, config: QATConfig | None = None):
         p.requires_grad_(False)
     final = _eval_kl(teacher, student, eval_batch, T, chunk)  # the weights the GGUF holds
     result = QATResult(gguf_type=gguf_type, steps=done, wall_s=time.perf_counter() - t0, rtn_kl=rtn_kl,
-                       final_kl=final, stages=stages, sensitivity=sensitivity, device=str(device), embedding_type=emb_type)
+                       final_kl=final, stages=stages, sensitivity=sensitivity, device=str(device), embedding_type=emb_type,
+                       linear_types=dict(Counter(fq.gguf_type for fq in wrapped.values())))
     return student.eval(), result
 
 
 def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200, seed: int = 0,
-                   config: QATConfig | None = None, overwrite: bool = False, gguf_name: str | None = None) -> Path:
+                   config: QATConfig | None = None, overwrite: bool = False, gguf_name: str | None = None,
+                   tensor_types: dict[str, str] | None = None, embedding_type: str = "auto") -> Path:
     """QAT of the float checkpoint hf_dir for `gguf_type`; writes out_dir (float32 HF checkpoint, weights on
     the grid, plus tokenizer and qat_result.json) and out_dir/<name>-<type>.gguf; returns the GGUF path."""
     import json
@@ -491,7 +516,8 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     gguf_type = check_qat_type(gguf_type)
-    cfg = dataclasses.replace(config or QATConfig(), gguf_type=gguf_type, steps=int(steps), seed=int(seed))
+    cfg = dataclasses.replace(config or QATConfig(), gguf_type=gguf_type, steps=int(steps), seed=int(seed),
+                              tensor_types=dict(tensor_types or {}), embedding_type=embedding_type)
     teacher = load_hf_model(hf_dir)
     check_qat_model(teacher, gguf_type, hf_dir)
     student, result = run_qat(teacher, sequences, cfg)
@@ -502,4 +528,4 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
     (out_dir / "qat_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-{gguf_type}.gguf"
     return export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, embedding_type=result.embedding_type or "F16",
-                             overwrite=overwrite)
+                             tensor_types=cfg.tensor_types, overwrite=overwrite)

@@ -264,10 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--imatrix", action="store_true", help="--method gguf: importance matrix from the calibration text (llama-imatrix)")
     s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="--method gguf: per-tensor type override, e.g. attn_v=q8_0 (repeatable; llama-quantize --tensor-type)")
-    s.add_argument("--preset", help="--method gguf: mixed-precision preset; arch-default = embeddings Q8_0, attention Q4_K, "
+    s.add_argument("--preset", help="--method gguf or qat: mixed-precision preset; arch-default = embeddings Q8_0, attention Q4_K, "
                                     "feed-forward Q6_K, norms F32 (see `quantloop estimate`)")
     s.add_argument("--layer-type", action="append", metavar="LAYER=TYPE",
-                   help="--method gguf: GGUF type of a layer type (embeddings, output, attention, feed_forward), on top of --preset")
+                   help="--method gguf or qat: GGUF type of a layer type (embeddings, output, attention, feed_forward), on top of --preset")
     s.add_argument("--bits", type=int, default=4, help="weight bits for rtn/gptq/awq (default: 4)")
     s.add_argument("--group-size", type=int, default=128, help="weights per group, -1 = per channel (default: 128)")
     s.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")

@@ -85,6 +85,16 @@ def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
     return QUANTIZED_DIR / f"{name}_{spec.tag()}"
 
 
+def check_written_types(model_path, planned: dict[str, str], writer: str) -> None:
+    """The precision map is a promise: every tensor of the written file has the type it planned."""
+    from quantloop.llamacpp import read_metadata
+
+    written = {t[0]: t[1] for t in read_metadata(model_path)["tensors"]}
+    wrong = [n for n in planned if written.get(n) != planned[n]]
+    if wrong:
+        raise RuntimeError(f"{writer} wrote {written.get(wrong[0])} for {wrong[0]}, the precision map planned {planned[wrong[0]]}")
+
+
 def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSpec, overwrite: bool = False) -> QuantizationResult:
     model = resolve_model(checkpoint)
     check_architecture(model)
@@ -95,7 +105,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
     reset_peak_rss()
     t0 = time.perf_counter()
     calib_digest = None
-    mixed = spec.method == "gguf" and (spec.preset is not None or bool(spec.layer_types))
+    mixed = spec.method in ("gguf", "qat") and (spec.preset is not None or bool(spec.layer_types))
     with atomic_output(out, is_dir=True) as tmp:
         if spec.method == "gguf":
             from quantloop.backends.gguf import quantize_gguf
@@ -119,12 +129,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                 model_path = quantize_gguf_tool(model.gguf, dst, gguf_type, imatrix, rules if mixed else spec.gguf_tensor_types,
                                                 pure=mixed)
                 if mixed:
-                    from quantloop.llamacpp import read_metadata
-
-                    written = {t[0]: t[1] for t in read_metadata(model_path)["tensors"]}
-                    wrong = [n for n in planned if written.get(n) != planned[n]]
-                    if wrong:
-                        raise RuntimeError(f"llama-quantize wrote {written[wrong[0]]} for {wrong[0]}, the precision map planned {planned[wrong[0]]}")
+                    check_written_types(model_path, planned, "llama-quantize")
                 if imatrix is not None:
                     imatrix.unlink()
                     (tmp / "synthetic-calibration.txt").unlink(missing_ok=True)
@@ -177,10 +182,22 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
 
             if model.hf_dir is None:
                 raise InputError(model.path, "QAT needs a transformers checkpoint", "pass a prepared checkpoint folder")
-            gguf_type = check_qat_type(spec.gguf_type, spec.bits, spec.symmetric)
+            rules, embedding_type = {}, "auto"
+            if spec.preset or spec.layer_types:  # a precision map: the base type is the embeddings' (or --type)
+                from quantloop.mixed_precision import plan_mixed_file, precision_map
+
+                if model.gguf is None:
+                    raise InputError(model.path, "no F16/F32 GGUF to plan the precision map on", "run `quantloop prepare` on it first")
+                base, rules, planned = plan_mixed_file(model.gguf, spec.gguf_type, spec.preset, spec.layer_types, {})
+                embedding_type = precision_map(spec.preset, spec.layer_types).get("embeddings", base)
+                gguf_type = check_qat_type(base)
+            else:
+                gguf_type = check_qat_type(spec.gguf_type, spec.bits, spec.symmetric)
             seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir), model.hf_dir)
             model_path = qat_checkpoint(model.hf_dir, tmp, gguf_type, seqs, steps=spec.qat_steps, seed=spec.seed,
-                                        gguf_name=f"{name}-{spec.tag()}.gguf")
+                                        gguf_name=f"{name}-{spec.tag()}.gguf", tensor_types=rules, embedding_type=embedding_type)
+            if mixed:
+                check_written_types(model_path, planned, "the QAT export")
             libs = _library_versions("torch", "transformers", "gguf")
         else:
             raise InputError(None, f"method '{spec.method}' is not available yet", "use gguf, rtn, gptq, awq, autoround or qat")
