@@ -319,7 +319,7 @@ def test_qat_with_the_arch_default_preset_writes_the_planned_mixed_file(referenc
     res = json.loads((tmp_path / "q" / "qat_result.json").read_text())
     assert res["linear_types"] == {"Q4_K": 4, "Q6_K": 3} and res["embedding_type"] == "Q8_0"
     state = load_file(tmp_path / "q" / "model.safetensors")
-    for gguf_name, hf_name in [("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
+    for gguf_name, hf_name in [("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight"),  # q/k rows are permuted by the converter
                                ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
                                ("token_embd.weight", "model.embed_tokens.weight")]:
         t = tensors[gguf_name]
