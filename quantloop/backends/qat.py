@@ -37,11 +37,11 @@ check_qat_type, check_qat_model, run_qat, qat_checkpoint.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 import dataclasses
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

@@ -183,13 +183,13 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             if model.hf_dir is None:
                 raise InputError(model.path, "QAT needs a transformers checkpoint", "pass a prepared checkpoint folder")
             rules, embedding_type = {}, "auto"
-            if spec.preset or spec.layer_types:  # a precision map: the base type is the embeddings' (or --type)
-                from quantloop.mixed_precision import plan_mixed_file, precision_map
+            if mixed:  # a precision map: the base type is the embeddings' (or --type)
+                from quantloop.mixed_precision import plan_mixed_file
 
                 if model.gguf is None:
                     raise InputError(model.path, "no F16/F32 GGUF to plan the precision map on", "run `quantloop prepare` on it first")
                 base, rules, planned = plan_mixed_file(model.gguf, spec.gguf_type, spec.preset, spec.layer_types, {})
-                embedding_type = precision_map(spec.preset, spec.layer_types).get("embeddings", base)
+                embedding_type = planned["token_embd.weight"]
                 gguf_type = check_qat_type(base)
             else:
                 gguf_type = check_qat_type(spec.gguf_type, spec.bits, spec.symmetric)
