@@ -324,8 +324,8 @@ class QuantSpec(Strict):
     gguf_type: str | None = Field(None, description="llama.cpp type for method 'gguf' (Q4_K_M, Q8_0, ...) or the export target")
     gguf_tensor_types: dict[str, str] = Field(default_factory=dict, description="method 'gguf': llama-quantize --tensor-type, e.g. {'attn_v': 'q8_0'}")
     imatrix: bool = Field(False, description="method 'gguf': importance matrix from the calibration text (llama-imatrix)")
-    preset: str | None = Field(None, description="methods 'gguf' and 'qat': mixed-precision preset (quantloop.mixed_precision.PRESETS), e.g. arch-default")
-    layer_types: dict[str, str] = Field(default_factory=dict, description="methods 'gguf' and 'qat': GGUF type per layer type, e.g. {'attention': 'Q4_K'}")
+    preset: str | None = Field(None, description="methods 'gguf', 'qat' and 'gptq': mixed-precision preset (quantloop.mixed_precision.PRESETS), e.g. arch-default")
+    layer_types: dict[str, str] = Field(default_factory=dict, description="methods 'gguf', 'qat' and 'gptq': GGUF type per layer type, e.g. {'attention': 'Q4_K'}")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left unquantized")
     overrides: dict[str, dict] = Field(default_factory=dict, description="per-module overrides: regex -> {bits, group_size, symmetric}")
@@ -348,6 +348,10 @@ class QuantSpec(Strict):
             if self.preset or self.layer_types:
                 target = f"{self.preset or 'mix'}{'-mix' if self.preset and self.layer_types else ''}"
             return f"qat-{target}-s{self.qat_steps}{synth}"
+        if self.method == "gptq" and (self.preset or self.layer_types or (self.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K")):
+            target = f"{self.preset or 'mix'}{'-mix' if self.preset and self.layer_types else ''}" \
+                if self.preset or self.layer_types else self.gguf_type.lower()
+            return f"gptq-{target}{synth}"
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         return f"{self.method}-w{self.bits}{g}{'' if self.symmetric else '-asym'}{synth}"
 

@@ -257,17 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"prepared checkpoint (default: {DEFAULT_MODEL_DIR})")
     s.add_argument("--method", choices=["gguf", "rtn", "gptq", "awq", "autoround", "qat"], default="gguf",
-                   help="gguf: llama.cpp's own quantizer; rtn: round-to-nearest; gptq/awq: GPTQModel; "
-                        "autoround: AutoRound to a GGUF type; qat: KL-distillation QAT on a block-32 GGUF grid "
-                        "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) written into the GGUF exactly (default: gguf)")
+                   help="gguf: llama.cpp's own quantizer; rtn: round-to-nearest; gptq/awq: GPTQModel (gptq with a k-quant --type "
+                        "or a --preset/--layer-type map: GPTQ on llama.cpp's exact grids, written into the GGUF code for code); "
+                        "autoround: AutoRound to a GGUF type; qat: KL-distillation QAT on a GGUF grid "
+                        "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) written into the GGUF exactly (default: gguf)")
     s.add_argument("--type", help="GGUF type: for --method gguf/autoround, or the exact export target of rtn/gptq: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... (default: Q4_K_M)")
     s.add_argument("--imatrix", action="store_true", help="--method gguf: importance matrix from the calibration text (llama-imatrix)")
     s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="--method gguf: per-tensor type override, e.g. attn_v=q8_0 (repeatable; llama-quantize --tensor-type)")
-    s.add_argument("--preset", help="--method gguf or qat: mixed-precision preset; arch-default = embeddings Q8_0, attention Q4_K, "
+    s.add_argument("--preset", help="--method gguf, qat or gptq: mixed-precision preset; arch-default = embeddings Q8_0, attention Q4_K, "
                                     "feed-forward Q6_K, norms F32 (see `quantloop estimate`)")
     s.add_argument("--layer-type", action="append", metavar="LAYER=TYPE",
-                   help="--method gguf or qat: GGUF type of a layer type (embeddings, output, attention, feed_forward), on top of --preset")
+                   help="--method gguf, qat or gptq: GGUF type of a layer type (embeddings, output, attention, feed_forward), on top of --preset")
     s.add_argument("--bits", type=int, default=4, help="weight bits for rtn/gptq/awq (default: 4)")
     s.add_argument("--group-size", type=int, default=128, help="weights per group, -1 = per channel (default: 128)")
     s.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")

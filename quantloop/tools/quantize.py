@@ -105,7 +105,8 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
     reset_peak_rss()
     t0 = time.perf_counter()
     calib_digest = None
-    mixed = spec.method in ("gguf", "qat") and (spec.preset is not None or bool(spec.layer_types))
+    mixed = spec.method in ("gguf", "qat", "gptq") and (spec.preset is not None or bool(spec.layer_types))
+    on_grid_gptq = spec.method == "gptq" and (mixed or (spec.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K"))
     with atomic_output(out, is_dir=True) as tmp:
         if spec.method == "gguf":
             from quantloop.backends.gguf import quantize_gguf
@@ -145,6 +146,30 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             libs = _library_versions("torch", "transformers")
             if spec.gguf_type:
                 model_path = export_exact_gguf(tmp, tmp / f"{name}-{spec.tag()}.gguf", spec)
+        elif on_grid_gptq:  # GPTQ's own solver on llama.cpp's grids (k-quants, precision maps)
+            from quantloop.backends.gptq_gguf import gptq_gguf_checkpoint
+            from quantloop.calibration import calibration_sequences
+            from quantloop.models import load_hf_tokenizer
+
+            if model.hf_dir is None or model.gguf is None:
+                raise InputError(model.path, "GPTQ onto a GGUF grid needs a prepared checkpoint (transformers + F16 GGUF)",
+                                 "run `quantloop prepare` on it first")
+            if mixed:
+                from quantloop.mixed_precision import plan_mixed_file
+
+                base, rules, planned = plan_mixed_file(model.gguf, spec.gguf_type, spec.preset, spec.layer_types, {})
+                embedding_type = planned["token_embd.weight"]
+            else:  # one k-quant; embeddings as llama-quantize types them
+                from quantloop.export_gguf import planned_export_types
+
+                base, rules, embedding_type = spec.gguf_type.upper(), {}, "auto"
+                planned = planned_export_types(model.gguf, base)
+            seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir), model.hf_dir)
+            model_path = gptq_gguf_checkpoint(model.hf_dir, tmp, base, seqs, tensor_types=rules, embedding_type=embedding_type,
+                                              gguf_name=f"{name}-{spec.tag()}.gguf")
+            check_written_types(model_path, planned, "the GPTQ export")
+            gguf_type = base
+            libs = _library_versions("torch", "transformers", "gguf")
         elif spec.method in ("gptq", "awq"):
             from quantloop.backends.gptq import quantize_gptq  # noqa: F401  (GPTQModel)
             from quantloop.calibration import calibration_sequences
@@ -204,7 +229,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
         wall = time.perf_counter() - t0
         size = gguf_size(model_path) if Path(model_path).suffix == ".gguf" else hf_size(model_path)
         fmt = f"gguf:{(spec.gguf_type or 'Q4_K_M').upper()}" if Path(model_path).suffix == ".gguf" else spec.method
-        if spec.method == "qat":
+        if spec.method == "qat" or on_grid_gptq:
             fmt = f"gguf:{gguf_type}"
         if mixed:
             fmt = f"gguf:mixed-{spec.preset or 'custom'}"

@@ -1,0 +1,193 @@
+"""GPTQ onto an exact GGUF grid: any block type (Q4_0 ... Q8_0 and the k-quants Q4_K, Q5_K, Q6_K) and any
+precision map (mixed_precision), so a GPTQ-optimized model becomes a GGUF that holds its weights exactly.
+
+GPTQModel writes its own integer layouts (a scale and zero per group), which hold Q4_0/Q8_0 but none of
+llama.cpp's k-quants, whose super-blocks of 256 carry 6-bit sub-block scales under one fp16 d (and dmin);
+no library runs GPTQ's error compensation on that grid. This module does, by hand:
+
+- GPTQ as in Frantar et al. (2022): per linear, H = X^T X from the layer's calibration inputs, dampened,
+  the upper Cholesky factor of H^-1, columns quantized left to right in lazy batches, each column's
+  rounding error spread over the columns not yet quantized;
+- the rounding is to the GGUF grid of the column's block: when the column loop reaches a block (32
+  columns; k-quants: a super-block of 256), its grid is fixed by llama.cpp's own rounding of the weights
+  as GPTQ has updated them so far (gguf_blocks.quantize_blocks: d, m, dmin, sub-block scales), and
+  every column of the block then goes to the nearest level of that grid. Every block is thus one that
+  llama.cpp can store, and export_gguf writes the codes and scales back exactly (it refuses a weight
+  that is off its grid);
+- decoder layers in order: layer i is calibrated on the outputs of layers 0..i-1 already quantized.
+
+Rows a k-quant super-block does not divide get llama.cpp's fallback type (Q4_K -> Q5_0, ...), as
+llama-quantize does. Public: grid_gptq_weight, gptq_gguf_checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quantloop import gguf_blocks as gb
+from quantloop.errors import InputError
+
+DAMP = 0.01  # H += DAMP * mean(diag H) * I, GPTQ's default
+
+
+class _Grid:
+    """The levels of one block of columns: value = step * (q - zero) + base, q in lo..hi; step and base per
+    (row, sub-block)."""
+
+    def __init__(self, w: torch.Tensor, type_name: str):
+        bt = gb.block_type(type_name)
+        qb = gb.quantize_blocks(w.detach().float().cpu().numpy(), type_name)
+        rows = w.shape[0]
+        f = lambda a: torch.from_numpy(a.astype("float32")).reshape(rows, -1)  # noqa: E731
+        self.sub = 16 if type_name == "Q6_K" else 32
+        self.lo, self.hi = (-128, 127) if bt.bits == 8 else (0, 2**bt.bits - 1)
+        if bt.kquant:  # value = d * sc * q - dmin * mn (Q6_K: d * sc * (q - 32))
+            sc, d = f(qb.scales), f(qb.d)
+            per = sc.shape[1] // d.shape[1]
+            self.step = d.repeat_interleave(per, dim=1) * sc
+            self.zero = 32 if type_name == "Q6_K" else 0
+            self.base = torch.zeros_like(self.step) if qb.mins is None else \
+                -(f(qb.dmin).repeat_interleave(per, dim=1) * f(qb.mins))
+        else:
+            self.step = f(qb.scales)
+            self.zero = 0 if bt.bits == 8 or not bt.symmetric else 2 ** (bt.bits - 1)
+            self.base = torch.zeros_like(self.step) if qb.mins is None else f(qb.mins)
+
+    def round(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """Column j of the block (a [rows] vector) on its nearest level."""
+        g = j // self.sub
+        step, base = self.step[:, g], self.base[:, g]
+        safe = torch.where(step == 0, torch.ones_like(step), step)  # a zero step holds only its base
+        q = torch.clamp(torch.round((x - base) / safe) + self.zero, self.lo, self.hi)
+        return torch.where(step == 0, base, step * (q - self.zero) + base)
+
+
+def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = DAMP) -> torch.Tensor:
+    """GPTQ of one [out, in] weight with the Hessian H [in, in] onto the GGUF grid of `type_name` (after
+    llama.cpp's fallback for its width); returns the float32 weight, every block on that grid."""
+    from quantloop.backends.qat import layer_type
+
+    W = w.detach().float().clone()
+    cols = W.shape[1]
+    t = layer_type(type_name, cols)
+    span = gb.block_type(t).block
+    if cols % span:
+        raise InputError(None, f"the {t} block of {span} does not divide the input width {cols}", "use a block-32 type")
+    H = H.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    batch = max(128, span)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, batch):
+        i2 = min(i1 + batch, cols)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
+        grid = None
+        for i in range(i2 - i1):
+            if i % span == 0:
+                grid = _Grid(W1[:, i:i + span], t)
+            w_col = W1[:, i]
+            q = grid.round(w_col, i % span)
+            Q[:, i1 + i] = q
+            err = (w_col - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_inputs(model, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
+    """The hidden states and keyword arguments the first decoder layer receives for each batch."""
+    layer0 = model.model.layers[0]
+    seen: list[tuple[torch.Tensor, dict]] = []
+
+    def grab(_, args, kwargs):
+        seen.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return [h for h, _ in seen], [kw for _, kw in seen]
+
+
+def _run_layer(layer, h: torch.Tensor, kw: dict) -> torch.Tensor:
+    out = layer(h, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size: int = 8, damp: float = DAMP,
+                     progress: bool = True) -> dict:
+    """GPTQ in place of every linear named in `linear_types` (module name -> GGUF type), layer by layer."""
+    from tqdm import tqdm
+
+    ids = torch.tensor(sequences, dtype=torch.long)
+    batches = list(torch.split(ids, batch_size))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        hidden, kwargs = _layer_inputs(model, batches)
+        layers = model.model.layers
+        for li in tqdm(range(len(layers)), desc="GPTQ (GGUF grid)", unit="layer", disable=not progress):
+            layer = layers[li]
+            prefix = f"model.layers.{li}."
+            mods = {n: m for n, m in layer.named_modules() if prefix + n in linear_types}
+            H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
+
+            def hook(name):
+                def acc(_, inp, __):
+                    x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+                    H[name] += x.T @ x
+                return acc
+
+            handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+            try:
+                for h, kw in zip(hidden, kwargs):
+                    _run_layer(layer, h, kw)
+            finally:
+                for hd in handles:
+                    hd.remove()
+            for n, m in mods.items():
+                m.weight.copy_(grid_gptq_weight(m.weight, H[n], linear_types[prefix + n], damp).to(m.weight.dtype))
+            hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
+    return {"wall_s": round(time.perf_counter() - t0, 3), "calibration_samples": len(sequences),
+            "calibration_tokens": int(ids.numel()), "damp_percent": damp}
+
+
+def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_types: dict[str, str] | None = None,
+                         embedding_type: str = "auto", gguf_name: str | None = None) -> Path:
+    """GPTQ of the float checkpoint hf_dir onto the GGUF grids a precision map names (tensor_types: llama.cpp
+    tensor-name pattern -> type, first match wins; other linears get base_type). Writes out_dir (float32 HF
+    checkpoint, weights on the grid, tokenizer, gptq_result.json) and out_dir/<name>.gguf; returns the GGUF."""
+    from quantloop.backends.qat import check_qat_model, check_qat_type, linear_types
+    from quantloop.export_gguf import export_hf_to_gguf
+    from quantloop.models import load_hf_model, load_hf_tokenizer
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    base_type = check_qat_type(base_type)
+    model = load_hf_model(hf_dir)
+    check_qat_model(model, base_type, hf_dir)
+    types = linear_types(model, base_type, tensor_types)
+    info = gptq_gguf_model_(model, sequences, types)
+    info["linear_types"] = {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.float().save_pretrained(str(out_dir), safe_serialization=True)
+    load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
+    (out_dir / "gptq_result.json").write_text(json.dumps(info, indent=2) + "\n")
+    gguf_name = gguf_name or f"{hf_dir.resolve().name}-gptq-{base_type}.gguf"
+    return export_hf_to_gguf(out_dir, out_dir / gguf_name, base_type, tensor_types=tensor_types, embedding_type=embedding_type)

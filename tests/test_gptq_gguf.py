@@ -1,0 +1,100 @@
+"""GPTQ onto llama.cpp's exact grids (quantloop.backends.gptq_gguf): every block type, precision maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quantloop import gguf_blocks as gb
+from quantloop.backends.gptq_gguf import grid_gptq_weight
+
+
+def _weight_and_hessian(rows: int, cols: int, seed: int = 0):
+    """A weight with outlier rows and a Hessian of correlated inputs with uneven channel scales."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05 * (1 + 4 * torch.rand(rows, 1, generator=g))
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    x = (torch.randn(2048, cols, generator=g) * (0.2 + 3 * torch.rand(cols, generator=g))) @ mix
+    return w, x.T @ x
+
+
+def _loss(w, q, h):
+    d = (w - q).double()
+    return float(torch.einsum("oi,ij,oj->", d, h.double(), d))
+
+
+@pytest.mark.parametrize("type_name", list(gb.TYPES))
+def test_gptq_lands_on_the_grid_and_beats_llama_cpp_rounding(type_name):
+    """The GPTQ weight is blocks of the type (the gguf-py dequantizer of its fitted codes gives it back bit for
+    bit), and its output error under the Hessian is below that of llama.cpp's own rounding."""
+    w, h = _weight_and_hessian(16, 512)
+    q = grid_gptq_weight(w, h, type_name)
+    qb = gb.fit_blocks(q.numpy(), type_name)
+    deq = gb.dequantize(gb.pack(qb.codes, qb.scales, qb.mins, type_name, qb.d, qb.dmin), type_name)
+    np.testing.assert_array_equal(deq, q.numpy())
+    rtn = torch.from_numpy(gb.fake_quantize(w.numpy(), type_name))
+    assert _loss(w, q, h) < 0.95 * _loss(w, rtn, h)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+def test_gptq_with_uncorrelated_inputs_is_nearest_rounding_on_llama_cpp_grid(type_name):
+    """With a diagonal Hessian no error is carried to other columns: every weight goes to the nearest level of
+    llama.cpp's grid for its block. llama.cpp picks codes with the float32 scale before storing it as fp16, so a
+    few of its codes are one level off the nearest; GPTQ's are never farther than llama.cpp's."""
+    w, _ = _weight_and_hessian(8, 256, seed=1)
+    q = grid_gptq_weight(w, torch.diag(torch.rand(256) + 0.5), type_name).numpy()
+    rtn = gb.fake_quantize(w.numpy(), type_name)
+    assert (np.abs(w.numpy() - q) <= np.abs(w.numpy() - rtn) + 1e-6).all()
+    assert (q == rtn).mean() > 0.99
+
+
+def test_k_quant_falls_back_where_the_super_block_does_not_divide_the_width():
+    w, h = _weight_and_hessian(8, 96)
+    q = grid_gptq_weight(w, h, "Q4_K")  # 96 columns: llama.cpp writes Q5_0 instead
+    gb.fit_blocks(q.numpy(), "Q5_0")
+    assert gb.fallback_type("Q4_K", 96) == "Q5_0"
+
+
+@pytest.mark.slow
+def test_gptq_with_the_arch_default_preset_writes_the_planned_mixed_file(reference_dir, dataset_dir, tmp_path):
+    """GPTQ under the arch-default map on a 256-wide Llama: the GGUF has exactly the planned types, loads in
+    llama.cpp, and its blocks dequantize to the GPTQ checkpoint's weights."""
+    import json
+
+    from gguf import GGUFReader
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from quantloop.eval.runtimes import LlamaCppRunner
+    from quantloop.mixed_precision import plan_mixed_file
+    from quantloop.models import prepare_model
+    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.tools.quantize import quantize_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "raw")
+    AutoTokenizer.from_pretrained(reference_dir).save_pretrained(tmp_path / "raw")
+    prepare_model(tmp_path / "raw", "wide", tmp_path / "checkpoints")
+    model = tmp_path / "checkpoints" / "wide"
+    spec = QuantSpec(method="gptq", preset="arch-default",
+                     calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=64))
+    r = quantize_model(model, tmp_path / "q", spec)
+    assert r.format == "gguf:mixed-arch-default" and spec.tag() == "gptq-arch-default"
+    _, _, planned = plan_mixed_file(next(model.glob("*.gguf")), None, "arch-default", {}, {})
+    tensors = {t.name: t for t in GGUFReader(r.model_path).tensors}
+    assert {n: t.tensor_type.name for n, t in tensors.items()} == planned
+    res = json.loads((tmp_path / "q" / "gptq_result.json").read_text())
+    assert res["linear_types"] == {"Q4_K": 8, "Q6_K": 6} and res["calibration_tokens"] == 8 * 64
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    for gguf_name, hf_name in [("blk.1.attn_v.weight", "model.layers.1.self_attn.v_proj.weight"),
+                               ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight")]:
+        t = tensors[gguf_name]
+        np.testing.assert_array_equal(gb.dequantize(t.data, t.tensor_type.name), state[hf_name])
+    raw = LlamaForCausalLM.from_pretrained(model).state_dict()["model.layers.1.mlp.down_proj.weight"].numpy()
+    assert not np.array_equal(state["model.layers.1.mlp.down_proj.weight"], gb.fake_quantize(raw, "Q6_K"))  # GPTQ moved codes
+    runner = LlamaCppRunner(r.model_path, n_ctx=64)
+    logits = runner.logits(runner.tokenize("To be, or not to be"))
+    assert logits.shape[1] == 49152 and np.isfinite(logits).all()
