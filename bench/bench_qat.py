@@ -1,11 +1,12 @@
-"""QAT on SmolLM2-135M (off-grid twin): round-to-nearest against data-free QAT and QAT on real text, on the
-exact Q4_0 and Q4_K grids, plus the mixed-precision preset against uniform 4-bit and 8-bit. Every model is a GGUF
+"""QAT and GPTQ on SmolLM2-135M (off-grid twin): round-to-nearest against data-free QAT and QAT on real text, on
+the exact Q4_0 and Q4_K grids, GPTQ on the Q4_K grid and under the mixed-precision preset, and the preset against
+uniform 4-bit and 8-bit. Every model is a GGUF
 validated on llama.cpp against the float model's F16 GGUF, on the test split, in the same run.
 
     .venv/bin/python bench/bench_qat.py [--steps 100] [--samples 64] [--seqlen 128] [--chunks 16] [--speed]
 
-"gap recovered" is the share of the round-to-nearest perplexity increase that QAT removed:
-(RTN increase - QAT increase) / RTN increase, for the same GGUF type. Writes SLM/reports/bench_qat.json.
+"gap recovered" is the share of the round-to-nearest perplexity increase that QAT (or GPTQ) removed:
+(RTN increase - its increase) / RTN increase, for the same GGUF type. Writes SLM/reports/bench_qat.json.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def rows(steps: int, samples: int, seqlen: int) -> list[tuple[str, str | None, Q
     """(label, RTN row it is compared with, spec)."""
     real = CalibrationSpec(source="dataset", samples=samples, seqlen=seqlen)
     synth = CalibrationSpec(source="synthetic", samples=samples, seqlen=seqlen)
+    # GPTQ (one pass, no training): the usual 128 sequences of 512 tokens
+    gptq_real, gptq_synth = CalibrationSpec(source="dataset"), CalibrationSpec(source="synthetic")
     return [
         ("Q4_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q4_0")),
         ("Q4_0 QAT, data-free", "Q4_0 round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=synth)),
@@ -44,7 +47,11 @@ def rows(steps: int, samples: int, seqlen: int) -> list[tuple[str, str | None, Q
         ("Q4_K round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q8_0", layer_types=UNIFORM_Q4_K)),
         ("Q4_K QAT, data-free", "Q4_K round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_K", qat_steps=steps, calibration=synth)),
         ("Q4_K QAT, real text", "Q4_K round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_K", qat_steps=steps, calibration=real)),
+        ("Q4_K GPTQ, data-free", "Q4_K round-to-nearest", QuantSpec(method="gptq", gguf_type="Q4_K", calibration=gptq_synth)),
+        ("Q4_K GPTQ, real text", "Q4_K round-to-nearest", QuantSpec(method="gptq", gguf_type="Q4_K", calibration=gptq_real)),
         ("mixed arch-default (RTN)", None, QuantSpec(method="gguf", preset="arch-default")),
+        ("mixed arch-default GPTQ, real text", "mixed arch-default (RTN)",
+         QuantSpec(method="gptq", preset="arch-default", calibration=gptq_real)),
         ("Q8_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q8_0")),
     ]
 
@@ -87,13 +94,13 @@ def main() -> None:
         qat = x["qat"]
         table_rows.append([label, f"{k['ppl_increase_pct']:+.2f} %", f"{k['kld_mean']:.4f}", f"{100 * k['same_top_rate']:.1f} %",
                            f"{x['validation']['size_quantized']['bits_per_weight']:.2f}",
-                           f"{q['wall_s']:.0f} s" if q["spec"]["method"] == "qat" else "-",
+                           f"{q['wall_s']:.0f} s" if q["spec"]["method"] in ("qat", "gptq") else "-",
                            f"{qat['rtn_kl']:.4f} -> {qat['final_kl']:.4f}" if qat else "-", gap,
                            "pass" if x["validation"]["passed"] else "fail"])
     print()
     print(f"off-grid SmolLM2-135M, test split {a.chunks} x 512 tokens; QAT: {a.steps} steps of 4 x {a.seqlen} tokens, "
-          f"{a.samples} calibration sequences")
-    print(table(["model", "ppl increase", "mean KLD", "same top", "bits/weight", "QAT wall time", "held-out KL (QAT)",
+          f"{a.samples} calibration sequences; GPTQ: 128 x 512 tokens")
+    print(table(["model", "ppl increase", "mean KLD", "same top", "bits/weight", "QAT/GPTQ wall time", "held-out KL (QAT)",
                  "gap recovered", "verdict"], table_rows))
     print(f"\nwall time {time.perf_counter() - t_start:.0f} s\nreport: {out_json}")
 
