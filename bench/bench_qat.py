@@ -49,6 +49,8 @@ def rows(steps: int, samples: int, seqlen: int) -> list[tuple[str, str | None, Q
         ("Q4_K QAT, real text", "Q4_K round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_K", qat_steps=steps, calibration=real)),
         ("Q4_K GPTQ, data-free", "Q4_K round-to-nearest", QuantSpec(method="gptq", gguf_type="Q4_K", calibration=gptq_synth)),
         ("Q4_K GPTQ, real text", "Q4_K round-to-nearest", QuantSpec(method="gptq", gguf_type="Q4_K", calibration=gptq_real)),
+        ("Q4_K GPTQ act-order, real text", "Q4_K round-to-nearest",
+         QuantSpec(method="gptq", gguf_type="Q4_K", act_order=True, calibration=gptq_real)),
         ("mixed arch-default (RTN)", None, QuantSpec(method="gguf", preset="arch-default")),
         ("mixed arch-default GPTQ, real text", "mixed arch-default (RTN)",
          QuantSpec(method="gptq", preset="arch-default", calibration=gptq_real)),

@@ -351,7 +351,7 @@ class QuantSpec(Strict):
         if self.method == "gptq" and (self.preset or self.layer_types or (self.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K")):
             target = f"{self.preset or 'mix'}{'-mix' if self.preset and self.layer_types else ''}" \
                 if self.preset or self.layer_types else self.gguf_type.lower()
-            return f"gptq-{target}{synth}"
+            return f"gptq-{target}{'-act' if self.act_order else ''}{synth}"
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         return f"{self.method}-w{self.bits}{g}{'' if self.symmetric else '-asym'}{synth}"
 

@@ -31,13 +31,14 @@ def dataset_dir() -> Path:
     return DATASET_DIR
 
 
-def build_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2) -> Path:
-    """A tiny random Llama with the real SmolLM2 tokenizer (vocabulary 49152), saved as an HF checkpoint."""
+def build_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer (vocabulary 49152), saved as an HF checkpoint;
+    the feed-forward is twice as wide as `hidden`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config).eval()
@@ -55,6 +56,15 @@ def tiny_prepared(tmp_path_factory, reference_dir) -> Path:
     raw = build_tiny_llama(root / "raw", reference_dir)
     prepare_model(raw, "tiny", root / "checkpoints")
     return root / "checkpoints" / "tiny"
+
+
+def prepare_wide_llama(root: Path, tokenizer_dir: Path, layers: int) -> Path:
+    """A random 256-wide Llama (k-quant super-blocks divide every row), prepared: HF folder + F16 GGUF + manifest."""
+    from quantloop.models import prepare_model
+
+    build_tiny_llama(root / "raw", tokenizer_dir, layers=layers, hidden=256)
+    prepare_model(root / "raw", "wide", root / "checkpoints")
+    return root / "checkpoints" / "wide"
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import torch
 
 from quantloop import gguf_blocks as gb
 from quantloop.backends.gptq_gguf import grid_gptq_weight
+from conftest import prepare_wide_llama
 
 
 def _weight_and_hessian(rows: int, cols: int, seed: int = 0):
@@ -24,12 +25,13 @@ def _loss(w, q, h):
     return float(torch.einsum("oi,ij,oj->", d, h.double(), d))
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("type_name", list(gb.TYPES))
-def test_gptq_lands_on_the_grid_and_beats_llama_cpp_rounding(type_name):
+def test_gptq_lands_on_the_grid_and_beats_llama_cpp_rounding(type_name, act_order):
     """The GPTQ weight is blocks of the type (the gguf-py dequantizer of its fitted codes gives it back bit for
     bit), and its output error under the Hessian is below that of llama.cpp's own rounding."""
     w, h = _weight_and_hessian(16, 512)
-    q = grid_gptq_weight(w, h, type_name)
+    q = grid_gptq_weight(w, h, type_name, act_order=act_order)
     qb = gb.fit_blocks(q.numpy(), type_name)
     deq = gb.dequantize(gb.pack(qb.codes, qb.scales, qb.mins, type_name, qb.d, qb.dmin), type_name)
     np.testing.assert_array_equal(deq, q.numpy())
@@ -64,21 +66,14 @@ def test_gptq_with_the_arch_default_preset_writes_the_planned_mixed_file(referen
 
     from gguf import GGUFReader
     from safetensors.numpy import load_file
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from quantloop.eval.runtimes import LlamaCppRunner
     from quantloop.mixed_precision import plan_mixed_file
-    from quantloop.models import prepare_model
     from quantloop.schemas import CalibrationSpec, QuantSpec
     from quantloop.tools.quantize import quantize_model
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "raw")
-    AutoTokenizer.from_pretrained(reference_dir).save_pretrained(tmp_path / "raw")
-    prepare_model(tmp_path / "raw", "wide", tmp_path / "checkpoints")
-    model = tmp_path / "checkpoints" / "wide"
+    model = prepare_wide_llama(tmp_path, reference_dir, layers=2)
     spec = QuantSpec(method="gptq", preset="arch-default",
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=64))
     r = quantize_model(model, tmp_path / "q", spec)

@@ -12,6 +12,7 @@ from quantloop.backends.qat import (
     QAT_TYPES, QATConfig, check_qat_model, check_qat_type, fake_quantize_torch, kl_divergence, ste_fake_quantize,
 )
 from quantloop.errors import InputError
+from conftest import prepare_wide_llama
 
 
 def _weights(rows=48, cols=256, seed=0):
@@ -291,20 +292,12 @@ def test_qat_with_the_arch_default_preset_writes_the_planned_mixed_file(referenc
 
     from gguf import GGUFReader
     from safetensors.numpy import load_file
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from quantloop.mixed_precision import estimate_bytes, plan_mixed_file
-    from quantloop.models import prepare_model
     from quantloop.schemas import CalibrationSpec, QuantSpec
     from quantloop.tools.quantize import quantize_model
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "raw")
-    AutoTokenizer.from_pretrained(reference_dir).save_pretrained(tmp_path / "raw")
-    prepare_model(tmp_path / "raw", "wide", tmp_path / "checkpoints")
-    model = tmp_path / "checkpoints" / "wide"
+    model = prepare_wide_llama(tmp_path, reference_dir, layers=1)
     spec = QuantSpec(method="qat", preset="arch-default", qat_steps=2,
                      calibration=CalibrationSpec(source="synthetic", samples=6, seqlen=16))
     r = quantize_model(model, tmp_path / "q", spec)

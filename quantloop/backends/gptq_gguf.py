@@ -66,9 +66,14 @@ class _Grid:
         return torch.where(step == 0, base, step * (q - self.zero) + base)
 
 
-def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = DAMP) -> torch.Tensor:
+def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = DAMP,
+                     act_order: bool = False) -> torch.Tensor:
     """GPTQ of one [out, in] weight with the Hessian H [in, in] onto the GGUF grid of `type_name` (after
-    llama.cpp's fallback for its width); returns the float32 weight, every block on that grid."""
+    llama.cpp's fallback for its width); returns the float32 weight, every block on that grid.
+
+    act_order: columns in order of falling diag(H) (the inputs with the most energy first), with every block's
+    grid fixed up front by llama.cpp's rounding of the original weights (GPTQ's "static groups"), so the
+    blocks stay contiguous runs of 32 (256) columns that a GGUF can hold."""
     from quantloop.backends.qat import layer_type
 
     W = w.detach().float().clone()
@@ -82,6 +87,11 @@ def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: flo
     H[dead, dead] = 1
     W[:, dead] = 0
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    perm = grids = None
+    if act_order:
+        grids = [_Grid(W[:, b:b + span], t) for b in range(0, cols, span)]
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     batch = max(128, span)
     Q = torch.zeros_like(W)
@@ -90,16 +100,20 @@ def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: flo
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
         grid = None
         for i in range(i2 - i1):
-            if i % span == 0:
-                grid = _Grid(W1[:, i:i + span], t)
             w_col = W1[:, i]
-            q = grid.round(w_col, i % span)
+            if perm is not None:  # the column's own block, whose grid was fixed up front
+                col = int(perm[i1 + i])
+                q = grids[col // span].round(w_col, col % span)
+            else:  # blocks in order: a block's grid is fixed when the loop reaches it
+                if i % span == 0:
+                    grid = _Grid(W1[:, i:i + span], t)
+                q = grid.round(w_col, i % span)
             Q[:, i1 + i] = q
             err = (w_col - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q
+    return Q if perm is None else Q[:, torch.argsort(perm)]
 
 
 class _Stop(Exception):
@@ -133,7 +147,7 @@ def _run_layer(layer, h: torch.Tensor, kw: dict) -> torch.Tensor:
 
 
 def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size: int = 8, damp: float = DAMP,
-                     progress: bool = True) -> dict:
+                     act_order: bool = False, progress: bool = True) -> dict:
     """GPTQ in place of every linear named in `linear_types` (module name -> GGUF type), layer by layer."""
     from tqdm import tqdm
 
@@ -147,12 +161,16 @@ def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size:
             layer = layers[li]
             prefix = f"model.layers.{li}."
             mods = {n: m for n, m in layer.named_modules() if prefix + n in linear_types}
-            H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
+            H = {n: torch.zeros(m.in_features, m.in_features) for n, m in mods.items()}
+            last: dict = {}  # q/k/v (and gate/up) see the same input tensor: one X^T X for all of them
 
             def hook(name):
                 def acc(_, inp, __):
-                    x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-                    H[name] += x.T @ x
+                    x = inp[0]
+                    if last.get("input") is not x:
+                        flat = x.reshape(-1, x.shape[-1]).float()
+                        last.update(input=x, xtx=flat.T @ flat)
+                    H[name] += last["xtx"]
                 return acc
 
             handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
@@ -162,15 +180,16 @@ def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size:
             finally:
                 for hd in handles:
                     hd.remove()
+            last.clear()
             for n, m in mods.items():
-                m.weight.copy_(grid_gptq_weight(m.weight, H[n], linear_types[prefix + n], damp).to(m.weight.dtype))
+                m.weight.copy_(grid_gptq_weight(m.weight, H[n], linear_types[prefix + n], damp, act_order).to(m.weight.dtype))
             hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
     return {"wall_s": round(time.perf_counter() - t0, 3), "calibration_samples": len(sequences),
-            "calibration_tokens": int(ids.numel()), "damp_percent": damp}
+            "calibration_tokens": int(ids.numel()), "damp_percent": damp, "act_order": act_order}
 
 
 def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_types: dict[str, str] | None = None,
-                         embedding_type: str = "auto", gguf_name: str | None = None) -> Path:
+                         embedding_type: str = "auto", gguf_name: str | None = None, act_order: bool = False) -> Path:
     """GPTQ of the float checkpoint hf_dir onto the GGUF grids a precision map names (tensor_types: llama.cpp
     tensor-name pattern -> type, first match wins; other linears get base_type). Writes out_dir (float32 HF
     checkpoint, weights on the grid, tokenizer, gptq_result.json) and out_dir/<name>.gguf; returns the GGUF."""
@@ -183,7 +202,7 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     model = load_hf_model(hf_dir)
     check_qat_model(model, base_type, hf_dir)
     types = linear_types(model, base_type, tensor_types)
-    info = gptq_gguf_model_(model, sequences, types)
+    info = gptq_gguf_model_(model, sequences, types, act_order=act_order)
     info["linear_types"] = {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.float().save_pretrained(str(out_dir), safe_serialization=True)

@@ -166,7 +166,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                 planned = planned_export_types(model.gguf, base)
             seqs, calib_digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir), model.hf_dir)
             model_path = gptq_gguf_checkpoint(model.hf_dir, tmp, base, seqs, tensor_types=rules, embedding_type=embedding_type,
-                                              gguf_name=f"{name}-{spec.tag()}.gguf")
+                                              gguf_name=f"{name}-{spec.tag()}.gguf", act_order=spec.act_order)
             check_written_types(model_path, planned, "the GPTQ export")
             gguf_type = base
             libs = _library_versions("torch", "transformers", "gguf")
