@@ -45,6 +45,7 @@ def export_hf_to_gguf(
     tensor_types: dict[str, str] | None = None,
     embedding_type: str = "auto",
     overwrite: bool = False,
+    blocks: dict | None = None,
 ) -> Path:
     """Write `hf_dir` as a GGUF whose linear weights are raw `type_name` blocks; returns the path.
 
@@ -58,7 +59,10 @@ def export_hf_to_gguf(
     type's block does not divide get llama-quantize's fallback type (Q4_K -> Q5_0, ...,
     see gguf_blocks.fallback_type), and must be on that type's grid.
     Raises InputError when a weight is not on its type's grid (to fp16 rounding);
-    nothing is written then.
+    nothing is written then. `blocks` (GGUF tensor name -> (type, gguf_blocks.QuantBlocks) in the
+    checkpoint's row order) are a quantizer's own codes and scales: they are written as they are, once
+    checked to dequantize to the tensor's weights exactly (the converter may reorder rows; they are
+    matched row for row), instead of fitted.
     """
     import gguf
 
@@ -88,7 +92,10 @@ def export_hf_to_gguf(
         for t in reader.tensors:
             emb = llama_embedding_type(type_name, t.data.shape[-1]) if embedding_type == "auto" else embedding_type
             target = _target_type(t.name, t.data.ndim, type_name, emb, rules)
-            tensors.append((t.name, *_encode(hf_dir, t, target)))
+            if blocks and t.name in blocks:
+                tensors.append((t.name, *_encode_known(hf_dir, t, target, *blocks[t.name])))
+            else:
+                tensors.append((t.name, *_encode(hf_dir, t, target)))
         arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
         writer = gguf.GGUFWriter(tmp, arch)
         if (align := reader.get_field(gguf.Keys.General.ALIGNMENT)) is not None:
@@ -168,3 +175,23 @@ def _encode(hf_dir: Path, t, target: str | None):
                          "quantize it with a matching layout first: blocks of 32, fp16 scales; or export it as F16") from None
     raw = gguf_blocks.pack(qb.codes, qb.scales, qb.mins, target, qb.d, qb.dmin)
     return raw.reshape(*data.shape[:-1], raw.shape[-1]), gguf_blocks.qtype(target)
+
+
+def _encode_known(hf_dir: Path, t, target: str | None, type_name: str, qb: gguf_blocks.QuantBlocks):
+    """A quantizer's own blocks, in the converted tensor's row order, after checking that they dequantize to it."""
+    data = np.asarray(t.data, dtype=np.float32)
+    data = data.reshape(-1, data.shape[-1])
+    if target is None or gguf_blocks.fallback_type(target, data.shape[-1]) != type_name:
+        raise InputError(hf_dir, f"tensor {t.name}: the quantizer wrote {type_name} blocks, the export plans {target}",
+                         "quantize and export with the same precision map")
+    raw = gguf_blocks.pack(qb.codes, qb.scales, qb.mins, type_name, qb.d, qb.dmin)
+    deq = gguf_blocks.dequantize(raw, type_name) + np.float32(0)  # + 0 turns -0.0 into 0.0
+    row_of = {r.tobytes(): i for i, r in enumerate(deq)}
+    order = [row_of.get((r + np.float32(0)).tobytes()) for r in data]
+    if None in order:
+        bad = order.index(None)
+        raise InputError(hf_dir, f"tensor {t.name}: row {bad} is not one the quantizer's {type_name} blocks hold "
+                         f"(max deviation from the nearest {float(np.abs(deq - data[bad]).max(axis=1).min()):.3g})",
+                         "re-run the quantization; the checkpoint and its blocks disagree")
+    raw = raw[np.asarray(order)]
+    return raw.reshape(*np.asarray(t.data).shape[:-1], raw.shape[-1]), gguf_blocks.qtype(type_name)

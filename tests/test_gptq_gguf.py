@@ -28,13 +28,15 @@ def _loss(w, q, h):
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("type_name", list(gb.TYPES))
 def test_gptq_lands_on_the_grid_and_beats_llama_cpp_rounding(type_name, act_order):
-    """The GPTQ weight is blocks of the type (the gguf-py dequantizer of its fitted codes gives it back bit for
-    bit), and its output error under the Hessian is below that of llama.cpp's own rounding."""
+    """The GPTQ weight is blocks of the type: gguf-py's dequantizer of the codes and scales GPTQ reports gives it
+    back bit for bit, and so does a fit from the weight alone. Its output error under the Hessian is below that of
+    llama.cpp's own rounding."""
     w, h = _weight_and_hessian(16, 512)
-    q = grid_gptq_weight(w, h, type_name, act_order=act_order)
-    qb = gb.fit_blocks(q.numpy(), type_name)
+    q, t, qb = grid_gptq_weight(w, h, type_name, act_order=act_order)
+    assert t == type_name
     deq = gb.dequantize(gb.pack(qb.codes, qb.scales, qb.mins, type_name, qb.d, qb.dmin), type_name)
     np.testing.assert_array_equal(deq, q.numpy())
+    gb.fit_blocks(q.numpy(), type_name)
     rtn = torch.from_numpy(gb.fake_quantize(w.numpy(), type_name))
     assert _loss(w, q, h) < 0.95 * _loss(w, rtn, h)
 
@@ -45,7 +47,7 @@ def test_gptq_with_uncorrelated_inputs_is_nearest_rounding_on_llama_cpp_grid(typ
     llama.cpp's grid for its block. llama.cpp picks codes with the float32 scale before storing it as fp16, so a
     few of its codes are one level off the nearest; GPTQ's are never farther than llama.cpp's."""
     w, _ = _weight_and_hessian(8, 256, seed=1)
-    q = grid_gptq_weight(w, torch.diag(torch.rand(256) + 0.5), type_name).numpy()
+    q = grid_gptq_weight(w, torch.diag(torch.rand(256) + 0.5), type_name)[0].numpy()
     rtn = gb.fake_quantize(w.numpy(), type_name)
     assert (np.abs(w.numpy() - q) <= np.abs(w.numpy() - rtn) + 1e-6).all()
     assert (q == rtn).mean() > 0.99
@@ -53,9 +55,9 @@ def test_gptq_with_uncorrelated_inputs_is_nearest_rounding_on_llama_cpp_grid(typ
 
 def test_k_quant_falls_back_where_the_super_block_does_not_divide_the_width():
     w, h = _weight_and_hessian(8, 96)
-    q = grid_gptq_weight(w, h, "Q4_K")  # 96 columns: llama.cpp writes Q5_0 instead
-    gb.fit_blocks(q.numpy(), "Q5_0")
-    assert gb.fallback_type("Q4_K", 96) == "Q5_0"
+    q, t, qb = grid_gptq_weight(w, h, "Q4_K")  # 96 columns: llama.cpp writes Q5_0 instead
+    assert t == gb.fallback_type("Q4_K", 96) == "Q5_0"
+    np.testing.assert_array_equal(gb.dequantize(gb.pack(qb.codes, qb.scales, None, t), t), q.numpy())
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ no library runs GPTQ's error compensation on that grid. This module does, by han
   columns; k-quants: a super-block of 256), its grid is fixed by llama.cpp's own rounding of the weights
   as GPTQ has updated them so far (gguf_blocks.quantize_blocks: d, m, dmin, sub-block scales), and
   every column of the block then goes to the nearest level of that grid. Every block is thus one that
-  llama.cpp can store, and export_gguf writes the codes and scales back exactly (it refuses a weight
-  that is off its grid);
+  llama.cpp can store; the export writes GPTQ's own codes and scales (export_gguf checks that they
+  dequantize to the checkpoint's weights, row for row);
 - decoder layers in order: layer i is calibrated on the outputs of layers 0..i-1 already quantized.
 
 Rows a k-quant super-block does not divide get llama.cpp's fallback type (Q4_K -> Q5_0, ...), as
@@ -26,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from quantloop import gguf_blocks as gb
@@ -42,6 +43,7 @@ class _Grid:
         bt = gb.block_type(type_name)
         qb = gb.quantize_blocks(w.detach().float().cpu().numpy(), type_name)
         rows = w.shape[0]
+        self.blocks = qb._replace(codes=None)  # the scales GPTQ's codes are stored with
         f = lambda a: torch.from_numpy(a.astype("float32")).reshape(rows, -1)  # noqa: E731
         self.sub = 16 if type_name == "Q6_K" else 32
         self.lo, self.hi = (-128, 127) if bt.bits == 8 else (0, 2**bt.bits - 1)
@@ -57,19 +59,28 @@ class _Grid:
             self.zero = 0 if bt.bits == 8 or not bt.symmetric else 2 ** (bt.bits - 1)
             self.base = torch.zeros_like(self.step) if qb.mins is None else f(qb.mins)
 
-    def round(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        """Column j of the block (a [rows] vector) on its nearest level."""
+    def round(self, x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column j of the block (a [rows] vector) on its nearest level: (values, stored codes)."""
         g = j // self.sub
         step, base = self.step[:, g], self.base[:, g]
         safe = torch.where(step == 0, torch.ones_like(step), step)  # a zero step holds only its base
         q = torch.clamp(torch.round((x - base) / safe) + self.zero, self.lo, self.hi)
-        return torch.where(step == 0, base, step * (q - self.zero) + base)
+        return torch.where(step == 0, base, step * (q - self.zero) + base), q
+
+
+def _join(grids: list[_Grid], codes: torch.Tensor) -> gb.QuantBlocks:
+    """The blocks of a whole weight: its codes with the scales of its grids, in column order."""
+    rows = codes.shape[0]
+    cat = lambda field: None if getattr(grids[0].blocks, field) is None else np.concatenate(  # noqa: E731
+        [getattr(g.blocks, field).reshape(rows, -1) for g in grids], axis=1)
+    return gb.QuantBlocks(codes.numpy(), cat("scales"), cat("mins"), cat("d"), cat("dmin"))
 
 
 def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = DAMP,
-                     act_order: bool = False) -> torch.Tensor:
+                     act_order: bool = False) -> tuple[torch.Tensor, str, gb.QuantBlocks]:
     """GPTQ of one [out, in] weight with the Hessian H [in, in] onto the GGUF grid of `type_name` (after
-    llama.cpp's fallback for its width); returns the float32 weight, every block on that grid.
+    llama.cpp's fallback for its width). Returns the float32 weight, every block on that grid, the type it
+    is on, and its blocks (codes and scales as the GGUF stores them; they dequantize to the weight exactly).
 
     act_order: columns in order of falling diag(H) (the inputs with the most energy first), with every block's
     grid fixed up front by llama.cpp's rounding of the original weights (GPTQ's "static groups"), so the
@@ -95,6 +106,8 @@ def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: flo
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     batch = max(128, span)
     Q = torch.zeros_like(W)
+    C = torch.zeros(W.shape, dtype=torch.int16)
+    in_order: list[_Grid] = []
     for i1 in range(0, cols, batch):
         i2 = min(i1 + batch, cols)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
@@ -103,17 +116,21 @@ def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: flo
             w_col = W1[:, i]
             if perm is not None:  # the column's own block, whose grid was fixed up front
                 col = int(perm[i1 + i])
-                q = grids[col // span].round(w_col, col % span)
+                q, code = grids[col // span].round(w_col, col % span)
             else:  # blocks in order: a block's grid is fixed when the loop reaches it
                 if i % span == 0:
                     grid = _Grid(W1[:, i:i + span], t)
-                q = grid.round(w_col, i % span)
-            Q[:, i1 + i] = q
+                    in_order.append(grid)
+                q, code = grid.round(w_col, i % span)
+            Q[:, i1 + i], C[:, i1 + i] = q, code.to(torch.int16)
             err = (w_col - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q if perm is None else Q[:, torch.argsort(perm)]
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q, C, in_order = Q[:, inv], C[:, inv], grids
+    return Q, t, _join(in_order, C)
 
 
 class _Stop(Exception):
@@ -147,9 +164,14 @@ def _run_layer(layer, h: torch.Tensor, kw: dict) -> torch.Tensor:
 
 
 def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size: int = 8, damp: float = DAMP,
-                     act_order: bool = False, progress: bool = True) -> dict:
-    """GPTQ in place of every linear named in `linear_types` (module name -> GGUF type), layer by layer."""
+                     act_order: bool = False, progress: bool = True, blocks: dict | None = None) -> dict:
+    """GPTQ in place of every linear named in `linear_types` (module name -> GGUF type), layer by layer.
+    Fills `blocks` (llama.cpp tensor name -> (type, QuantBlocks)) when given; returns timings and settings."""
     from tqdm import tqdm
+
+    from quantloop.backends.qat import gguf_tensor_name
+
+    blocks = {} if blocks is None else blocks
 
     ids = torch.tensor(sequences, dtype=torch.long)
     batches = list(torch.split(ids, batch_size))
@@ -182,7 +204,9 @@ def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size:
                     hd.remove()
             last.clear()
             for n, m in mods.items():
-                m.weight.copy_(grid_gptq_weight(m.weight, H[n], linear_types[prefix + n], damp, act_order).to(m.weight.dtype))
+                q, t, qb = grid_gptq_weight(m.weight, H[n], linear_types[prefix + n], damp, act_order)
+                m.weight.copy_(q.to(m.weight.dtype))
+                blocks[gguf_tensor_name(prefix + n)] = (t, qb)
             hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
     return {"wall_s": round(time.perf_counter() - t0, 3), "calibration_samples": len(sequences),
             "calibration_tokens": int(ids.numel()), "damp_percent": damp, "act_order": act_order}
@@ -202,11 +226,13 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     model = load_hf_model(hf_dir)
     check_qat_model(model, base_type, hf_dir)
     types = linear_types(model, base_type, tensor_types)
-    info = gptq_gguf_model_(model, sequences, types, act_order=act_order)
+    blocks: dict = {}
+    info = gptq_gguf_model_(model, sequences, types, act_order=act_order, blocks=blocks)
     info["linear_types"] = {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.float().save_pretrained(str(out_dir), safe_serialization=True)
     load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
     (out_dir / "gptq_result.json").write_text(json.dumps(info, indent=2) + "\n")
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-gptq-{base_type}.gguf"
-    return export_hf_to_gguf(out_dir, out_dir / gguf_name, base_type, tensor_types=tensor_types, embedding_type=embedding_type)
+    return export_hf_to_gguf(out_dir, out_dir / gguf_name, base_type, tensor_types=tensor_types, embedding_type=embedding_type,
+                             blocks=blocks)
