@@ -95,3 +95,20 @@ def test_gptq_with_the_arch_default_preset_writes_the_planned_mixed_file(referen
     runner = LlamaCppRunner(r.model_path, n_ctx=64)
     logits = runner.logits(runner.tokenize("To be, or not to be"))
     assert logits.shape[1] == 49152 and np.isfinite(logits).all()
+
+
+def test_export_refuses_blocks_that_do_not_hold_the_checkpoint_weights(tiny_copy, tmp_path):
+    """A quantizer's blocks are written only when they dequantize to the checkpoint's weights; otherwise one clear
+    error and no file."""
+    from safetensors.numpy import load_file
+
+    from quantloop.errors import InputError
+    from quantloop.export_gguf import export_hf_to_gguf
+
+    w = load_file(next(tiny_copy.glob("*.safetensors")))["model.layers.0.self_attn.v_proj.weight"]
+    qb = gb.quantize_blocks(w, "Q8_0")  # llama.cpp's rounding of the float weights: not the weights themselves
+    out = tmp_path / "x.gguf"
+    with pytest.raises(InputError, match="blk.0.attn_v.weight: row 0 is not one the quantizer's Q8_0 blocks hold"):
+        export_hf_to_gguf(tiny_copy, out, "Q8_0", tensor_types={"attn_v": "Q8_0", ".": "F16"}, embedding_type="F16",
+                          blocks={"blk.0.attn_v.weight": ("Q8_0", qb)})
+    assert not out.exists()
