@@ -54,6 +54,8 @@ def rows(steps: int, samples: int, seqlen: int) -> list[tuple[str, str | None, Q
         ("mixed arch-default (RTN)", None, QuantSpec(method="gguf", preset="arch-default")),
         ("mixed arch-default GPTQ, real text", "mixed arch-default (RTN)",
          QuantSpec(method="gptq", preset="arch-default", calibration=gptq_real)),
+        ("mixed arch-default GPTQ act-order, real text", "mixed arch-default (RTN)",
+         QuantSpec(method="gptq", preset="arch-default", act_order=True, calibration=gptq_real)),
         ("Q8_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q8_0")),
     ]
 
