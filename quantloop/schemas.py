@@ -335,6 +335,12 @@ class QuantSpec(Strict):
     def uses_calibration(self) -> bool:
         return self.method in ("gptq", "awq", "autoround", "qat") or (self.method == "gguf" and self.imatrix)
 
+    def gptq_on_gguf_grid(self) -> bool:
+        """GPTQ by quantloop's own solver on llama.cpp's grids (backends/gptq_gguf.py) rather than GPTQModel's
+        layouts: for a k-quant type, a precision map, or act-order into a GGUF type."""
+        return self.method == "gptq" and bool(self.preset or self.layer_types or (self.gguf_type and self.act_order)
+                                              or (self.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K"))
+
     def tag(self) -> str:
         synth = "-synth" if self.uses_calibration() and self.calibration.source == "synthetic" else ""
         if self.method == "gguf":
@@ -348,7 +354,7 @@ class QuantSpec(Strict):
             if self.preset or self.layer_types:
                 target = f"{self.preset or 'mix'}{'-mix' if self.preset and self.layer_types else ''}"
             return f"qat-{target}-s{self.qat_steps}{synth}"
-        if self.method == "gptq" and (self.preset or self.layer_types or (self.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K")):
+        if self.gptq_on_gguf_grid():
             target = f"{self.preset or 'mix'}{'-mix' if self.preset and self.layer_types else ''}" \
                 if self.preset or self.layer_types else self.gguf_type.lower()
             return f"gptq-{target}{'-act' if self.act_order else ''}{synth}"

@@ -112,3 +112,16 @@ def test_export_refuses_blocks_that_do_not_hold_the_checkpoint_weights(tiny_copy
         export_hf_to_gguf(tiny_copy, out, "Q8_0", tensor_types={"attn_v": "Q8_0", ".": "F16"}, embedding_type="F16",
                           blocks={"blk.0.attn_v.weight": ("Q8_0", qb)})
     assert not out.exists()
+
+
+def test_which_gptq_runs_on_the_gguf_grid():
+    from quantloop.schemas import QuantSpec
+
+    plain = QuantSpec(method="gptq", bits=4, group_size=32, gguf_type="Q4_0")  # GPTQModel's layout is Q4_0 already
+    assert not plain.gptq_on_gguf_grid() and plain.tag() == "gptq-w4g32"
+    for spec, tag in [(QuantSpec(method="gptq", gguf_type="Q4_K"), "gptq-q4_k"),
+                      (QuantSpec(method="gptq", gguf_type="Q4_0", act_order=True), "gptq-q4_0-act"),
+                      (QuantSpec(method="gptq", preset="arch-default"), "gptq-arch-default"),
+                      (QuantSpec(method="gptq", layer_types={"attention": "Q4_K"}), "gptq-mix")]:
+        assert spec.gptq_on_gguf_grid() and spec.tag() == tag
+    assert not QuantSpec(method="awq", gguf_type="Q4_K").gptq_on_gguf_grid()

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, default=4, help="weight bits for rtn/gptq/awq (default: 4)")
     s.add_argument("--group-size", type=int, default=128, help="weights per group, -1 = per channel (default: 128)")
     s.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
-    s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size")
+    s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size (with --type, on the GGUF grid: each block's grid "
+                        "fixed up front, so the blocks stay exportable)")
     s.add_argument("--dataset", help="prepared dataset for calibration (default: SLM/datasets/shakespeare)")
     s.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default: 128)")
     s.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")

@@ -106,7 +106,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
     t0 = time.perf_counter()
     calib_digest = None
     mixed = spec.method in ("gguf", "qat", "gptq") and (spec.preset is not None or bool(spec.layer_types))
-    on_grid_gptq = spec.method == "gptq" and (mixed or (spec.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K"))
+    on_grid_gptq = spec.gptq_on_gguf_grid()
     with atomic_output(out, is_dir=True) as tmp:
         if spec.method == "gguf":
             from quantloop.backends.gguf import quantize_gguf
