@@ -72,6 +72,9 @@ def main() -> None:
     dataset = DATASETS_DIR / "shakespeare"
     out_json = SLM_DIR / "reports" / "bench_qat.json"
     results: dict[str, dict] = {}
+    if a.only and out_json.is_file():  # a partial run updates its rows of the report and prints only its own
+        results = {k: v for k, v in json.loads(out_json.read_text()).items() if k in {label for label, _, _ in rows(1, 1, 16)}}
+    ran: list[str] = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=SLM_DIR) as tmp:
         for label, rtn_label, spec in rows(a.steps, a.samples, a.seqlen):
@@ -83,16 +86,18 @@ def main() -> None:
                                                         chunks=a.chunks, measure_speed=a.speed, nominal_bits=None,
                                                         report_path=str(Path(tmp) / f"{spec.tag()}.json")))
             qat = json.loads((out / "qat_result.json").read_text()) if spec.method == "qat" else None
+            ran.append(label)
             results[label] = {"rtn": rtn_label, "quantization": json.loads(q.model_dump_json()),
                               "validation": json.loads(r.model_dump_json()), "qat": qat}
             print(f"  {label:30s} ppl {r.kld.ppl_increase_pct:+6.2f} %  KLD {r.kld.kld_mean:.4f}  bpw {r.size_quantized.bits_per_weight:.2f}"
                   f"  {q.wall_s:.0f} s", flush=True)
             write_json_atomic(out_json, results)
     table_rows = []
-    for label, x in results.items():
+    for label in ran:
+        x = results[label]
         k, q = x["validation"]["kld"], x["quantization"]
         gap = "-"
-        if x["rtn"] in results:
+        if x["rtn"] in ran:  # the baseline measured in this run
             base = results[x["rtn"]]["validation"]["kld"]["ppl_increase_pct"]
             gap = f"{100 * (base - k['ppl_increase_pct']) / base:.0f} %" if base > 0 else "-"
         qat = x["qat"]
