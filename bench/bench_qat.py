@@ -44,6 +44,8 @@ def rows(steps: int, samples: int, seqlen: int) -> list[tuple[str, str | None, Q
         ("Q4_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q4_0")),
         ("Q4_0 QAT, data-free", "Q4_0 round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=synth)),
         ("Q4_0 QAT, real text", "Q4_0 round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=real)),
+        ("Q4_0 GPTQModel g32, real text", "Q4_0 round-to-nearest",
+         QuantSpec(method="gptq", bits=4, group_size=32, gguf_type="Q4_0", calibration=gptq_real)),
         ("Q4_0 GPTQ act-order, real text", "Q4_0 round-to-nearest",
          QuantSpec(method="gptq", gguf_type="Q4_0", act_order=True, calibration=gptq_real)),
         ("Q4_K round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q8_0", layer_types=UNIFORM_Q4_K)),
