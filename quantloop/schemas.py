@@ -341,6 +341,10 @@ class QuantSpec(Strict):
         return self.method == "gptq" and bool(self.preset or self.layer_types or (self.gguf_type and self.act_order)
                                               or (self.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K"))
 
+    def _map_tag(self) -> str:
+        """The precision map in a tag: the preset, 'mix' for layer types alone, '<preset>-mix' for both."""
+        return f"{self.preset or 'mix'}{'-mix' if self.preset and self.layer_types else ''}"
+
     def tag(self) -> str:
         synth = "-synth" if self.uses_calibration() and self.calibration.source == "synthetic" else ""
         if self.method == "gguf":
@@ -352,11 +356,10 @@ class QuantSpec(Strict):
         if self.method == "qat":
             target = self.gguf_type.lower() if self.gguf_type else f"w{self.bits}{'' if self.symmetric else '-asym'}"
             if self.preset or self.layer_types:
-                target = f"{self.preset or 'mix'}{'-mix' if self.preset and self.layer_types else ''}"
+                target = self._map_tag()
             return f"qat-{target}-s{self.qat_steps}{synth}"
         if self.gptq_on_gguf_grid():
-            target = f"{self.preset or 'mix'}{'-mix' if self.preset and self.layer_types else ''}" \
-                if self.preset or self.layer_types else self.gguf_type.lower()
+            target = self._map_tag() if self.preset or self.layer_types else self.gguf_type.lower()
             return f"gptq-{target}{'-act' if self.act_order else ''}{synth}"
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         return f"{self.method}-w{self.bits}{g}{'' if self.symmetric else '-asym'}{synth}"

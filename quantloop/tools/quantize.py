@@ -95,6 +95,17 @@ def check_written_types(model_path, planned: dict[str, str], writer: str) -> Non
         raise RuntimeError(f"{writer} wrote {written.get(wrong[0])} for {wrong[0]}, the precision map planned {planned[wrong[0]]}")
 
 
+def plan_precision_map(model, spec: QuantSpec) -> tuple[str, dict[str, str], dict[str, str], str]:
+    """(base type, tensor-type rules, planned type of every tensor, embedding type) of a precision map that a
+    quantizer trains or solves for and then exports itself (QAT, GPTQ on the grid)."""
+    from quantloop.mixed_precision import plan_mixed_file
+
+    if model.gguf is None:
+        raise InputError(model.path, "no F16/F32 GGUF to plan the precision map on", "run `quantloop prepare` on it first")
+    base, rules, planned = plan_mixed_file(model.gguf, spec.gguf_type, spec.preset, spec.layer_types, {})
+    return base, rules, planned, planned["token_embd.weight"]
+
+
 def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSpec, overwrite: bool = False) -> QuantizationResult:
     model = resolve_model(checkpoint)
     check_architecture(model)
@@ -155,10 +166,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                 raise InputError(model.path, "GPTQ onto a GGUF grid needs a prepared checkpoint (transformers + F16 GGUF)",
                                  "run `quantloop prepare` on it first")
             if mixed:
-                from quantloop.mixed_precision import plan_mixed_file
-
-                base, rules, planned = plan_mixed_file(model.gguf, spec.gguf_type, spec.preset, spec.layer_types, {})
-                embedding_type = planned["token_embd.weight"]
+                base, rules, planned, embedding_type = plan_precision_map(model, spec)
             else:  # one k-quant; embeddings as llama-quantize types them
                 from quantloop.export_gguf import planned_export_types
 
@@ -209,12 +217,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                 raise InputError(model.path, "QAT needs a transformers checkpoint", "pass a prepared checkpoint folder")
             rules, embedding_type = {}, "auto"
             if mixed:  # a precision map: the base type is the embeddings' (or --type)
-                from quantloop.mixed_precision import plan_mixed_file
-
-                if model.gguf is None:
-                    raise InputError(model.path, "no F16/F32 GGUF to plan the precision map on", "run `quantloop prepare` on it first")
-                base, rules, planned = plan_mixed_file(model.gguf, spec.gguf_type, spec.preset, spec.layer_types, {})
-                embedding_type = planned["token_embd.weight"]
+                base, rules, planned, embedding_type = plan_precision_map(model, spec)
                 gguf_type = check_qat_type(base)
             else:
                 gguf_type = check_qat_type(spec.gguf_type, spec.bits, spec.symmetric)
