@@ -25,7 +25,7 @@ from quantloop.backends.gguf import quantize_gguf  # noqa: E402
 from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner  # noqa: E402
 from quantloop.eval.session import perplexity, split_chunks  # noqa: E402
 from quantloop.fileio import write_json_atomic  # noqa: E402
-from quantloop.models import resolve_model  # noqa: E402
+from quantloop.models.checkpoints import resolve_model  # noqa: E402
 from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR, OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E402
 from quantloop.pipelines.report_format import table  # noqa: E402
 from quantloop.schemas import ValidationRequest  # noqa: E402

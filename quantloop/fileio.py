@@ -1,4 +1,5 @@
-"""Atomic writes: every output goes to a temporary path and is renamed into place."""
+"""Files on disk: atomic writes (every output goes to a temporary path and is renamed into place), hashes,
+and the cheap integrity checks of a transformers checkpoint folder."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 from pydantic import BaseModel
+
+from quantloop.errors import InputError
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -69,3 +72,41 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_hf_dir(hf_dir: Path) -> None:
+    """Cheap checks before transformers sees the folder: readable config, weights present, safetensors headers intact."""
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(hf_dir / "config.json", "not valid JSON", "re-create the checkpoint") from None
+    if "model_type" not in config:
+        raise InputError(hf_dir / "config.json", "no 'model_type' field", "is this a transformers checkpoint?")
+    weights = sorted(hf_dir.glob("*.safetensors")) + sorted(hf_dir.glob("pytorch_model*.bin"))
+    if not weights:
+        raise InputError(hf_dir, "no weights (*.safetensors or pytorch_model*.bin)", "save the model with save_pretrained")
+    from safetensors import safe_open
+
+    for w in weights:
+        if w.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:
+            raise InputError(w, f"corrupt safetensors file ({str(e)[:100]})", "re-create the checkpoint") from None
+        if not keys:
+            raise InputError(w, "safetensors file holds no tensors", "re-create the checkpoint")
+        size = w.stat().st_size
+        # safetensors does not check that the data section is complete; a truncated file fails later.
+        with safe_open(str(w), framework="pt") as f:
+            last = keys[-1]
+            try:
+                f.get_slice(last)
+            except Exception as e:
+                raise InputError(w, f"corrupt safetensors file ({str(e)[:100]})", "re-create the checkpoint") from None
+        header_len = int.from_bytes(open(w, "rb").read(8), "little")
+        meta = json.loads(open(w, "rb").read(8 + header_len)[8:])
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise InputError(w, f"truncated safetensors file ({size} bytes, header promises {8 + header_len + end})", "re-create the checkpoint")

@@ -324,7 +324,7 @@ class QuantSpec(Strict):
     gguf_type: str | None = Field(None, description="llama.cpp type for method 'gguf' (Q4_K_M, Q8_0, ...) or the export target")
     gguf_tensor_types: dict[str, str] = Field(default_factory=dict, description="method 'gguf': llama-quantize --tensor-type, e.g. {'attn_v': 'q8_0'}")
     imatrix: bool = Field(False, description="method 'gguf': importance matrix from the calibration text (llama-imatrix)")
-    preset: str | None = Field(None, description="methods 'gguf', 'qat' and 'gptq': mixed-precision preset (quantloop.mixed_precision.PRESETS), e.g. arch-default")
+    preset: str | None = Field(None, description="methods 'gguf', 'qat' and 'gptq': mixed-precision preset (quantloop.gguf.precision_map.PRESETS), e.g. arch-default")
     layer_types: dict[str, str] = Field(default_factory=dict, description="methods 'gguf', 'qat' and 'gptq': GGUF type per layer type, e.g. {'attention': 'Q4_K'}")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left unquantized")

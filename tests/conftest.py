@@ -50,7 +50,7 @@ def build_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, layers: int 
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory, reference_dir) -> Path:
     """The tiny Llama prepared like any user checkpoint: float32 HF folder + F16 GGUF + manifest."""
-    from quantloop.models import prepare_model
+    from quantloop.models.checkpoints import prepare_model
 
     root = tmp_path_factory.mktemp("tiny")
     raw = build_tiny_llama(root / "raw", reference_dir)
@@ -60,7 +60,7 @@ def tiny_prepared(tmp_path_factory, reference_dir) -> Path:
 
 def prepare_wide_llama(root: Path, tokenizer_dir: Path, layers: int) -> Path:
     """A random 256-wide Llama (k-quant super-blocks divide every row), prepared: HF folder + F16 GGUF + manifest."""
-    from quantloop.models import prepare_model
+    from quantloop.models.checkpoints import prepare_model
 
     build_tiny_llama(root / "raw", tokenizer_dir, layers=layers, hidden=256)
     prepare_model(root / "raw", "wide", root / "checkpoints")
@@ -88,8 +88,8 @@ def trained_checkpoints(reference_dir, dataset_dir) -> Path:
     import torch
     import transformers
 
-    from quantloop import train
-    from quantloop.datasets import manifest_digest
+    from quantloop.pipelines import train_slm as train
+    from quantloop.data.datasets import manifest_digest
     from quantloop.paths import CACHE_DIR
 
     key = hashlib.sha256(json.dumps([TRAINED_RUN, train.SIZES["micro"], manifest_digest(dataset_dir), torch.__version__,

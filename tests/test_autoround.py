@@ -27,15 +27,15 @@ TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mi
 
 @pytest.fixture(scope="module")
 def tiny_hf(tiny_prepared) -> Path:
-    from quantloop.models import resolve_model
+    from quantloop.models.checkpoints import resolve_model
 
     return resolve_model(tiny_prepared).hf_dir
 
 
 @pytest.fixture(scope="module")
 def calibration(tiny_hf, dataset_dir) -> list[list[int]]:
-    from quantloop.calibration import calibration_sequences
-    from quantloop.models import load_hf_tokenizer
+    from quantloop.data.calibration import calibration_sequences
+    from quantloop.models.checkpoints import load_hf_tokenizer
     from quantloop.schemas import CalibrationSpec
 
     seqs, _ = calibration_sequences(CalibrationSpec(samples=4, seqlen=128, dataset_dir=str(dataset_dir)),
@@ -73,7 +73,7 @@ def _types(path: Path) -> dict[str, str]:
 @needs_autoround
 def test_q4_0_gguf_loads_in_llama_cpp_close_to_float(quantized, tiny_prepared):
     from quantloop.eval.runtimes import LlamaCppRunner
-    from quantloop.models import resolve_model
+    from quantloop.models.checkpoints import resolve_model
 
     path = quantized("Q4_0")
     assert path.suffix == ".gguf" and path.parent.is_dir()

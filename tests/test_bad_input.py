@@ -2,11 +2,10 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from quantloop.datasets import prepare_text
+from quantloop.data.datasets import prepare_text
 from quantloop.errors import InputError
 from quantloop.pipelines.cli import main
 

@@ -3,7 +3,7 @@
 import json
 import random
 
-from quantloop.datasets import SPLITS, check_disjoint, prepare_text, read_split
+from quantloop.data.datasets import SPLITS, check_disjoint, prepare_text, read_split
 
 
 def _write_corpus(folder, n_docs=20):

@@ -9,7 +9,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 import gguf.quants
 
-from quantloop import gguf_blocks as gb
+from quantloop.gguf import blocks as gb
 from quantloop.errors import InputError
 
 TYPES = list(gb.TYPES)
@@ -285,7 +285,7 @@ def _fake_quantize_checkpoint(src: Path, dst: Path, type_name: str, overrides: d
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0"])
 def test_export_is_lossless_and_loads_in_llama_cpp(tiny_prepared, tmp_path, type_name):
     from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
-    from quantloop.export_gguf import export_hf_to_gguf
+    from quantloop.gguf.export import export_hf_to_gguf
 
     hf = tmp_path / "hf"
     mixed = type_name == "Q4_0"  # per-tensor types, as llama-quantize --tensor-type: down_proj in Q8_0
@@ -325,14 +325,14 @@ def test_export_is_lossless_and_loads_in_llama_cpp(tiny_prepared, tmp_path, type
 
 
 def test_export_refuses_off_grid_weights(tiny_prepared, tmp_path, monkeypatch):
-    import quantloop.llamacpp
-    from quantloop.export_gguf import export_hf_to_gguf
+    import quantloop.gguf.llamacpp
+    from quantloop.gguf.export import export_hf_to_gguf
 
     hf = tmp_path / "hf"
     shutil.copytree(tiny_prepared, hf)
     out = tmp_path / "x.gguf"
     # the float weights as llama.cpp's converter writes them, without running it again (F16 holds them closely enough)
-    monkeypatch.setattr(quantloop.llamacpp, "convert_hf_to_gguf", lambda src, dst, outtype: shutil.copy(hf / "tiny-f16.gguf", dst))
+    monkeypatch.setattr(quantloop.gguf.llamacpp, "convert_hf_to_gguf", lambda src, dst, outtype: shutil.copy(hf / "tiny-f16.gguf", dst))
     with pytest.raises(InputError, match="not on the Q5_0 grid"):  # 64-wide rows: llama.cpp's fallback for Q4_K
         export_hf_to_gguf(hf, out, "Q4_K")
     with pytest.raises(InputError, match=r"tensor blk\.\d+\.\w+\.weight is not on the Q4_0 grid: \d+ of \d+ blocks are off \(max dev"):

@@ -3,7 +3,7 @@
 from gguf import GGUFReader
 
 from quantloop.backends.gguf import quantize_gguf
-from quantloop.llamacpp import file_type_name, nominal_bits_of, read_metadata
+from quantloop.gguf.llamacpp import file_type_name, nominal_bits_of, read_metadata
 
 
 def test_header_reader_matches_gguf_py(tiny_prepared, tmp_path):

@@ -49,8 +49,8 @@ def tiny_gptq_llama(tmp_path_factory, reference_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def calibration(dataset_dir, reference_dir) -> list[list[int]]:
-    from quantloop.datasets import read_split
-    from quantloop.models import load_hf_tokenizer
+    from quantloop.data.datasets import read_split
+    from quantloop.models.checkpoints import load_hf_tokenizer
 
     ids = load_hf_tokenizer(reference_dir)(read_split(dataset_dir, "calibration")[:60000])["input_ids"]
     return [ids[i * 128:(i + 1) * 128] for i in range(8)]

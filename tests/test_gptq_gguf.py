@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantloop import gguf_blocks as gb
+from quantloop.gguf import blocks as gb
 from quantloop.backends.gptq_gguf import grid_gptq_weight
 from conftest import prepare_wide_llama
 
@@ -71,7 +71,7 @@ def test_gptq_with_the_arch_default_preset_writes_the_planned_mixed_file(referen
     from transformers import LlamaForCausalLM
 
     from quantloop.eval.runtimes import LlamaCppRunner
-    from quantloop.mixed_precision import plan_mixed_file
+    from quantloop.gguf.precision_map import plan_mixed_file
     from quantloop.schemas import CalibrationSpec, QuantSpec
     from quantloop.tools.quantize import quantize_model
 
@@ -103,7 +103,7 @@ def test_export_refuses_blocks_that_do_not_hold_the_checkpoint_weights(tiny_copy
     from safetensors.numpy import load_file
 
     from quantloop.errors import InputError
-    from quantloop.export_gguf import export_hf_to_gguf
+    from quantloop.gguf.export import export_hf_to_gguf
 
     w = load_file(next(tiny_copy.glob("*.safetensors")))["model.layers.0.self_attn.v_proj.weight"]
     qb = gb.quantize_blocks(w, "Q8_0")  # llama.cpp's rounding of the float weights: not the weights themselves

@@ -1,10 +1,10 @@
-"""Mixed precision for GGUF (quantloop.mixed_precision): presets, planned types, `quantloop estimate` against the written file."""
+"""Mixed precision for GGUF (quantloop.gguf.precision_map): presets, planned types, `quantloop estimate` against the written file."""
 
 import pytest
 
 from quantloop.errors import InputError
-from quantloop.llamacpp import read_metadata
-from quantloop.mixed_precision import (
+from quantloop.gguf.llamacpp import read_metadata
+from quantloop.gguf.precision_map import (
     PRESETS, estimate_bytes, layer_type_of, planned_types, precision_map, tensor_rules,
 )
 from quantloop.pipelines.cli import main

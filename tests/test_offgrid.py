@@ -9,7 +9,7 @@ import torch
 
 from quantloop.backends.rtn import rtn_fake_quantize, rtn_quantize_model_
 from quantloop.errors import InputError
-from quantloop.offgrid import LOGIT_RTOL, offgrid_transform_, prepare_offgrid
+from quantloop.models.offgrid import LOGIT_RTOL, offgrid_transform_, prepare_offgrid
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -103,7 +103,7 @@ def test_prepare_offgrid_writes_a_twin_and_reuses_it(tiny_prepared, tmp_path):
 
 
 def test_prepare_offgrid_writes_nothing_when_the_check_fails(tiny_prepared, tmp_path, monkeypatch):
-    import quantloop.offgrid as offgrid
+    import quantloop.models.offgrid as offgrid
 
     def broken(model, seed, low, high):
         with torch.no_grad():
@@ -177,9 +177,9 @@ def test_rtn_model_touches_only_the_linears():
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, reference_dir, dataset_dir):
     """The reference, its off-grid twin (written by `quantloop prepare`) and 4 x 512 test tokens."""
-    from quantloop.datasets import read_split
+    from quantloop.data.datasets import read_split
     from quantloop.eval.perplexity import make_chunks
-    from quantloop.models import load_hf_model, load_hf_tokenizer
+    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
     from quantloop.paths import OFFGRID_MODEL_DIR
 
     out = OFFGRID_MODEL_DIR

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from quantloop.errors import InputError
-from quantloop.pipelines.policy import load_policy
-from quantloop.pipelines.run import main as run_main
+from quantloop.agents.policy import load_policy
+from quantloop.pipelines.cli import main as run_main
 from quantloop.pipelines.run import run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,7 +212,7 @@ def test_step_that_cannot_meet_the_size_bar_is_skipped_before_quantizing(tiny_pr
 
 def test_best_of_several_checkpoints_and_next_checkpoint_plan(tiny_prepared, dataset_dir, tmp_path):
     from quantloop.agents.evaluation import EvaluationAgent
-    from quantloop.pipelines.state import PipelineState
+    from quantloop.agents.state import PipelineState
 
     folder = tmp_path / "checkpoints"
     for step in (100, 200):
@@ -292,7 +292,7 @@ def test_killed_run_resumes_after_the_last_completed_attempt(tiny_prepared, data
                                     gguf_step("int8-q8_0", "Q8_0", 8)], size_ratio=100.0)
     slm = tmp_path / "SLM"
     env = {**os.environ, "QUANTLOOP_SLM_DIR": str(slm), "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "quantloop.pipelines.run", "run", str(tiny_prepared), "--policy", str(policy),
+    cmd = [sys.executable, "-m", "quantloop.pipelines.cli", "run", str(tiny_prepared), "--policy", str(policy),
            "--run-id", "killme", "--dataset", str(dataset_dir)]
     out = slm / "models" / "quantized"
     first, second = out / "tiny_gguf-q4_0", out / "tiny_gguf-q5_0"

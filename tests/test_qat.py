@@ -1,13 +1,12 @@
-"""QAT onto the exact GGUF grid (quantloop.backends.qat) and LLM-QAT synthetic data (quantloop.synthetic)."""
+"""QAT onto the exact GGUF grid (quantloop.backends.qat) and LLM-QAT synthetic data (quantloop.data.synthetic)."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from quantloop import gguf_blocks as gb
+from quantloop.gguf import blocks as gb
 from quantloop.backends.qat import (
     QAT_TYPES, QATConfig, check_qat_model, check_qat_type, fake_quantize_torch, kl_divergence, ste_fake_quantize,
 )
@@ -100,7 +99,7 @@ def test_bad_settings_are_input_errors():
 def test_synthetic_generator_is_deterministic():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quantloop.synthetic import generate_synthetic
+    from quantloop.data.synthetic import generate_synthetic
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -128,7 +127,7 @@ class _Tok:
 def test_synthetic_first_tokens_skip_special_tokens():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quantloop.synthetic import generate_synthetic
+    from quantloop.data.synthetic import generate_synthetic
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -141,7 +140,7 @@ def test_synthetic_first_tokens_skip_special_tokens():
 def test_cached_synthetic_reuses_the_cache(tiny_prepared, tmp_path, monkeypatch):
     import json
 
-    import quantloop.synthetic as syn
+    import quantloop.data.synthetic as syn
 
     a = syn.cached_synthetic(tiny_prepared, 3, 6, 0, tmp_path)
     manifest = json.loads(next(tmp_path.glob("synthetic-*.json")).read_text())
@@ -161,8 +160,8 @@ def test_short_qat_lowers_kl_and_exports_exactly(tiny_prepared, tmp_path):
 
     from quantloop.backends.qat import qat_checkpoint
     from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
-    from quantloop.models import load_hf_model, load_hf_tokenizer
-    from quantloop.synthetic import generate_synthetic
+    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
+    from quantloop.data.synthetic import generate_synthetic
 
     teacher = load_hf_model(tiny_prepared)
     seqs = generate_synthetic(teacher, load_hf_tokenizer(tiny_prepared), 12, 24, seed=0, batch_size=12, progress=False)
@@ -210,7 +209,7 @@ def test_quantize_model_qat_data_free_is_deterministic(tiny_prepared, tmp_path):
     """`quantloop quantize --method qat --data-free`: synthetic calibration, a GGUF on the Q4_0 grid, same tensors twice."""
     import json
 
-    from quantloop.llamacpp import read_metadata
+    from quantloop.gguf.llamacpp import read_metadata
     from quantloop.schemas import CalibrationSpec, QuantSpec
     from quantloop.tools.quantize import quantize_model
 
@@ -293,7 +292,7 @@ def test_qat_with_the_arch_default_preset_writes_the_planned_mixed_file(referenc
     from gguf import GGUFReader
     from safetensors.numpy import load_file
 
-    from quantloop.mixed_precision import estimate_bytes, plan_mixed_file
+    from quantloop.gguf.precision_map import estimate_bytes, plan_mixed_file
     from quantloop.schemas import CalibrationSpec, QuantSpec
     from quantloop.tools.quantize import quantize_model
 

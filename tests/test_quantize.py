@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from quantloop.errors import InputError
-from quantloop.models import load_hf_model
+from quantloop.models.checkpoints import load_hf_model
 from quantloop.schemas import CalibrationSpec, QuantSpec
 from quantloop.tools.quantize import quantize_model
 
@@ -42,8 +42,8 @@ def test_gguf_method_reports_exact_bits(tiny_prepared, tmp_path):
 
 
 def test_too_small_calibration_set_is_refused(tiny_prepared, tmp_path, dataset_dir):
-    from quantloop.calibration import calibration_sequences
-    from quantloop.models import load_hf_tokenizer
+    from quantloop.data.calibration import calibration_sequences
+    from quantloop.models.checkpoints import load_hf_tokenizer
 
     with pytest.raises(InputError, match="calibration set too small"):
         calibration_sequences(CalibrationSpec(dataset_dir=str(dataset_dir), samples=100000, seqlen=512), load_hf_tokenizer(tiny_prepared))
@@ -58,8 +58,8 @@ def test_rtn_bad_group_size_leaves_nothing(tiny_prepared, tmp_path):
 
 
 def test_gguf_with_imatrix_and_tensor_type_overrides(tiny_prepared, tmp_path, dataset_dir):
-    from quantloop.backends.gguf import tools_dir
-    from quantloop.llamacpp import read_metadata
+    from quantloop.gguf.llamacpp import tools_dir
+    from quantloop.gguf.llamacpp import read_metadata
 
     if not (tools_dir() / "llama-imatrix").is_file():
         pytest.skip("llama.cpp tools not built: run `make setup`")
@@ -84,15 +84,15 @@ def test_rtn_g32_exports_to_gguf_q4_0_exactly(tiny_prepared, tmp_path):
     deq = dequantize(t.data, t.tensor_type).reshape(hf["model.layers.1.mlp.down_proj.weight"].shape)
     assert np.array_equal(deq, hf["model.layers.1.mlp.down_proj.weight"].numpy())
     # the embedding gets what llama-quantize gives it (tied, 64 wide: Q6_K falls back to Q8_0), rounded as it rounds
-    from quantloop import gguf_blocks as gb
+    from quantloop.gguf import blocks as gb
 
     emb = next(t for t in GGUFReader(r.model_path).tensors if t.name == "token_embd.weight")
     assert emb.tensor_type.name == "Q8_0"
     assert np.array_equal(np.asarray(emb.data), gb.quantize_to_bytes(hf["model.embed_tokens.weight"].numpy(), "Q8_0"))
     # the size the agents predict before quantizing (planned_export_types + estimate_bytes) is the file's, within 1 %
-    from quantloop.export_gguf import planned_export_types
-    from quantloop.mixed_precision import estimate_bytes
-    from quantloop.models import resolve_model
+    from quantloop.gguf.export import planned_export_types
+    from quantloop.gguf.precision_map import estimate_bytes
+    from quantloop.models.checkpoints import resolve_model
 
     f16 = resolve_model(tiny_prepared).gguf
     planned = planned_export_types(f16, "Q4_0")

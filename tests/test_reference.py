@@ -7,7 +7,7 @@ from quantloop.backends.gguf import quantize_gguf
 from quantloop.eval.generation import check_generations
 from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
 from quantloop.eval.session import perplexity, split_chunks
-from quantloop.models import resolve_model
+from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import ValidationRequest
 from quantloop.specs import load_quality_spec
 from quantloop.tools import validate_quantization

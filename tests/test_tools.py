@@ -9,7 +9,7 @@ import torch
 from quantloop.backends.gguf import quantize_gguf
 from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
 from quantloop.eval.session import perplexity, split_chunks
-from quantloop.models import resolve_model
+from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import CompareRequest, EvaluateRequest, ValidationRequest
 from quantloop.tools import compare_outputs, evaluate_model, validate_quantization
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from quantloop import train
+from quantloop.pipelines import train_slm as train
 from quantloop.pipelines.cli import main
 
 from cli_helpers import assert_one_line_error, run_cli  # noqa: E402
@@ -58,7 +58,7 @@ def test_checkpoints_and_manifest(trained):
 
 def test_checkpoints_are_prepared_models(trained):
     from quantloop.agents.evaluation import find_checkpoints
-    from quantloop.models import load_hf_model, resolve_model
+    from quantloop.models.checkpoints import load_hf_model, resolve_model
 
     out, manifest = trained
     r = resolve_model(out / "step_12")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.fileio import write_text_atomic
-from quantloop.pipelines.state import Attempt, PipelineState, PlannedAttempt
+from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
 from quantloop.schemas import CompareRequest, ValidationReport, ValidationRequest
 
 GENERATIONS_NAME = "generations.md"
@@ -100,10 +100,10 @@ class QuantizationAgent:
         mixed_precision.estimate_bytes gives their size exactly; an optimizer changes codes, never bytes.
         llama-quantize's own mixtures (Q4_K_M, ...) are decided inside llama.cpp and are not predicted."""
         from quantloop.eval.size import gguf_size
-        from quantloop.export_gguf import planned_export_types
-        from quantloop.llamacpp import nominal_bits_of
-        from quantloop.mixed_precision import estimate_bytes
-        from quantloop.models import resolve_model
+        from quantloop.gguf.export import planned_export_types
+        from quantloop.gguf.llamacpp import nominal_bits_of
+        from quantloop.gguf.precision_map import estimate_bytes
+        from quantloop.models.checkpoints import resolve_model
         from quantloop.specs import load_quality_spec
         from quantloop.tools.validate import required_size_ratio
 

@@ -4,7 +4,7 @@ exhausted, reject and recommend what a person should try."""
 
 from __future__ import annotations
 
-from quantloop.pipelines.state import Attempt, PipelineState
+from quantloop.agents.state import Attempt, PipelineState
 from quantloop.schemas import CriterionResult
 
 

@@ -31,7 +31,7 @@ import os
 import shutil
 from pathlib import Path
 
-from quantloop.calibration import check_calibration
+from quantloop.data.calibration import check_calibration
 from quantloop.errors import InputError
 
 AUTOROUND_VERSION = "0.15.1"

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from quantloop.errors import InputError
-from quantloop.llamacpp import check_gguf_file
+from quantloop.gguf.llamacpp import check_gguf_file, tool
 
 
 def gguf_types() -> list[str]:
@@ -16,20 +16,6 @@ def gguf_types() -> list[str]:
     from gguf import LlamaFileType
 
     return [t.name.removeprefix("MOSTLY_") for t in LlamaFileType if t.name.startswith("MOSTLY_") and "GUESSED" not in t.name]
-
-
-def tools_dir() -> Path:
-    from quantloop.llamacpp import llama_cpp_version
-    from quantloop.paths import CACHE_DIR
-
-    return CACHE_DIR / f"llama.cpp-{llama_cpp_version()}-build" / "bin"
-
-
-def tool(name: str) -> Path:
-    path = tools_dir() / name
-    if not path.is_file():
-        raise InputError(path, f"llama.cpp tool {name} is not built", "run `make setup` (scripts/setup.sh builds it once and caches it)")
-    return path
 
 
 def _run(cmd: list[str], what: str, where: Path) -> None:

@@ -56,7 +56,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantloop.calibration import check_calibration
+from quantloop.data.calibration import check_calibration
 from quantloop.errors import InputError
 from quantloop.memory import peak_rss_bytes, reset_peak_rss
 

@@ -1,6 +1,6 @@
 """GPTQ/AWQ checkpoints onto the GGUF grid: dequantize the saved integer codes into a
 float checkpoint (every linear weight exactly scale * (code - zero), fp16 scales),
-which quantloop.export_gguf then writes block for block."""
+which quantloop.gguf.export then writes block for block."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ def export_gptq_to_gguf(gptq_dir: Path, float_dir: Path, out_file: Path, gguf_ty
     """Write the codes of a GPTQModel checkpoint into a GGUF of `gguf_type` (exact, or refused)."""
     import torch
 
-    from quantloop.export_gguf import export_hf_to_gguf
-    from quantloop.models import load_hf_model, load_hf_tokenizer
+    from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     model = load_hf_model(Path(float_dir))
     params = dict(model.named_parameters())

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantloop import gguf_blocks as gb
+from quantloop.gguf import blocks as gb
 from quantloop.errors import InputError
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, GPTQ's default
@@ -218,8 +218,8 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     tensor-name pattern -> type, first match wins; other linears get base_type). Writes out_dir (float32 HF
     checkpoint, weights on the grid, tokenizer, gptq_result.json) and out_dir/<name>.gguf; returns the GGUF."""
     from quantloop.backends.qat import check_qat_model, check_qat_type, linear_types
-    from quantloop.export_gguf import export_hf_to_gguf
-    from quantloop.models import load_hf_model, load_hf_tokenizer
+    from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     base_type = check_qat_type(base_type)

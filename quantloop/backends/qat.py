@@ -23,7 +23,7 @@ the reported final KL is measured after that. Rows a super-block does not divide
 fallback type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), as llama-quantize does.
 
 Protocol (seed 002): (1) the student starts from the teacher's weights;
-(2) calibration sequences (real or quantloop.synthetic); (3) a sensitivity score per
+(2) calibration sequences (real or quantloop.data.synthetic); (3) a sensitivity score per
 decoder layer (KL when only that layer is fake-quantized, on one batch), then layers
 are quantized in groups in that order, a few steps per stage, a stage stopping early
 when the KL rises past a threshold; (4) a short global fine-tune with everything
@@ -64,7 +64,7 @@ def check_qat_type(gguf_type: str | None = None, bits: int | None = None, symmet
     if gguf_type is None:
         if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
             raise InputError(None, f"QAT bits must be an integer from 2 to 8, not {bits!r}", "use 4, 5 or 8")
-        from quantloop.gguf_blocks import gguf_type_for_layout
+        from quantloop.gguf.blocks import gguf_type_for_layout
 
         t = gguf_type_for_layout(bits, BLOCK, symmetric)
         if t is None:
@@ -80,7 +80,7 @@ def check_qat_type(gguf_type: str | None = None, bits: int | None = None, symmet
 
 def layer_type(gguf_type: str, width: int) -> str:
     """The type a linear of input width `width` gets: k-quants fall back where 256 does not divide the rows."""
-    from quantloop.gguf_blocks import fallback_type
+    from quantloop.gguf.blocks import fallback_type
 
     return fallback_type(gguf_type, width) if gguf_type in KQUANTS else gguf_type
 
@@ -92,7 +92,7 @@ def kquant_grid(w: torch.Tensor, gguf_type: str) -> tuple[torch.Tensor, torch.Te
     Q6_K: sub-blocks of 16, step = d * scale, no offset (q from -32 to 31)."""
     import numpy as np
 
-    from quantloop import gguf_blocks as gb
+    from quantloop.gguf import blocks as gb
 
     rows, cols = w.shape
     qb = gb.quantize_blocks(w.detach().float().cpu().numpy(), gguf_type)
@@ -204,7 +204,7 @@ class FakeQuantLinear(torch.nn.Module):
         """The weight as the GGUF stores it (k-quants: llama.cpp's own rounding of the trained weight)."""
         with torch.no_grad():
             if self.gguf_type in KQUANTS:
-                from quantloop import gguf_blocks as gb
+                from quantloop.gguf import blocks as gb
 
                 w = self.linear.weight
                 return torch.from_numpy(gb.fake_quantize(w.detach().float().cpu().numpy(), self.gguf_type)).to(w.device, w.dtype)
@@ -310,7 +310,7 @@ class QATConfig:
 
 def _project_embeddings_(model, type_name: str) -> None:
     """Put the token embedding (and an untied output matrix) on the GGUF grid the file will hold."""
-    from quantloop import gguf_blocks as gb
+    from quantloop.gguf import blocks as gb
 
     with torch.no_grad():
         for m in {id(x): x for x in (model.get_input_embeddings(), model.get_output_embeddings()) if x is not None}.values():
@@ -399,7 +399,7 @@ def run_qat(teacher, sequences, config: QATConfig | None = None):
     student = copy.deepcopy(teacher)
     emb_type = cfg.embedding_type
     if emb_type == "auto":
-        from quantloop.export_gguf import llama_embedding_type
+        from quantloop.gguf.export import llama_embedding_type
 
         emb_type = llama_embedding_type(gguf_type, student.get_input_embeddings().weight.shape[1])
     if emb_type is not None:
@@ -511,8 +511,8 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
     the grid, plus tokenizer and qat_result.json) and out_dir/<name>-<type>.gguf; returns the GGUF path."""
     import json
 
-    from quantloop.export_gguf import export_hf_to_gguf
-    from quantloop.models import load_hf_model, load_hf_tokenizer
+    from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     gguf_type = check_qat_type(gguf_type)

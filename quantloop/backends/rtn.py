@@ -75,7 +75,7 @@ def quantize_rtn_checkpoint(hf_dir, out_dir, spec) -> "Path":
     linear weights lie on the RTN grid (dense: it runs at float speed on transformers)."""
     from pathlib import Path
 
-    from quantloop.models import load_hf_model, load_hf_tokenizer
+    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     model = load_hf_model(Path(hf_dir))
     torch.manual_seed(spec.seed)

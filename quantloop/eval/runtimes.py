@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from quantloop.errors import InputError
-from quantloop.llamacpp import file_type_name, read_metadata
+from quantloop.gguf.llamacpp import file_type_name, read_metadata
 from quantloop.schemas import ModelRef
 
 
@@ -29,7 +29,7 @@ class TransformersRunner:
     def __init__(self, hf_dir: str | Path, device: str | None = None, threads: int | None = None):
         import torch
 
-        from quantloop.models import load_hf_model, load_hf_tokenizer
+        from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
         torch.set_num_threads(threads or default_threads())
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,18 +7,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from quantloop.datasets import DEFAULT_DATASET, read_split
+from quantloop.data.datasets import read_split
 from quantloop.errors import InputError
 from quantloop.eval.kld import KLDAccumulator
 from quantloop.eval.perplexity import chunk_nll, make_chunks, summarize_nll
 from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
-from quantloop.models import ResolvedModel, load_hf_tokenizer
-from quantloop.paths import DATASETS_DIR
+from quantloop.models.checkpoints import ResolvedModel, load_hf_tokenizer
 from quantloop.schemas import PerplexityReport
-
-
-def dataset_dir_or_default(dataset_dir: str | None) -> Path:
-    return Path(dataset_dir) if dataset_dir else DATASETS_DIR / DEFAULT_DATASET
 
 
 def open_runner(model: ResolvedModel, runtime: str, n_ctx: int):

@@ -16,7 +16,7 @@ DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32,
 
 
 def gguf_size(path: str | Path) -> SizeReport:
-    from quantloop.llamacpp import read_metadata
+    from quantloop.gguf.llamacpp import read_metadata
 
     path = Path(path)
     tensors = read_metadata(path)["tensors"]

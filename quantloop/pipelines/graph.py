@@ -27,7 +27,7 @@ from quantloop.agents.evaluation import EvaluationAgent
 from quantloop.agents.quantization import QuantizationAgent
 from quantloop.agents.reviewer import ReviewerAgent
 from quantloop.fileio import write_json_atomic
-from quantloop.pipelines.state import PipelineState, serialisable_types
+from quantloop.agents.state import PipelineState, serialisable_types
 from quantloop.specs import load_quality_spec
 from quantloop.tracking import Tracker
 

@@ -1,6 +1,6 @@
 """`quantloop run`: the agent loop end to end, resumable by --run-id.
 
-Wire it into the main CLI with `add_run_command(sub)`; `python -m quantloop.pipelines.run`
+Wire it into the main CLI with `add_run_command(sub)`; `python -m quantloop.pipelines.cli`
 runs it on its own.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -35,8 +34,8 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
                  on_attempt: Callable | None = None, on_start: Callable | None = None, spec_file: str | Path | None = None):
     """Run (or resume, with the same run_id) the loop. Returns the final PipelineState."""
     from quantloop.agents.evaluation import find_checkpoints
-    from quantloop.eval.session import dataset_dir_or_default
-    from quantloop.pipelines.policy import load_policy
+    from quantloop.data.datasets import dataset_dir_or_default
+    from quantloop.agents.policy import load_policy
 
     policy, spec_path = load_policy(policy_file, target)
     if spec_file is not None:  # another acceptance bar; part of the policy, so a resumed run must use it too
@@ -63,7 +62,7 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
     tracker = Tracker(uri)
 
     from quantloop.pipelines.graph import build_graph
-    from quantloop.pipelines.state import PipelineState
+    from quantloop.agents.state import PipelineState
 
     run_id = run_id or new_run_id()
     graph = build_graph(tracker, Path(state_db) if state_db else SLM_DIR / STATE_DB_NAME)
@@ -174,14 +173,3 @@ def add_run_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--dataset", help="prepared dataset folder (default: SLM/datasets/shakespeare)")
     s.set_defaults(func=cmd_run)
     return s
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m quantloop.pipelines.run run ...`: the same command line as `quantloop run`."""
-    from quantloop.pipelines.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quantloop.eval.session import open_runner
-from quantloop.models import resolve_model
+from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import CompareReport, CompareRequest, CompareRow
 from quantloop.specs import load_quality_spec
 

@@ -16,7 +16,7 @@ from quantloop.errors import InputError
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.fileio import atomic_output, write_json_atomic
 from quantloop.memory import peak_rss_bytes, reset_peak_rss
-from quantloop.models import resolve_model
+from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import QuantizationResult, QuantSpec
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -37,12 +37,12 @@ def _library_versions(*names: str) -> dict[str, str]:
 def calibration_text_file(calib, hf_dir: Path | None, work_dir: Path) -> tuple[Path, str]:
     """The calibration text as a file (llama-imatrix tokenizes it itself): the dataset split, checked against
     its manifest, or the synthetic sequences decoded to text (written into work_dir)."""
-    from quantloop.datasets import load_manifest, manifest_digest, read_split
-    from quantloop.eval.session import dataset_dir_or_default
+    from quantloop.data.datasets import load_manifest, manifest_digest, read_split
+    from quantloop.data.datasets import dataset_dir_or_default
 
     if calib.source == "synthetic":
-        from quantloop.calibration import synthetic_sequences
-        from quantloop.models import load_hf_tokenizer
+        from quantloop.data.calibration import synthetic_sequences
+        from quantloop.models.checkpoints import load_hf_tokenizer
 
         seqs, digest = synthetic_sequences(calib, hf_dir)
         tok = load_hf_tokenizer(hf_dir)
@@ -56,8 +56,8 @@ def calibration_text_file(calib, hf_dir: Path | None, work_dir: Path) -> tuple[P
 
 def export_exact_gguf(hf_dir: Path | None, out_file: Path | None, spec: QuantSpec) -> Path | None:
     """Write the grid-aligned HF weights into the GGUF block type that holds the layout exactly."""
-    from quantloop.export_gguf import export_hf_to_gguf
-    from quantloop.gguf_blocks import gguf_type_for_layout
+    from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.gguf.blocks import gguf_type_for_layout
 
     exact = gguf_type_for_layout(spec.bits, spec.group_size, spec.symmetric)
     if exact is None or exact != spec.gguf_type.upper():
@@ -87,7 +87,7 @@ def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
 
 def check_written_types(model_path, planned: dict[str, str], writer: str) -> None:
     """The precision map is a promise: every tensor of the written file has the type it planned."""
-    from quantloop.llamacpp import read_metadata
+    from quantloop.gguf.llamacpp import read_metadata
 
     written = {t[0]: t[1] for t in read_metadata(model_path)["tensors"]}
     wrong = [n for n in planned if written.get(n) != planned[n]]
@@ -98,7 +98,7 @@ def check_written_types(model_path, planned: dict[str, str], writer: str) -> Non
 def plan_precision_map(model, spec: QuantSpec) -> tuple[str, dict[str, str], dict[str, str], str]:
     """(base type, tensor-type rules, planned type of every tensor, embedding type) of a precision map that a
     quantizer trains or solves for and then exports itself (QAT, GPTQ on the grid)."""
-    from quantloop.mixed_precision import plan_mixed_file
+    from quantloop.gguf.precision_map import plan_mixed_file
 
     if model.gguf is None:
         raise InputError(model.path, "no F16/F32 GGUF to plan the precision map on", "run `quantloop prepare` on it first")
@@ -127,7 +127,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             gguf_type = (spec.gguf_type or "Q4_K_M").upper()
             dst = tmp / f"{name}-{spec.tag().removeprefix('gguf-')}.gguf"
             if mixed:
-                from quantloop.mixed_precision import plan_mixed_file
+                from quantloop.gguf.precision_map import plan_mixed_file
 
                 gguf_type, rules, planned = plan_mixed_file(model.gguf, spec.gguf_type, spec.preset, spec.layer_types,
                                                             spec.gguf_tensor_types)
@@ -159,8 +159,8 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                 model_path = export_exact_gguf(tmp, tmp / f"{name}-{spec.tag()}.gguf", spec)
         elif on_grid_gptq:  # GPTQ's own solver on llama.cpp's grids (k-quants, precision maps)
             from quantloop.backends.gptq_gguf import gptq_gguf_checkpoint
-            from quantloop.calibration import calibration_sequences
-            from quantloop.models import load_hf_tokenizer
+            from quantloop.data.calibration import calibration_sequences
+            from quantloop.models.checkpoints import load_hf_tokenizer
 
             if model.hf_dir is None or model.gguf is None:
                 raise InputError(model.path, "GPTQ onto a GGUF grid needs a prepared checkpoint (transformers + F16 GGUF)",
@@ -168,7 +168,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             if mixed:
                 base, rules, planned, embedding_type = plan_precision_map(model, spec)
             else:  # one k-quant; embeddings as llama-quantize types them
-                from quantloop.export_gguf import planned_export_types
+                from quantloop.gguf.export import planned_export_types
 
                 base, rules, embedding_type = spec.gguf_type.upper(), {}, "auto"
                 planned = planned_export_types(model.gguf, base)
@@ -180,8 +180,8 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             libs = _library_versions("torch", "transformers", "gguf")
         elif spec.method in ("gptq", "awq"):
             from quantloop.backends.gptq import quantize_gptq  # noqa: F401  (GPTQModel)
-            from quantloop.calibration import calibration_sequences
-            from quantloop.models import load_hf_tokenizer
+            from quantloop.data.calibration import calibration_sequences
+            from quantloop.models.checkpoints import load_hf_tokenizer
 
             if model.hf_dir is None:
                 raise InputError(model.path, f"{spec.method.upper()} needs a transformers checkpoint", "pass a prepared checkpoint folder")
@@ -198,8 +198,8 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
                 model_path = export_gptq_to_gguf(tmp, model.hf_dir, tmp / f"{name}-{spec.tag()}.gguf", spec.gguf_type.upper())
         elif spec.method == "autoround":
             from quantloop.backends.autoround import quantize_autoround
-            from quantloop.calibration import calibration_sequences
-            from quantloop.models import load_hf_tokenizer
+            from quantloop.data.calibration import calibration_sequences
+            from quantloop.models.checkpoints import load_hf_tokenizer
 
             if model.hf_dir is None:
                 raise InputError(model.path, "AutoRound needs a transformers checkpoint", "pass a prepared checkpoint folder")
@@ -210,8 +210,8 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             libs = _library_versions("auto-round", "torch", "transformers")
         elif spec.method == "qat":
             from quantloop.backends.qat import check_qat_type, qat_checkpoint
-            from quantloop.calibration import calibration_sequences
-            from quantloop.models import load_hf_tokenizer
+            from quantloop.data.calibration import calibration_sequences
+            from quantloop.models.checkpoints import load_hf_tokenizer
 
             if model.hf_dir is None:
                 raise InputError(model.path, "QAT needs a transformers checkpoint", "pass a prepared checkpoint folder")

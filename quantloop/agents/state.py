@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from quantloop.pipelines.policy import Policy, StepKind, Target
+from quantloop.agents.policy import Policy, StepKind, Target
 from quantloop.schemas import CriterionResult, PerplexityReport, QuantizationResult, QuantSpec, SizeReport, SpeedReport, Strict
 
 Verdict = Literal["accepted", "fallback", "skipped", "rejected"]
@@ -93,7 +93,7 @@ def serialisable_types() -> list[tuple[str, str]]:
     """(module, class) of every pydantic model the checkpointer may store, for LangGraph's msgpack allowlist."""
     import inspect
 
-    import quantloop.pipelines.policy as policy_mod
+    import quantloop.agents.policy as policy_mod
     import quantloop.schemas as schemas_mod
 
     out = []

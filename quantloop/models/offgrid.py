@@ -158,8 +158,8 @@ def prepare_offgrid(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quantloop.llamacpp import convert_hf_to_gguf
-    from quantloop.models import load_hf_model, load_hf_tokenizer
+    from quantloop.gguf.llamacpp import convert_hf_to_gguf
+    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     reference_dir, out_dir = Path(reference_dir), Path(out_dir)
     if (out_dir / MANIFEST).is_file() and not overwrite:

@@ -32,6 +32,18 @@ def source_dir() -> Path:
     return d
 
 
+def tools_dir() -> Path:
+    """Where scripts/setup.sh builds llama.cpp's command-line tools (llama-quantize, llama-bench, ...)."""
+    return CACHE_DIR / f"llama.cpp-{llama_cpp_version()}-build" / "bin"
+
+
+def tool(name: str) -> Path:
+    path = tools_dir() / name
+    if not path.is_file():
+        raise InputError(path, f"llama.cpp tool {name} is not built", "run `make setup` (scripts/setup.sh builds it once and caches it)")
+    return path
+
+
 def check_gguf_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():

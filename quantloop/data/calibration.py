@@ -3,7 +3,7 @@ float model writes itself (source "synthetic", the data-free path).
 
 Real text: consecutive, non-overlapping windows of `seqlen` tokens taken from the
 split in order (deterministic); the dataset manifest's sha256 identifies the text in
-every quantization_config.json. Synthetic: quantloop.synthetic's LLM-QAT generator,
+every quantization_config.json. Synthetic: quantloop.data.synthetic's LLM-QAT generator,
 cached under ~/.cache/quantloop/synthetic; the sha256 of the token ids identifies it.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantloop.datasets import manifest_digest, read_split
+from quantloop.data.datasets import manifest_digest, read_split
 from quantloop.errors import InputError
-from quantloop.eval.session import dataset_dir_or_default
+from quantloop.data.datasets import dataset_dir_or_default
 from quantloop.schemas import CalibrationSpec
 
 
@@ -22,7 +22,7 @@ def synthetic_sequences(spec: CalibrationSpec, model_dir: Path | None) -> tuple[
     import numpy as np
 
     from quantloop.paths import CACHE_DIR
-    from quantloop.synthetic import _ids_sha256, cached_synthetic
+    from quantloop.data.synthetic import _ids_sha256, cached_synthetic
 
     if model_dir is None:
         raise InputError(None, "synthetic calibration needs the float transformers checkpoint that writes it",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantloop import gguf_blocks
+from quantloop.gguf import blocks as gguf_blocks
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output
 
@@ -78,8 +78,8 @@ def export_hf_to_gguf(
             raise InputError(None, f"tensor type pattern '{pattern}' is not a regular expression ({e})", "use e.g. 'ffn_down'") from None
     if out_file.exists() and not overwrite:
         raise InputError(out_file, "output file exists", "choose another path or pass overwrite")
-    from quantloop.llamacpp import convert_hf_to_gguf
-    from quantloop.models import check_hf_dir
+    from quantloop.gguf.llamacpp import convert_hf_to_gguf
+    from quantloop.fileio import check_hf_dir
 
     if not hf_dir.is_dir():
         raise InputError(hf_dir, "not a folder", "pass an HF checkpoint folder")
@@ -128,7 +128,7 @@ def planned_export_types(f16_gguf: str | Path, type_name: str, embedding_type: s
                          tensor_types: dict[str, str] | None = None) -> dict[str, str]:
     """The type export_hf_to_gguf gives every tensor of the model whose F16/F32 GGUF is `f16_gguf`
     (for mixed_precision.estimate_bytes: the exact size of an export before anything is quantized)."""
-    from quantloop.llamacpp import read_metadata
+    from quantloop.gguf.llamacpp import read_metadata
 
     meta = read_metadata(f16_gguf)
     rules = [(re.compile(p), t.upper()) for p, t in (tensor_types or {}).items()]

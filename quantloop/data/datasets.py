@@ -27,6 +27,11 @@ MIN_SPLIT_CHARS = 4000  # about 1000 tokens: enough for at least one 512-token c
 PIECE_CHARS = 20000  # when a source has few documents, cut them into pieces of about this size
 
 
+def dataset_dir_or_default(dataset_dir: str | None) -> Path:
+    """The dataset folder given, or the default one (SLM/datasets/shakespeare)."""
+    return Path(dataset_dir) if dataset_dir else DATASETS_DIR / DEFAULT_DATASET
+
+
 def split_of(index: int) -> str:
     """Deal documents to splits by index: 1 in 10 to test, 1 in 10 to validation, 2 in 10 to calibration."""
     r = index % 10

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from quantloop import gguf_blocks
+from quantloop.gguf import blocks as gguf_blocks
 from quantloop.errors import InputError
 
 # GGUF tensor-name patterns of each layer type (llama.cpp's names, any architecture it converts)
@@ -76,7 +76,7 @@ def tensor_rules(pmap: dict[str, str], tensor_types: dict[str, str] | None = Non
 def planned_types(gguf_f16: str | Path, base_type: str, rules: dict[str, str], pmap: dict[str, str] | None = None) -> dict[str, str]:
     """The GGUF type llama-quantize --pure writes for every tensor of `gguf_f16` under `rules` (first match wins,
     unmatched 2-D tensors get `base_type`, 1-D tensors stay as they are, then llama.cpp's width fallback)."""
-    from quantloop.llamacpp import read_metadata
+    from quantloop.gguf.llamacpp import read_metadata
 
     meta = read_metadata(gguf_f16)
     names = [t[0] for t in meta["tensors"]]
@@ -113,7 +113,7 @@ def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
     """Bytes and bits per weight of the file llama-quantize writes with these tensor types."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from quantloop.llamacpp import read_metadata
+    from quantloop.gguf.llamacpp import read_metadata
 
     meta = read_metadata(gguf_f16)
     align = meta["alignment"]

@@ -14,12 +14,11 @@ dataset's train split; validation perplexity is measured on a fixed set of windo
 (all positions of each window scored), next to the add-one-smoothed unigram perplexity of the train split's
 token frequencies on the same tokens: the baseline a trained model has to beat.
 
-Wire it into the main CLI with `add_train_command(sub)`.
+The command line is in quantloop/pipelines/train_command.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -89,8 +88,8 @@ def warmup_steps(total: int) -> int:
 def _token_ids(dataset_dir: str, split: str, tokenizer_dir: str, sha: str):
     import torch
 
-    from quantloop.datasets import read_split
-    from quantloop.models import load_hf_tokenizer
+    from quantloop.data.datasets import read_split
+    from quantloop.models.checkpoints import load_hf_tokenizer
 
     tok = load_hf_tokenizer(Path(tokenizer_dir))
     tok.model_max_length = 1 << 40  # one long text on purpose: no "longer than the maximum" warning
@@ -100,7 +99,7 @@ def _token_ids(dataset_dir: str, split: str, tokenizer_dir: str, sha: str):
 
 def token_ids(dataset_dir: Path, split: str, tokenizer_dir: Path):
     """Token ids of one split (cached per process: the train split takes seconds to tokenize)."""
-    from quantloop.datasets import load_manifest
+    from quantloop.data.datasets import load_manifest
 
     info = load_manifest(dataset_dir).splits.get(split)
     if info is None:
@@ -201,8 +200,8 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> dict | None:
 def save_checkpoint(model, tok, out: Path, step: int, size: str, seed: int, n_params: int, source: str) -> Path:
     """step_<N>/: float32 safetensors + tokenizer + F16 GGUF + quantloop_model.json, written atomically."""
     from quantloop.fileio import atomic_output, write_json_atomic
-    from quantloop.llamacpp import convert_hf_to_gguf
-    from quantloop.models import MANIFEST
+    from quantloop.gguf.llamacpp import convert_hf_to_gguf
+    from quantloop.models.checkpoints import MANIFEST
     from quantloop.schemas import ModelManifest
 
     step_dir = out / f"step_{step}"
@@ -224,7 +223,6 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
               tokenizer_dir: str | Path | None = None, overwrite: bool = False, eval_windows: int = 16,
               progress: bool = True) -> dict:
     """Train (or resume) a from-scratch Llama into `out`; returns the training manifest (a dict)."""
-    import json
 
     out = Path(out)
     dataset_dir = Path(dataset_dir) if dataset_dir else DEFAULT_DATASET_DIR
@@ -246,7 +244,7 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
     if not tokenizer_dir.is_dir():
         raise InputError(tokenizer_dir, "tokenizer folder not found", "run `quantloop prepare` or pass --tokenizer")
 
-    from quantloop.models import load_hf_tokenizer
+    from quantloop.models.checkpoints import load_hf_tokenizer
 
     tok = load_hf_tokenizer(tokenizer_dir)
     config_kwargs = model_config(size, len(tok))
@@ -386,53 +384,3 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
     finally:
         bar.close()
     return manifest
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def cmd_train(a) -> int:
-    from quantloop.pipelines.report_format import table
-
-    t0 = time.perf_counter()
-    m = train_slm(a.out, size=a.size, steps=a.steps, save_every=a.save_every, batch_size=a.batch_size, seqlen=a.seqlen,
-                  lr=a.lr, seed=a.seed, dataset_dir=a.dataset, tokenizer_dir=a.tokenizer, overwrite=a.overwrite,
-                  eval_windows=a.eval_windows)
-    print(f"model: {a.out}  (size {m['size']}, {m['n_params']:,} parameters, seed {m['seed']}, device {m['device']})")
-    print(table(["step", "validation loss", "validation ppl", "unigram ppl", "train loss", "train time"],
-                [[r["step"], f"{r['validation_loss']:.4f}", f"{r['validation_ppl']:.2f}", f"{m['unigram_validation_ppl']:.2f}",
-                  f"{r['train_loss']:.4f}", f"{r['wall_s']:.1f} s"] for r in m["checkpoints"]]))
-    print(f"manifest: {Path(a.out) / MANIFEST_NAME}   wall time: {time.perf_counter() - t0:.1f} s this invocation")
-    return 0
-
-
-def add_train_command(subparsers) -> argparse.ArgumentParser:
-    sizes = "; ".join(f"{k}: hidden {v['hidden_size']}, {v['num_hidden_layers']} layers" for k, v in SIZES.items())
-    s = subparsers.add_parser(
-        "train-slm", help="train a small Llama from scratch: float checkpoints on no quantization grid",
-        description="Train a LlamaForCausalLM from scratch on the prepared dataset's train split with the SmolLM2 tokenizer. "
-                    "Every --save-every steps and at the end: validation perplexity on fixed windows of the validation split, "
-                    "and DIR/step_N/ (DIR: --out), a prepared model (float32 safetensors, F16 GGUF, quantloop_model.json) that `quantloop "
-                    "run DIR` and the other commands take. DIR/training_manifest.json records the run and the unigram "
-                    "perplexity to beat. The same command again resumes from the last checkpoint; a larger --steps "
-                    "continues training. Refused: a --steps so large it passes over the train split more than "
-                    f"{MAX_EPOCHS} times.",
-        epilog="Models and text are local only; nothing is fetched from a model hub.")
-    s.add_argument("--size", default="tiny", metavar="|".join(SIZES), help=f"model size ({sizes}; default: tiny)")
-    s.add_argument("--steps", type=int, metavar="N", required=True,
-                   help="optimizer steps in total, counting those already done (required; one step of 8 x 512 tokens of the "
-                        "tiny model takes about 6-12 s on 2 CPU cores)")
-    s.add_argument("--out", required=True, metavar="DIR", help="output folder for step_N checkpoints, e.g. SLM/models/checkpoints/NAME (required)")
-    s.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps, and at the end (default: --steps / 4)")
-    s.add_argument("--batch-size", type=int, metavar="B", default=8, help="windows per step (default: 8)")
-    s.add_argument("--seqlen", type=int, metavar="L", default=512, help="tokens per window (default: 512, the evaluation context)")
-    s.add_argument("--lr", type=float, metavar="LR",
-                   help="peak learning rate: linear warmup over --steps/10 steps (at most 200), cosine to lr/10 "
-                        f"(default: {', '.join(f'{v:g} for {k}' for k, v in DEFAULT_LR.items())})")
-    s.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the initial weights and of the training windows (default: 0)")
-    s.add_argument("--eval-windows", type=int, metavar="W", default=16, help="validation windows of --seqlen tokens per checkpoint (default: 16)")
-    s.add_argument("--dataset", metavar="DIR", help="prepared dataset folder (default: SLM/datasets/shakespeare)")
-    s.add_argument("--tokenizer", metavar="DIR", help=f"folder with the tokenizer (default: {DEFAULT_MODEL_DIR}, SmolLM2's)")
-    s.add_argument("--overwrite", action="store_true", help="delete an earlier train-slm run in --out and start again")
-    s.set_defaults(func=cmd_train)
-    return s

@@ -118,7 +118,7 @@ def cached_synthetic(model_dir, n: int, seqlen: int, seed: int, cache_dir, greed
     entry whose array does not match its manifest's sha256 is regenerated.
     """
     from quantloop.fileio import atomic_output
-    from quantloop.models import load_hf_model, load_hf_tokenizer
+    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     model_dir, cache_dir = Path(model_dir), Path(cache_dir)
     if not model_dir.is_dir():

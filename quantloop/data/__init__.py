@@ -1,0 +1,1 @@
+"""Text: datasets and their fixed splits, calibration sequences, self-generated (data-free) text."""
