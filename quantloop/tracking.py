@@ -200,3 +200,52 @@ class Tracker:
         source = f"{run.info.artifact_uri}/model" if arts else Path(model_path).resolve().as_uri()
         v = self.client.create_model_version(name, source=source, run_id=attempt_run_id, tags=tags, description=description[:5000])
         return f"{name}/{v.version}"
+
+
+# ---------------------------------------------------------------------- review: reading a run back, logging its report
+
+
+def _run_record(run) -> dict:
+    return {"run_id": run.info.run_id, "status": run.info.status, "start_ms": run.info.start_time,
+            "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": dict(run.data.metrics)}
+
+
+def pipeline_run_records(uri: str, run_id: str) -> dict:
+    """The MLflow records of pipeline run `run_id`: {'parent': record, 'attempts': [record, ...]} (attempts in order),
+    each record {run_id, status, start_ms, tags, params, metrics}. Opens an existing store only; never creates one."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise InputError(uri, "no tracking store there", "pass the --tracking-uri the run was made with")
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'", max_results=1000) if exp else []
+    parents = [r for r in runs if r.data.tags.get(ATTEMPT_TAG) == "parent"]
+    if not parents:
+        raise InputError(None, f"no run '{run_id}' in the tracking store {uri}", "pass a run id that `quantloop run` printed")
+    attempts = sorted((r for r in runs if r.data.tags.get(ATTEMPT_TAG, "").isdigit()), key=lambda r: int(r.data.tags[ATTEMPT_TAG]))
+    return {"parent": _run_record(parents[0]), "attempts": [_run_record(r) for r in attempts]}
+
+
+def read_artifact_text(uri: str, mlflow_run_id: str, path: str) -> str | None:
+    """The text of one artifact of a run, or None when the run has no such artifact."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = str(Path(path).parent) if "/" in path else None
+    if path not in {a.path for a in client.list_artifacts(mlflow_run_id, parent)}:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        return Path(client.download_artifacts(mlflow_run_id, path, d)).read_text(encoding="utf-8")
+
+
+def log_report_artifacts(uri: str, mlflow_run_id: str, files: list[Path], artifact_path: str = "report") -> None:
+    """Attach the run report (HTML, Markdown, plot PNGs) to a run; a file logged again replaces the earlier copy."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for f in files:
+        sub = artifact_path if Path(f).suffix != ".png" else f"{artifact_path}/plots"
+        client.log_artifact(mlflow_run_id, str(f), sub)
