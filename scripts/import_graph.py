@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "quantloop"
 
 
 # The layers, top to bottom: a package may import only packages below it.
-LAYERS = ["pipelines", "serve", "report", "agents", "tools", "backends", "eval", "data", "models", "gguf",
+LAYERS = ["pipelines", "serve", "report", "agents", "tools", "search", "backends", "eval", "data", "models", "gguf",
           "specs", "tracking", "schemas", "fileio", "memory", "paths", "errors"]
 
 
@@ -108,8 +108,9 @@ def upward_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
 
 def main() -> int:
     graph = package_graph()
-    for src in sorted(graph, key=lambda p: LAYERS.index(p) if p in LAYERS else -1):
-        print(f"{src:10s} -> {', '.join(sorted(graph[src], key=LAYERS.index)) or '-'}")
+    order = {name: i for i, name in enumerate(LAYERS)}
+    for src in sorted(graph, key=lambda p: order.get(p, -1)):
+        print(f"{src:10s} -> {', '.join(sorted(graph[src], key=lambda p: order.get(p, -1))) or '-'}")
     cyc = cycles(graph) + cycles(package_graph(modules=True))
     for c in cyc:
         print("cycle among: " + ", ".join(c))

@@ -1,0 +1,67 @@
+"""Precision-map files: a genome (exact tensor name -> GGUF type) as the QuantSpec fields quantize_model takes
+(method gguf, one anchored --tensor-type rule per tensor, norms F32), written as JSON and YAML; and reading
+such a file back, checked against the model's tensors.
+
+    quantloop quantize MODEL --spec-file map.yaml   (or QuantSpec(**yaml.safe_load(open("map.yaml"))))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from quantloop.errors import InputError
+from quantloop.fileio import write_text_atomic
+from quantloop.search.tensors import ModelTensors, check_genome
+
+EXACT = re.compile(r"^\^(.+)\$$")
+
+
+def spec_fields(genome: dict[str, str]) -> dict:
+    """The QuantSpec fields of a genome: every tensor named by an anchored pattern, the embedding's type as base."""
+    base = genome.get("token_embd.weight") or next(iter(genome.values()))
+    return {"method": "gguf", "gguf_type": base, "layer_types": {"norms": "F32"},
+            "gguf_tensor_types": {f"^{re.escape(n)}$": t for n, t in genome.items()}}
+
+
+def write_map(genome: dict[str, str], stem: Path, info: dict | None = None) -> tuple[Path, Path]:
+    """stem.json and stem.yaml (both atomic): the QuantSpec fields, plus a 'measured' block that QuantSpec ignores
+    when read through read_map."""
+    import yaml
+
+    doc = spec_fields(genome)
+    if info:
+        doc = {**doc, "quantloop_search": info}
+    j = write_text_atomic(stem.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
+    y = write_text_atomic(stem.with_suffix(".yaml"), yaml.safe_dump(doc, sort_keys=False))
+    return j, y
+
+
+def genome_of_fields(fields: dict, where: Path | str | None) -> dict[str, str]:
+    genome = {}
+    for pattern, t in (fields.get("gguf_tensor_types") or {}).items():
+        m = EXACT.match(pattern)
+        name = re.sub(r"\\(.)", r"\1", m.group(1)) if m else pattern
+        genome[name] = str(t).upper()
+    if not genome:
+        raise InputError(where, "the precision map names no tensors (gguf_tensor_types is empty)", "write one with `quantloop search`")
+    return genome
+
+
+def read_map(path: str | Path, mt: ModelTensors) -> tuple[dict, dict[str, str]]:
+    """(QuantSpec fields, genome) of a JSON/YAML precision map, every tensor checked against the model."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such precision-map file", "give a .json or .yaml written by `quantloop search`")
+    try:
+        doc = yaml.safe_load(path.read_text())  # YAML reads JSON too
+    except yaml.YAMLError as e:
+        raise InputError(path, f"not valid YAML/JSON ({str(e).splitlines()[0][:80]})", "fix the file") from None
+    if not isinstance(doc, dict) or doc.get("method") != "gguf":
+        raise InputError(path, "not a precision map (method: gguf with gguf_tensor_types)", "give a map written by `quantloop search`")
+    fields = {k: v for k, v in doc.items() if k != "quantloop_search"}
+    genome = check_genome(mt, genome_of_fields(fields, path), path)
+    return fields, genome

@@ -1,0 +1,121 @@
+"""Requests and results of the sensitivity and search tools (pydantic in, pydantic out)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextSpec(Strict):
+    """Token windows cut from one split of one prepared dataset (a 'domain')."""
+
+    dataset_dir: str
+    split: str = "validation"
+    chunks: int = Field(2, ge=1)
+    seqlen: int = Field(256, ge=16)
+
+
+class SensitivityRequest(Strict):
+    model: str = Field(description="prepared checkpoint folder (transformers float32 + F16 GGUF)")
+    text: list[TextSpec] = Field(description="calibration text: one entry per domain")
+    types: list[str] = Field(default_factory=lambda: ["Q4_0", "Q5_0", "Q8_0"], description="candidate GGUF types to measure")
+    granularity: str = Field("group", pattern="^(tensor|group)$",
+                             description="tensor: one tensor at a time; group: layer x module group (q/k/v, o, gate/up, down)")
+    cache_dir: str | None = None
+    heatmap_png: str | None = Field(None, description="write the heatmap here")
+    threads: int | None = None
+
+
+class SensitivityRow(Strict):
+    unit: str  # tensor name or 'blk.N.<group>' / 'token_embd'
+    tensors: list[str]
+    layer: int
+    group: str
+    n_weights: int
+    type: str
+    bytes: int
+    kld: float = Field(description="mean KL divergence against the float model with only this unit quantized")
+
+
+class SensitivityResult(Strict):
+    model: str
+    key: str = Field(description="cache key: model, text, types, granularity")
+    cache_file: str
+    rows: list[SensitivityRow]
+    measured: int = Field(description="rows measured in this call (the rest came from the cache)")
+    wall_s: float
+    heatmap_png: str | None = None
+
+
+class Allocation(Strict):
+    method: str  # greedy | ilp
+    budget_bytes: int
+    genome: dict[str, str]
+    bytes: int
+    bits_per_weight: float
+    predicted_kld: float = Field(description="sum of the units' measured sensitivities (a prediction, not a measurement)")
+
+
+class SearchRequest(Strict):
+    model: str
+    text: list[TextSpec] = Field(description="held-out text the search scores candidates on, one entry per domain")
+    sensitivity_text: list[TextSpec] = Field(description="calibration text for the sensitivity table")
+    types: list[str] = Field(default_factory=lambda: ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+    granularity: str = Field("group", pattern="^(tensor|group)$")
+    budgets_bpw: list[float] = Field(default_factory=lambda: [4.49, 5.0, 5.5, 6.2], description="seed budgets (bits per weight)")
+    max_bpw: float | None = Field(None, description="candidates above this are not measured")
+    trials: int = Field(20, ge=1)
+    workers: int = Field(1, ge=1)
+    sampler: str = Field("nsga2", pattern="^(nsga2|tpe)$")
+    population: int = Field(8, ge=2)
+    storage: str | None = Field(None, description="optuna storage: a journal file path (default), sqlite:///, or postgresql://")
+    study: str = "quantloop-search"
+    resume: bool = False
+    target: str = "cpu"
+    speed_tokens: int = Field(32, ge=1, description="tokens generated per llama-bench tg run")
+    speed_repeats: int = Field(2, ge=1)
+    out_dir: str
+    validate_front: int = Field(4, ge=0, description="front members re-validated on the test split (fewest KLD per byte first)")
+    test_text: list[TextSpec] = Field(default_factory=list)
+    tracking_uri: str | None = None
+    seed: int = 0
+    threads: int | None = None
+
+
+class CandidateMeasurement(Strict):
+    genome: dict[str, str]
+    kld_mean: float = Field(description="mean over domains of the mean KLD against the F16 GGUF on llama.cpp")
+    kld_by_domain: dict[str, float]
+    ppl_increase_pct: float
+    bytes: int = Field(description="exact file bytes (size estimate, equal to the written file)")
+    bytes_written: int
+    bits_per_weight: float
+    tg_tokens_per_s: float = Field(description="llama-bench token generation, best of the repeats")
+
+
+class FrontMember(Strict):
+    trial: int
+    origin: str  # seed name (greedy@5.0, ilp@4.49, ...) or sampler
+    measured: CandidateMeasurement
+    map_json: str | None = None
+    map_yaml: str | None = None
+    test_kld_mean: float | None = None
+    test_ppl_increase_pct: float | None = None
+    estimated: dict[str, float] = Field(default_factory=dict, description="estimated_* roofline fields of the target")
+
+
+class SearchResult(Strict):
+    study: str
+    storage: str
+    trials_complete: int
+    trials_measured_here: int
+    front: list[FrontMember]
+    baselines: list[Allocation]
+    target: str
+    front_png: str | None = None
+    heatmap_png: str | None = None
+    result_json: str
+    wall_s: float

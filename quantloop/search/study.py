@@ -1,0 +1,164 @@
+"""The optuna study behind `quantloop search`: its storage (a journal file on one host, or an RDB URL such as
+postgresql://... that workers on several machines share), the genome as optuna parameters, seeds, workers
+and the measured Pareto front.
+
+A worker that dies mid-trial loses nothing finished: every finished trial is already in the storage, and the
+storage's heartbeat marks the dead worker's running trial failed after the grace period; a retry callback then
+queues a copy of it, which the next free worker runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quantloop.errors import InputError
+
+DIRECTIONS = ["minimize", "minimize", "maximize"]  # mean KLD, file bytes, tg tokens/s
+OBJECTIVES = ["kld_mean", "bytes", "tg_tokens_per_s"]
+HEARTBEAT_S = 2
+GRACE_S = 6
+CONFIG_ATTR = "quantloop_request"
+
+
+def _retry_callback():
+    import optuna
+
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return cls(max_retry=3)
+
+
+def _rdb(url: str, heartbeat: bool):
+    import optuna
+
+    kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
+    if heartbeat:
+        import inspect
+
+        key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+               else "failed_trial_callback")
+        kwargs[key] = _retry_callback()
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+
+
+def open_storage(url: str, heartbeat: bool = True):
+    """An optuna storage from a URL (postgresql://, mysql://, sqlite:///) or a journal file path. A storage that
+    cannot be opened is an InputError naming it."""
+    import optuna
+
+    if "://" in url:
+        safe = url.split("@")[-1] if "@" in url else url
+        try:
+            return _rdb(url, heartbeat)
+        except Exception as e:  # sqlalchemy / driver errors: bad host, no server, refused, bad credentials
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise InputError(None, f"cannot open the optuna storage '{safe}': {msg}",
+                             "check that the server runs and the URL (user, host, port, database) is right") from None
+    path = Path(url)
+    if path.is_dir() or not path.parent.is_dir():
+        raise InputError(path, "cannot open as an optuna journal file", "give a file path in an existing folder")
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    except Exception as e:
+        raise InputError(path, f"cannot open as an optuna journal file ({str(e)[:120]})", "give a writable file path") from None
+
+
+def study_exists(storage, name: str) -> bool:
+    return any(s.study_name == name for s in storage.get_all_studies())
+
+
+def make_sampler(kind: str, population: int, seed: int):
+    import optuna
+
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+
+
+def create_study(storage, name: str, config: dict, resume: bool):
+    """Create the study (and store the request in it), or load it with resume=True."""
+    import optuna
+
+    exists = study_exists(storage, name)
+    if exists and not resume:
+        raise InputError(None, f"a search named '{name}' already exists in this storage", "pass --resume to continue it or choose another --study")
+    if not exists and resume:
+        raise InputError(None, f"no search named '{name}' in this storage to resume", "drop --resume to start it")
+    sampler = make_sampler(config["sampler"], config["population"], config["seed"])
+    if exists:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
+    study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS, sampler=sampler)
+    study.set_user_attr(CONFIG_ATTR, json.dumps(config))
+    study.set_metric_names(OBJECTIVES)
+    return study, True
+
+
+def load_study(storage, name: str):
+    import optuna
+
+    if not study_exists(storage, name):
+        raise InputError(None, f"no search named '{name}' in this storage", "start it with `quantloop search` first")
+    study = optuna.load_study(study_name=name, storage=storage)
+    config = json.loads(study.user_attrs[CONFIG_ATTR])
+    study.sampler = make_sampler(config["sampler"], config["population"], config["seed"])
+    return study, config
+
+
+def param_name(unit: str) -> str:
+    return f"type:{unit}"
+
+
+def suggest_genome(trial, units: dict[str, tuple[list[str], tuple[str, ...]]]) -> dict[str, str]:
+    """units: unit -> (its tensors, the types it can take). One categorical parameter per unit."""
+    genome = {}
+    for unit, (tensors, types) in units.items():
+        t = trial.suggest_categorical(param_name(unit), list(types))
+        genome.update({n: t for n in tensors})
+    return genome
+
+
+def enqueue_seed(study, choice: dict[str, str], origin: str) -> None:
+    """A known precision map (unit -> type) as the next trial; its origin is kept with the trial."""
+    study.enqueue_trial({param_name(u): t for u, t in choice.items()}, user_attrs={"origin": origin}, skip_if_exists=True)
+
+
+def finished(study) -> list:
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+
+def run_trials(study, objective, total: int) -> int:
+    """Run trials until the study holds `total` finished (complete or pruned) trials; returns how many ran here."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+
+    done_before = len(finished(study))
+    if done_before >= total:
+        return 0
+    ran = []
+
+    def count(study, trial):
+        ran.append(trial.number)
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    study.optimize(objective, callbacks=[MaxTrialsCallback(total, states=states), count], catch=(RuntimeError,),
+                   gc_after_trial=True)
+    return len(ran)
+
+
+def pareto_front(study) -> list:
+    """The measured Pareto front over (KLD, bytes, tg speed) of the complete trials, fewest bytes first."""
+    return sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0]))
+
+
+def front_2d(trials) -> list:
+    """The trials no other trial beats on both KLD and bytes (speed left out), fewest bytes first."""
+    out, best = [], float("inf")
+    for t in sorted(trials, key=lambda t: (t.values[1], t.values[0])):
+        if t.values[0] < best:
+            out.append(t)
+            best = t.values[0]
+    return out
