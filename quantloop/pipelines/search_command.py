@@ -131,7 +131,7 @@ def add_search_commands(subparsers) -> None:
     s.add_argument("--budgets", default="4.49,5.0,5.5,6.2", help="bits-per-weight budgets of the greedy/ILP seeds (default: 4.49,5.0,5.5,6.2)")
     s.add_argument("--max-bpw", type=float, help="do not measure candidates above this many bits per weight")
     s.add_argument("--trials", type=int, default=20, help="finished trials the study should hold in total (default: 20)")
-    s.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1; 0: only create the study, or with --resume only report, while `search-worker`s run the trials)")
     s.add_argument("--sampler", choices=["nsga2", "tpe"], default="nsga2")
     s.add_argument("--population", type=int, default=8, help="NSGA-II population (default: 8)")
     s.add_argument("--storage", help="optuna storage: journal file path (default: OUT/search.journal) or postgresql://user@host/db")

@@ -68,7 +68,7 @@ class SearchRequest(Strict):
     budgets_bpw: list[float] = Field(default_factory=lambda: [4.49, 5.0, 5.5, 6.2], description="seed budgets (bits per weight)")
     max_bpw: float | None = Field(None, description="candidates above this are not measured")
     trials: int = Field(20, ge=1)
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=0, description="worker processes here; 0: create / report only (workers run elsewhere)")
     sampler: str = Field("nsga2", pattern="^(nsga2|tpe)$")
     population: int = Field(8, ge=2)
     storage: str | None = Field(None, description="optuna storage: a journal file path (default), sqlite:///, or postgresql://")

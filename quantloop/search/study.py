@@ -87,11 +87,19 @@ def create_study(storage, name: str, config: dict, resume: bool):
     if not exists and resume:
         raise InputError(None, f"no search named '{name}' in this storage to resume", "drop --resume to start it")
     sampler = make_sampler(config["sampler"], config["population"], config["seed"])
-    if exists:
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
+    if exists:  # the stored settings stand; only the number of trials may grow
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        stored = json.loads(study.user_attrs[CONFIG_ATTR])
+        stored["trials"] = config["trials"]
+        study.set_user_attr(CONFIG_ATTR, json.dumps(stored))
+        return study, False
     study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS, sampler=sampler)
     study.set_user_attr(CONFIG_ATTR, json.dumps(config))
-    study.set_metric_names(OBJECTIVES)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(OBJECTIVES)
     return study, True
 
 

@@ -170,7 +170,7 @@ def search_mixed_precision(req: SearchRequest, progress=None) -> SearchResult:
     before = {t.number for t in finished(study)}
     if req.workers == 1:
         run_search_worker(storage_url, req.study)
-    else:
+    elif req.workers > 1:
         _spawn_workers(storage_url, req.study, req.workers)
     from quantloop.tools.search_report import report_search
 

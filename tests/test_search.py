@@ -1,0 +1,105 @@
+"""The search end to end on the tiny prepared Llama: real optuna, real llama.cpp, a journal file."""
+
+import json
+
+import pytest
+
+from tests.cli_helpers import assert_one_line_error
+
+
+def _req(tiny, dataset_dir, out, **kw):
+    from quantloop.search.schemas import SearchRequest, TextSpec
+
+    t = lambda split: [TextSpec(dataset_dir=str(dataset_dir), split=split, chunks=1, seqlen=64)]  # noqa: E731
+    base = dict(model=str(tiny), text=t("validation"), sensitivity_text=t("calibration"), test_text=t("test"),
+                types=["Q4_0", "Q8_0"], granularity="group", budgets_bpw=[6.0], trials=5, population=4, out_dir=str(out),
+                speed_tokens=8, speed_repeats=1, validate_front=2, study="t")
+    return SearchRequest(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_prepared, dataset_dir, tmp_path_factory):
+    from quantloop.tools.search import search_mixed_precision
+
+    out = tmp_path_factory.mktemp("search")
+    req = _req(tiny_prepared, dataset_dir, out, tracking_uri=f"sqlite:///{out}/mlflow.db")
+    return req, search_mixed_precision(req)
+
+
+def test_search_returns_measured_front_with_maps(searched, tiny_prepared):
+    from quantloop.search.precision_maps import read_map
+    from quantloop.search.tensors import model_tensors
+    from quantloop.models.checkpoints import resolve_model
+
+    req, r = searched
+    assert r.trials_complete >= 5 and r.trials_measured_here == r.trials_complete
+    assert r.front, "an empty front"
+    mt = model_tensors(resolve_model(tiny_prepared).gguf)
+    for m in r.front:
+        assert m.measured.bytes == m.measured.bytes_written  # the exact estimate is the written file
+        assert m.measured.kld_mean > 0 and m.measured.tg_tokens_per_s > 0
+        assert read_map(m.map_yaml, mt)[1] == m.measured.genome
+    assert any(m.test_kld_mean is not None and m.test_kld_mean > 0 for m in r.front)
+    # no member of the front is beaten on every objective by another
+    for a in r.front:
+        for b in r.front:
+            x, y = a.measured, b.measured
+            assert not (y.kld_mean < x.kld_mean and y.bytes < x.bytes and y.tg_tokens_per_s > x.tg_tokens_per_s)
+    for png in (r.front_png, r.heatmap_png):
+        assert open(png, "rb").read(4) == b"\x89PNG"
+    assert json.loads(open(r.result_json).read())["trials_complete"] == r.trials_complete
+
+
+def test_seeds_are_the_baselines(searched):
+    req, r = searched
+    assert {a.method for a in r.baselines} == {"greedy", "ilp"}
+    assert all(a.bytes <= a.budget_bytes for a in r.baselines)
+
+
+def test_search_is_logged_to_mlflow(searched):
+    from mlflow.tracking import MlflowClient
+
+    req, r = searched
+    c = MlflowClient(req.tracking_uri)
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()], "tags.`quantloop.kind` = 'search-member'")
+    assert len(runs) == len(r.front)
+
+
+def test_resume_redoes_no_finished_trial(searched):
+    import optuna
+
+    from quantloop.search.study import open_storage
+    from quantloop.tools.search import search_mixed_precision
+
+    req, first = searched
+    storage = open_storage(first.storage)
+    before = {t.number: t.values for t in optuna.load_study(study_name="t", storage=storage).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,))}
+    again = search_mixed_precision(req.model_copy(update={"resume": True, "trials": first.trials_complete + 1, "tracking_uri": None}))
+    after = {t.number: t.values for t in optuna.load_study(study_name="t", storage=open_storage(first.storage)).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,))}
+    assert all(after[n] == v for n, v in before.items())
+    assert again.trials_measured_here == 1 and len(after) == len(before) + 1
+
+
+def test_existing_study_without_resume_is_refused(searched, capsys):
+    from quantloop.pipelines.search_command import main
+
+    req, r = searched
+    code = main(["search", req.model, "--text", str(req.text[0].dataset_dir), "--out", req.out_dir, "--study", "t",
+                 "--types", "Q4_0,Q8_0", "--budgets", "6.0", "--seqlen", "64", "--chunks", "1", "--sens-chunks", "1"])
+    assert_one_line_error(code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()], "already exists", "--resume")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--budgets", "1.0"], ["below the smallest possible file"]),
+    (["--target", "tpu-v9"], ["unknown target 'tpu-v9'", "arm-neon", "intel-vnni"]),
+    (["--storage", "postgresql://nobody@127.0.0.1:1/none"], ["cannot open the optuna storage"]),
+])
+def test_bad_input_one_line(tiny_prepared, dataset_dir, tmp_path, capsys, args, needles):
+    from quantloop.pipelines.search_command import main
+
+    code = main(["search", str(tiny_prepared), "--text", str(dataset_dir), "--out", str(tmp_path / "o"), "--types", "Q4_0,Q8_0",
+                 "--seqlen", "64", "--chunks", "1", "--sens-chunks", "1", "--trials", "1"] + args)
+    assert_one_line_error(code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()], *needles)
+    assert not list((tmp_path / "o").glob("maps/*")) and not (tmp_path / "o" / "search_result.json").exists()
