@@ -154,7 +154,29 @@ def run_trials(study, objective, total: int) -> int:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     study.optimize(objective, callbacks=[MaxTrialsCallback(total, states=states), count], catch=(RuntimeError,),
                    gc_after_trial=True)
+    rerun_orphans(study, objective, count)
     return len(ran)
+
+
+def rerun_orphans(study, objective, count) -> None:
+    """With a heartbeat storage: once the study is full, wait out the grace period of any trial still running,
+    fail the ones whose worker died (the retry callback queues a copy of each) and run those copies here."""
+    import time
+
+    import optuna
+    from optuna.storages import fail_stale_trials
+
+    storage = study._storage
+    if not getattr(storage, "heartbeat_interval", None):
+        return
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if not running:
+        return
+    time.sleep(GRACE_S + HEARTBEAT_S)
+    fail_stale_trials(study)
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    if waiting:
+        study.optimize(objective, n_trials=len(waiting), callbacks=[count], catch=(RuntimeError,), gc_after_trial=True)
 
 
 def pareto_front(study) -> list:
