@@ -83,17 +83,40 @@ class KLDProbe:
             self.chunks += c
             digests.append(d)
         self.text_digest = "|".join(digests)
-        self.base = [self._logprobs(c) for c in self.chunks]
+        self.layers = list(self.model.model.layers)
+        self.inputs: list[list] = []  # per chunk: (hidden state entering every decoder layer, the layers' kwargs)
+        self.base = [self._logprobs(c, capture=True) for c in self.chunks]
 
-    def _logprobs(self, chunk: np.ndarray):
+    def _logprobs(self, chunk: np.ndarray, capture: bool = False):
         import torch
 
-        with torch.no_grad():
-            logits = self.model(torch.as_tensor(np.asarray(chunk, dtype=np.int64))[None], use_cache=False).logits[0]
+        seen: list = []
+        hooks = [layer.register_forward_pre_hook(lambda mod, args, kw: seen.append((args[0].detach().clone(), kw)), with_kwargs=True)
+                 for layer in self.layers] if capture else []
+        try:
+            with torch.no_grad():
+                logits = self.model(torch.as_tensor(np.asarray(chunk, dtype=np.int64))[None], use_cache=False).logits[0]
+        finally:
+            for h in hooks:
+                h.remove()
+        if capture:
+            self.inputs.append(seen)
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def kld(self, replaced: dict[str, np.ndarray]) -> float:
-        """Mean KLD(float || model with `replaced` weights) over every position of every chunk."""
+    def _logprobs_from(self, i: int, start: int):
+        """Log-probabilities of chunk i running only decoder layers start.. (the float inputs of layer `start` are cached)."""
+        import torch
+
+        h, kw = self.inputs[i][start]
+        with torch.no_grad():
+            for layer in self.layers[start:]:
+                h = layer(h, **kw)
+            logits = self.model.lm_head(self.model.model.norm(h))[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def kld(self, replaced: dict[str, np.ndarray], start_layer: int | None = None) -> float:
+        """Mean KLD(float || model with `replaced` weights) over every position of every chunk. With start_layer,
+        the replaced weights must lie in decoder layers >= start_layer, and the layers below it are not run again."""
         import torch
 
         saved = {}
@@ -103,8 +126,8 @@ class KLDProbe:
                 saved[name] = p.data.clone()
                 p.data.copy_(torch.from_numpy(w).reshape(p.shape))
             total, n = 0.0, 0
-            for chunk, lb in zip(self.chunks, self.base):
-                lq = self._logprobs(chunk)
+            for i, (chunk, lb) in enumerate(zip(self.chunks, self.base)):
+                lq = self._logprobs(chunk) if start_layer is None else self._logprobs_from(i, start_layer)
                 total += float((lb.exp() * (lb - lq)).sum(-1).clamp_min(0).sum())
                 n += lb.shape[0]
             return total / n
@@ -161,7 +184,8 @@ def measure_sensitivity(req: SensitivityRequest, progress=None) -> SensitivityRe
         if k not in cache:
             if probe is None:
                 probe = KLDProbe(model.hf_dir, req.text, req.threads)
-            cache[k] = probe.kld({t.hf_name: fake_quantized(probe.weight(t.hf_name), typ) for t in ts})
+            start = min(t.layer for t in ts)
+            cache[k] = probe.kld({t.hf_name: fake_quantized(probe.weight(t.hf_name), typ) for t in ts}, start if start >= 0 else None)
             measured += 1
             write_json_atomic(cache_file, {"model": str(model.path), "weights": weights, "text": text_digest,
                                            "granularity": req.granularity, "kld": cache})
