@@ -231,6 +231,7 @@ def pipeline_run_records(uri: str, run_id: str) -> dict:
 
 def read_artifact_text(uri: str, mlflow_run_id: str, path: str) -> str | None:
     """The text of one artifact of a run, or None when the run has no such artifact."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)

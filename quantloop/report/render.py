@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 from quantloop.report.records import AttemptRow, RunRecord
@@ -29,7 +30,7 @@ def fmt(v, pattern: str) -> str:
 def attempt_cells(a: AttemptRow) -> list[str]:
     ppl = "-" if a.ppl_increase_pct is None else (
         f"{a.ppl_increase_pct:+.2f} %" + (f" ± {a.ppl_increase_stderr_pct:.2f}" if a.ppl_increase_stderr_pct is not None else ""))
-    kld = "-" if a.kld_mean is None else f"{a.kld_mean:.4f}" + (f" ± {a.kld_mean_stderr:.4f}" if a.kld_mean_stderr is not None else "")
+    kld = "-" if a.kld_mean is None else f"{a.kld_mean:.4g}" + (f" ± {a.kld_mean_stderr:.2g}" if a.kld_mean_stderr is not None else "")
     return [str(a.index), a.step, a.method or "-", a.format or "-", fmt(a.bits_per_weight, "{:.2f}"), ppl, kld,
             fmt(a.speedup_tg, "{:.2f}x"), fmt(a.size_ratio, "{:.2f}x"), a.verdict or a.status, a.reason]
 
@@ -76,7 +77,7 @@ def markdown_report(r: RunRecord, plots: list[Path]) -> str:
         out += ["", "## Side-by-side generations"]
         for a in gens:
             body = a.generations_md.split("\n", 1)[1] if a.generations_md.startswith("# ") else a.generations_md
-            out += ["", f"### {a.index}: {a.step}", body.strip()]
+            out += ["", f"### {a.index}: {a.step}", "", body.strip()]
     out += ["", f"MLflow: tracking store `{r.tracking_uri}`, parent run `{r.mlflow_parent_run_id}`.", ""]
     return "\n".join(out)
 
@@ -102,7 +103,7 @@ def generations_html(md: str) -> str:
     lines = [x for x in md.splitlines() if x.strip()]
     table = [x for x in lines if x.lstrip().startswith("|") and not set(x.replace("|", "").strip()) <= {"-", ":"}]
     rest = [x for x in lines if not x.lstrip().startswith("|") and not x.startswith("# ")]
-    cell = lambda c: html.escape(c).replace("&lt;br&gt;", "<br>")  # noqa: E731
+    cell = lambda c: re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(c).replace("&lt;br&gt;", "<br>"))  # noqa: E731
     rows = [split_pipe_row(x) for x in table]
     head = "".join(f"<th>{cell(c)}</th>" for c in rows[0]) if rows else ""
     body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
