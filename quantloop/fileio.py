@@ -74,6 +74,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_hf_config(hf_dir: Path) -> dict:
+    """config.json of a transformers checkpoint folder, or one error line naming what is wrong."""
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise InputError(hf_dir, "no config.json: not a Hugging Face checkpoint folder", "pass a folder written by save_pretrained")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(path, "not valid JSON", "re-create the checkpoint") from None
+
+
 def check_hf_dir(hf_dir: Path) -> None:
     """Cheap checks before transformers sees the folder: readable config, weights present, safetensors headers intact."""
     try:

@@ -335,6 +335,10 @@ class QuantSpec(Strict):
     def uses_calibration(self) -> bool:
         return self.method in ("gptq", "awq", "autoround", "qat") or (self.method == "gguf" and self.imatrix)
 
+    def has_precision_map(self) -> bool:
+        """A mixed-precision map (preset or layer types) rather than one type for every linear."""
+        return self.method in ("gguf", "qat", "gptq") and bool(self.preset or self.layer_types)
+
     def gptq_on_gguf_grid(self) -> bool:
         """GPTQ by quantloop's own solver on llama.cpp's grids (backends/gptq_gguf.py) rather than GPTQModel's
         layouts: for a k-quant type, a precision map, or act-order into a GGUF type."""

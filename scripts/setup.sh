@@ -74,11 +74,11 @@ if ! tools_built; then
   took
 fi
 
-wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-py3-none-any.whl 2>/dev/null | head -1 || true)
+wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-py3-none-*.whl 2>/dev/null | head -1 || true)
 if [[ -z "$wheel" ]]; then
   step "packing llama-cpp-python $LLAMA_CPP_PYTHON_VERSION without compiling (its libraries come from the build above)"
   CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $PIP wheel -q --no-deps "$SDIST" -w "$WHEELS"
-  wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -1)
+  wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-py3-none-*.whl | head -1)
   took
 fi
 step "installing $(basename "$wheel") and the pinned requirements"

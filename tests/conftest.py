@@ -88,9 +88,9 @@ def trained_checkpoints(reference_dir, dataset_dir) -> Path:
     import torch
     import transformers
 
-    from quantloop.pipelines import train_slm as train
     from quantloop.data.datasets import manifest_digest
     from quantloop.paths import CACHE_DIR
+    from quantloop.pipelines import train_slm as train
 
     key = hashlib.sha256(json.dumps([TRAINED_RUN, train.SIZES["micro"], manifest_digest(dataset_dir), torch.__version__,
                                      transformers.__version__], sort_keys=True).encode()).hexdigest()[:12]

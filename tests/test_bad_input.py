@@ -4,14 +4,11 @@ import json
 import shutil
 
 import pytest
+from cli_helpers import assert_one_line_error, run_cli  # noqa: E402
 
 from quantloop.data.datasets import prepare_text
 from quantloop.errors import InputError
 from quantloop.pipelines.cli import main
-
-from cli_helpers import assert_one_line_error, run_cli  # noqa: E402
-
-
 
 
 def test_missing_path(capsys, tmp_path):

@@ -4,13 +4,13 @@ import ctypes
 import shutil
 from pathlib import Path
 
+import gguf.quants
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
-import gguf.quants
 
-from quantloop.gguf import blocks as gb
 from quantloop.errors import InputError
+from quantloop.gguf import blocks as gb
 
 TYPES = list(gb.TYPES)
 BLOCK32 = [t for t in TYPES if not gb.TYPES[t].kquant]

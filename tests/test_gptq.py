@@ -109,7 +109,7 @@ def _check_against_kernel(model, out_dir: Path, names: list[str]) -> None:
     and activations to bfloat16, so agreement is to a few hundredths of a step, not bit-exact."""
     import torch
 
-    from quantloop.backends.gptq import read_quantized_linear
+    from quantloop.backends.gptq_checkpoint import read_quantized_linear
 
     modules = dict(model.model.named_modules())
     for name in names:
@@ -188,8 +188,13 @@ def test_bad_calibration_and_output_refused(tmp_path):
 def test_gptq4_g32_reloads_runs_and_stays_within_a_step(tiny_gptq_llama, quantized, calibration):
     import torch
 
-    from quantloop.backends.gptq import (gptq_logits, kernel_names, load_gptq, quantized_linear_names,
-                                         read_quantized_linear)
+    from quantloop.backends.gptq_checkpoint import (
+        gptq_logits,
+        kernel_names,
+        load_gptq,
+        quantized_linear_names,
+        read_quantized_linear,
+    )
 
     out, info = quantized("gptq", 4, 32, True)
     assert info["library_version"] == "7.6.0" and info["format"] == "gptq" and info["scale_dtype"] == "float16"
@@ -220,7 +225,11 @@ def test_gptq4_g32_reloads_runs_and_stays_within_a_step(tiny_gptq_llama, quantiz
 def test_gptq4_asymmetric_zero_points_decode_like_the_kernel(tiny_gptq_llama, quantized):
     import torch
 
-    from quantloop.backends.gptq import load_gptq, quantized_linear_names, read_quantized_linear
+    from quantloop.backends.gptq_checkpoint import (
+        load_gptq,
+        quantized_linear_names,
+        read_quantized_linear,
+    )
 
     out, _ = quantized("gptq", 4, 32, False)
     q = read_quantized_linear(out, "model.layers.0.self_attn.q_proj")
@@ -238,7 +247,12 @@ def test_gptq4_asymmetric_zero_points_decode_like_the_kernel(tiny_gptq_llama, qu
 def test_gptq8_reloads_and_stays_within_a_step(tiny_gptq_llama, quantized, calibration):
     import torch
 
-    from quantloop.backends.gptq import gptq_logits, load_gptq, quantized_linear_names, read_quantized_linear
+    from quantloop.backends.gptq_checkpoint import (
+        gptq_logits,
+        load_gptq,
+        quantized_linear_names,
+        read_quantized_linear,
+    )
 
     out, info = quantized("gptq", 8, 32, True)
     assert info["bits"] == 8
@@ -259,8 +273,13 @@ def test_awq4_reloads_and_stays_within_a_step(tiny_gptq_llama, quantized, calibr
     norms, q/k (never clipped) land within half a step; clipped layers mostly within one."""
     import torch
 
-    from quantloop.backends.gptq import (gptq_logits, kernel_names, load_gptq, quantized_linear_names,
-                                         read_quantized_linear)
+    from quantloop.backends.gptq_checkpoint import (
+        gptq_logits,
+        kernel_names,
+        load_gptq,
+        quantized_linear_names,
+        read_quantized_linear,
+    )
 
     out, info = quantized("awq", 4, 32, False)
     assert info["format"] == "gemm" and info["method"] == "awq"
@@ -303,7 +322,8 @@ def test_same_seed_gives_identical_files(quantized, method, bits, symmetric):
 @needs_gptqmodel
 def test_act_order_permutes_groups(tmp_path, tiny_gptq_llama, calibration):
     """desc_act reorders columns: g_idx is no longer i // group, so no GGUF block type holds it."""
-    from quantloop.backends.gptq import quantize_gptq, read_quantized_linear
+    from quantloop.backends.gptq import quantize_gptq
+    from quantloop.backends.gptq_checkpoint import read_quantized_linear
 
     out = tmp_path / "ao"
     info = quantize_gptq(tiny_gptq_llama, out, 4, 32, True, True, calibration[:4], seed=0)

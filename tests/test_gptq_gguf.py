@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from quantloop.gguf import blocks as gb
-from quantloop.backends.gptq_gguf import grid_gptq_weight
 from conftest import prepare_wide_llama
+
+from quantloop.backends.gptq_gguf import grid_gptq_weight
+from quantloop.gguf import blocks as gb
 
 
 def _weight_and_hessian(rows: int, cols: int, seed: int = 0):

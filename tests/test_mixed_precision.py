@@ -5,7 +5,12 @@ import pytest
 from quantloop.errors import InputError
 from quantloop.gguf.llamacpp import read_metadata
 from quantloop.gguf.precision_map import (
-    PRESETS, estimate_bytes, layer_type_of, planned_types, precision_map, tensor_rules,
+    PRESETS,
+    estimate_bytes,
+    layer_type_of,
+    planned_types,
+    precision_map,
+    tensor_rules,
 )
 from quantloop.pipelines.cli import main
 from quantloop.schemas import QuantSpec

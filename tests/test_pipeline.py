@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantloop.errors import InputError
 from quantloop.agents.policy import load_policy
+from quantloop.errors import InputError
 from quantloop.pipelines.cli import main as run_main
 from quantloop.pipelines.run import run_pipeline
 

@@ -5,13 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from quantloop.gguf import blocks as gb
-from quantloop.backends.qat import (
-    QAT_TYPES, QATConfig, check_qat_model, check_qat_type, fake_quantize_torch, kl_divergence, ste_fake_quantize,
-)
-from quantloop.errors import InputError
 from conftest import prepare_wide_llama
+
+from quantloop.backends.qat import QATConfig, kl_divergence
+from quantloop.gguf.torch_grid import QAT_TYPES, check_grid_model, check_grid_type, fake_quantize_torch, ste_fake_quantize
+from quantloop.errors import InputError
+from quantloop.gguf import blocks as gb
 
 
 def _weights(rows=48, cols=256, seed=0):
@@ -77,14 +76,14 @@ def test_kl_loss_on_known_distributions():
 def test_bad_settings_are_input_errors():
     for bad in ("Q2_K", "IQ4_NL", "F16", "Q3"):
         with pytest.raises(InputError):
-            check_qat_type(bad)
+            check_grid_type(bad)
     for bits in (1, 9, 3.5):
         with pytest.raises(InputError, match="bits"):
-            check_qat_type(bits=bits)
+            check_grid_type(bits=bits)
     with pytest.raises(InputError):
-        check_qat_type(bits=8, symmetric=False)
-    assert check_qat_type(bits=4, symmetric=False) == "Q4_1"
-    assert check_qat_type("q5_0") == "Q5_0"
+        check_grid_type(bits=8, symmetric=False)
+    assert check_grid_type(bits=4, symmetric=False) == "Q4_1"
+    assert check_grid_type("q5_0") == "Q5_0"
 
     class Attn(torch.nn.Module):
         def __init__(self):
@@ -93,7 +92,7 @@ def test_bad_settings_are_input_errors():
             self.o_proj = torch.nn.Linear(48, 64)  # 48 is not a multiple of 32
 
     with pytest.raises(InputError, match="o_proj"):
-        check_qat_model(Attn(), "Q4_0")
+        check_grid_model(Attn(), "Q4_0")
 
 
 def test_synthetic_generator_is_deterministic():
@@ -159,9 +158,9 @@ def test_short_qat_lowers_kl_and_exports_exactly(tiny_prepared, tmp_path):
     from safetensors.numpy import load_file
 
     from quantloop.backends.qat import qat_checkpoint
+    from quantloop.data.synthetic import generate_synthetic
     from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
     from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
-    from quantloop.data.synthetic import generate_synthetic
 
     teacher = load_hf_model(tiny_prepared)
     seqs = generate_synthetic(teacher, load_hf_tokenizer(tiny_prepared), 12, 24, seed=0, batch_size=12, progress=False)
@@ -231,7 +230,7 @@ def test_quantize_model_qat_data_free_is_deterministic(tiny_prepared, tmp_path):
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
 def test_kquant_frozen_grid_starts_at_llama_cpp_rounding(type_name):
-    from quantloop.backends.qat import kquant_fake_quantize, kquant_grid
+    from quantloop.gguf.torch_grid import kquant_fake_quantize, kquant_grid
 
     g = torch.Generator().manual_seed(1)
     w = torch.randn(6, 512, generator=g) * 0.05

@@ -58,8 +58,7 @@ def test_rtn_bad_group_size_leaves_nothing(tiny_prepared, tmp_path):
 
 
 def test_gguf_with_imatrix_and_tensor_type_overrides(tiny_prepared, tmp_path, dataset_dir):
-    from quantloop.gguf.llamacpp import tools_dir
-    from quantloop.gguf.llamacpp import read_metadata
+    from quantloop.gguf.llamacpp import read_metadata, tools_dir
 
     if not (tools_dir() / "llama-imatrix").is_file():
         pytest.skip("llama.cpp tools not built: run `make setup`")
@@ -107,7 +106,7 @@ def test_gptq_g32_exports_its_codes_to_gguf_q4_0(tiny_prepared, tmp_path, datase
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from quantloop.backends.gptq import read_quantized_linear
+    from quantloop.backends.gptq_checkpoint import read_quantized_linear
 
     spec = QuantSpec(method="gptq", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0",
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=128))

@@ -4,11 +4,10 @@ import json
 import shutil
 
 import pytest
+from cli_helpers import assert_one_line_error, run_cli  # noqa: E402
 
 from quantloop.pipelines import train_slm as train
 from quantloop.pipelines.cli import main
-
-from cli_helpers import assert_one_line_error, run_cli  # noqa: E402
 
 # One layer of width 32: a step takes a fraction of a second on 2 CPU cores (the 49152 x 32 embedding dominates).
 MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,

@@ -7,6 +7,8 @@ import re
 import time
 from pathlib import Path
 
+from quantloop.agents.policy import Policy
+from quantloop.agents.state import CheckpointScore, PipelineState, PlannedAttempt
 from quantloop.data.datasets import read_split
 from quantloop.errors import InputError
 from quantloop.eval.perplexity import make_chunks
@@ -15,8 +17,6 @@ from quantloop.eval.session import open_runner, perplexity
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.eval.speed import measure_speed
 from quantloop.models.checkpoints import ResolvedModel, load_hf_tokenizer, resolve_model
-from quantloop.agents.policy import Policy
-from quantloop.agents.state import CheckpointScore, PipelineState, PlannedAttempt
 from quantloop.specs import load_quality_spec
 
 STEP_DIR = re.compile(r"^step[_-]?(\d+)$")

@@ -7,9 +7,9 @@ import shutil
 import time
 from pathlib import Path
 
+from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
 from quantloop.errors import InputError
 from quantloop.fileio import write_text_atomic
-from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
 from quantloop.schemas import CompareRequest, ValidationReport, ValidationRequest
 
 GENERATIONS_NAME = "generations.md"

@@ -7,7 +7,15 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from quantloop.agents.policy import Policy, StepKind, Target
-from quantloop.schemas import CriterionResult, PerplexityReport, QuantizationResult, QuantSpec, SizeReport, SpeedReport, Strict
+from quantloop.schemas import (
+    CriterionResult,
+    PerplexityReport,
+    QuantizationResult,
+    QuantSpec,
+    SizeReport,
+    SpeedReport,
+    Strict,
+)
 
 Verdict = Literal["accepted", "fallback", "skipped", "rejected"]
 Decision = Literal["running", "accepted", "rejected"]

@@ -26,13 +26,14 @@ Calibration is always the caller's token ids, handed to AutoRound as a list of
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
+from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
 from quantloop.data.calibration import check_calibration
 from quantloop.errors import InputError
+from quantloop.fileio import read_hf_config
 
 AUTOROUND_VERSION = "0.15.1"
 # Sign-gradient iterations: 0 (optimized RTN + importance matrix) for GGUF, AutoRound's default otherwise.
@@ -47,16 +48,6 @@ GROUP_SIZES = (-1, 32, 64, 128)
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _read_config(hf_dir: Path) -> dict:
-    path = hf_dir / "config.json"
-    if not path.is_file():
-        raise InputError(hf_dir, "no config.json: not a Hugging Face checkpoint folder", "pass a folder written by save_pretrained")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(path, "not valid JSON", "re-create the checkpoint") from None
 
 
 def gguf_scheme(gguf_type: str) -> str:
@@ -81,7 +72,7 @@ def check_autoround_settings(hf_dir: Path, spec, fmt: str = "auto_round") -> dic
     if getattr(spec, "overrides", None):
         raise InputError(None, "per-module overrides are not supported by the AutoRound backend yet",
                          "drop overrides, or use method gptq/rtn")
-    config = _read_config(hf_dir)
+    config = read_hf_config(hf_dir)
     if not list(hf_dir.glob("*.safetensors")):
         raise InputError(hf_dir, "no *.safetensors weights", "save the float model with save_pretrained(safe_serialization=True)")
     if spec.gguf_type:
@@ -142,9 +133,8 @@ def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list
 
     import numpy as np
     import torch
-    from transformers import AutoTokenizer
-
     from auto_round import AutoRound
+    from transformers import AutoTokenizer
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,3 +177,22 @@ def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
+
+
+class AutoRoundBackend(Backend):
+    """AutoRound (Intel) into a GGUF of a k-quant or legacy type."""
+
+    method = "autoround"
+    label = "AutoRound"
+    libraries = ("auto-round", "torch", "transformers")
+
+    def needs(self, spec) -> Needs:
+        return Needs(hf_checkpoint=True, calibration="sequences")
+
+    def check(self, job: BackendJob) -> None:
+        if not job.spec.gguf_type:
+            raise InputError(None, "AutoRound is offered with GGUF output only", "set a GGUF type, e.g. --type Q4_K_M")
+
+    def quantize(self, job: BackendJob) -> BackendOutput:
+        path = quantize_autoround(job.model.hf_dir, job.work_dir, job.spec, job.sequences)
+        return BackendOutput(path, f"gguf:{job.spec.gguf_type.upper()}")

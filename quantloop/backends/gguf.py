@@ -7,6 +7,7 @@ import ctypes
 import os
 from pathlib import Path
 
+from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
 from quantloop.errors import InputError
 from quantloop.gguf.llamacpp import check_gguf_file, tool
 
@@ -85,3 +86,36 @@ def quantize_gguf(src: str | Path, dst: str | Path, type_name: str, threads: int
         if tmp.exists():
             tmp.unlink()
     return dst
+
+
+class LlamaCppBackend(Backend):
+    """llama.cpp's own quantizers on the prepared F16 GGUF: the library call for a plain type, llama-quantize
+    (+ llama-imatrix) for an importance matrix, per-tensor types or a precision map."""
+
+    method = "gguf"
+    label = "llama.cpp quantization"
+    writer = "llama-quantize"
+    libraries = ("llama_cpp_python",)
+
+    def needs(self, spec) -> Needs:
+        return Needs(f16_gguf=True, calibration="text_file" if spec.imatrix else None)
+
+    def quantize(self, job: BackendJob) -> BackendOutput:
+        from quantloop.gguf.precision_map import plan_mixed_file
+
+        spec, src = job.spec, job.model.gguf
+        gguf_type = (spec.gguf_type or "Q4_K_M").upper()
+        dst = job.work_dir / job.gguf_name(spec.tag().removeprefix("gguf-"))
+        mixed, planned = spec.has_precision_map(), {}
+        if mixed:
+            gguf_type, rules, planned = plan_mixed_file(src, spec.gguf_type, spec.preset, spec.layer_types, spec.gguf_tensor_types)
+        if not (spec.imatrix or spec.gguf_tensor_types or mixed):
+            return BackendOutput(quantize_gguf(src, dst, gguf_type), f"gguf:{gguf_type}")
+        imatrix = None
+        if spec.imatrix:
+            imatrix = compute_imatrix(src, job.text_file, job.work_dir / "imatrix.gguf", spec.calibration.samples, spec.calibration.seqlen)
+        model_path = quantize_gguf_tool(src, dst, gguf_type, imatrix, rules if mixed else spec.gguf_tensor_types, pure=mixed)
+        if imatrix is not None:
+            imatrix.unlink()
+            (job.work_dir / "synthetic-calibration.txt").unlink(missing_ok=True)
+        return BackendOutput(model_path, f"gguf:mixed-{spec.preset or 'custom'}" if mixed else f"gguf:{gguf_type}", planned)

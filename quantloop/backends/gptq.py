@@ -53,11 +53,18 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
+from quantloop.backends.gptq_checkpoint import (
+    DTYPES,
+    safetensors_header,
+    set_env,
+    weight_files,
+)
 from quantloop.data.calibration import check_calibration
 from quantloop.errors import InputError
+from quantloop.fileio import read_hf_config
 from quantloop.memory import peak_rss_bytes, reset_peak_rss
 
 GPTQMODEL_VERSION = "7.6.0"
@@ -68,45 +75,16 @@ GROUP_SIZES = (-1, 32, 64, 128)
 SAVE_DTYPE = "float16"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-_DTYPES = ("float32", "float16", "bfloat16")
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _read_config(hf_dir: Path) -> dict:
-    path = hf_dir / "config.json"
-    if not path.is_file():
-        raise InputError(hf_dir, "no config.json: not a Hugging Face checkpoint folder", "pass a folder written by save_pretrained")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(path, "not valid JSON", "re-create the checkpoint") from None
-
-
-def _safetensors_header(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise InputError(path, "unreadable safetensors header", "re-create the checkpoint") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def _weight_files(hf_dir: Path) -> list[Path]:
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise InputError(hf_dir, "no *.safetensors weights", "save the float model with save_pretrained(safe_serialization=True)")
-    return files
-
-
 def linear_shapes(hf_dir: Path) -> dict[str, tuple[int, int]]:
     """Every 2-D ``*.weight`` inside the decoder layers of a float checkpoint: name -> (out, in)."""
     shapes = {}
-    for f in _weight_files(Path(hf_dir)):
-        for name, meta in _safetensors_header(f).items():
+    for f in weight_files(Path(hf_dir)):
+        for name, meta in safetensors_header(f).items():
             if name.endswith(".weight") and ".layers." in name and len(meta.get("shape", ())) == 2:
                 shapes[name.removesuffix(".weight")] = tuple(meta["shape"])
     return shapes
@@ -129,7 +107,7 @@ def check_gptq_settings(hf_dir: Path, method: str, bits: int, group_size: int, s
         raise InputError(None, "act-order is a GPTQ option; AWQ has none", "leave act_order off for AWQ")
     if method == "awq" and group_size == -1:
         raise InputError(None, "AWQ needs a group size", "use 32, 64 or 128")
-    _read_config(hf_dir)
+    read_hf_config(hf_dir)
     shapes = linear_shapes(hf_dir)
     if not shapes:
         raise InputError(hf_dir, "no 2-D layer weights found under '*.layers.*'", "GPTQ/AWQ quantize decoder-layer linears")
@@ -154,14 +132,6 @@ def supported_architectures() -> list[str]:
 
 
 # --------------------------------------------------------------------------- quantize
-
-
-def _set_env() -> None:
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _cast_unquantized(out_dir: Path, dtype: str) -> None:
@@ -210,12 +180,12 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     method = str(method).lower()
     check_gptq_settings(hf_dir, method, bits, group_size, symmetric, act_order)
-    config = _read_config(hf_dir)
+    config = read_hf_config(hf_dir)
     calib = check_calibration(calibration, config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
     if dtype is None:
         dtype = "float16" if method == "awq" else "float32"
-    if dtype not in _DTYPES:
-        raise InputError(None, f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise InputError(None, f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     if method == "awq" and dtype == "float32":
         raise InputError(None, "GPTQModel's AWQ packs only float16/bfloat16 models", "use dtype float16 or bfloat16 for AWQ")
     if damp_percent is not None and not 0 < damp_percent < 1:
@@ -223,14 +193,13 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(out_dir, "output folder exists and is not empty", "pass a new folder")
 
-    _set_env()
+    set_env()
+    import gptqmodel
     import numpy as np
     import torch
-
-    import gptqmodel
     from gptqmodel import BACKEND, GPTQModel
-    from gptqmodel.quantization.config import AWQConfig, GPTQConfig
     from gptqmodel.models.auto import SUPPORTED_MODELS
+    from gptqmodel.quantization.config import AWQConfig, GPTQConfig
 
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODELS:
@@ -316,169 +285,28 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
     }
 
 
-# --------------------------------------------------------------------------- reload and run
+class GPTQModelBackend(Backend):
+    """GPTQ and AWQ by GPTQModel (its packed checkpoint); with group 32 and a block-32 --type also its exact GGUF."""
 
+    method = "gptq"
+    libraries = ("gptqmodel", "torch", "transformers")
 
-def load_gptq(out_dir: Path, dtype: str | None = "float16"):
-    """Reload a saved GPTQ/AWQ checkpoint for CPU inference with GPTQModel; returns its model (a GPTQModel wrapper).
+    def needs(self, spec) -> Needs:
+        return Needs(hf_checkpoint=True, calibration="sequences")
 
-    `dtype` is the activation dtype: float16 (default; the precision of the F16
-    reference) runs 4-bit GPTQ/AWQ on GPTQModel's int4 CPU kernels
-    (TorchAtenLinear / TorchAtenAwqLinear) and 8-bit on TorchLinear, which
-    torch.compiles its dequantization on the first calls (tens of seconds, then
-    cached by inductor); float32 works for 4-bit only (TorchFusedLinear);
-    None lets GPTQModel choose (bfloat16 on CPU).
-    """
-    out_dir = Path(out_dir)
-    if not (out_dir / "quantize_config.json").is_file() and "quantization_config" not in _read_config(out_dir):
-        raise InputError(out_dir, "not a GPTQ/AWQ checkpoint (no quantize_config.json)", "quantize it first")
-    _set_env()
-    import torch
-    from gptqmodel import GPTQModel
+    def check(self, job: BackendJob) -> None:
+        from quantloop.gguf.export import export_exact_gguf
 
-    if dtype is not None and dtype not in _DTYPES:
-        raise InputError(None, f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-    model = GPTQModel.load(str(out_dir), device="cpu", **kwargs)
-    model.model.eval()
-    return model
+        if job.spec.gguf_type:
+            export_exact_gguf(None, None, job.spec)  # a layout no GGUF block holds is refused before the slow part
 
+    def quantize(self, job: BackendJob) -> BackendOutput:
+        spec = job.spec
+        quantize_gptq(job.model.hf_dir, job.work_dir, spec.bits, spec.group_size, spec.symmetric, spec.act_order, job.sequences,
+                      method=spec.method, seed=spec.seed)
+        if not spec.gguf_type:
+            return BackendOutput(job.work_dir, spec.method)
+        from quantloop.backends.gptq_checkpoint import export_gptq_to_gguf
 
-def gptq_logits(model, ids: list[int]):
-    """Float32 logits [len(ids), vocab] of a loaded GPTQ/AWQ model for one token-id sequence."""
-    import torch
-
-    hf = getattr(model, "model", model)
-    with torch.inference_mode():
-        out = hf(input_ids=torch.tensor([list(ids)], dtype=torch.long))
-    return out.logits[0].float()
-
-
-def kernel_names(model) -> list[str]:
-    """Class names of the quantized linear kernels a loaded model runs (e.g. ['TorchAtenLinear'])."""
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
-    hf = getattr(model, "model", model)
-    return sorted({type(m).__name__ for m in hf.modules() if isinstance(m, BaseQuantLinear)})
-
-
-# --------------------------------------------------------------------------- read codes, scales, zeros
-
-
-@dataclass
-class QuantizedLinear:
-    """One quantized linear as plain tensors: W[o, i] = scales[o, g_idx[i]] * (codes[o, i] - zeros[o, g_idx[i]])."""
-
-    name: str
-    method: str          # "gptq" or "awq"
-    bits: int
-    group_size: int      # -1: one group per row
-    symmetric: bool
-    codes: "object"      # torch.uint8 [out, in], values 0 .. 2**bits - 1
-    scales: "object"     # torch.float16 [out, groups], exactly as saved
-    zeros: "object"      # torch.uint8 [out, groups], the integer zero point (2**(bits-1) everywhere when symmetric)
-    g_idx: "object"      # torch.int32 [in]
-
-    @property
-    def trivial_groups(self) -> bool:
-        """True when input column i is in group i // group_size (no act-order permutation)."""
-        import torch
-
-        gs = self.group_size if self.group_size > 0 else self.codes.shape[1]
-        return bool(torch.equal(self.g_idx, torch.arange(self.codes.shape[1], dtype=torch.int32) // gs))
-
-    def dequantize(self):
-        """The float32 weight [out, in] the checkpoint stands for."""
-        g = self.g_idx.long()
-        s = self.scales.float()[:, g]
-        z = self.zeros.float()[:, g]
-        return s * (self.codes.float() - z)
-
-
-def _unpack_words(words, bits: int, axis: int):
-    """Unpack int32 words holding 32/bits fields each (field j at bits [bits*j, bits*(j+1))) along `axis` (0 or 1)."""
-    import torch
-
-    per = 32 // bits
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    if axis == 0:  # [rows/per, cols] -> [rows, cols]
-        v = (w.unsqueeze(1) >> shifts.view(1, per, 1)) & ((1 << bits) - 1)
-        return v.reshape(w.shape[0] * per, w.shape[1])
-    v = (w.unsqueeze(2) >> shifts.view(1, 1, per)) & ((1 << bits) - 1)
-    return v.reshape(w.shape[0], w.shape[1] * per)
-
-
-def _quant_config(out_dir: Path) -> dict:
-    path = out_dir / "quantize_config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    qc = _read_config(out_dir).get("quantization_config")
-    if not qc:
-        raise InputError(out_dir, "not a GPTQ/AWQ checkpoint (no quantize_config.json)", "quantize it first")
-    return qc
-
-
-def quantized_linear_names(out_dir: Path) -> list[str]:
-    """Names of every quantized linear (the prefix of its .qweight tensor) in a saved checkpoint."""
-    names = []
-    for f in _weight_files(Path(out_dir)):
-        names += [k.removesuffix(".qweight") for k in _safetensors_header(f) if k.endswith(".qweight")]
-    return sorted(names)
-
-
-def read_quantized_linear(out_dir: Path, name: str) -> QuantizedLinear:
-    """Integer codes, float16 scales and integer zero points of one quantized linear, read from the safetensors.
-
-    `name` is the module path, e.g. "model.layers.0.self_attn.q_proj".
-    Supports GPTQ ("gptq" v1 format) and AWQ ("gemm" format) at 2, 4 or 8 bits.
-    """
-    import torch
-    from safetensors import safe_open
-
-    out_dir = Path(out_dir)
-    qc = _quant_config(out_dir)
-    bits, group_size = int(qc["bits"]), int(qc["group_size"])
-    method = str(qc.get("quant_method") or qc.get("method")).lower()
-    fmt = str(qc.get("checkpoint_format") or qc.get("format") or qc.get("version")).lower()
-    sym = bool(qc.get("sym", not qc.get("zero_point", True)))
-    if bits not in (2, 4, 8):
-        raise InputError(out_dir, f"reading {bits}-bit codes is not supported (their words straddle fields)",
-                         "use 2, 4 or 8 bits")
-    if (method, fmt) not in (("gptq", "gptq"), ("awq", "gemm")):
-        raise InputError(out_dir, f"unsupported checkpoint layout {method}/{fmt}", "write GPTQ 'gptq' or AWQ 'gemm' checkpoints")
-    tensors = {}
-    for f in _weight_files(out_dir):
-        with safe_open(str(f), framework="pt") as st:
-            for suffix in ("qweight", "qzeros", "scales", "g_idx"):
-                key = f"{name}.{suffix}"
-                if key in st.keys():
-                    tensors[suffix] = st.get_tensor(key)
-    if "qweight" not in tensors:
-        raise InputError(out_dir, f"no quantized linear named {name!r}", "see quantized_linear_names()")
-    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-    per = 32 // bits
-    if method == "gptq":
-        codes = _unpack_words(qweight, bits, axis=0).T          # [out, in]
-        offset = sum(1 << (bits * j) for j in range(per))        # v1: zero - 1 on the whole word
-        zeros = _unpack_words((qzeros.to(torch.int64) + offset) & 0xFFFFFFFF, bits, axis=1)
-        zeros = zeros[:, : scales.shape[1]].T                    # [out, groups]
-        g_idx = tensors.get("g_idx")
-        in_f = codes.shape[1]
-        if g_idx is None:
-            gs = group_size if group_size > 0 else in_f
-            g_idx = torch.arange(in_f, dtype=torch.int32) // gs
-    else:
-        out_f = scales.shape[1]
-        codes = _unpack_words(qweight, bits, axis=1)             # [in, out] in packed order
-        zeros = _unpack_words(qzeros, bits, axis=1)              # [groups, out] in packed order
-        if bits == 4:
-            order = torch.arange(codes.shape[1]).view(-1, 8)[:, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(-1)
-            codes, zeros = codes[:, order], zeros[:, order]
-        codes, zeros = codes[:, :out_f].T, zeros[:, :out_f].T
-        in_f = codes.shape[1]
-        gs = group_size if group_size > 0 else in_f
-        g_idx = torch.arange(in_f, dtype=torch.int32) // gs
-    return QuantizedLinear(name=name, method=method, bits=bits, group_size=group_size, symmetric=sym,
-                           codes=codes.to(torch.uint8).contiguous(), scales=scales.T.contiguous(),
-                           zeros=zeros.to(torch.uint8).contiguous(), g_idx=g_idx.to(torch.int32))
+        path = export_gptq_to_gguf(job.work_dir, job.model.hf_dir, job.work_dir / job.gguf_name(), spec.gguf_type.upper())
+        return BackendOutput(path, f"gguf:{spec.gguf_type.upper()}")

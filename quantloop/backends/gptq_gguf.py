@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantloop.gguf import blocks as gb
+from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
 from quantloop.errors import InputError
+from quantloop.gguf import blocks as gb
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, GPTQ's default
 
@@ -85,7 +86,7 @@ def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: flo
     act_order: columns in order of falling diag(H) (the inputs with the most energy first), with every block's
     grid fixed up front by llama.cpp's rounding of the original weights (GPTQ's "static groups"), so the
     blocks stay contiguous runs of 32 (256) columns that a GGUF can hold."""
-    from quantloop.backends.qat import layer_type
+    from quantloop.gguf.torch_grid import layer_type
 
     W = w.detach().float().clone()
     cols = W.shape[1]
@@ -169,7 +170,7 @@ def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size:
     Fills `blocks` (llama.cpp tensor name -> (type, QuantBlocks)) when given; returns timings and settings."""
     from tqdm import tqdm
 
-    from quantloop.backends.qat import gguf_tensor_name
+    from quantloop.gguf.tensor_names import gguf_tensor_name
 
     blocks = {} if blocks is None else blocks
 
@@ -217,14 +218,18 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     """GPTQ of the float checkpoint hf_dir onto the GGUF grids a precision map names (tensor_types: llama.cpp
     tensor-name pattern -> type, first match wins; other linears get base_type). Writes out_dir (float32 HF
     checkpoint, weights on the grid, tokenizer, gptq_result.json) and out_dir/<name>.gguf; returns the GGUF."""
-    from quantloop.backends.qat import check_qat_model, check_qat_type, linear_types
     from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.gguf.torch_grid import (
+        check_grid_model,
+        check_grid_type,
+        linear_types,
+    )
     from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    base_type = check_qat_type(base_type)
+    base_type = check_grid_type(base_type, who="GPTQ on the grid")
     model = load_hf_model(hf_dir)
-    check_qat_model(model, base_type, hf_dir)
+    check_grid_model(model, base_type, hf_dir, who="GPTQ on the grid")
     types = linear_types(model, base_type, tensor_types)
     blocks: dict = {}
     info = gptq_gguf_model_(model, sequences, types, act_order=act_order, blocks=blocks)
@@ -236,3 +241,31 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-gptq-{base_type}.gguf"
     return export_hf_to_gguf(out_dir, out_dir / gguf_name, base_type, tensor_types=tensor_types, embedding_type=embedding_type,
                              blocks=blocks)
+
+
+class GridGPTQBackend(Backend):
+    """GPTQ by quantloop's own solver on llama.cpp's grids: a k-quant type, a precision map, or act-order into a GGUF type."""
+
+    method = "gptq"
+    writer = "the GPTQ export"
+    libraries = ("torch", "transformers", "gguf")
+
+    def handles(self, spec) -> bool:
+        return spec.gptq_on_gguf_grid()
+
+    def needs(self, spec) -> Needs:
+        return Needs(hf_checkpoint=True, f16_gguf=True, calibration="sequences")
+
+    def quantize(self, job: BackendJob) -> BackendOutput:
+        from quantloop.gguf.export import planned_export_types
+        from quantloop.gguf.precision_map import plan_precision_map
+
+        spec = job.spec
+        if spec.has_precision_map():
+            base, rules, planned, embedding_type = plan_precision_map(job.model.gguf, spec)
+        else:  # one type; embeddings as llama-quantize types them
+            base, rules, embedding_type = spec.gguf_type.upper(), {}, "auto"
+            planned = planned_export_types(job.model.gguf, base)
+        path = gptq_gguf_checkpoint(job.model.hf_dir, job.work_dir, base, job.sequences, tensor_types=rules,
+                                    embedding_type=embedding_type, gguf_name=job.gguf_name(), act_order=spec.act_order)
+        return BackendOutput(path, f"gguf:mixed-{spec.preset or 'custom'}" if spec.has_precision_map() else f"gguf:{base}", planned)

@@ -7,12 +7,7 @@ scale choice, same float32 arithmetic for the codes, fp16-rounded scales and off
 The latent float weights are trained with a straight-through estimator; at export
 the fake-quantized weights are written, so the GGUF holds exactly what was trained.
 
-Grids (block of 32 values, d and m fp16):
-  Q4_0  d = x[argmax|x|] / -8,  q = trunc(x/d + 8.5)  clipped 0..15,  w = d*(q - 8)
-  Q5_0  d = x[argmax|x|] / -16, q = trunc(x/d + 16.5) clipped 0..31,  w = d*(q - 16)
-  Q4_1  d = (max - min)/15, m = min, q = trunc((x - m)/d + 0.5) clipped 0..15, w = d*q + m
-  Q5_1  the same with 31 levels
-  Q8_0  d = max|x| / 127, q = roundf(x/d) (half away from zero),  w = d*q
+The grids themselves (block-32 types and the frozen k-quant grids) are in quantloop.gguf.torch_grid.
 
 K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256 with 6/8-bit sub-block scales): llama.cpp's
 scale search (make_qkx2_quants / make_qx_quants) is not differentiable, so the sub-block steps
@@ -30,8 +25,7 @@ when the KL rises past a threshold; (4) a short global fine-tune with everything
 quantized. Loss: T^2 * KL(teacher || student) on logits at temperature T, optionally
 plus cross-entropy on the next token.
 
-Public: fake_quantize_torch, ste_fake_quantize, kl_divergence, QATConfig, QATResult,
-check_qat_type, check_qat_model, run_qat, qat_checkpoint.
+Public: kl_divergence, QATConfig, QATResult, run_qat, qat_checkpoint, QATBackend.
 """
 
 from __future__ import annotations
@@ -48,137 +42,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
 from quantloop.errors import InputError
+from quantloop.gguf.tensor_names import linear_modules
+from quantloop.gguf.torch_grid import (
+    KQUANTS,
+    check_grid_model,
+    check_grid_type,
+    fake_quantize_torch,
+    kquant_grid,
+    layer_type,
+    linear_types,
+    ste_fake_quantize,
+)
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BLOCK = 32
-QAT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
-
-
-# --------------------------------------------------------------------------- grid
-
-
-def check_qat_type(gguf_type: str | None = None, bits: int | None = None, symmetric: bool = True) -> str:
-    """The block-32 GGUF type QAT trains for, from a type name or (bits, symmetric); InputError otherwise."""
-    if gguf_type is None:
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-            raise InputError(None, f"QAT bits must be an integer from 2 to 8, not {bits!r}", "use 4, 5 or 8")
-        from quantloop.gguf.blocks import gguf_type_for_layout
-
-        t = gguf_type_for_layout(bits, BLOCK, symmetric)
-        if t is None:
-            kind = "symmetric" if symmetric else "asymmetric"
-            raise InputError(None, f"no block-32 GGUF type holds {bits}-bit {kind} weights",
-                             "QAT supports Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (4/5-bit either way, 8-bit symmetric)")
-        return t
-    t = str(gguf_type).upper()
-    if t in QAT_TYPES or t in KQUANTS:
-        return t
-    raise InputError(None, f"QAT cannot train for GGUF type '{gguf_type}'", f"use one of {', '.join(QAT_TYPES + KQUANTS)}")
-
-
-def layer_type(gguf_type: str, width: int) -> str:
-    """The type a linear of input width `width` gets: k-quants fall back where 256 does not divide the rows."""
-    from quantloop.gguf.blocks import fallback_type
-
-    return fallback_type(gguf_type, width) if gguf_type in KQUANTS else gguf_type
-
-
-def kquant_grid(w: torch.Tensor, gguf_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sub-block steps and offsets of llama.cpp's k-quant rounding of w: value = step * q - offset.
-
-    Q4_K/Q5_K: sub-blocks of 32, step = d * scale, offset = dmin * min (float32, as dequantize_row_q4_K).
-    Q6_K: sub-blocks of 16, step = d * scale, no offset (q from -32 to 31)."""
-    import numpy as np
-
-    from quantloop.gguf import blocks as gb
-
-    rows, cols = w.shape
-    qb = gb.quantize_blocks(w.detach().float().cpu().numpy(), gguf_type)
-    ns = 16 if gguf_type == "Q6_K" else 8
-    d = qb.d.astype(np.float32).reshape(rows, -1, 1)
-    step = (d * qb.scales.reshape(rows, -1, ns).astype(np.float32)).reshape(rows, -1)
-    off = None
-    if gguf_type != "Q6_K":
-        dmin = qb.dmin.astype(np.float32).reshape(rows, -1, 1)
-        off = torch.from_numpy((dmin * qb.mins.reshape(rows, -1, ns).astype(np.float32)).reshape(rows, -1)).to(w.device)
-    return torch.from_numpy(step).to(w.device), off
-
-
-def kquant_fake_quantize(w: torch.Tensor, gguf_type: str, step: torch.Tensor, off: torch.Tensor | None) -> torch.Tensor:
-    """w rounded to the nearest point of a frozen k-quant grid (kquant_grid), in float32."""
-    rows, cols = w.shape
-    x = w.detach().float().reshape(rows, step.shape[1], -1)
-    s = step[..., None]
-    safe = torch.where(s == 0, torch.ones((), device=x.device), s)  # a zero step holds only its offset
-    if off is None:  # Q6_K
-        y = s * torch.clamp(torch.round(x / safe), -32, 31)
-    else:
-        o = off[..., None]
-        y = s * torch.clamp(torch.round((x + o) / safe), 0, 15 if gguf_type == "Q4_K" else 31) - o
-    return y.reshape(rows, cols).to(w.dtype)
-
-
-def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """gguf-py np_roundf: round half away from zero, with its exact float32 steps."""
-    a = x.abs()
-    fl = torch.floor(a)
-    return torch.sign(x) * (fl + torch.floor(2 * (a - fl)))
-
-
-def fake_quantize_torch(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
-    """The grid point llama.cpp stores for a (rows, cols) weight: equals gguf_blocks.fake_quantize(w, type).
-
-    Computed in float32 (result in w's dtype), no gradient tracking of its own (see ste_fake_quantize).
-    """
-    t = check_qat_type(gguf_type)
-    if t in KQUANTS:
-        raise InputError(None, f"{t} is a k-quant: its grid comes from kquant_grid", "use kquant_fake_quantize")
-    if w.dim() != 2 or w.shape[1] % BLOCK:
-        raise InputError(None, f"{t}: expected a 2-D weight with a multiple of {BLOCK} columns, got {tuple(w.shape)}")
-    rows, cols = w.shape
-    x = w.detach().float().reshape(rows, cols // BLOCK, BLOCK)
-    zero = torch.zeros((), dtype=torch.float32, device=x.device)
-    if t == "Q8_0":
-        d = x.abs().amax(dim=-1, keepdim=True) / 127
-        inv = torch.where(d == 0, zero, 1 / d)
-        q = _roundf(x * inv)
-        deq = d.half().float() * q
-    elif t in ("Q4_0", "Q5_0"):
-        half = 8 if t == "Q4_0" else 16
-        idx = x.abs().argmax(dim=-1, keepdim=True)
-        d = x.gather(-1, idx) / -half
-        inv = torch.where(d == 0, zero, 1 / d)
-        q = torch.clamp(torch.trunc(x * inv + (half + 0.5)), 0, 2 * half - 1)
-        deq = d.half().float() * (q - half)
-    else:  # Q4_1, Q5_1
-        levels = 15 if t == "Q4_1" else 31
-        mx, mn = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
-        d = (mx - mn) / levels
-        inv = torch.where(d == 0, zero, 1 / d)
-        q = torch.clamp(torch.trunc((x - mn) * inv + 0.5), 0, levels)
-        deq = d.half().float() * q + mn.half().float()
-    return deq.reshape(rows, cols).to(w.dtype)
-
-
-class _STE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, gguf_type, grid=None):
-        return fake_quantize_torch(w, gguf_type) if grid is None else kquant_fake_quantize(w, gguf_type, *grid)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
-
-
-def ste_fake_quantize(w: torch.Tensor, gguf_type: str, grid=None) -> torch.Tensor:
-    """Forward: exactly fake_quantize_torch(w) (k-quants: kquant_fake_quantize on the frozen `grid`);
-    backward: the identity (straight-through estimator).
-
-    (Not w + (fq(w) - w).detach(): that differs from fq(w) by float rounding, so the student would
-    train slightly off the grid it exports.)"""
-    return _STE.apply(w, gguf_type, grid)
+# --------------------------------------------------------------------------- training wrappers
 
 
 class FakeQuantLinear(torch.nn.Module):
@@ -211,47 +89,10 @@ class FakeQuantLinear(torch.nn.Module):
             return fake_quantize_torch(self.linear.weight, self.gguf_type)
 
 
-def _linears(model) -> list[tuple[str, torch.nn.Linear]]:
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LINEAR_NAMES]
-
-
-def check_qat_model(model, gguf_type: str, where=None) -> list[str]:
-    """The names of the linears QAT quantizes; InputError naming the first layer the block does not divide."""
-    lins = _linears(model)
-    if not lins:
-        raise InputError(where, "model has no q/k/v/o/gate/up/down_proj linear layers", "QAT supports Llama-style models")
-    for name, m in lins:
-        width = m.weight.shape[1]
-        if width % BLOCK:
-            raise InputError(where, f"layer {name}: the {gguf_type} block of {BLOCK} does not divide its input width {width}",
-                             "quantize this architecture with a type whose block divides every linear width")
-    return [n for n, _ in lins]
-
-
-GGUF_LINEAR_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-
-
-def gguf_tensor_name(hf_name: str) -> str:
-    """model.layers.3.self_attn.q_proj -> blk.3.attn_q.weight (llama.cpp's name, which precision maps match)."""
-    m = re.search(r"layers\.(\d+)\..*?(\w+_proj)$", hf_name)
-    if not m or m.group(2) not in GGUF_LINEAR_NAMES:
-        raise InputError(None, f"no llama.cpp tensor name for linear {hf_name}", "QAT supports Llama-style models")
-    return f"blk.{m.group(1)}.{GGUF_LINEAR_NAMES[m.group(2)]}.weight"
-
-
-def linear_types(model, gguf_type: str, tensor_types: dict[str, str] | None = None) -> dict[str, str]:
-    """The GGUF type each quantized linear trains for: the first tensor_types pattern matching its llama.cpp
-    name, else gguf_type."""
-    rules = [(re.compile(p), check_qat_type(t)) for p, t in (tensor_types or {}).items()]
-    return {name: next((t for rx, t in rules if rx.search(gguf_tensor_name(name))), gguf_type) for name, _ in _linears(model)}
-
-
 def _wrap(model, gguf_type: str, tensor_types: dict[str, str] | None = None) -> dict[str, FakeQuantLinear]:
     wrapped = {}
     types = linear_types(model, gguf_type, tensor_types)
-    for name, lin in _linears(model):
+    for name, lin in linear_modules(model):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         fq = FakeQuantLinear(lin, types[name])
@@ -380,8 +221,8 @@ def run_qat(teacher, sequences, config: QATConfig | None = None):
     from tqdm.auto import tqdm
 
     cfg = config or QATConfig()
-    gguf_type = check_qat_type(cfg.gguf_type)
-    check_qat_model(teacher, gguf_type)
+    gguf_type = check_grid_type(cfg.gguf_type)
+    check_grid_model(teacher, gguf_type)
     if cfg.steps < 0 or cfg.groups < 1 or cfg.batch_size < 1:
         raise InputError(None, f"QAT steps must be >= 0, groups and batch size >= 1 (got {cfg.steps}, {cfg.groups}, {cfg.batch_size})")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -515,11 +356,11 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
     from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    gguf_type = check_qat_type(gguf_type)
+    gguf_type = check_grid_type(gguf_type)
     cfg = dataclasses.replace(config or QATConfig(), gguf_type=gguf_type, steps=int(steps), seed=int(seed),
                               tensor_types=dict(tensor_types or {}), embedding_type=embedding_type)
     teacher = load_hf_model(hf_dir)
-    check_qat_model(teacher, gguf_type, hf_dir)
+    check_grid_model(teacher, gguf_type, hf_dir)
     student, result = run_qat(teacher, sequences, cfg)
     del teacher
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -529,3 +370,34 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-{gguf_type}.gguf"
     return export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, embedding_type=result.embedding_type or "F16",
                              tensor_types=cfg.tensor_types, overwrite=overwrite)
+
+
+class QATBackend(Backend):
+    """Quantization-aware training by KL distillation onto a GGUF type's grid (or a precision map's grids)."""
+
+    method = "qat"
+    writer = "the QAT export"
+    libraries = ("torch", "transformers", "gguf")
+
+    def needs(self, spec) -> Needs:
+        return Needs(hf_checkpoint=True, f16_gguf=spec.has_precision_map(), calibration="sequences")
+
+    def plan(self, job: BackendJob) -> tuple[str, dict[str, str], dict[str, str], str]:
+        """(GGUF type, tensor-type rules, planned types, embedding type); the type is checked for QAT."""
+        from quantloop.gguf.precision_map import plan_precision_map
+
+        spec = job.spec
+        if not spec.has_precision_map():
+            return check_grid_type(spec.gguf_type, spec.bits, spec.symmetric), {}, {}, "auto"
+        base, rules, planned, embedding_type = plan_precision_map(job.model.gguf, spec)  # base: the embeddings' type
+        return check_grid_type(base), rules, planned, embedding_type
+
+    def check(self, job: BackendJob) -> None:
+        self.plan(job)
+
+    def quantize(self, job: BackendJob) -> BackendOutput:
+        spec = job.spec
+        gguf_type, rules, planned, embedding_type = self.plan(job)
+        path = qat_checkpoint(job.model.hf_dir, job.work_dir, gguf_type, job.sequences, steps=spec.qat_steps, seed=spec.seed,
+                              gguf_name=job.gguf_name(), tensor_types=rules, embedding_type=embedding_type)
+        return BackendOutput(path, f"gguf:mixed-{spec.preset or 'custom'}" if spec.has_precision_map() else f"gguf:{gguf_type}", planned)

@@ -16,11 +16,14 @@ layout that a GGUF block type holds (group 32) exports to it exactly.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.errors import InputError
-
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from quantloop.gguf.export import export_exact_gguf
+from quantloop.gguf.tensor_names import linear_modules
 
 
 def check_rtn_settings(width: int, bits: int, group_size: int, where: str | None = None) -> None:
@@ -58,8 +61,7 @@ def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bo
 
 def rtn_quantize_model_(model, bits: int, group_size: int, symmetric: bool) -> list[str]:
     """Fake-quantize every q/k/v/o/gate/up/down linear weight in place; returns the module names it changed."""
-    linears = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LINEAR_NAMES]
+    linears = linear_modules(model)
     if not linears:
         raise InputError(None, "model has no q/k/v/o/gate/up/down_proj linear layers", "RTN supports Llama-style models")
     for name, m in linears:  # check every width first, so a bad setting changes nothing
@@ -70,11 +72,9 @@ def rtn_quantize_model_(model, bits: int, group_size: int, symmetric: bool) -> l
     return [name for name, _ in linears]
 
 
-def quantize_rtn_checkpoint(hf_dir, out_dir, spec) -> "Path":
+def quantize_rtn_checkpoint(hf_dir, out_dir, spec) -> Path:
     """RTN of a float checkpoint into out_dir: a float32 transformers checkpoint whose
     linear weights lie on the RTN grid (dense: it runs at float speed on transformers)."""
-    from pathlib import Path
-
     from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     model = load_hf_model(Path(hf_dir))
@@ -83,3 +83,20 @@ def quantize_rtn_checkpoint(hf_dir, out_dir, spec) -> "Path":
     model.save_pretrained(str(out_dir), safe_serialization=True)
     load_hf_tokenizer(Path(hf_dir)).save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+class RTNBackend(Backend):
+    """Round-to-nearest per group: a float checkpoint on the grid, and with a block-32 --type its exact GGUF."""
+
+    method = "rtn"
+    libraries = ("torch", "transformers")
+
+    def check(self, job: BackendJob) -> None:
+        if job.spec.gguf_type:
+            export_exact_gguf(None, None, job.spec)  # a layout no GGUF block holds is refused before the work
+
+    def quantize(self, job: BackendJob) -> BackendOutput:
+        model_path = quantize_rtn_checkpoint(job.model.hf_dir, job.work_dir, job.spec)
+        if not job.spec.gguf_type:
+            return BackendOutput(model_path, "rtn")
+        return BackendOutput(export_exact_gguf(model_path, job.work_dir / job.gguf_name(), job.spec), f"gguf:{job.spec.gguf_type.upper()}")

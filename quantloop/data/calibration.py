@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantloop.data.datasets import manifest_digest, read_split
+from quantloop.data.datasets import dataset_dir_or_default, manifest_digest, read_split
 from quantloop.errors import InputError
-from quantloop.data.datasets import dataset_dir_or_default
 from quantloop.schemas import CalibrationSpec
 
 
@@ -21,8 +20,8 @@ def synthetic_sequences(spec: CalibrationSpec, model_dir: Path | None) -> tuple[
     """`spec.samples` sequences the float checkpoint `model_dir` generates itself, and their sha256."""
     import numpy as np
 
-    from quantloop.paths import CACHE_DIR
     from quantloop.data.synthetic import _ids_sha256, cached_synthetic
+    from quantloop.paths import CACHE_DIR
 
     if model_dir is None:
         raise InputError(None, "synthetic calibration needs the float transformers checkpoint that writes it",
@@ -67,3 +66,26 @@ def check_calibration(calibration, vocab_size: int | None, same_length: bool = F
         raise InputError(None, "calibration sequences differ in length",
                          "give sequences of one length (calibration_sequences() does)")
     return out
+
+
+def calibration_text_file(calib, hf_dir: Path | None, work_dir: Path) -> tuple[Path, str]:
+    """The calibration text as a file (llama-imatrix tokenizes it itself): the dataset split, checked against
+    its manifest, or the synthetic sequences decoded to text (written into work_dir)."""
+    from quantloop.data.datasets import (
+        dataset_dir_or_default,
+        load_manifest,
+        manifest_digest,
+        read_split,
+    )
+
+    if calib.source == "synthetic":
+        from quantloop.models.checkpoints import load_hf_tokenizer
+
+        seqs, digest = synthetic_sequences(calib, hf_dir)
+        tok = load_hf_tokenizer(hf_dir)
+        path = work_dir / "synthetic-calibration.txt"
+        path.write_text("\n\n".join(tok.decode(s, skip_special_tokens=True) for s in seqs), encoding="utf-8")
+        return path, digest
+    d = dataset_dir_or_default(calib.dataset_dir)
+    read_split(d, calib.split)  # checks sha256 and that it is not empty
+    return d / load_manifest(d).splits[calib.split].file, manifest_digest(d)

@@ -25,7 +25,6 @@ import time
 import numpy as np
 
 from quantloop.memory import peak_rss_bytes
-
 from quantloop.schemas import ModelRef, SpeedReport, SpeedSettings
 
 

@@ -16,26 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from quantloop.gguf import blocks as gguf_blocks
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output
-
-LINEAR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down))\.weight$")
-EMBEDDINGS = ("token_embd.weight", "output.weight")
-FLOAT_TYPES = ("F32", "F16")
+from quantloop.gguf import blocks as gguf_blocks
+from quantloop.gguf.block_types import FLOAT_TYPES, check_type, stored_type
+from quantloop.gguf.tensor_names import EMBEDDINGS, GGUF_LINEAR
 
 # general.file_type for a file of mostly one block type (k-quants: llama.cpp's "S" mixes are the closest)
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
               "Q8_0": "MOSTLY_Q8_0", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K",
               "F16": "MOSTLY_F16", "F32": "ALL_F32"}
-
-
-def _check_type(t: str, what: str, floats: bool = True) -> str:
-    t = str(t).upper()
-    if t in gguf_blocks.TYPES or (floats and t in FLOAT_TYPES):
-        return t
-    choices = list(gguf_blocks.TYPES) + (list(FLOAT_TYPES) if floats else [])
-    raise InputError(None, f"{what}: unknown GGUF type '{t}'", f"choose one of {', '.join(choices)}")
 
 
 def export_hf_to_gguf(
@@ -67,19 +57,19 @@ def export_hf_to_gguf(
     import gguf
 
     hf_dir, out_file = Path(hf_dir), Path(out_file)
-    type_name = _check_type(type_name, "export type", floats=False)
+    type_name = check_type(type_name, "export type", floats=False)
     if embedding_type != "auto":
-        embedding_type = _check_type(embedding_type, "embedding type")
+        embedding_type = check_type(embedding_type, "embedding type")
     rules = []
     for pattern, t in (tensor_types or {}).items():
         try:
-            rules.append((re.compile(pattern), _check_type(t, f"tensor type for '{pattern}'")))
+            rules.append((re.compile(pattern), check_type(t, f"tensor type for '{pattern}'")))
         except re.error as e:
             raise InputError(None, f"tensor type pattern '{pattern}' is not a regular expression ({e})", "use e.g. 'ffn_down'") from None
     if out_file.exists() and not overwrite:
         raise InputError(out_file, "output file exists", "choose another path or pass overwrite")
-    from quantloop.gguf.llamacpp import convert_hf_to_gguf
     from quantloop.fileio import check_hf_dir
+    from quantloop.gguf.llamacpp import convert_hf_to_gguf
 
     if not hf_dir.is_dir():
         raise InputError(hf_dir, "not a folder", "pass an HF checkpoint folder")
@@ -137,7 +127,7 @@ def planned_export_types(f16_gguf: str | Path, type_name: str, embedding_type: s
         dims = meta["shapes"][name]
         emb = llama_embedding_type(type_name, dims[0]) if embedding_type == "auto" else embedding_type
         target = _target_type(name, len(dims), type_name, emb, rules)
-        out[name] = "F32" if target is None else target if target in FLOAT_TYPES else gguf_blocks.fallback_type(target, dims[0])
+        out[name] = "F32" if target is None else stored_type(target, dims[0])
     return out
 
 
@@ -147,7 +137,7 @@ def _target_type(name: str, ndim: int, type_name: str, embedding_type: str, rule
         return None
     if name in EMBEDDINGS:
         return embedding_type
-    if LINEAR.match(name):
+    if GGUF_LINEAR.match(name):
         return next((t for rx, t in rules if rx.search(name)), type_name)
     return None
 
@@ -195,3 +185,15 @@ def _encode_known(hf_dir: Path, t, target: str | None, type_name: str, qb: gguf_
                          "re-run the quantization; the checkpoint and its blocks disagree")
     raw = raw[np.asarray(order)]
     return raw.reshape(*np.asarray(t.data).shape[:-1], raw.shape[-1]), gguf_blocks.qtype(type_name)
+
+
+def export_exact_gguf(hf_dir: Path | None, out_file: Path | None, spec) -> Path | None:
+    """Write the grid-aligned HF weights into the GGUF block type that holds the layout exactly."""
+    exact = gguf_blocks.gguf_type_for_layout(spec.bits, spec.group_size, spec.symmetric)
+    if exact is None or exact != spec.gguf_type.upper():
+        raise InputError(None, f"{spec.method} {spec.bits}-bit group {spec.group_size} {'symmetric' if spec.symmetric else 'asymmetric'} "
+                         f"has no exact GGUF {spec.gguf_type} form" + (f" (it maps to {exact})" if exact else ""),
+                         "use 4/5/8 bits, group size 32 (symmetric: Q4_0/Q5_0/Q8_0, asymmetric: Q4_1/Q5_1)")
+    if hf_dir is None:  # layout check only
+        return None
+    return export_hf_to_gguf(hf_dir, out_file, exact)

@@ -16,31 +16,23 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from quantloop.gguf import blocks as gguf_blocks
 from quantloop.errors import InputError
+from quantloop.gguf.block_types import check_type, stored_type
+from quantloop.gguf.llamacpp import read_metadata
+from quantloop.gguf.tensor_names import ATTENTION, FEED_FORWARD
 
 # GGUF tensor-name patterns of each layer type (llama.cpp's names, any architecture it converts)
 LAYER_TYPES: dict[str, str] = {
     "embeddings": r"^token_embd\.weight$",
     "output": r"^output\.weight$",
-    "attention": r"^blk\.\d+\.attn_(q|k|v|qkv|output)\.weight$",
-    "feed_forward": r"^blk\.\d+\.ffn_(gate|up|down)(_exps)?\.weight$",
+    "attention": ATTENTION,
+    "feed_forward": FEED_FORWARD,
     "norms": r"_norm\.weight$",
 }
 PRESETS: dict[str, dict[str, str]] = {
     # seeds 000/001: embeddings 8-bit, attention 4-bit, feed-forward 6-bit, norms kept in float
     "arch-default": {"embeddings": "Q8_0", "attention": "Q4_K", "feed_forward": "Q6_K", "norms": "F32"},
 }
-FLOAT = ("F32", "F16")
-
-
-def check_type(t: str, where: str) -> str:
-    t = str(t).upper()
-    if t in gguf_blocks.TYPES or t in FLOAT:
-        return t
-    raise InputError(None, f"{where}: unknown GGUF type '{t}'", f"use one of {', '.join(list(gguf_blocks.TYPES) + list(FLOAT))}")
-
-
 def precision_map(preset: str | None = None, layer_types: dict[str, str] | None = None) -> dict[str, str]:
     """Layer type -> GGUF type: the preset, then the user's per-layer-type entries on top."""
     out: dict[str, str] = {}
@@ -76,8 +68,6 @@ def tensor_rules(pmap: dict[str, str], tensor_types: dict[str, str] | None = Non
 def planned_types(gguf_f16: str | Path, base_type: str, rules: dict[str, str], pmap: dict[str, str] | None = None) -> dict[str, str]:
     """The GGUF type llama-quantize --pure writes for every tensor of `gguf_f16` under `rules` (first match wins,
     unmatched 2-D tensors get `base_type`, 1-D tensors stay as they are, then llama.cpp's width fallback)."""
-    from quantloop.gguf.llamacpp import read_metadata
-
     meta = read_metadata(gguf_f16)
     names = [t[0] for t in meta["tensors"]]
     for layer in pmap or {}:
@@ -92,7 +82,7 @@ def planned_types(gguf_f16: str | Path, base_type: str, rules: dict[str, str], p
             out[name] = typ  # norms, biases: never quantized
             continue
         t = next((rt for p, rt in rules.items() if re.search(p, name)), base)
-        out[name] = t if t in FLOAT else gguf_blocks.fallback_type(t, dims[0])
+        out[name] = stored_type(t, dims[0])
     return out
 
 
@@ -113,8 +103,6 @@ def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
     """Bytes and bits per weight of the file llama-quantize writes with these tensor types."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from quantloop.gguf.llamacpp import read_metadata
-
     meta = read_metadata(gguf_f16)
     align = meta["alignment"]
     data, n_weights, rows = 0, 0, []
@@ -132,3 +120,18 @@ def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
 
 def layer_type_of(name: str) -> str:
     return next((layer for layer, p in LAYER_TYPES.items() if re.search(p, name)), "other")
+
+
+def check_written_types(model_path, planned: dict[str, str], writer: str) -> None:
+    """The precision map is a promise: every tensor of the written file has the type it planned."""
+    written = {t[0]: t[1] for t in read_metadata(model_path)["tensors"]}
+    wrong = [n for n in planned if written.get(n) != planned[n]]
+    if wrong:
+        raise RuntimeError(f"{writer} wrote {written.get(wrong[0])} for {wrong[0]}, the precision map planned {planned[wrong[0]]}")
+
+
+def plan_precision_map(f16_gguf, spec) -> tuple[str, dict[str, str], dict[str, str], str]:
+    """(base type, tensor-type rules, planned type of every tensor, embedding type) of a precision map that a
+    quantizer trains or solves for and then exports itself (QAT, GPTQ on the grid)."""
+    base, rules, planned = plan_mixed_file(f16_gguf, spec.gguf_type, spec.preset, spec.layer_types, {})
+    return base, rules, planned, planned["token_embd.weight"]

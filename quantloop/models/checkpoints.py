@@ -19,7 +19,12 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output, check_hf_dir, sha256_file, write_json_atomic
-from quantloop.gguf.llamacpp import check_gguf_file, convert_hf_to_gguf, file_type_name, read_metadata
+from quantloop.gguf.llamacpp import (
+    check_gguf_file,
+    convert_hf_to_gguf,
+    file_type_name,
+    read_metadata,
+)
 from quantloop.schemas import ModelManifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

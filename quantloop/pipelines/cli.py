@@ -12,7 +12,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from quantloop.errors import InputError  # noqa: E402
-from quantloop.paths import CHECKPOINTS_DIR, DATASETS_DIR, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME  # noqa: E402
+from quantloop.paths import (  # noqa: E402
+    CHECKPOINTS_DIR,
+    DATASETS_DIR,
+    DEFAULT_MODEL_DIR,
+    DEFAULT_MODEL_NAME,
+)
 
 EPILOG = "Models and text are local only; nothing is fetched from a model hub."
 
@@ -123,7 +128,11 @@ def parse_layer_types(items: list[str] | None) -> dict[str, str]:
 def cmd_estimate(a) -> int:
     from collections import defaultdict
 
-    from quantloop.gguf.precision_map import estimate_bytes, layer_type_of, plan_mixed_file
+    from quantloop.gguf.precision_map import (
+        estimate_bytes,
+        layer_type_of,
+        plan_mixed_file,
+    )
     from quantloop.models.checkpoints import resolve_model
     from quantloop.pipelines.report_format import mib, table
 
@@ -144,8 +153,8 @@ def cmd_estimate(a) -> int:
 
 
 def cmd_export_gguf(a) -> int:
-    from quantloop.gguf.export import export_hf_to_gguf
     from quantloop.fileio import check_hf_dir
+    from quantloop.gguf.export import export_hf_to_gguf
     from quantloop.pipelines.report_format import mib
 
     src = Path(a.checkpoint)
@@ -155,7 +164,7 @@ def cmd_export_gguf(a) -> int:
     if out.exists() and not a.overwrite:
         raise InputError(out, "output file exists", "pass --overwrite or choose another --out")
     if (src / "quantize_config.json").is_file():  # a GPTQModel checkpoint: its integer codes, onto the float base
-        from quantloop.backends.gptq_export import export_gptq_to_gguf
+        from quantloop.backends.gptq_checkpoint import export_gptq_to_gguf
 
         if not a.base:
             raise InputError(src, "a GPTQ/AWQ checkpoint holds only the quantized linears", "pass --base FLOAT_CHECKPOINT (the model it was quantized from)")

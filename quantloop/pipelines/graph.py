@@ -26,8 +26,8 @@ from langgraph.graph import END, START, StateGraph
 from quantloop.agents.evaluation import EvaluationAgent
 from quantloop.agents.quantization import QuantizationAgent
 from quantloop.agents.reviewer import ReviewerAgent
-from quantloop.fileio import write_json_atomic
 from quantloop.agents.state import PipelineState, serialisable_types
+from quantloop.fileio import write_json_atomic
 from quantloop.specs import load_quality_spec
 from quantloop.tracking import Tracker
 

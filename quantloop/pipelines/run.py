@@ -34,8 +34,8 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
                  on_attempt: Callable | None = None, on_start: Callable | None = None, spec_file: str | Path | None = None):
     """Run (or resume, with the same run_id) the loop. Returns the final PipelineState."""
     from quantloop.agents.evaluation import find_checkpoints
-    from quantloop.data.datasets import dataset_dir_or_default
     from quantloop.agents.policy import load_policy
+    from quantloop.data.datasets import dataset_dir_or_default
 
     policy, spec_path = load_policy(policy_file, target)
     if spec_file is not None:  # another acceptance bar; part of the policy, so a resumed run must use it too
@@ -61,8 +61,8 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
     check_reachable(uri)  # fail fast: before any quantization work
     tracker = Tracker(uri)
 
-    from quantloop.pipelines.graph import build_graph
     from quantloop.agents.state import PipelineState
+    from quantloop.pipelines.graph import build_graph
 
     run_id = run_id or new_run_id()
     graph = build_graph(tracker, Path(state_db) if state_db else SLM_DIR / STATE_DB_NAME)

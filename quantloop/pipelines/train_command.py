@@ -8,7 +8,13 @@ from pathlib import Path
 
 from quantloop.paths import DEFAULT_MODEL_DIR
 from quantloop.pipelines.report_format import table
-from quantloop.pipelines.train_slm import DEFAULT_LR, MANIFEST_NAME, MAX_EPOCHS, SIZES, train_slm
+from quantloop.pipelines.train_slm import (
+    DEFAULT_LR,
+    MANIFEST_NAME,
+    MAX_EPOCHS,
+    SIZES,
+    train_slm,
+)
 
 
 def cmd_train(a) -> int:

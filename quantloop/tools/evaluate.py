@@ -3,10 +3,9 @@ it has files for, speed, size, generation checks)."""
 
 from __future__ import annotations
 
-from quantloop.data.datasets import manifest_digest
+from quantloop.data.datasets import dataset_dir_or_default, manifest_digest
 from quantloop.eval.generation import check_generations
 from quantloop.eval.runtimes import default_threads
-from quantloop.data.datasets import dataset_dir_or_default
 from quantloop.eval.session import open_runner, perplexity, split_chunks
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.eval.speed import measure_speed

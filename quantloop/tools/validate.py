@@ -5,18 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantloop.data.datasets import dataset_dir_or_default, manifest_digest
 from quantloop.errors import InputError
 from quantloop.eval.generation import check_generations
 from quantloop.eval.runtimes import default_threads
-from quantloop.data.datasets import dataset_dir_or_default
 from quantloop.eval.session import kl_divergence, open_runner, split_chunks
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.eval.speed import measure_speed
-from quantloop.data.datasets import manifest_digest
 from quantloop.fileio import write_json_atomic
 from quantloop.gguf.llamacpp import nominal_bits_of
 from quantloop.models.checkpoints import resolve_model
-from quantloop.schemas import AcceptanceCriteria, CriterionResult, ValidationReport, ValidationRequest
+from quantloop.schemas import (
+    AcceptanceCriteria,
+    CriterionResult,
+    ValidationReport,
+    ValidationRequest,
+)
 from quantloop.specs import load_quality_spec
 
 REPORT_NAME = "validation_report.json"

@@ -1,0 +1,159 @@
+"""The one shape of every quantizer: what it needs, one `quantize` call, one result, and a registry by method.
+
+A backend is a class with a `method` name (the QuantSpec.method it serves) and three parts:
+
+    needs(spec)   -> Needs                 a transformers checkpoint? an F16 GGUF? calibration token
+                                           sequences, or the calibration text as a file (llama-imatrix)?
+    check(job)                             refuse, before any slow work, what it cannot do (InputError)
+    quantize(job) -> BackendOutput         write the model into job.work_dir, return the file a runtime loads
+
+`quantize_model` (quantloop/tools/quantize.py) resolves the model, checks the needs, gets the calibration
+once, calls the backend and records the result; a new quantizer is one module with one Backend class and one
+line in REGISTRY below. A method served by several backends (GPTQ: GPTQModel's layouts, or quantloop's
+solver on llama.cpp's own grids) lists them in order; the first whose `handles(spec)` is true runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import ClassVar
+
+from quantloop.errors import InputError
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a backend needs before it can start."""
+
+    hf_checkpoint: bool = False  # a transformers checkpoint folder (config.json + weights)
+    f16_gguf: bool = False  # the prepared F16/F32 GGUF (quantloop prepare writes it)
+    calibration: str | None = None  # None, "sequences" (token ids) or "text_file" (a file llama-imatrix tokenizes)
+
+
+@dataclass
+class BackendJob:
+    """Everything a backend gets: the model, the spec, a folder to write into, and the calibration data."""
+
+    model: object  # quantloop.models.checkpoints.ResolvedModel
+    spec: object  # quantloop.schemas.QuantSpec
+    work_dir: Path  # temporary output folder; renamed into place when quantize_model succeeds
+    name: str  # the model's name, for file names
+    sequences: list[list[int]] | None = None  # calibration token sequences (Needs.calibration == "sequences")
+    text_file: Path | None = None  # calibration text (Needs.calibration == "text_file")
+
+    def gguf_name(self, tag: str | None = None) -> str:
+        return f"{self.name}-{tag or self.spec.tag()}.gguf"
+
+
+@dataclass
+class BackendOutput:
+    """What every backend returns."""
+
+    model_path: Path  # the file or folder a runtime loads
+    format: str  # "gguf:<TYPE>", "gguf:mixed-<preset>", or an HF format name ("rtn", "gptq", "awq")
+    planned_types: dict[str, str] = field(default_factory=dict)  # tensor -> GGUF type a precision map promised
+
+
+class Backend:
+    """Base class of every quantizer backend (see the module docstring)."""
+
+    method: ClassVar[str]
+    label: ClassVar[str] = ""  # the name error messages use (default: the method in capitals)
+    writer: ClassVar[str] = "the export"  # who wrote the GGUF, for a precision-map mismatch message
+    libraries: ClassVar[tuple[str, ...]] = ()  # distributions whose versions the result records
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if not cls.__dict__.get("label") and "method" in cls.__dict__:
+            cls.label = cls.method.upper()
+
+    def handles(self, spec) -> bool:
+        return True
+
+    def needs(self, spec) -> Needs:
+        return Needs(hf_checkpoint=True)
+
+    def check(self, job: BackendJob) -> None:
+        """Refuse what this backend cannot do, before the slow part. Default: nothing to refuse."""
+
+    def quantize(self, job: BackendJob) -> BackendOutput:
+        raise NotImplementedError
+
+    def library_versions(self) -> dict[str, str]:
+        out = {}
+        for name in self.libraries:
+            try:
+                out[name] = version(name)
+            except PackageNotFoundError:
+                pass
+        return out
+
+
+# method -> backend classes ("module:Class"), tried in order; imported only when used, so that a command that
+# does not quantize never imports torch or GPTQModel.
+REGISTRY: dict[str, list[str]] = {
+    "gguf": ["quantloop.backends.gguf:LlamaCppBackend"],
+    "rtn": ["quantloop.backends.rtn:RTNBackend"],
+    "gptq": ["quantloop.backends.gptq_gguf:GridGPTQBackend", "quantloop.backends.gptq:GPTQModelBackend"],
+    "awq": ["quantloop.backends.gptq:GPTQModelBackend"],
+    "autoround": ["quantloop.backends.autoround:AutoRoundBackend"],
+    "qat": ["quantloop.backends.qat:QATBackend"],
+}
+_REGISTERED: dict[str, list[Backend]] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add a backend instance for its method (tried before the built-in ones). Returns it."""
+    _REGISTERED.setdefault(backend.method, []).insert(0, backend)
+    return backend
+
+
+def unregister(backend: Backend) -> None:
+    _REGISTERED.get(backend.method, []).remove(backend)
+
+
+def _load(ref: str) -> Backend:
+    module, cls = ref.split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def methods() -> list[str]:
+    return sorted(set(REGISTRY) | {m for m, b in _REGISTERED.items() if b})
+
+
+def backend_for(spec) -> Backend:
+    """The backend that runs this spec: registered ones first, then REGISTRY's, the first that handles it."""
+    candidates = list(_REGISTERED.get(spec.method, []))
+    for ref in REGISTRY.get(spec.method, []):
+        candidates.append(_load(ref))
+    for backend in candidates:
+        if backend.handles(spec):
+            return backend
+    raise InputError(None, f"method '{spec.method}' is not available", f"use one of {', '.join(methods())}")
+
+
+def calibration_for(needs: Needs, spec, model, work_dir: Path) -> tuple[list[list[int]] | None, Path | None, str | None]:
+    """(token sequences, text file, manifest digest) of the calibration data a backend needs, loaded once."""
+    if needs.calibration == "sequences":
+        from quantloop.data.calibration import calibration_sequences
+        from quantloop.models.checkpoints import load_hf_tokenizer
+
+        seqs, digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir), model.hf_dir)
+        return seqs, None, digest
+    if needs.calibration == "text_file":
+        from quantloop.data.calibration import calibration_text_file
+
+        path, digest = calibration_text_file(spec.calibration, model.hf_dir, work_dir)
+        return None, path, digest
+    return None, None, None
+
+
+def check_needs(needs: Needs, model, method: str) -> None:
+    """One error line when the model lacks what the backend needs."""
+    if needs.hf_checkpoint and model.hf_dir is None:
+        raise InputError(model.path, f"{method} needs a transformers checkpoint", "pass a prepared checkpoint folder")
+    if needs.f16_gguf and model.gguf is None:
+        raise InputError(model.path, f"{method} needs an F16/F32 GGUF of the model", "run `quantloop prepare` on it first")
