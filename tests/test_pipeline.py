@@ -197,6 +197,17 @@ def test_exhausted_plan_is_rejected_with_a_recommendation(tiny_prepared, dataset
     assert state.registered_model is None
 
 
+def test_resume_refuses_an_acceptance_spec_whose_content_changed(tiny_prepared, dataset_dir, tmp_path):
+    policy = tiny_policy(tmp_path, [gguf_step("int4-q4_0", "Q4_0", 4)], measure_speed=False, size_ratio=100.0)
+    state = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy)
+    assert state.decision == "rejected" and len(state.acceptance_sha256) == 64
+    assert run_tiny(tmp_path, tiny_prepared, dataset_dir, policy).attempts == state.attempts  # same content: resumes, redoes nothing
+    spec = tmp_path / "acceptance.yaml"
+    spec.write_text(spec.read_text().replace("max_ppl_increase_pct: 0.1", "max_ppl_increase_pct: 50.0"))  # same path, another bar
+    with pytest.raises(InputError, match="acceptance spec changed since run 'r1' started"):
+        run_tiny(tmp_path, tiny_prepared, dataset_dir, policy)
+
+
 def test_step_that_cannot_meet_the_size_bar_is_skipped_before_quantizing(tiny_prepared, dataset_dir, tmp_path):
     """An exact export's file size follows from its GGUF type alone: a step that cannot meet the size bar costs nothing."""
     rtn = {"name": "int4-rtn-q4_0", "spec": {"method": "rtn", "bits": 4, "group_size": 32, "gguf_type": "Q4_0"}}
@@ -285,6 +296,7 @@ def test_against_a_real_mlflow_server(tiny_prepared, dataset_dir, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_after_the_last_completed_attempt(tiny_prepared, dataset_dir, tmp_path):
+    """Killed while attempt 1 is being validated: the restart validates it again without quantizing it again."""
     from mlflow.tracking import MlflowClient
 
     # every step fails on size, so the run walks the whole plan; we kill it while attempt 1 is being validated
@@ -297,29 +309,36 @@ def test_killed_run_resumes_after_the_last_completed_attempt(tiny_prepared, data
     out = slm / "models" / "quantized"
     first, second = out / "tiny_gguf-q4_0", out / "tiny_gguf-q5_0"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
     try:
-        deadline = time.time() + 240
-        while not (second.is_dir() and not (second / "validation_report.json").exists()):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline
-            time.sleep(0.02)
+        while not lines or not lines[-1].startswith("[1] int5-q5_0: quantized in"):  # validation of attempt 1 starts
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        time.sleep(0.3)
+        assert not (second / "validation_report.json").exists()  # still validating
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
-    first_log = proc.stdout.read()
-    assert "[0] int4-q4_0" in first_log and "[1]" not in first_log
+    first_log = "".join(lines) + proc.stdout.read()
+    assert "[0] int4-q4_0  gguf" in first_log and "[1] int5-q5_0  gguf" not in first_log
     q4_stamp = (first / "quantization_config.json").stat().st_mtime_ns
     report_stamp = (first / "validation_report.json").stat().st_mtime_ns
+    q5_stamp = (second / "quantization_config.json").stat().st_mtime_ns
+    q5_model_stamp = max(p.stat().st_mtime_ns for p in second.glob("*.gguf"))
 
     done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert done.returncode == 1, done.stdout  # rejected: every step fails on size
     assert "run id: killme (resumed" in done.stdout
     assert "[0] int4-q4_0" in done.stdout and "(done before the restart)" in done.stdout
+    assert "[1] int5-q5_0: quantized before the restart; validating" in done.stdout
     assert "[1] int5-q5_0" in done.stdout and "[2] int8-q8_0" in done.stdout
-    # attempt 0 was not redone; attempt 1 was redone whole; nothing half-written is left
+    # attempt 0 was not redone; attempt 1 was validated again but not quantized again; nothing half-written is left
     assert (first / "quantization_config.json").stat().st_mtime_ns == q4_stamp
     assert (first / "validation_report.json").stat().st_mtime_ns == report_stamp
+    assert (second / "quantization_config.json").stat().st_mtime_ns == q5_stamp
+    assert max(p.stat().st_mtime_ns for p in second.glob("*.gguf")) == q5_model_stamp
     assert (second / "validation_report.json").is_file()
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     summary = json.loads((out / "quantization_summary.json").read_text())

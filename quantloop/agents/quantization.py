@@ -1,5 +1,5 @@
 """QuantizationAgent: run the next planned attempt with the tools (quantize_model, then
-validate_quantization, then compare_outputs) and record what happened."""
+validate_quantization, then compare_outputs, each its own graph node) and record what happened."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def skipped(planned: PlannedAttempt, note: str, status: str = "skipped") -> Atte
 
 
 class QuantizationAgent:
+    """Three graph nodes, one tool call each, so a run killed during validation resumes without re-quantizing:
+    quantize (quantize_model, appends the attempt), validate (validate_quantization on the last attempt),
+    compare (compare_outputs on the last attempt)."""
+
     def __call__(self, state: PipelineState) -> dict:
         planned = state.plan[state.next_index]
         return {"attempts": state.attempts + [self.attempt(planned, state)], "next_index": state.next_index + 1}
@@ -83,14 +87,28 @@ class QuantizationAgent:
             if isinstance(e, InputError):
                 return skipped(planned, f"cannot run on this input: {e.line()}")
             return skipped(planned, f"quantizer failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", status="failed")
-        report = self.validate(result.model_path, planned, state)
-        generations = self.compare(result.model_path, planned, state)
-        return Attempt(
-            index=planned.index, step=planned.step, kind=planned.kind, method=spec.method, bits=spec.bits,
-            checkpoint=planned.checkpoint, output_dir=str(out), status="validated", quantization=result,
-            report_path=report.report_path, generations_path=generations, criteria=report.criteria,
-            metrics=flatten_numbers(report.model_dump(mode="json")), passed=report.passed, wall_s=time.perf_counter() - t0,
-        )
+        return Attempt(index=planned.index, step=planned.step, kind=planned.kind, method=spec.method, bits=spec.bits,
+                       checkpoint=planned.checkpoint, output_dir=str(out), status="quantized", quantization=result,
+                       wall_s=time.perf_counter() - t0)
+
+    def validate_last(self, state: PipelineState) -> dict:
+        """validate_quantization of the attempt just quantized (its files stay as they are)."""
+        attempts, last = list(state.attempts), state.attempts[-1]
+        t0 = time.perf_counter()
+        report = self.validate(last.quantization.model_path, state.plan[last.index], state)
+        attempts[-1] = last.model_copy(update={
+            "status": "validated", "report_path": report.report_path, "criteria": report.criteria,
+            "metrics": flatten_numbers(report.model_dump(mode="json")), "passed": report.passed,
+            "wall_s": last.wall_s + time.perf_counter() - t0})
+        return {"attempts": attempts}
+
+    def compare_last(self, state: PipelineState) -> dict:
+        """Side-by-side generations of the float model and the attempt just validated."""
+        attempts, last = list(state.attempts), state.attempts[-1]
+        t0 = time.perf_counter()
+        generations = self.compare(last.quantization.model_path, state.plan[last.index], state)
+        attempts[-1] = last.model_copy(update={"generations_path": generations, "wall_s": last.wall_s + time.perf_counter() - t0})
+        return {"attempts": attempts}
 
     @staticmethod
     def size_precheck(planned: PlannedAttempt, state: PipelineState) -> str | None:

@@ -53,7 +53,7 @@ class Attempt(Strict):
     bits: int | None
     checkpoint: str
     output_dir: str | None
-    status: Literal["validated", "skipped", "failed"]
+    status: Literal["quantized", "validated", "skipped", "failed"]  # "quantized": validation still to run
     note: str = Field("", description="why a step was skipped or failed")
     quantization: QuantizationResult | None = None
     report_path: str | None = None
@@ -73,6 +73,7 @@ class PipelineState(BaseModel):
     target: Target
     policy: Policy
     acceptance_spec: str
+    acceptance_sha256: str = Field("", description="the acceptance spec's content when the run started; a resume checks it")
     dataset_dir: str
     output_root: str
     candidates: list[CheckpointScore] = Field(default_factory=list, description="ranked, best first")

@@ -1,16 +1,19 @@
 """The agent loop as a LangGraph StateGraph, checkpointed to SQLite after every node.
 
-    evaluate ──▶ quantize ──▶ review ──▶ track ──▶ quantize ... (next fallback step)
-                                           └──────▶ finish ──▶ END  (accepted, or plan exhausted)
+    evaluate ──▶ quantize ──▶ validate ──▶ compare ──▶ review ──▶ track ──▶ quantize ... (next fallback step)
+                    └──(skipped or failed)─────────────────▶ review       └──────▶ finish ──▶ END  (accepted, or plan exhausted)
 
 evaluate  EvaluationAgent: score the candidate checkpoints, pick the best, plan the attempts
-quantize  QuantizationAgent: quantize_model + validate_quantization for the next planned attempt
+quantize  QuantizationAgent: quantize_model for the next planned attempt (or record why it is skipped)
+validate  validate_quantization of that attempt against its float baseline
+compare   compare_outputs: side-by-side generations of the float model and the attempt
 review    ReviewerAgent: accept, fall back (one sentence naming the failing measurement), or reject
 track     one nested MLflow run for the attempt just reviewed (idempotent, so a resume never duplicates it)
 finish    quantization_summary.json, the accepted model in the MLflow Model Registry, the parent run closed
 
-A run killed at any point restarts from the last completed node of its thread (the --run-id):
-a finished attempt is never redone, an interrupted one is redone from scratch.
+A run killed at any point restarts from the last completed node of its thread (the --run-id): a
+finished attempt is never redone, and an attempt killed during validation is validated again without
+quantizing again.
 """
 
 from __future__ import annotations
@@ -106,15 +109,24 @@ def build_graph(tracker: Tracker, state_db: Path):
     def after_track(state: PipelineState) -> str:
         return "finish" if state.decision != "running" else "quantize"
 
+    def after_quantize(state: PipelineState) -> str:
+        return "validate" if state.attempts[-1].status == "quantized" else "review"
+
+    quantization = QuantizationAgent()
+
     g = StateGraph(PipelineState)
     g.add_node("evaluate", timed(EvaluationAgent()))
-    g.add_node("quantize", timed(QuantizationAgent()))
+    g.add_node("quantize", timed(quantization))
+    g.add_node("validate", timed(quantization.validate_last))
+    g.add_node("compare", timed(quantization.compare_last))
     g.add_node("review", timed(ReviewerAgent()))
     g.add_node("track", timed(track))
     g.add_node("finish", timed(finish))
     g.add_edge(START, "evaluate")
     g.add_edge("evaluate", "quantize")
-    g.add_edge("quantize", "review")
+    g.add_conditional_edges("quantize", after_quantize, {"validate": "validate", "review": "review"})
+    g.add_edge("validate", "compare")
+    g.add_edge("compare", "review")
     g.add_edge("review", "track")
     g.add_conditional_edges("track", after_track, {"quantize": "quantize", "finish": "finish"})
     g.add_edge("finish", END)

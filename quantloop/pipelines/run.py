@@ -31,8 +31,12 @@ def new_run_id() -> str:
 def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None = None, target: str | None = None,
                  run_id: str | None = None, tracking_uri: str | None = None, data_free: bool = False,
                  dataset_dir: str | Path | None = None, output_root: str | Path | None = None, state_db: str | Path | None = None,
-                 on_attempt: Callable | None = None, on_start: Callable | None = None, spec_file: str | Path | None = None):
-    """Run (or resume, with the same run_id) the loop. Returns the final PipelineState."""
+                 on_attempt: Callable | None = None, on_start: Callable | None = None, spec_file: str | Path | None = None,
+                 on_progress: Callable | None = None):
+    """Run (or resume, with the same run_id) the loop. Returns the final PipelineState.
+
+    on_attempt(attempt, resumed) after each attempt is reviewed and tracked; on_progress(node, state) after
+    every node, with the whole state (for a line when the next step starts)."""
     from quantloop.agents.evaluation import find_checkpoints
     from quantloop.agents.policy import load_policy
     from quantloop.data.datasets import dataset_dir_or_default
@@ -55,6 +59,7 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
     if not (dataset / "manifest.json").is_file():
         raise InputError(dataset, "not a prepared dataset (no manifest.json)", "run `quantloop prepare` first")
 
+    from quantloop.fileio import sha256_file
     from quantloop.tracking import Tracker, check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -75,6 +80,9 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
                              "pass that model, or a new --run-id")
         if old.policy != policy:
             raise InputError(None, f"run id '{run_id}' was started with another policy or target", "pass the same policy, or a new --run-id")
+        if old.acceptance_sha256 and sha256_file(old.acceptance_spec) != old.acceptance_sha256:
+            raise InputError(old.acceptance_spec, f"the acceptance spec changed since run '{run_id}' started",
+                             "restore its content, or start a new --run-id")
         inputs = None
         done = {a.index for a in old.attempts if a.mlflow_run_id}
         for a in old.attempts:  # attempts finished before the kill: reported again, never redone
@@ -84,14 +92,20 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
         parent = tracker.parent_run(run_id, {"model": str(model_path), "target": policy.target, "acceptance_spec": str(spec_path),
                                              "steps": ", ".join(s.name for s in policy.plan_steps())})
         inputs = PipelineState(run_id=run_id, model=str(model_path), target=policy.target, policy=policy,
-                               acceptance_spec=str(spec_path), dataset_dir=str(dataset),
+                               acceptance_spec=str(spec_path), acceptance_sha256=sha256_file(spec_path), dataset_dir=str(dataset),
                                output_root=str(Path(output_root or QUANTIZED_DIR).resolve()),
                                mlflow_parent_run_id=parent, started_unix=time.time())
     if on_start:
         on_start(run_id, uri, resumed=inputs is None)
+    if on_progress and inputs is not None:
+        on_progress("start", inputs)
+    elif on_progress:
+        on_progress("resume", PipelineState.model_validate(saved.values))
     for update in graph.stream(inputs, config, stream_mode="updates", durability="sync"):
         if "track" in update and on_attempt:
             on_attempt(update["track"]["attempts"][-1], resumed=False)
+        if on_progress:
+            on_progress(next(iter(update)), PipelineState.model_validate(graph.get_state(config).values))
     return PipelineState.model_validate(graph.get_state(config).values)
 
 
@@ -119,6 +133,24 @@ def print_attempt(a, resumed: bool = False) -> None:
           flush=True)
 
 
+def print_progress(node: str, state) -> None:
+    """One line when a step of the loop starts (the line after it ends is print_attempt's)."""
+    nxt = state.plan[state.next_index] if state.decision == "running" and state.next_index < len(state.plan) else None
+    last = state.attempts[-1] if state.attempts else None
+    if node == "start":
+        print("evaluating the checkpoints (validation perplexity, size, speed) ...", flush=True)
+    elif node in ("evaluate", "track", "resume") and nxt is not None and (node != "resume" or not last or last.verdict):
+        print(f"[{nxt.index}] {nxt.step}: quantizing ...", flush=True)
+    elif node == "resume" and last is not None and last.status == "quantized":
+        print(f"[{last.index}] {last.step}: quantized before the restart; validating ...", flush=True)
+    elif node == "quantize" and last is not None and last.status == "quantized":
+        q = last.quantization
+        print(f"[{last.index}] {last.step}: quantized in {q.wall_s:.1f} s ({q.format}, {q.bits_per_weight:.2f} bits/weight); "
+              f"validating ...", flush=True)
+    elif node == "validate" and last is not None and state.policy.validation.compare_generations:
+        print(f"[{last.index}] {last.step}: validated; comparing generations ...", flush=True)
+
+
 def cmd_run(a) -> int:
     from quantloop.pipelines.report_format import table
     from quantloop.specs import load_quality_spec
@@ -129,7 +161,7 @@ def cmd_run(a) -> int:
         print(f"run id: {run_id} ({'resumed' if resumed else 'new'}; resume with --run-id {run_id})   tracking: {uri}", flush=True)
 
     state = run_pipeline(a.model, a.policy, a.target, a.run_id, a.tracking_uri, a.data_free, a.dataset,
-                         on_attempt=print_attempt, on_start=on_start, spec_file=a.spec)
+                         on_attempt=print_attempt, on_start=on_start, spec_file=a.spec, on_progress=print_progress)
     acc = load_quality_spec(state.acceptance_spec).acceptance
     print()
     if state.candidates:
