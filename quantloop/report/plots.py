@@ -8,6 +8,8 @@ from pathlib import Path
 from quantloop.report.records import AttemptRow, RunRecord
 
 MIB = 2**20
+SIZE_BAR_COLOURS = ("#9a6700", "#8250df", "#bf3989", "#57606a")
+SIZE_BAR_DASHES = ("--", "-.", ":", (0, (5, 1)))
 VERDICT_COLOURS = {"accepted": "#1a7f37", "fallback": "#cf222e", "rejected": "#cf222e"}
 
 
@@ -54,8 +56,8 @@ def scatter_plot(record: RunRecord, value, error, ylabel: str, title: str, bar: 
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="#0969da", lw=1, ls=":", label="Pareto front")
     if bar is not None:
         ax.axhline(bar, color="#cf222e", ls="--", lw=1, label=bar_label)
-    for x, label in size_bars(record):
-        ax.axvline(x, color="#9a6700", ls="--", lw=1, label=label)
+    for (x, label), colour, dashes in zip(size_bars(record), SIZE_BAR_COLOURS, SIZE_BAR_DASHES):
+        ax.axvline(x, color=colour, ls=dashes, lw=1, label=f"{label}: <= {x:.1f} MiB")
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from quantloop.errors import InputError
@@ -14,7 +13,6 @@ def cmd_mcp(a) -> int:
     root = Path(a.root).resolve()
     if not root.is_dir():
         raise InputError(root, "data folder not found", "run `quantloop prepare` first, or pass --root DIR")
-    os.environ.setdefault("TQDM_DISABLE", "0")
     from quantloop.serve.mcp_server import serve_http, serve_stdio
 
     if a.http is None:
