@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -18,3 +19,40 @@ class InputError(Exception):
         where = f"{self.path}: " if self.path else ""
         fix = f" ({self.fix})" if self.fix else ""
         return f"{where}{self.problem}{fix}"
+
+
+OS_FIXES = {
+    errno.EROFS: "write to a writable file system (--out, or QUANTLOOP_SLM_DIR for the run's outputs)",
+    errno.ENOSPC: "free some space or write to another disk",
+    errno.EDQUOT: "free some space or write to another disk",
+    errno.EACCES: "check the permissions of the folder",
+    errno.EPERM: "check the permissions of the folder",
+    errno.ENOENT: "create the parent folder or fix the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EISDIR: "the path is a folder: give a file name",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a failure of the machine rather than of the model: the path, the OS error and what to do."""
+    where = e.filename or "(unknown path)"
+    reason = e.strerror or str(e)
+    fix = OS_FIXES.get(e.errno, "check the path and the disk")
+    if e.errno == errno.EEXIST and e.filename and Path(e.filename).is_file():  # mkdir of a folder where a file is
+        reason, fix = "is a file, not a folder", "a part of the output path is a file: fix the path"
+    return f"{where}: {reason} (OS error {e.errno}; {fix})"
+
+
+def disk_full(folder: str | Path, needed_bytes: int) -> OSError | None:
+    """An ENOSPC OSError naming `folder` when it has less than `needed_bytes` free, else None (for tools that fail
+    without saying why, such as llama.cpp writing a GGUF)."""
+    import os
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free >= needed_bytes:
+        return None
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free:,} bytes free, about {needed_bytes:,} needed)", str(folder))

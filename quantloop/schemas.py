@@ -383,3 +383,5 @@ class QuantizationResult(Strict):
     linear_bits_per_weight: float
     libraries: dict[str, str]
     calibration_manifest_sha256: str | None = None
+    notes: list[str] = Field(default_factory=list, description="one line each: what the quantizer changed on its own "
+                             "(e.g. llama.cpp's fallback types for rows a block does not divide)")

@@ -138,3 +138,23 @@ def test_export_gguf_command_writes_the_rtn_grid_and_refuses_a_wrong_type(tiny_p
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Q4_0" in err and not (tmp_path / "bad.gguf").exists()
     assert main(["export-gguf", str(tmp_path / "rtn"), "--type", "Q4_1", "--out", str(out)]) == 2  # exists
+
+
+def test_default_group_size_fits_the_model(tiny_prepared, reference_dir):
+    from quantloop.pipelines.cli import build_parser, default_group_size
+
+    def group(*args):
+        return default_group_size(build_parser().parse_args(["quantize", *map(str, args)]))
+
+    assert group(reference_dir, "--method", "gptq") == 64  # 128 does not divide SmolLM2's 576-wide rows
+    assert group(tiny_prepared, "--method", "rtn") == 64  # the tiny Llama is 64 wide
+    assert group(reference_dir, "--method", "gptq", "--type", "Q4_0") == 32  # a GGUF block
+    assert group(reference_dir, "--method", "gptq", "--group-size", "128") == 128  # what the user asked
+
+
+def test_llama_cpp_fallbacks_are_one_note_with_the_full_log(tiny_prepared, tmp_path):
+    r = quantize_model(tiny_prepared, tmp_path / "q4k", QuantSpec(method="gguf", gguf_type="Q4_K_S"))
+    [note] = r.notes
+    assert "tensors fell back to another type" in note and "q5_0" in note
+    log = (tmp_path / "q4k" / "llama-quantize.log").read_text()
+    assert log.count("converting to q5_0") + log.count("converting to q5_1") == int(note.split()[0]) > 0

@@ -55,6 +55,7 @@ class BackendOutput:
     model_path: Path  # the file or folder a runtime loads
     format: str  # "gguf:<TYPE>", "gguf:mixed-<preset>", or an HF format name ("rtn", "gptq", "awq")
     planned_types: dict[str, str] = field(default_factory=dict)  # tensor -> GGUF type a precision map promised
+    notes: list[str] = field(default_factory=list)  # one line each, for the person reading the result
 
 
 class Backend:

@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 
 from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
-from quantloop.errors import InputError
-from quantloop.gguf.llamacpp import check_gguf_file, tool
+from quantloop.errors import InputError, disk_full
+from quantloop.gguf.llamacpp import check_gguf_file, fallback_summary, stderr_to, tool
+
+LOG_NAME = "llama-quantize.log"  # llama.cpp's output while quantizing, kept beside the file it wrote
 
 
 def gguf_types() -> list[str]:
@@ -19,11 +21,17 @@ def gguf_types() -> list[str]:
     return [t.name.removeprefix("MOSTLY_") for t in LlamaFileType if t.name.startswith("MOSTLY_") and "GUESSED" not in t.name]
 
 
-def _run(cmd: list[str], what: str, where: Path) -> None:
+def _run(cmd: list[str], what: str, where: Path, log: Path | None = None, needed: int = 0) -> None:
+    """Run a llama.cpp tool; its output goes to `log`; a failure is one line (ENOSPC when the disk is full)."""
     import subprocess
 
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
+        if needed and (full := disk_full(log.parent if log else where.parent, needed)):
+            raise full
         tail = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()][-1:] or ["(no output)"]
         raise InputError(where, f"{what} failed: {tail[0][:200]}", "see the llama.cpp message")
 
@@ -55,7 +63,8 @@ def quantize_gguf_tool(src: Path, dst: Path, type_name: str, imatrix: Path | Non
         cmd += ["--tensor-type", f"{pattern}={t.lower()}"]
     tmp = dst.with_name(f".{dst.name}.tmp-quantize")
     try:
-        _run(cmd + [src, tmp, type_name.upper(), threads or os.cpu_count() or 1], "llama-quantize", src)
+        _run(cmd + [src, tmp, type_name.upper(), threads or os.cpu_count() or 1], "llama-quantize", src,
+             log=dst.with_name(LOG_NAME), needed=src.stat().st_size)
         os.replace(tmp, dst)
     finally:
         if tmp.exists():
@@ -77,10 +86,15 @@ def quantize_gguf(src: str | Path, dst: str | Path, type_name: str, threads: int
     params.ftype = LlamaFileType[key].value
     params.nthread = threads or os.cpu_count() or 1
     tmp = dst.with_name(f".{dst.name}.tmp-quantize")
+    log = dst.with_name(LOG_NAME)
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        with stderr_to(log):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise InputError(src, f"llama.cpp could not quantize this model to {type_name} (code {rc})", "start from an F16 or F32 GGUF")
+            if full := disk_full(dst.parent, src.stat().st_size):
+                raise full
+            raise InputError(src, f"llama.cpp could not quantize this model to {type_name} (code {rc}; log: {log})",
+                             "start from an F16 or F32 GGUF")
         os.replace(tmp, dst)
     finally:
         if tmp.exists():
@@ -110,7 +124,8 @@ class LlamaCppBackend(Backend):
         if mixed:
             gguf_type, rules, planned = plan_mixed_file(src, spec.gguf_type, spec.preset, spec.layer_types, spec.gguf_tensor_types)
         if not (spec.imatrix or spec.gguf_tensor_types or mixed):
-            return BackendOutput(quantize_gguf(src, dst, gguf_type), f"gguf:{gguf_type}")
+            path = quantize_gguf(src, dst, gguf_type)
+            return BackendOutput(path, f"gguf:{gguf_type}", notes=self.notes(job))
         imatrix = None
         if spec.imatrix:
             imatrix = compute_imatrix(src, job.text_file, job.work_dir / "imatrix.gguf", spec.calibration.samples, spec.calibration.seqlen)
@@ -118,4 +133,11 @@ class LlamaCppBackend(Backend):
         if imatrix is not None:
             imatrix.unlink()
             (job.work_dir / "synthetic-calibration.txt").unlink(missing_ok=True)
-        return BackendOutput(model_path, f"gguf:mixed-{spec.preset or 'custom'}" if mixed else f"gguf:{gguf_type}", planned)
+        return BackendOutput(model_path, f"gguf:mixed-{spec.preset or 'custom'}" if mixed else f"gguf:{gguf_type}", planned,
+                             notes=self.notes(job))
+
+    @staticmethod
+    def notes(job: BackendJob) -> list[str]:
+        log = job.work_dir / LOG_NAME
+        line = fallback_summary(log.read_text(errors="replace")) if log.is_file() else None
+        return [f"{line} (every tensor: {LOG_NAME})"] if line else []

@@ -7,6 +7,7 @@ library compiled into llama-cpp-python (llama_model_quantize).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -175,3 +176,37 @@ def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Pa
         if tmp.exists():
             tmp.unlink()
     return out_file
+
+
+@contextlib.contextmanager
+def stderr_to(log_file: Path):
+    """Send what the process writes to standard error (llama.cpp's C logging on file descriptor 2, and Python's
+sys.stderr, through which llama-cpp-python relays it) into `log_file` meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log_file, "a") as f, contextlib.redirect_stderr(f):  # llama-cpp-python logs through sys.stderr too
+        os.dup2(f.fileno(), 2)
+        try:
+            yield log_file
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+FALLBACK = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
+CONVERTED = re.compile(r"converting to (\w+)")
+
+
+def fallback_summary(log_text: str) -> str | None:
+    """One line for llama.cpp's quantization log ('14 of 20 tensors fell back ...; written as 12 q5_0, 2 q5_1'),
+    or None when no tensor fell back."""
+    from collections import Counter
+
+    m = FALLBACK.search(log_text)
+    if not m:
+        return None
+    types = Counter(t.group(1) for t in CONVERTED.finditer(log_text))
+    written = ", ".join(f"{n} {t}" for t, n in types.most_common())
+    return (f"{m.group(1)} of {m.group(2)} tensors fell back to another type (rows their block does not divide); "
+            f"quantized tensors written as {written}")

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from quantloop.errors import InputError  # noqa: E402
+from quantloop.errors import InputError, os_error_line  # noqa: E402
 from quantloop.paths import (  # noqa: E402
     CHECKPOINTS_DIR,
     DATASETS_DIR,
@@ -180,13 +180,31 @@ def cmd_export_gguf(a) -> int:
     return 0
 
 
+def default_group_size(a) -> int:
+    """--group-size, or its default: 32 when the output is a GGUF (a --type: every block-32 type needs it), else
+    the largest of 128, 64, 32 that divides every linear width of the model (128 does not divide SmolLM2's 576)."""
+    if a.group_size is not None:
+        return a.group_size
+    if a.type or a.method in ("gguf", "qat", "autoround"):
+        return 32
+    from quantloop.gguf.llamacpp import read_metadata
+    from quantloop.models.checkpoints import resolve_model
+
+    model = resolve_model(a.model)
+    if model.gguf is None:
+        return 128
+    meta = read_metadata(model.gguf)
+    widths = {meta["shapes"][name][0] for name, *_ in meta["tensors"] if name.startswith("blk.") and len(meta["shapes"][name]) == 2}
+    return next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 32)
+
+
 def cmd_quantize(a) -> int:
     from quantloop.pipelines.report_format import mib, table
     from quantloop.schemas import CalibrationSpec, QuantSpec
     from quantloop.tools.quantize import default_output_dir, quantize_model
 
     try:
-        spec = QuantSpec(method=a.method, bits=a.bits, group_size=a.group_size, symmetric=not a.asym, act_order=a.act_order,
+        spec = QuantSpec(method=a.method, bits=a.bits, group_size=default_group_size(a), symmetric=not a.asym, act_order=a.act_order,
                          gguf_type=a.type, imatrix=a.imatrix, gguf_tensor_types=parse_tensor_types(a.tensor_type),
                          preset=a.preset, layer_types=parse_layer_types(a.layer_type),
                          qat_steps=a.qat_steps,
@@ -200,6 +218,8 @@ def cmd_quantize(a) -> int:
     print(table(["output", "format", "size", "bits/weight", "linear bits/weight", "wall time", "peak RSS"],
                 [[r.output_dir, r.format, mib(r.bytes_on_disk), f"{r.bits_per_weight:.3f}", f"{r.linear_bits_per_weight:.3f}",
                   f"{r.wall_s:.1f} s", mib(r.peak_rss_bytes)]]))
+    for note in r.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -279,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer-type", action="append", metavar="LAYER=TYPE",
                    help="--method gguf, qat or gptq: GGUF type of a layer type (embeddings, output, attention, feed_forward), on top of --preset")
     s.add_argument("--bits", type=int, default=4, help="weight bits for rtn/gptq/awq (default: 4)")
-    s.add_argument("--group-size", type=int, default=128, help="weights per group, -1 = per channel (default: 128)")
+    s.add_argument("--group-size", type=int, default=None,
+                   help="rtn/gptq/awq: weights per group along a row, -1 = per channel (default: 32 with --type, the GGUF block; "
+                        "else the largest of 128, 64, 32 that divides every linear width of the model: 64 on SmolLM2-135M)")
     s.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
     s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size (with --type, on the GGUF grid: each block's grid "
                         "fixed up front, so the blocks stay exportable)")
@@ -333,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except InputError as e:
         print(f"quantloop: error: {e.line()}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine, not the model: read-only, full disk, permissions, missing folders
+        print(f"quantloop: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("quantloop: interrupted", file=sys.stderr)

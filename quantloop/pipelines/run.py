@@ -145,6 +145,8 @@ def print_progress(node: str, state) -> None:
         print(f"[{last.index}] {last.step}: quantized before the restart; validating ...", flush=True)
     elif node == "quantize" and last is not None and last.status == "quantized":
         q = last.quantization
+        for note in q.notes:
+            print(f"[{last.index}] {last.step}: note: {note}", flush=True)
         print(f"[{last.index}] {last.step}: quantized in {q.wall_s:.1f} s ({q.format}, {q.bits_per_weight:.2f} bits/weight); "
               f"validating ...", flush=True)
     elif node == "validate" and last is not None and state.policy.validation.compare_generations:

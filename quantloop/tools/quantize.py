@@ -72,7 +72,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             format=output.format, wall_s=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(),
             bytes_on_disk=size.bytes_on_disk, bits_per_weight=size.bits_per_weight,
             linear_bits_per_weight=size.linear_bits_per_weight, libraries=backend.library_versions(),
-            calibration_manifest_sha256=calib_digest,
+            calibration_manifest_sha256=calib_digest, notes=output.notes,
         )
         write_json_atomic(tmp / "quantization_config.json", {"quantloop": result.model_dump(), "source": str(model.path)})
     return result
