@@ -103,3 +103,32 @@ def test_bad_input_one_line(tiny_prepared, dataset_dir, tmp_path, capsys, args, 
                  "--seqlen", "64", "--chunks", "1", "--sens-chunks", "1", "--trials", "1"] + args)
     assert_one_line_error(code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()], *needles)
     assert not list((tmp_path / "o").glob("maps/*")) and not (tmp_path / "o" / "search_result.json").exists()
+
+
+def test_seed_map_naming_missing_tensor_is_one_line(tiny_prepared, dataset_dir, tmp_path, capsys):
+    from quantloop.models.checkpoints import resolve_model
+    from quantloop.pipelines.search_command import main
+    from quantloop.search.precision_maps import write_map
+    from quantloop.search.tensors import model_tensors
+
+    mt = model_tensors(resolve_model(tiny_prepared).gguf)
+    _, y = write_map({t.name: "Q8_0" for t in mt.tensors} | {"blk.7.ffn_up.weight": "Q4_0"}, tmp_path / "m")
+    code = main(["search", str(tiny_prepared), "--text", str(dataset_dir), "--out", str(tmp_path / "o"), "--seed-map", str(y)])
+    assert_one_line_error(code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()], "blk.7.ffn_up.weight", "does not have")
+    assert not (tmp_path / "o" / "search.journal").exists() or (tmp_path / "o" / "search.journal").stat().st_size == 0
+
+
+def test_policy_step_picks_lowest_kld_within_budget(searched):
+    from quantloop.tools.search import best_precision_map_for_budget
+
+    req, r = searched
+    top = max(m.measured.bits_per_weight for m in r.front)
+    pick = best_precision_map_for_budget(r.result_json, top)
+    fits = [m for m in r.front if m.measured.bits_per_weight <= top]
+    kld = lambda m: m.test_kld_mean if m.test_kld_mean is not None else m.measured.kld_mean  # noqa: E731
+    assert pick is not None and kld(pick) == min(kld(m) for m in fits)
+    assert best_precision_map_for_budget(r.result_json, 0.5) is None
+    from quantloop.tools.search import spec_for_budget
+
+    spec = spec_for_budget(r.result_json, top)
+    assert spec.method == "gguf" and len(spec.gguf_tensor_types) == len(pick.measured.genome)

@@ -79,3 +79,13 @@ def test_group_units_cover_layers(tiny_prepared):
     units = units_of(mt, "group")
     assert set(units) == {"token_embd.weight"} | {f"blk.{i}.{g}" for i in range(2) for g in ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")}
     assert sum(len(v) for v in units.values()) == len(mt.tensors)
+
+
+def test_block_units_are_attention_and_feed_forward(tiny_prepared):
+    from quantloop.models.checkpoints import resolve_model
+    from quantloop.search.sensitivity import units_of
+    from quantloop.search.tensors import model_tensors
+
+    units = units_of(model_tensors(resolve_model(tiny_prepared).gguf), "block")
+    assert set(units) == {"token_embd.weight", "blk.0.attn", "blk.0.ffn", "blk.1.attn", "blk.1.ffn"}
+    assert len(units["blk.0.attn"]) == 4 and len(units["blk.1.ffn"]) == 3

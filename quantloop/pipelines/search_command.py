@@ -59,7 +59,7 @@ def search_request(a):
         model=a.model, text=_texts(a.text, "validation", a.chunks, a.seqlen),
         sensitivity_text=_texts(a.text, "calibration", a.sens_chunks, a.seqlen), test_text=_texts(a.text, "test", a.chunks, a.seqlen),
         types=_types(a.types), granularity=a.granularity, budgets_bpw=[float(x) for x in a.budgets.split(",") if x.strip()],
-        max_bpw=a.max_bpw, trials=a.trials, workers=a.workers, sampler=a.sampler, population=a.population, storage=a.storage,
+        max_bpw=a.max_bpw, seed_maps=a.seed_map or [], trials=a.trials, workers=a.workers, sampler=a.sampler, population=a.population, storage=a.storage,
         study=a.study, resume=a.resume, target=a.target, speed_tokens=a.speed_tokens, speed_repeats=a.speed_repeats,
         out_dir=a.out, validate_front=a.validate_front, tracking_uri=a.tracking_uri, seed=a.seed, threads=a.threads)
 
@@ -98,8 +98,9 @@ def _common(s) -> None:
     s.add_argument("--text", action="append", metavar="DATASET",
                    help="prepared dataset name under SLM/datasets or a folder; repeat for several domains (default: shakespeare)")
     s.add_argument("--seqlen", type=int, default=256, help="tokens per window (default: 256)")
-    s.add_argument("--granularity", choices=["group", "tensor"], default="group",
-                   help="unit of the sensitivity table and the genome: layer x module group (q/k/v, o, gate/up, down) or every tensor")
+    s.add_argument("--granularity", choices=["group", "block", "tensor"], default="group",
+                   help="unit of the sensitivity table and the genome: layer x module group (q/k/v, o, gate/up, down), "
+                        "layer x block (attention, feed-forward) or every tensor")
     s.add_argument("--threads", type=int, help="CPU threads (default: all)")
 
 
@@ -128,8 +129,9 @@ def add_search_commands(subparsers) -> None:
     s.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K", help="candidate types (F16 always allowed)")
     s.add_argument("--chunks", type=int, default=2, help="validation windows per domain for every trial (default: 2)")
     s.add_argument("--sens-chunks", type=int, default=2, help="calibration windows per domain for the sensitivity table (default: 2)")
-    s.add_argument("--budgets", default="4.49,5.0,5.5,6.2", help="bits-per-weight budgets of the greedy/ILP seeds (default: 4.49,5.0,5.5,6.2)")
+    s.add_argument("--budgets", default="5.0,5.5,6.2", help="bits-per-weight budgets of the greedy/ILP seeds (default: 5.0,5.5,6.2; one below the smallest possible file is refused)")
     s.add_argument("--max-bpw", type=float, help="do not measure candidates above this many bits per weight")
+    s.add_argument("--seed-map", action="append", metavar="FILE", help="a precision map (JSON/YAML) to measure first (repeatable)")
     s.add_argument("--trials", type=int, default=20, help="finished trials the study should hold in total (default: 20)")
     s.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1; 0: only create the study, or with --resume only report, while `search-worker`s run the trials)")
     s.add_argument("--sampler", choices=["nsga2", "tpe"], default="nsga2")

@@ -10,7 +10,7 @@ import numpy as np
 
 from quantloop.search.schemas import SensitivityRow
 
-GROUP_ORDER = ["attn_qkv", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_up", "ffn_gate", "ffn_up", "ffn_down"]
+GROUP_ORDER = ["attn", "ffn", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_up", "ffn_gate", "ffn_up", "ffn_down"]
 
 
 def _plt():

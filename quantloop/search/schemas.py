@@ -22,8 +22,9 @@ class SensitivityRequest(Strict):
     model: str = Field(description="prepared checkpoint folder (transformers float32 + F16 GGUF)")
     text: list[TextSpec] = Field(description="calibration text: one entry per domain")
     types: list[str] = Field(default_factory=lambda: ["Q4_0", "Q5_0", "Q8_0"], description="candidate GGUF types to measure")
-    granularity: str = Field("group", pattern="^(tensor|group)$",
-                             description="tensor: one tensor at a time; group: layer x module group (q/k/v, o, gate/up, down)")
+    granularity: str = Field("group", pattern="^(tensor|group|block)$",
+                             description="tensor: one tensor at a time; group: layer x module group (q/k/v, o, gate/up, down); "
+                                         "block: layer x block (attention, feed-forward)")
     cache_dir: str | None = None
     heatmap_png: str | None = Field(None, description="write the heatmap here")
     threads: int | None = None
@@ -64,9 +65,10 @@ class SearchRequest(Strict):
     text: list[TextSpec] = Field(description="held-out text the search scores candidates on, one entry per domain")
     sensitivity_text: list[TextSpec] = Field(description="calibration text for the sensitivity table")
     types: list[str] = Field(default_factory=lambda: ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
-    granularity: str = Field("group", pattern="^(tensor|group)$")
-    budgets_bpw: list[float] = Field(default_factory=lambda: [4.49, 5.0, 5.5, 6.2], description="seed budgets (bits per weight)")
+    granularity: str = Field("group", pattern="^(tensor|group|block)$")
+    budgets_bpw: list[float] = Field(default_factory=lambda: [5.0, 5.5, 6.2], description="seed budgets (bits per weight)")
     max_bpw: float | None = Field(None, description="candidates above this are not measured")
+    seed_maps: list[str] = Field(default_factory=list, description="precision-map files (JSON/YAML) enqueued as first trials")
     trials: int = Field(20, ge=1)
     workers: int = Field(1, ge=0, description="worker processes here; 0: create / report only (workers run elsewhere)")
     sampler: str = Field("nsga2", pattern="^(nsga2|tpe)$")

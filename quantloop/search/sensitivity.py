@@ -23,11 +23,16 @@ from quantloop.search.schemas import SensitivityRequest, SensitivityResult, Sens
 from quantloop.search.tensors import FLOAT16, ModelTensors, TensorInfo, model_tensors, tensor_bytes
 
 
+def unit_group(t: TensorInfo, granularity: str) -> str:
+    return t.block if granularity == "block" else t.group
+
+
 def units_of(mt: ModelTensors, granularity: str) -> dict[str, list[TensorInfo]]:
-    """Unit name -> its tensors: every tensor alone, or the tensors of one layer x module group."""
+    """Unit name -> its tensors: every tensor alone, the tensors of one layer x module group (q/k/v, o, gate/up,
+    down), or of one layer x block (attention, feed-forward)."""
     out: dict[str, list[TensorInfo]] = {}
     for t in mt.tensors:
-        name = t.name if granularity == "tensor" or t.layer < 0 else f"blk.{t.layer}.{t.group}"
+        name = t.name if granularity == "tensor" or t.layer < 0 else f"blk.{t.layer}.{unit_group(t, granularity)}"
         out.setdefault(name, []).append(t)
     return out
 
@@ -191,7 +196,7 @@ def measure_sensitivity(req: SensitivityRequest, progress=None) -> SensitivityRe
                                            "granularity": req.granularity, "kld": cache})
             if progress is not None:
                 progress(i + 1, len(todo), unit, typ, cache[k])
-        rows.append(SensitivityRow(unit=unit, tensors=[t.name for t in ts], layer=ts[0].layer, group=ts[0].group,
+        rows.append(SensitivityRow(unit=unit, tensors=[t.name for t in ts], layer=ts[0].layer, group=unit_group(ts[0], req.granularity),
                                    n_weights=sum(t.n_weights for t in ts), type=typ,
                                    bytes=sum(tensor_bytes(t.n_weights, typ, mt.alignment) for t in ts), kld=cache[k]))
     return SensitivityResult(model=str(model.path), key=key, cache_file=str(cache_file), rows=rows, measured=measured,

@@ -43,6 +43,11 @@ class TensorInfo:
     def group(self) -> str:
         return MODULE_GROUPS.get(self.module, self.module)
 
+    @property
+    def block(self) -> str:
+        """attn or ffn (the embedding / output: their own name)."""
+        return self.module.split("_")[0] if self.layer >= 0 else self.module
+
 
 @dataclass(frozen=True)
 class ModelTensors:

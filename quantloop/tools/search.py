@@ -5,7 +5,6 @@ machine that reaches the storage); best_precision_map_for_budget: the agents' po
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.search.allocate import unit_table
-from quantloop.search.schemas import (Allocation, CandidateMeasurement, FrontMember, SearchRequest, SearchResult,
+from quantloop.search.schemas import (Allocation, FrontMember, SearchRequest, SearchResult,
                                       SensitivityRequest, SensitivityResult)
 
 
@@ -153,6 +152,7 @@ def search_mixed_precision(req: SearchRequest, progress=None) -> SearchResult:
         raise InputError(model.path, "the search needs a prepared checkpoint (transformers + F16 GGUF)", "run `quantloop prepare` on it first")
     mt = model_tensors(model.gguf, tuple(req.types) + ("F16",))
     smallest = check_budgets(mt, req)
+    user_maps = read_seed_maps(req, mt)
     sens = sensitivity_for(req, out_dir)
     units = unit_table(sens, mt)
     options = unit_options(mt, sens.rows)
@@ -165,6 +165,8 @@ def search_mixed_precision(req: SearchRequest, progress=None) -> SearchResult:
     if created:
         for a in allocs:
             enqueue_seed(study, _choice(a, units), f"{a.method}@{a.bits_per_weight:.2f}")
+        for path, genome in user_maps:
+            enqueue_seed(study, map_choice(genome, units, path), f"map:{Path(path).name}")
     elif "://" not in storage_url:
         fail_dead_local_trials(study)
     before = {t.number for t in finished(study)}
@@ -175,6 +177,33 @@ def search_mixed_precision(req: SearchRequest, progress=None) -> SearchResult:
     from quantloop.tools.search_report import report_search
 
     return report_search(req, study, storage_url, mt, sens, allocs, before, out_dir, t0)
+
+
+def read_seed_maps(req: SearchRequest, mt) -> list[tuple[str, dict[str, str]]]:
+    """Every --seed-map, checked against the model (names, types it can hold) before anything runs."""
+    from quantloop.search.precision_maps import read_map
+    from quantloop.search.tensors import model_tensors
+
+    full = model_tensors(mt.gguf)
+    out = []
+    for p in req.seed_maps:
+        genome = read_map(p, full)[1]
+        bad = [n for n, t in genome.items() if t not in mt.by_name()[n].types]
+        if bad:
+            raise InputError(p, f"tensor {bad[0]} is {genome[bad[0]]}, not one of the search's types", f"use --types {','.join(req.types)}")
+        out.append((p, genome))
+    return out
+
+
+def map_choice(genome: dict[str, str], units, where) -> dict[str, str]:
+    choice = {}
+    for u, (ts, types) in units.items():
+        kinds = {genome[n] for n in ts}
+        if len(kinds) > 1 or next(iter(kinds)) not in types:
+            raise InputError(where, f"the map gives the tensors of unit {u} the types {', '.join(sorted(kinds))}",
+                             "a seed map must give one searchable type per unit (or use --granularity tensor)")
+        choice[u] = kinds.pop()
+    return choice
 
 
 def check_budgets(mt, req: SearchRequest) -> int:
@@ -201,3 +230,17 @@ def best_precision_map_for_budget(result_json: str | Path, budget_bpw: float, ma
     key = lambda m: m.test_kld_mean if m.test_kld_mean is not None else m.measured.kld_mean  # noqa: E731
     fits = [m for m in fits if max_kld is None or key(m) <= max_kld]
     return min(fits, key=key) if fits else None
+
+
+def spec_for_budget(result_json: str | Path, budget_bpw: float, max_kld: float | None = None):
+    """The QuantSpec (method gguf, one type per tensor) of best_precision_map_for_budget's pick, or None: what the
+    QuantizationAgent passes to quantize_model."""
+    import yaml
+
+    from quantloop.schemas import QuantSpec
+
+    member = best_precision_map_for_budget(result_json, budget_bpw, max_kld)
+    if member is None:
+        return None
+    fields = {k: v for k, v in yaml.safe_load(Path(member.map_yaml).read_text()).items() if k != "quantloop_search"}
+    return QuantSpec(**fields)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from quantloop.fileio import write_json_atomic
-from quantloop.search.schemas import CandidateMeasurement, FrontMember, SearchRequest, SearchResult, TextSpec
+from quantloop.search.schemas import CandidateMeasurement, FrontMember, SearchRequest, SearchResult
 
 
 def _genome(trial, units) -> dict[str, str]:
