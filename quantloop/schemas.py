@@ -175,6 +175,7 @@ class SizeReport(Strict):
     n_linear_weights: int
     linear_bits_per_weight: float = Field(description="over the linear (attention and feed-forward) weights alone")
     tensor_types: dict[str, int] = Field(description="weights per storage type")
+    linear_tensor_types: dict[str, int] = Field(default_factory=dict, description="linear weights per storage type")
 
 
 class GenerationSample(Strict):

@@ -113,3 +113,31 @@ def test_generation_failures_the_float_model_shares_are_not_counted(tiny_prepare
         kinds = {x.split()[0] for x in s.float_failures}
         assert not any(x.split()[0] in kinds for x in s.failures)
     assert judged.failures == sum(1 for s in judged.samples if s.failures) < own.failures + 1
+
+
+def test_size_bar_denominator_is_the_f16_file_on_both_runtimes(tiny_copy, tiny_prepared, dataset_dir, tmp_path):
+    """A float32 transformers copy is twice the F16 file: it is judged 0.5x, not 1x, as it would be on llama.cpp."""
+    import shutil
+
+    hf_only = tmp_path / "hf-only"
+    shutil.copytree(tiny_copy, hf_only, ignore=shutil.ignore_patterns("*.gguf", "quantloop_model.json"))
+    r = validate_quantization(ValidationRequest(quantized=str(hf_only), baseline=str(tiny_prepared), dataset_dir=str(dataset_dir),
+                                                chunks=1, nominal_bits=16, measure_speed=False, check_generation=False))
+    assert r.runtime == "transformers"
+    f16 = (tiny_prepared / "tiny-f16.gguf").stat().st_size
+    assert r.size_ratio == pytest.approx(f16 / r.size_quantized.bytes_on_disk) and 0.4 < r.size_ratio < 0.6
+
+
+def test_a_precision_map_is_judged_by_its_measured_bits(tiny_copy, dataset_dir, tmp_path):
+    from quantloop.eval.size import gguf_size, nominal_bits
+    from quantloop.schemas import QuantSpec
+    from quantloop.tools.quantize import quantize_model
+
+    mixed = quantize_model(tiny_copy, tmp_path / "mix", QuantSpec(method="gguf", layer_types={"attention": "Q8_0", "feed_forward": "Q4_0"}))
+    size = gguf_size(mixed.model_path)
+    assert set(size.linear_tensor_types) == {"Q8_0", "Q4_0"} and 5 < size.linear_bits_per_weight < 7
+    r = validate_quantization(ValidationRequest(quantized=mixed.model_path, baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
+                                                chunks=1, measure_speed=False, check_generation=False))
+    assert r.nominal_bits == int(size.linear_bits_per_weight)  # not the 8 bits of the file's base type
+    q4km = quantize_gguf(tiny_copy / "tiny-f16.gguf", tmp_path / "tiny-q4_k_m.gguf", "Q4_K_M")
+    assert nominal_bits(gguf_size(q4km), "Q4_K_M") == 4  # llama.cpp's named mixtures keep their name's width

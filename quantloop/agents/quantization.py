@@ -150,7 +150,7 @@ class QuantizationAgent:
         v = state.policy.validation
         return validate_quantization(ValidationRequest(
             quantized=model_path, baseline=planned.checkpoint,
-            nominal_bits=None if planned.spec.method in ("gguf", "qat") else planned.spec.bits,
+            nominal_bits=None if model_path.endswith(".gguf") else planned.spec.bits,  # a GGUF's bits come from the file
             dataset_dir=state.dataset_dir, spec_file=state.acceptance_spec,
             report_path=str(Path(planned.output_dir) / "validation_report.json"),
             chunks=v.chunks, measure_speed=v.measure_speed, check_generation=v.check_generation,

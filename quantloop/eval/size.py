@@ -22,12 +22,15 @@ def gguf_size(path: str | Path) -> SizeReport:
     b = sum(t[3] for t in tensors)
     lin = [t for t in tensors if GGUF_LINEAR.match(t[0])]
     ln, lb = sum(t[2] for t in lin), sum(t[3] for t in lin)
-    types = Counter()
+    types, linear_types = Counter(), Counter()
     for name, typ, ne, _ in tensors:
         types[typ] += ne
+    for name, typ, ne, _ in lin:
+        linear_types[typ] += ne
     return SizeReport(
         path=str(path), bytes_on_disk=path.stat().st_size, n_weights=n, bits_per_weight=8 * b / n,
         n_linear_weights=ln, linear_bits_per_weight=8 * lb / ln if ln else 0.0, tensor_types=dict(types),
+        linear_tensor_types=dict(linear_types),
     )
 
 
@@ -62,3 +65,15 @@ def hf_size(hf_dir: str | Path) -> SizeReport:
         path=str(hf_dir), bytes_on_disk=on_disk, n_weights=n, bits_per_weight=8 * b / n if n else 0.0,
         n_linear_weights=ln, linear_bits_per_weight=8 * lb / ln if ln else 0.0, tensor_types=dict(types),
     )
+
+
+def nominal_bits(size: SizeReport, file_type: str | None) -> int | None:
+    """The bit width a GGUF is judged at. A uniform type or one of llama.cpp's named mixtures (Q4_K_M, ...) is
+    named by its type; a precision map (several types on the linears, whoever wrote it) by its measured bits per
+    linear weight, rounded down (scales cost under one bit per weight: Q4_0 stores 4.5, Q6_K 6.56)."""
+    from quantloop.gguf.llamacpp import nominal_bits_of
+
+    named_mixture = bool(file_type) and file_type.upper().endswith(("_S", "_M", "_L", "_XS", "_XXS"))
+    if len(size.linear_tensor_types) > 1 and not named_mixture:
+        return int(size.linear_bits_per_weight)
+    return nominal_bits_of(file_type)

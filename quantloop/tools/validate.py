@@ -10,10 +10,9 @@ from quantloop.errors import InputError
 from quantloop.eval.generation import check_generations
 from quantloop.eval.runtimes import default_threads
 from quantloop.eval.session import kl_divergence, open_runner, split_chunks
-from quantloop.eval.size import gguf_size, hf_size
+from quantloop.eval.size import gguf_size, hf_size, nominal_bits
 from quantloop.eval.speed import measure_speed
 from quantloop.fileio import write_json_atomic
-from quantloop.gguf.llamacpp import nominal_bits_of
 from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import (
     AcceptanceCriteria,
@@ -88,16 +87,19 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
     speed_b = speed_q = None
     if req.measure_speed:
         speed_b, speed_q = measure_speed([base_runner.ref, quant_runner.ref], spec.speed, default_threads())
+    # the size bar's denominator is the same on both runtimes: the F16 file of the baseline's weights
+    size_b = gguf_size(base.gguf) if base.gguf is not None else hf_size(base.hf_dir)
+    f16_bytes = size_b.bytes_on_disk if base.gguf is not None else 2 * size_b.n_weights
     if runtime == "llama.cpp":
-        size_b, size_q = gguf_size(base.gguf), gguf_size(quant.gguf)
-        bits = req.nominal_bits or nominal_bits_of(quant_runner.ref.format.removeprefix("gguf:"))
+        size_q = gguf_size(quant.gguf)
+        bits = req.nominal_bits or nominal_bits(size_q, quant_runner.ref.format.removeprefix("gguf:"))
     else:
-        size_b, size_q = hf_size(base.hf_dir), hf_size(quant.hf_dir)
+        size_q = hf_size(quant.hf_dir)
         bits = req.nominal_bits
     parts = {
         "kld": kld,
         "speedup_tg": speed_q.tg_tokens_per_s / speed_b.tg_tokens_per_s if speed_q else None,
-        "size_ratio": size_b.bytes_on_disk / size_q.bytes_on_disk,
+        "size_ratio": f16_bytes / size_q.bytes_on_disk,
         "generation": gen,
     }
     criteria = judge(parts, spec.acceptance, bits)
