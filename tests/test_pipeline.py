@@ -18,6 +18,7 @@ from quantloop.agents.policy import load_policy
 from quantloop.errors import InputError
 from quantloop.pipelines.cli import main as run_main
 from quantloop.pipelines.run import run_pipeline
+from quantloop.schemas import QuantSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -367,3 +368,51 @@ def test_checkpoint_selection_and_next_checkpoint_fallback(trained_checkpoints, 
     assert [a.checkpoint for a in state.attempts] == [state.candidates[0].path, state.candidates[1].path]
     assert all(a.status == "validated" and a.verdict in ("fallback", "rejected") for a in state.attempts)
     assert state.decision == "rejected"
+
+
+class CrashingBackend:
+    """Registered for one run: GPTQ with seed 999 crashes inside the (installed) quantizer."""
+
+    def __init__(self):
+        from quantloop.backends.base import Backend, Needs
+
+        class Crash(Backend):
+            method = "gptq"
+
+            def handles(self, spec):
+                return spec.seed == 999
+
+            def needs(self, spec):
+                return Needs()
+
+            def quantize(self, job):
+                raise RuntimeError("index 7 is out of bounds for dimension 0 with size 4")
+
+        self.backend = Crash()
+
+
+def test_a_crashing_quantizer_is_recorded_as_failed_and_named_in_the_recommendation(tiny_prepared, dataset_dir, tmp_path):
+    from quantloop.backends.base import register, unregister
+
+    crash = register(CrashingBackend().backend)
+    try:
+        policy = tiny_policy(tmp_path, [{"name": "int4-gptq-crash", "spec": {"method": "gptq", "seed": 999}},
+                                        gguf_step("int4-q4_0", "Q4_0", 4)], measure_speed=False, size_ratio=100.0)
+        state = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy)
+    finally:
+        unregister(crash)
+    first = state.attempts[0]
+    assert first.status == "failed" and first.verdict == "fallback"
+    assert "RuntimeError: index 7 is out of bounds" in first.reason and "next: int4-q4_0" in first.reason
+    assert state.attempts[1].status == "validated" and state.decision == "rejected"
+    assert "A quantizer crashed" in state.recommendation and "int4-gptq-crash" in state.recommendation
+
+
+def test_spec_fields_a_backend_does_not_apply_are_refused(tiny_prepared, tmp_path):
+    from quantloop.tools.quantize import quantize_model
+
+    with pytest.raises(InputError, match="does not apply per-module 'overrides'"):
+        quantize_model(tiny_prepared, tmp_path / "o", QuantSpec(method="rtn", group_size=32, overrides={"q_proj": {"bits": 8}}))
+    with pytest.raises(InputError, match="does not apply 'skip_modules'"):
+        quantize_model(tiny_prepared, tmp_path / "s", QuantSpec(method="gguf", gguf_type="Q8_0", skip_modules=["model.layers.0"]))
+    assert list(tmp_path.iterdir()) == []

@@ -35,9 +35,13 @@ def flatten_numbers(data, prefix: str = "") -> dict[str, float]:
     return out
 
 
+OPTIONAL_QUANTIZERS = ("gptqmodel", "auto_round", "llama_cpp")  # packages a quantizer step may lack on a machine
+
+
 def unavailable_reason(err: BaseException) -> str | None:
-    """The one-line reason when an error says a capability is not built or installed yet, else None."""
-    if isinstance(err, ImportError):
+    """The one-line reason when the quantizer itself is not installed or not supported here, else None (a crash
+    inside an installed library is a failure, not 'not available')."""
+    if isinstance(err, ImportError) and (err.name or "").split(".")[0] in OPTIONAL_QUANTIZERS:
         return f"not available: {err}"
     if isinstance(err, InputError) and "not available" in err.problem:
         return f"not available: {err.line()}"

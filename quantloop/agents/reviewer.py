@@ -27,9 +27,12 @@ def failing_measurements(attempt: Attempt) -> str:
 def recommendation(attempts: list[Attempt]) -> str:
     """What a person should try, from which criteria failed on the attempts that were measured."""
     measured = [a for a in attempts if a.status == "validated"]
+    crashed = [f"{a.step} {a.note}" for a in attempts if a.status == "failed"]
+    crash_tip = (f" A quantizer crashed, which is a bug to fix or report, not a property of the model: {'; '.join(crashed)[:600]}."
+                 if crashed else "")
     if not measured:
         return ("No step could run (" + "; ".join(f"{a.step}: {a.note}" for a in attempts if a.note)[:600] +
-                "); install or build the missing quantizers, or add steps that are available to the policy.")
+                "); install or build the missing quantizers, or add steps that are available to the policy." + crash_tip)
     failed = {c.name for a in measured for c in a.criteria if not c.passed}
     tips = []
     if "perplexity" in failed:
@@ -41,7 +44,7 @@ def recommendation(attempts: list[Attempt]) -> str:
         tips.append("size falls short: quantize the embeddings and output layer too, or choose a lower-bit type")
     if "generation" in failed:
         tips.append("generations fail the checks: read the side-by-side generations and review the prompts and limits in the acceptance spec")
-    return "; ".join(tips) + "." if tips else "Review the attempts' reports."
+    return ("; ".join(tips) + "." if tips else "Review the attempts' reports.") + crash_tip
 
 
 class ReviewerAgent:
@@ -52,10 +55,12 @@ class ReviewerAgent:
         next_step = remaining[0].step if remaining else None
         if last.status == "validated" and last.passed:
             verdict, reason = "accepted", f"{last.step} passes every acceptance criterion ({self.passing_summary(last)})."
-        elif last.status != "validated":
+        elif last.status == "skipped":
             verdict = "skipped"
-            what = "was skipped" if last.status == "skipped" else "failed"
-            reason = f"{last.step} {what}: {last.note}" + (f"; next: {next_step}." if next_step else "; the plan is exhausted.")
+            reason = f"{last.step} was skipped: {last.note}" + (f"; next: {next_step}." if next_step else "; the plan is exhausted.")
+        elif last.status == "failed":  # a crash: recorded as a failure with its error, then the next step
+            verdict = "fallback" if next_step else "rejected"
+            reason = f"{last.step} failed: {last.note}" + (f"; next: {next_step}." if next_step else "; the plan is exhausted.")
         else:
             verdict = "fallback" if next_step else "rejected"
             then = f"next: {next_step}" if next_step else "the plan is exhausted"

@@ -184,6 +184,7 @@ class AutoRoundBackend(Backend):
 
     method = "autoround"
     label = "AutoRound"
+    honours = frozenset({"skip_modules"})
     libraries = ("auto-round", "torch", "transformers")
 
     def needs(self, spec) -> Needs:

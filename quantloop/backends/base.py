@@ -65,6 +65,7 @@ class Backend:
     label: ClassVar[str] = ""  # the name error messages use (default: the method in capitals)
     writer: ClassVar[str] = "the export"  # who wrote the GGUF, for a precision-map mismatch message
     libraries: ClassVar[tuple[str, ...]] = ()  # distributions whose versions the result records
+    honours: ClassVar[frozenset[str]] = frozenset()  # optional QuantSpec fields it applies: "skip_modules", "overrides"
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -158,3 +159,16 @@ def check_needs(needs: Needs, model, method: str) -> None:
         raise InputError(model.path, f"{method} needs a transformers checkpoint", "pass a prepared checkpoint folder")
     if needs.f16_gguf and model.gguf is None:
         raise InputError(model.path, f"{method} needs an F16/F32 GGUF of the model", "run `quantloop prepare` on it first")
+
+
+DEFAULT_SKIP_MODULES = ["lm_head"]
+
+
+def check_spec_fields(backend: Backend, spec) -> None:
+    """A spec field the backend would not apply is refused with one line, never silently ignored."""
+    if spec.overrides and "overrides" not in backend.honours:
+        raise InputError(None, f"{backend.label} does not apply per-module 'overrides'",
+                         "drop them, or give a precision map (layer_types, --layer-type / --tensor-type) to method gguf, gptq or qat")
+    if list(spec.skip_modules) != DEFAULT_SKIP_MODULES and "skip_modules" not in backend.honours:
+        raise InputError(None, f"{backend.label} does not apply 'skip_modules' {spec.skip_modules}",
+                         "drop the field, or keep a layer type in float with a precision map (e.g. --layer-type attention=F16)")

@@ -13,12 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from quantloop.backends.base import (
-    BackendJob,
-    backend_for,
-    calibration_for,
-    check_needs,
-)
+from quantloop.backends.base import BackendJob, backend_for, calibration_for, check_needs, check_spec_fields
 from quantloop.errors import InputError
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.fileio import atomic_output, write_json_atomic
@@ -54,6 +49,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
     if out.exists() and not overwrite:
         raise InputError(out, "output folder exists", "pass --overwrite or choose another output folder")
     backend = backend_for(spec)
+    check_spec_fields(backend, spec)
     needs = backend.needs(spec)
     check_needs(needs, model, backend.label)
     reset_peak_rss()
