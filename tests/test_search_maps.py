@@ -16,7 +16,8 @@ def _mt(tiny_prepared, types=None):
     return model_tensors(resolve_model(tiny_prepared).gguf, types)
 
 
-def test_map_written_file_matches_estimate_and_types(tiny_prepared, tmp_path):
+@pytest.mark.parametrize("cycle", [["Q4_0", "Q5_1", "Q8_0", "F16", "Q4_1", "Q5_0"], ["F16", "Q4_0", "Q5_0"]])
+def test_map_written_file_matches_estimate_and_types(tiny_prepared, tmp_path, cycle):
     from quantloop.gguf.llamacpp import read_metadata
     from quantloop.schemas import QuantSpec
     from quantloop.search.precision_maps import read_map, write_map
@@ -24,7 +25,6 @@ def test_map_written_file_matches_estimate_and_types(tiny_prepared, tmp_path):
     from quantloop.tools.quantize import quantize_model
 
     mt = _mt(tiny_prepared)
-    cycle = ["Q4_0", "Q5_1", "Q8_0", "F16", "Q4_1", "Q5_0"]
     genome = {t.name: cycle[i % len(cycle)] for i, t in enumerate(mt.tensors)}
     j, y = write_map(genome, tmp_path / "map", {"note": "test"})
     fields, back = read_map(y, mt)

@@ -19,8 +19,13 @@ EXACT = re.compile(r"^\^(.+)\$$")
 
 
 def spec_fields(genome: dict[str, str]) -> dict:
-    """The QuantSpec fields of a genome: every tensor named by an anchored pattern, the embedding's type as base."""
-    base = genome.get("token_embd.weight") or next(iter(genome.values()))
+    """The QuantSpec fields of a genome: every tensor named by an anchored pattern; the base type is the embedding's,
+    or, when that is F16, a quantized type of the map (llama-quantize with an F16 base type ignores the per-tensor
+    quantized types)."""
+    quantized = [t for t in genome.values() if t != "F16"]
+    base = genome.get("token_embd.weight", "F16")
+    if base == "F16":
+        base = max(set(quantized), key=quantized.count) if quantized else "Q8_0"
     return {"method": "gguf", "gguf_type": base, "layer_types": {"norms": "F32"},
             "gguf_tensor_types": {f"^{re.escape(n)}$": t for n, t in genome.items()}}
 
