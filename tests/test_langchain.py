@@ -55,6 +55,7 @@ def test_example_agent_quantizes_and_validates_the_tiny_model(tmp_path, tiny_pre
     assert isinstance(q, QuantizationResult) and q.format == "gguf:Q8_0"
     assert Path(q.model_path).is_file() and Path(q.model_path).stat().st_size == q.bytes_on_disk
     assert json.loads(results["call-quantize"].content)["model_path"] == q.model_path
+    assert estimate.bytes == q.bytes_on_disk  # the estimate is the written file's size, to the byte
 
     bad = results["call-validate-invalid"]
     assert bad.status == "error" and "chunks: Input should be greater than or equal to 1" in bad.content
