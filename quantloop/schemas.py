@@ -37,12 +37,18 @@ class AcceptanceCriteria(Strict):
 class EvalSettings(Strict):
     context: int = Field(512, ge=16, description="tokens per chunk; each chunk scores its second half")
     chunks: int = Field(16, ge=1, description="chunks of the test split scored (the first N)")
+    max_chunks: int | None = Field(None, ge=1, description="when the perplexity increase lies within decide_sigmas standard "
+                                   "errors of its bar, the chunks double up to this many before the verdict (default: no more)")
+    decide_sigmas: float = Field(2.0, gt=0, description="a measurement this many standard errors or more from its bar decides")
 
 
 class SpeedSettings(Strict):
     prompt_tokens: int = Field(256, ge=8)
-    gen_tokens: int = Field(64, ge=4)
-    repeats: int = Field(3, ge=1, description="best of N, float and quantized interleaved")
+    gen_tokens: int = Field(128, ge=4)
+    repeats: int = Field(5, ge=1, description="float/quantized pairs, interleaved; the verdict takes the median pair ratio")
+    bench_reps: int = Field(2, ge=1, description="llama-bench repetitions inside each run (-r)")
+    max_repeats: int | None = Field(None, ge=1, description="pairs at most: more are measured while the median ratio lies "
+                                    "within decide_sigmas standard errors of the bar (default: repeats, no more)")
 
 
 class GenerationSettings(Strict):
@@ -201,6 +207,7 @@ class CriterionResult(Strict):
     measured: float | None
     threshold: str
     detail: str
+    margin_sigmas: float | None = Field(None, description="(measured - bar) / its standard error, signed so that > 0 passes")
 
 
 def _now() -> str:
@@ -248,7 +255,9 @@ class ValidationReport(Strict):
     speed_baseline: SpeedReport | None
     speed_quantized: SpeedReport | None
     speedup_pp: float | None
-    speedup_tg: float | None
+    speedup_tg: float | None = Field(description="median over the interleaved float/quantized pairs of tg ratios")
+    speedup_tg_pairs: list[float] = Field(default_factory=list, description="every pair's token-generation ratio, in order")
+    speedup_tg_stderr: float | None = Field(None, description="standard error of the median ratio (1.2533 * sd / sqrt(n))")
     size_baseline: SizeReport
     size_quantized: SizeReport
     size_ratio: float

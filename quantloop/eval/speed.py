@@ -7,10 +7,12 @@ the timed loop, so the ratio of two models is the runtime's, not the
 binding's. On transformers the forward passes are timed in Python.
 
 Each measurement runs in its own process (`python -m quantloop.eval.speed`),
-so its peak resident memory is that of one serving process holding one model; the float and the
-quantized model are measured alternately, `repeats` times each, and the
-best run of each is kept. Token ids are fixed pseudo-random ids (the cost
-of a forward pass does not depend on which tokens it sees).
+so its peak resident memory is that of one serving process holding one model. Two models are measured
+in interleaved pairs (float, quantized, float, quantized, ...): each pair gives one ratio, measured
+seconds apart on the same machine, so a slow spell of the machine hits both sides of a pair; a model's
+speed is the median of its runs, and a ratio's verdict the median of the pair ratios with its standard
+error (speed_pairs, tools/validate.py). Token ids are fixed pseudo-random ids (the cost of a forward pass
+does not depend on which tokens it sees).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ def _ids(n: int, n_vocab: int) -> list[int]:
     return np.random.default_rng(0).integers(100, n_vocab - 100, size=n).tolist()
 
 
-def _bench_llama_cpp(path: str, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
-    """One llama-bench run (a warm-up, then one timed pass of each test) of one model."""
+def _bench_llama_cpp(path: str, prompt_tokens: int, gen_tokens: int, threads: int, reps: int = 1) -> dict:
+    """One llama-bench run (a warm-up, then `reps` timed passes of each test, averaged) of one model."""
     import resource
 
     from quantloop.gguf.llamacpp import tool
 
-    cmd = [str(tool("llama-bench")), "-m", path, "-p", str(prompt_tokens), "-n", str(gen_tokens), "-r", "1",
+    cmd = [str(tool("llama-bench")), "-m", path, "-p", str(prompt_tokens), "-n", str(gen_tokens), "-r", str(reps),
            "-t", str(threads), "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -50,7 +52,7 @@ def _bench_llama_cpp(path: str, prompt_tokens: int, gen_tokens: int, threads: in
     return {"load_s": None, "pp_s": seconds["pp"], "tg_s": seconds["tg"], "peak_rss_kb": child_rss_kb}
 
 
-def _bench_transformers(path: str, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
+def _bench_transformers(path: str, prompt_tokens: int, gen_tokens: int, threads: int, reps: int = 1) -> dict:
     import torch
 
     from quantloop.models.checkpoints import load_hf_model
@@ -79,29 +81,68 @@ def _bench_transformers(path: str, prompt_tokens: int, gen_tokens: int, threads:
     return {"load_s": load_s, "pp_s": pp_s, "tg_s": tg_s}
 
 
-def measure_speed(refs: list[ModelRef], settings: SpeedSettings, threads: int) -> list[SpeedReport]:
-    """Measure each model `settings.repeats` times, interleaved; keep each model's fastest pp and tg."""
+def measure_runs(refs: list[ModelRef], settings: SpeedSettings, threads: int, rounds: int, progress=None) -> list[list[dict]]:
+    """`rounds` rounds of one run of each model in turn (interleaved); runs[i] are model i's results."""
     runs: list[list[dict]] = [[] for _ in refs]
-    peak = [0] * len(refs)
-    for _ in range(settings.repeats):
+    for _ in range(rounds):
         for i, ref in enumerate(refs):
             result, rss_kb = _measure_once(ref, settings, threads)
-            runs[i].append(result)
-            peak[i] = max(peak[i], rss_kb * 1024)
-    return [
-        SpeedReport(
-            model=ref, threads=threads, prompt_tokens=settings.prompt_tokens, gen_tokens=settings.gen_tokens,
-            pp_tokens_per_s=settings.prompt_tokens / min(r["pp_s"] for r in rs),
-            tg_tokens_per_s=settings.gen_tokens / min(r["tg_s"] for r in rs),
-            load_s=min(r["load_s"] for r in rs) if rs[0]["load_s"] is not None else None, peak_rss_bytes=peak[i],
-        )
-        for i, (ref, rs) in enumerate(zip(refs, runs))
-    ]
+            runs[i].append(result | {"peak_rss_kb": rss_kb})
+        if progress is not None:
+            progress.update(1)
+    return runs
+
+
+def speed_report(ref: ModelRef, runs: list[dict], settings: SpeedSettings, threads: int) -> SpeedReport:
+    """A model's speed from its runs: the median run's pp and tg rates, the largest peak memory."""
+    return SpeedReport(
+        model=ref, threads=threads, prompt_tokens=settings.prompt_tokens, gen_tokens=settings.gen_tokens,
+        pp_tokens_per_s=settings.prompt_tokens / float(np.median([r["pp_s"] for r in runs])),
+        tg_tokens_per_s=settings.gen_tokens / float(np.median([r["tg_s"] for r in runs])),
+        load_s=float(np.median([r["load_s"] for r in runs])) if runs[0]["load_s"] is not None else None,
+        peak_rss_bytes=max(r["peak_rss_kb"] for r in runs) * 1024,
+    )
+
+
+def measure_speed(refs: list[ModelRef], settings: SpeedSettings, threads: int) -> list[SpeedReport]:
+    """Measure each model `settings.repeats` times, interleaved; each model's median run."""
+    runs = measure_runs(refs, settings, threads, settings.repeats)
+    return [speed_report(ref, rs, settings, threads) for ref, rs in zip(refs, runs)]
+
+
+def pair_ratios(base_runs: list[dict], quant_runs: list[dict]) -> list[float]:
+    """Token-generation speed ratio quantized / float of each interleaved pair."""
+    return [b["tg_s"] / q["tg_s"] for b, q in zip(base_runs, quant_runs)]
+
+
+def median_and_stderr(values: list[float]) -> tuple[float, float]:
+    """The median and its standard error (1.2533 * sd / sqrt(n), the normal approximation)."""
+    v = np.asarray(values, dtype=float)
+    sd = float(v.std(ddof=1)) if len(v) > 1 else float("inf")
+    return float(np.median(v)), 1.2533 * sd / np.sqrt(len(v))
+
+
+def speed_pairs(base: ModelRef, quant: ModelRef, settings: SpeedSettings, threads: int, bar: float,
+                decide_sigmas: float) -> tuple[SpeedReport, SpeedReport, list[float]]:
+    """Interleaved pairs until the median ratio is decide_sigmas standard errors from `bar`, or max_repeats pairs."""
+    from tqdm import tqdm
+
+    cap = max(settings.max_repeats or settings.repeats, settings.repeats)
+    with tqdm(total=cap, desc="speed pairs", unit="pair", leave=False) as bar_:
+        runs = measure_runs([base, quant], settings, threads, settings.repeats, bar_)
+        while len(runs[0]) < cap:
+            median, se = median_and_stderr(pair_ratios(*runs))
+            if abs(median - bar) >= decide_sigmas * se:
+                break
+            more = measure_runs([base, quant], settings, threads, min(settings.repeats, cap - len(runs[0])), bar_)
+            runs = [runs[0] + more[0], runs[1] + more[1]]
+    return speed_report(base, runs[0], settings, threads), speed_report(quant, runs[1], settings, threads), pair_ratios(*runs)
 
 
 def _measure_once(ref: ModelRef, settings: SpeedSettings, threads: int) -> tuple[dict, int]:
     cmd = [sys.executable, "-m", "quantloop.eval.speed", "--runtime", ref.runtime, "--model", ref.path,
-           "--prompt-tokens", str(settings.prompt_tokens), "--gen-tokens", str(settings.gen_tokens), "--threads", str(threads)]
+           "--prompt-tokens", str(settings.prompt_tokens), "--gen-tokens", str(settings.gen_tokens), "--threads", str(threads),
+           "--reps", str(settings.bench_reps)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
@@ -117,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--reps", type=int, default=1, help="llama-bench repetitions (-r)")
     a = p.parse_args(argv)
     fn = _bench_llama_cpp if a.runtime == "llama.cpp" else _bench_transformers
-    result = fn(a.model, a.prompt_tokens, a.gen_tokens, a.threads)
+    result = fn(a.model, a.prompt_tokens, a.gen_tokens, a.threads, a.reps)
     result.setdefault("peak_rss_kb", peak_rss_bytes() // 1024)
     print(json.dumps(result))
 

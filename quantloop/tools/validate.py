@@ -11,7 +11,7 @@ from quantloop.eval.generation import check_generations
 from quantloop.eval.runtimes import default_threads
 from quantloop.eval.session import kl_divergence, open_runner, split_chunks
 from quantloop.eval.size import gguf_size, hf_size, nominal_bits
-from quantloop.eval.speed import measure_speed
+from quantloop.eval.speed import median_and_stderr, speed_pairs
 from quantloop.fileio import write_json_atomic
 from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import (
@@ -33,21 +33,42 @@ def required_size_ratio(criteria: AcceptanceCriteria, bits: int) -> float:
     return round(ref_ratio * ref_bits / bits, 2)
 
 
+def ppl_increase_stderr(kld) -> float:
+    """Standard error of the perplexity increase in percent, from the paired error of ln(PPL ratio)."""
+    return 100 * kld.ppl_ratio * kld.ln_ppl_ratio_stderr if kld.ln_ppl_ratio_stderr > 0 else float("inf")
+
+
+def near_the_bar(kld, spec) -> bool:
+    """The perplexity increase lies within decide_sigmas standard errors of its bar."""
+    return abs(spec.acceptance.max_ppl_increase_pct - kld.ppl_increase_pct) < spec.eval.decide_sigmas * ppl_increase_stderr(kld)
+
+
+def how_close(margin: float | None) -> str:
+    if margin is None or margin != margin or abs(margin) == float("inf"):
+        return "margin unknown"
+    return f"{'passes' if margin >= 0 else 'fails'} by {abs(margin):.1f} sigma"
+
+
 def judge(report_parts: dict, criteria: AcceptanceCriteria, bits: int | None) -> list[CriterionResult]:
     kld, speedup, size_ratio, gen = report_parts["kld"], report_parts["speedup_tg"], report_parts["size_ratio"], report_parts["generation"]
+    ppl_margin = (criteria.max_ppl_increase_pct - kld.ppl_increase_pct) / ppl_increase_stderr(kld)
     out = [
         CriterionResult(
             name="perplexity", passed=kld.ppl_increase_pct < criteria.max_ppl_increase_pct, measured=kld.ppl_increase_pct,
-            threshold=f"< {criteria.max_ppl_increase_pct} % increase",
-            detail=f"PPL {kld.ppl_quant:.4f} vs {kld.ppl_base:.4f} ({kld.ppl_increase_pct:+.2f} %, mean KLD {kld.kld_mean:.4f})",
+            threshold=f"< {criteria.max_ppl_increase_pct} % increase", margin_sigmas=ppl_margin,
+            detail=f"PPL {kld.ppl_quant:.4f} vs {kld.ppl_base:.4f} ({kld.ppl_increase_pct:+.2f} % ± {ppl_increase_stderr(kld):.2f} %, "
+                   f"mean KLD {kld.kld_mean:.4f}, {kld.tokens} tokens; {how_close(ppl_margin)})",
         )
     ]
     if speedup is None:
         out.append(CriterionResult(name="speed", passed=False, measured=None, threshold=f">= {criteria.min_speedup}x", detail="not measured"))
     else:
+        se = report_parts.get("speedup_tg_stderr")
+        margin = (speedup - criteria.min_speedup) / se if se else None
+        spread = f" ± {se:.2f} (median of {len(report_parts.get('speedup_tg_pairs') or [])} interleaved pairs; {how_close(margin)})" if se else ""
         out.append(CriterionResult(name="speed", passed=speedup >= criteria.min_speedup, measured=speedup,
-                                   threshold=f">= {criteria.min_speedup}x token generation",
-                                   detail=f"token generation {speedup:.2f}x the float baseline on the same runtime"))
+                                   threshold=f">= {criteria.min_speedup}x token generation", margin_sigmas=margin,
+                                   detail=f"token generation {speedup:.2f}x{spread} the float baseline on the same runtime"))
     if bits is None:
         out.append(CriterionResult(name="size", passed=False, measured=size_ratio, threshold="unknown bit width",
                                    detail="nominal bit width unknown; pass --bits"))
@@ -82,11 +103,20 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
         raise InputError(quant.path, f"vocabulary of {quant_runner.n_vocab} tokens differs from the baseline's {base_runner.n_vocab}", "compare models that share a tokenizer")
     chunks = split_chunks(dataset_dir, base, ctx, req.chunks or spec.eval.chunks, fallback_runner=base_runner)
     kld = kl_divergence(base_runner, quant_runner, chunks)
+    cap = spec.eval.max_chunks or len(chunks)
+    while len(chunks) < cap and near_the_bar(kld, spec):  # within its noise of the bar: measure more before deciding
+        more = split_chunks(dataset_dir, base, ctx, min(2 * len(chunks), cap), fallback_runner=base_runner)
+        if len(more) == len(chunks):  # the test split has no more text
+            break
+        chunks = more
+        kld = kl_divergence(base_runner, quant_runner, chunks)
     gen = check_generations(quant_runner, base_runner, spec.generation) if req.check_generation else None
 
     speed_b = speed_q = None
+    ratios: list[float] = []
     if req.measure_speed:
-        speed_b, speed_q = measure_speed([base_runner.ref, quant_runner.ref], spec.speed, default_threads())
+        speed_b, speed_q, ratios = speed_pairs(base_runner.ref, quant_runner.ref, spec.speed, default_threads(),
+                                               spec.acceptance.min_speedup, spec.eval.decide_sigmas)
     # the size bar's denominator is the same on both runtimes: the F16 file of the baseline's weights
     size_b = gguf_size(base.gguf) if base.gguf is not None else hf_size(base.hf_dir)
     f16_bytes = size_b.bytes_on_disk if base.gguf is not None else 2 * size_b.n_weights
@@ -96,9 +126,10 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
     else:
         size_q = hf_size(quant.hf_dir)
         bits = req.nominal_bits
+    median_ratio, ratio_se = median_and_stderr(ratios) if ratios else (None, None)
     parts = {
-        "kld": kld,
-        "speedup_tg": speed_q.tg_tokens_per_s / speed_b.tg_tokens_per_s if speed_q else None,
+        "kld": kld, "speedup_tg_pairs": ratios,
+        "speedup_tg": median_ratio, "speedup_tg_stderr": ratio_se,
         "size_ratio": f16_bytes / size_q.bytes_on_disk,
         "generation": gen,
     }
@@ -116,7 +147,7 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
         speed_baseline=speed_b,
         speed_quantized=speed_q,
         speedup_pp=speed_q.pp_tokens_per_s / speed_b.pp_tokens_per_s if speed_q else None,
-        speedup_tg=parts["speedup_tg"],
+        speedup_tg=parts["speedup_tg"], speedup_tg_pairs=ratios, speedup_tg_stderr=ratio_se,
         size_baseline=size_b,
         size_quantized=size_q,
         size_ratio=parts["size_ratio"],

@@ -1,0 +1,87 @@
+"""Speed verdict stability: the same Q8_0 file against the same F16 file, validated N times in a row.
+
+    .venv/bin/python bench/bench_speed_verdict.py [--model DIR] [--type Q8_0] [--times 5] [--old]
+
+Each validation runs the speed part of validate_quantization exactly as it runs there (interleaved
+llama-bench pairs with the spec's settings, more pairs while the median lies within decide_sigmas
+standard errors of the bar, then the verdict). Prints every validation's median ratio, its standard
+error, pairs used, the verdict and its margin in sigma, and the spread of the medians across
+validations (the goal: within 5 %, and the same verdict every time). `--old` also measures the
+previous method (best of 3 single runs of 64 generated tokens each side) for comparison, in the same run.
+Writes SLM/reports/bench_speed_verdict.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quantloop.backends.gguf import quantize_gguf  # noqa: E402
+from quantloop.eval.runtimes import default_threads  # noqa: E402
+from quantloop.eval.speed import measure_runs, median_and_stderr, speed_pairs  # noqa: E402
+from quantloop.fileio import write_json_atomic  # noqa: E402
+from quantloop.models.checkpoints import resolve_model  # noqa: E402
+from quantloop.paths import DEFAULT_MODEL_DIR, SLM_DIR  # noqa: E402
+from quantloop.pipelines.report_format import table  # noqa: E402
+from quantloop.schemas import ModelRef, SpeedSettings  # noqa: E402
+from quantloop.specs import load_quality_spec  # noqa: E402
+from quantloop.tools.validate import how_close  # noqa: E402
+
+
+def old_ratio(base: ModelRef, quant: ModelRef, threads: int) -> float:
+    """The previous measurement: best of 3 single llama-bench runs each side, 64 generated tokens, interleaved."""
+    old = SpeedSettings(prompt_tokens=256, gen_tokens=64, repeats=3, bench_reps=1)
+    runs = measure_runs([base, quant], old, threads, old.repeats)
+    return min(r["tg_s"] for r in runs[0]) / min(r["tg_s"] for r in runs[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    p.add_argument("--type", default="Q8_0")
+    p.add_argument("--times", type=int, default=5)
+    p.add_argument("--old", action="store_true", help="also measure the previous method after each validation")
+    a = p.parse_args()
+    spec = load_quality_spec()
+    bar, sigmas, threads = spec.acceptance.min_speedup, spec.eval.decide_sigmas, default_threads()
+    base = resolve_model(a.model)
+    rows, out = [], []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        q = quantize_gguf(base.gguf, Path(tmp) / f"model-{a.type}.gguf", a.type)
+        base_ref = ModelRef(path=str(base.gguf), runtime="llama.cpp", format="gguf:F16")
+        quant_ref = ModelRef(path=str(q), runtime="llama.cpp", format=f"gguf:{a.type}")
+        for i in range(a.times):
+            t0 = time.perf_counter()
+            _, _, ratios = speed_pairs(base_ref, quant_ref, spec.speed, threads, bar, sigmas)
+            median, se = median_and_stderr(ratios)
+            margin = (median - bar) / se
+            verdict = "pass" if median >= bar else "fail"
+            old = old_ratio(base_ref, quant_ref, threads) if a.old else None
+            out.append({"median": median, "stderr": se, "pairs": ratios, "verdict": verdict, "margin_sigmas": margin,
+                        "old_method_ratio": old, "wall_s": time.perf_counter() - t0})
+            rows.append([i + 1, f"{median:.3f}x", f"{se:.3f}", len(ratios), verdict, how_close(margin),
+                         "-" if old is None else f"{old:.3f}x", f"{time.perf_counter() - t0:.0f} s"])
+            print(f"validation {i + 1}: {rows[-1][1]} ± {rows[-1][2]} over {len(ratios)} pairs -> {verdict} ({rows[-1][5]})", flush=True)
+    medians = [o["median"] for o in out]
+    spread = (max(medians) - min(medians)) / (sum(medians) / len(medians))
+    print()
+    print(f"{a.type} vs F16 on {base.path.name}: token generation {spec.speed.gen_tokens} tokens x {spec.speed.bench_reps} reps per run, "
+          f"{spec.speed.repeats}-{spec.speed.max_repeats} interleaved pairs, {threads} threads, bar {bar}x")
+    print(table(["#", "median ratio", "stderr", "pairs", "verdict", "margin", "old method", "wall"], rows))
+    print(f"spread of the medians: {spread:.1%} (max - min over mean); verdicts: {', '.join(o['verdict'] for o in out)}; "
+          f"total {time.perf_counter() - t_all:.0f} s")
+    write_json_atomic(SLM_DIR / "reports" / "bench_speed_verdict.json",
+                      {"model": str(base.path), "type": a.type, "bar": bar, "settings": spec.speed.model_dump(), "threads": threads,
+                       "validations": out, "spread": spread})
+
+
+if __name__ == "__main__":
+    main()
