@@ -6,13 +6,15 @@ PY := $(VENV)/bin/python
 QL := $(VENV)/bin/quantloop
 PYTEST_ARGS ?=
 
-.PHONY: setup prepare run test test-fast bench help
+.PHONY: setup prepare services run test test-fast bench bench-speed bench-search help
 
 help:
 	@echo "make run        set up, prepare the default model and text, run the agent loop (quantloop run)"
 	@echo "make test       set up, prepare, run every test (fast and slow)"
 	@echo "make test-fast  the fast tests only"
 	@echo "make bench      print the measurement benchmark (bench/)"
+	@echo "make bench-speed  the same Q8_0 file validated 5 times: speed ratios, spread and verdicts"
+	@echo "make bench-search the mixed-precision search against greedy, ILP and llama.cpp's mixes"
 
 setup:
 	@scripts/setup.sh
@@ -23,11 +25,23 @@ prepare: setup
 run: prepare
 	$(QL) run
 
-test: prepare
+test: prepare services
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
-test-fast: prepare
+test-fast: prepare services
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# what the tests start themselves need on the machine: PostgreSQL's server binaries (the two-worker search
+# test) and headless Chromium (the report and MLflow UI tests); installed with apt-get only when missing
+services:
+	@scripts/setup-postgres.sh
+	@scripts/setup-browser.sh
 
 bench: prepare
 	$(PY) bench/bench_measurement.py
+
+bench-speed: prepare
+	$(PY) bench/bench_speed_verdict.py
+
+bench-search: prepare
+	QUANTLOOP_THREADS=1 $(PY) bench/bench_search.py

@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     from quantloop.pipelines.train_command import add_train_command
 
     add_train_command(sub)
+    from quantloop.pipelines.search_command import add_search_commands
+
+    add_search_commands(sub)
     return p
 
 
