@@ -77,6 +77,8 @@ def test_rtn_g32_exports_to_gguf_q4_0_exactly(tiny_prepared, tmp_path):
 
     r = quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="rtn", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0"))
     assert r.format == "gguf:Q4_0" and r.model_path.endswith(".gguf")
+    assert r.notes == ["exact export: 15 quantized tensors read back bit for bit, 14 of them the quantizer's own codes and "
+                       "scales, 1 rounded by llama.cpp's rules (embeddings)"]
     hf = load_file(tmp_path / "q" / "model.safetensors")
     t = next(t for t in GGUFReader(r.model_path).tensors if t.name == "blk.1.ffn_down.weight")
     assert t.tensor_type.name == "Q4_0"
@@ -116,6 +118,21 @@ def test_gptq_g32_exports_its_codes_to_gguf_q4_0(tiny_prepared, tmp_path, datase
     t = next(t for t in GGUFReader(r.model_path).tensors if t.name == "blk.0.ffn_down.weight")
     assert t.tensor_type.name == "Q4_0"
     assert np.array_equal(dequantize(t.data, t.tensor_type).reshape(expected.shape), expected)
+    assert "14 of them the quantizer's own codes" in r.notes[0]
+
+
+def test_read_back_refuses_a_file_that_differs_from_the_blocks(tiny_prepared, tmp_path):
+    import numpy as np
+    from gguf import GGUFReader
+
+    from quantloop.gguf.export import read_back
+
+    r = quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="rtn", bits=8, group_size=32, gguf_type="Q8_0"))
+    raw = {t.name: np.array(t.data) for t in GGUFReader(r.model_path).tensors if t.tensor_type.name == "Q8_0"}
+    assert len(read_back(Path(r.model_path), raw)) == len(raw) == 15
+    raw["blk.0.ffn_up.weight"].reshape(-1)[5] ^= 1  # one bit of one code
+    with pytest.raises(RuntimeError, match="blk.0.ffn_up.weight as written differs"):
+        read_back(Path(r.model_path), raw)
 
 
 def test_export_gguf_command_writes_the_rtn_grid_and_refuses_a_wrong_type(tiny_prepared, tmp_path, capsys):
@@ -158,3 +175,22 @@ def test_llama_cpp_fallbacks_are_one_note_with_the_full_log(tiny_prepared, tmp_p
     assert "tensors fell back to another type" in note and "q5_0" in note
     log = (tmp_path / "q4k" / "llama-quantize.log").read_text()
     assert log.count("converting to q5_0") + log.count("converting to q5_1") == int(note.split()[0]) > 0
+
+
+def test_commands_default_to_the_off_grid_twin_when_it_is_prepared(monkeypatch, tmp_path):
+    import quantloop.paths as paths
+    from quantloop.pipelines.cli import build_parser, fill_default_models
+
+    twin = tmp_path / "twin"
+    monkeypatch.setattr(paths, "OFFGRID_MODEL_DIR", twin)
+
+    def defaults():
+        q, v = build_parser().parse_args(["quantize"]), build_parser().parse_args(["validate", "x.gguf"])
+        fill_default_models(q)
+        fill_default_models(v)
+        return q.model, v.base
+
+    assert defaults() == (str(paths.DEFAULT_MODEL_DIR),) * 2  # no twin prepared: the reference
+    twin.mkdir()
+    (twin / "config.json").write_text("{}")
+    assert defaults() == (str(twin),) * 2

@@ -17,6 +17,8 @@ from quantloop.paths import (  # noqa: E402
     DATASETS_DIR,
     DEFAULT_MODEL_DIR,
     DEFAULT_MODEL_NAME,
+    OFFGRID_MODEL_DIR,
+    default_model_dir,
 )
 
 EPILOG = "Models and text are local only; nothing is fetched from a model hub."
@@ -254,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", parents=[common], help="measure one model: perplexity on each runtime, speed, size, generations",
                        description="Baseline report of one model. A prepared checkpoint is scored on transformers and on llama.cpp "
                                    "with the same token ids.", epilog=EPILOG)
-    s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"checkpoint folder or .gguf (default: {DEFAULT_MODEL_DIR})")
+    s.add_argument("model", nargs="?", default=None, help=f"checkpoint folder or .gguf (default: {DEFAULT_MODELS_HELP})")
     s.add_argument("--runtime", action="append", choices=["transformers", "llama.cpp"], help="runtime(s) to use (default: all available)")
     s.add_argument("--json", help="also write the report as JSON here")
     s.set_defaults(func=cmd_evaluate)
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Writes validation_report.json next to the quantized model. Exit code 0: accepted, 1: rejected.",
                        epilog=EPILOG)
     s.add_argument("quantized", help="quantized model: .gguf file or a folder holding one")
-    s.add_argument("--base", default=str(DEFAULT_MODEL_DIR), help=f"float baseline (default: {DEFAULT_MODEL_DIR})")
+    s.add_argument("--base", default=None, help=f"float baseline (default: {DEFAULT_MODELS_HELP})")
     s.add_argument("--bits", type=int, help="nominal bit width for the size criterion (default: from the GGUF file type)")
     s.add_argument("--report", help="where to write validation_report.json")
     s.set_defaults(func=cmd_validate)
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize a prepared model. Output: SLM/models/quantized/NAME_TAG/ with the model files and "
                                    "quantization_config.json (the full spec, library versions, calibration manifest hash).",
                        epilog=EPILOG)
-    s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"prepared checkpoint (default: {DEFAULT_MODEL_DIR})")
+    s.add_argument("model", nargs="?", default=None, help=f"prepared checkpoint (default: {DEFAULT_MODELS_HELP})")
     s.add_argument("--method", choices=["gguf", "rtn", "gptq", "awq", "autoround", "qat"], default="gguf",
                    help="gguf: llama.cpp's own quantizer; rtn: round-to-nearest; gptq/awq: GPTQModel (gptq with a k-quant --type "
                         "or a --preset/--layer-type map: GPTQ on llama.cpp's exact grids, written into the GGUF code for code); "
@@ -333,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--type) to the prepared model's F16 GGUF and print every layer type's GGUF type, weights and "
                                    "bytes, and the file size llama-quantize will write, including llama.cpp's fallback types "
                                    "for rows a block does not divide.", epilog=EPILOG)
-    s.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"prepared checkpoint (default: {DEFAULT_MODEL_DIR})")
+    s.add_argument("model", nargs="?", default=None, help=f"prepared checkpoint (default: {DEFAULT_MODELS_HELP})")
     s.add_argument("--preset", help="mixed-precision preset (arch-default: embeddings Q8_0, attention Q4_K, feed-forward Q6_K, norms F32)")
     s.add_argument("--layer-type", action="append", metavar="LAYER=TYPE", help="type of a layer type, on top of --preset (repeatable)")
     s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE", help="type of the tensors a regex matches (repeatable; first match wins)")
@@ -352,8 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEFAULT_MODELS_HELP = f"{OFFGRID_MODEL_DIR} when prepared, the off-grid twin quality is judged on; else {DEFAULT_MODEL_DIR}"
+
+
+def fill_default_models(args) -> None:
+    """A command given no model works on default_model_dir() (the off-grid twin when prepared)."""
+    if args.command in ("evaluate", "quantize", "estimate") and args.model is None:
+        args.model = str(default_model_dir())
+    if args.command == "validate" and args.base is None:
+        args.base = str(default_model_dir())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    fill_default_models(args)
     try:
         return args.func(args)
     except InputError as e:

@@ -19,7 +19,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from quantloop.errors import InputError  # noqa: E402
-from quantloop.paths import DEFAULT_MODEL_DIR, QUANTIZED_DIR, SLM_DIR  # noqa: E402
+from quantloop.paths import (  # noqa: E402
+    DEFAULT_MODEL_DIR,
+    OFFGRID_MODEL_DIR,
+    QUANTIZED_DIR,
+    SLM_DIR,
+    default_model_dir,
+)
 
 STATE_DB_NAME = "runs/langgraph_checkpoints.sqlite"
 
@@ -52,7 +58,7 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
         policy = policy.model_copy(update={"acceptance_spec": str(spec_path)})
     if data_free:  # calibration from the model's own generations; the test split is only used to validate
         policy = policy.data_free()
-    model_path = Path(model) if model else DEFAULT_MODEL_DIR
+    model_path = Path(model) if model else default_model_dir()
     find_checkpoints(model_path)  # a folder without checkpoints fails here, before anything else
     model_path = model_path.resolve()
     dataset = dataset_dir_or_default(str(dataset_dir) if dataset_dir else None).resolve()
@@ -196,7 +202,8 @@ def add_run_command(subparsers) -> argparse.ArgumentParser:
                     "run continues with the same --run-id. Exit code 0: accepted, 1: rejected, 2: bad input.",
         epilog="Models and text are local only; nothing is fetched from a model hub.")
     s.add_argument("model", nargs="?", default=None,
-                   help=f"a checkpoint folder, or a folder of step_N checkpoints (default: {DEFAULT_MODEL_DIR})")
+                   help=f"a checkpoint folder, or a folder of step_N checkpoints (default: {OFFGRID_MODEL_DIR} "
+                        f"when prepared, the off-grid twin on which quality is judged; else {DEFAULT_MODEL_DIR})")
     s.add_argument("--policy", help="fallback policy YAML (default: specs/policy.yaml)")
     s.add_argument("--target", choices=["cpu", "cuda"], help="deployment target (default: the policy's)")
     s.add_argument("--spec", help="acceptance spec YAML (default: the policy's acceptance_spec, specs/acceptance.yaml)")
