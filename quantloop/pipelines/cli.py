@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_a")
     s.add_argument("model_b")
     s.add_argument("--prompts", help="text file, one prompt per line (default: the spec's prompts)")
-    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens generated per prompt (default: 48)")
     s.add_argument("--spec", help="acceptance spec YAML (for its default prompts)")
     s.add_argument("--out", help="folder for comparison.json and comparison.md")
     s.set_defaults(func=cmd_compare)

@@ -100,7 +100,7 @@ def _common(s) -> None:
     s.add_argument("--seqlen", type=int, default=256, help="tokens per window (default: 256)")
     s.add_argument("--granularity", choices=["group", "block", "tensor"], default="group",
                    help="unit of the sensitivity table and the genome: layer x module group (q/k/v, o, gate/up, down), "
-                        "layer x block (attention, feed-forward) or every tensor")
+                        "layer x block (attention, feed-forward) or every tensor (default: group)")
     s.add_argument("--threads", type=int, help="CPU threads (default: all)")
 
 
@@ -113,8 +113,8 @@ def add_search_commands(subparsers) -> None:
     s.add_argument("--types", default="Q4_0,Q5_0,Q8_0", help="candidate types, comma-separated (default: Q4_0,Q5_0,Q8_0)")
     s.add_argument("--chunks", type=int, default=2, help="calibration windows per domain (default: 2)")
     s.add_argument("--cache-dir", help="sensitivity cache folder (default: ~/.cache/quantloop/sensitivity)")
-    s.add_argument("--out", default="SLM/search/sensitivity", help="folder for sensitivity.json and the heatmap")
-    s.add_argument("--top", type=int, default=12, help="rows to print (most sensitive first)")
+    s.add_argument("--out", default="SLM/search/sensitivity", help="folder for sensitivity.json and the heatmap (default: SLM/search/sensitivity)")
+    s.add_argument("--top", type=int, default=12, help="rows to print, most sensitive first (default: 12)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sensitivity)
 
@@ -126,7 +126,7 @@ def add_search_commands(subparsers) -> None:
                                           "is exported as precision maps (JSON + YAML QuantSpec) and re-validated on the test split.",
                               epilog=EPILOG)
     _common(s)
-    s.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K", help="candidate types (F16 always allowed)")
+    s.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K", help="candidate types, F16 always allowed (default: Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K)")
     s.add_argument("--chunks", type=int, default=2, help="validation windows per domain for every trial (default: 2)")
     s.add_argument("--sens-chunks", type=int, default=2, help="calibration windows per domain for the sensitivity table (default: 2)")
     s.add_argument("--budgets", default="5.0,5.5,6.2", help="bits-per-weight budgets of the greedy/ILP seeds (default: 5.0,5.5,6.2; one below the smallest possible file is refused)")
@@ -134,26 +134,26 @@ def add_search_commands(subparsers) -> None:
     s.add_argument("--seed-map", action="append", metavar="FILE", help="a precision map (JSON/YAML) to measure first (repeatable)")
     s.add_argument("--trials", type=int, default=20, help="finished trials the study should hold in total (default: 20)")
     s.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1; 0: only create the study, or with --resume only report, while `search-worker`s run the trials)")
-    s.add_argument("--sampler", choices=["nsga2", "tpe"], default="nsga2")
+    s.add_argument("--sampler", choices=["nsga2", "tpe"], default="nsga2", help="optuna's multi-objective sampler (default: nsga2)")
     s.add_argument("--population", type=int, default=8, help="NSGA-II population (default: 8)")
     s.add_argument("--storage", help="optuna storage: journal file path (default: OUT/search.journal) or postgresql://user@host/db")
-    s.add_argument("--study", default="quantloop-search", help="study name in the storage")
+    s.add_argument("--study", default="quantloop-search", help="study name in the storage (default: quantloop-search)")
     s.add_argument("--resume", action="store_true", help="continue the study (finished trials are kept, not run again)")
     s.add_argument("--target", default="cpu", help="cpu or cuda (measured), or an edge target with estimated_* fields: "
-                   "arm-neon, arm-dotprod, hexagon, apple-ane, tensorrt, intel-vnni")
+                   "arm-neon, arm-dotprod, hexagon, apple-ane, tensorrt, intel-vnni (default: cpu)")
     s.add_argument("--speed-tokens", type=int, default=32, help="tokens per llama-bench tg run (default: 32)")
     s.add_argument("--speed-repeats", type=int, default=2, help="llama-bench runs per candidate, best kept (default: 2)")
     s.add_argument("--validate-front", type=int, default=4, help="front members re-validated on the test split (default: 4)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (e.g. sqlite:///SLM/mlflow.db); omitted: nothing is logged")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="SLM/search/default", help="output folder (maps, pictures, search_result.json)")
+    s.add_argument("--out", default="SLM/search/default", help="output folder: maps, pictures, search_result.json (default: SLM/search/default)")
     s.set_defaults(func=cmd_search)
 
     s = subparsers.add_parser("search-worker", help="join a running search (same storage) and run its trials",
                               description="Load the search from the storage (its settings are stored with it) and run trials "
                                           "until it holds its number of trials. Start one per machine or core.", epilog=EPILOG)
     s.add_argument("--storage", required=True, help="the search's storage: postgresql://... or a journal file path")
-    s.add_argument("--study", default="quantloop-search", help="study name")
+    s.add_argument("--study", default="quantloop-search", help="study name (default: quantloop-search)")
     s.set_defaults(func=cmd_worker)
 
 
