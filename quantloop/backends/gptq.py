@@ -308,5 +308,8 @@ class GPTQModelBackend(Backend):
             return BackendOutput(job.work_dir, spec.method)
         from quantloop.backends.gptq_checkpoint import export_gptq_to_gguf
 
-        path = export_gptq_to_gguf(job.work_dir, job.model.hf_dir, job.work_dir / job.gguf_name(), spec.gguf_type.upper())
-        return BackendOutput(path, f"gguf:{spec.gguf_type.upper()}")
+        from quantloop.gguf.export import export_note
+
+        exported: dict = {}
+        path = export_gptq_to_gguf(job.work_dir, job.model.hf_dir, job.work_dir / job.gguf_name(), spec.gguf_type.upper(), exported)
+        return BackendOutput(path, f"gguf:{spec.gguf_type.upper()}", notes=[export_note(exported)])

@@ -207,22 +207,30 @@ def read_quantized_linear(out_dir: Path, name: str) -> QuantizedLinear:
                            zeros=zeros.to(torch.uint8).contiguous(), g_idx=g_idx.to(torch.int32))
 
 
-def export_gptq_to_gguf(gptq_dir: Path, float_dir: Path, out_file: Path, gguf_type: str) -> Path:
-    """Write the codes of a GPTQModel checkpoint into a GGUF of `gguf_type` (exact, or refused)."""
+def export_gptq_to_gguf(gptq_dir: Path, float_dir: Path, out_file: Path, gguf_type: str, report: dict | None = None) -> Path:
+    """Write the codes and scales of a GPTQModel checkpoint into a GGUF of `gguf_type` as they are (packed by
+    pack_from_codes; a zero point becomes Q4_1/Q5_1's fp16 offset m = -scale * zero, the one rounding on the way),
+    or refuse. The float checkpoint the converter reads holds exactly what the blocks dequantize to."""
     import torch
 
+    from quantloop.gguf import blocks as gb
     from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.gguf.tensor_names import gguf_tensor_name
     from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     model = load_hf_model(Path(float_dir))
     params = dict(model.named_parameters())
+    blocks = {}
     with torch.no_grad():
         for name in quantized_linear_names(gptq_dir):
             q = read_quantized_linear(gptq_dir, name)
             if not q.trivial_groups:
                 raise ValueError(f"{name}: act-order permutes groups; no GGUF block type holds that")
-            params[f"{name}.weight"].copy_(q.dequantize())
+            zeros = None if q.symmetric else q.zeros.numpy()
+            raw = gb.pack_from_codes(q.codes.numpy(), q.scales.numpy(), gguf_type, zeros, q.group_size)
+            blocks[gguf_tensor_name(name)] = (gguf_type, gb.unpack(raw, gguf_type))
+            params[f"{name}.weight"].copy_(torch.from_numpy(gb.dequantize(raw, gguf_type)))
     with tempfile.TemporaryDirectory(dir=Path(out_file).parent, prefix=".gptq-float-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         load_hf_tokenizer(Path(float_dir)).save_pretrained(tmp)
-        return export_hf_to_gguf(Path(tmp), out_file, gguf_type)
+        return export_hf_to_gguf(Path(tmp), out_file, gguf_type, blocks=blocks, report=report)

@@ -239,8 +239,11 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
     (out_dir / "gptq_result.json").write_text(json.dumps(info, indent=2) + "\n")
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-gptq-{base_type}.gguf"
-    return export_hf_to_gguf(out_dir, out_dir / gguf_name, base_type, tensor_types=tensor_types, embedding_type=embedding_type,
-                             blocks=blocks)
+    exported: dict = {}
+    path = export_hf_to_gguf(out_dir, out_dir / gguf_name, base_type, tensor_types=tensor_types, embedding_type=embedding_type,
+                             blocks=blocks, report=exported)
+    (out_dir / "gptq_result.json").write_text(json.dumps(info | {"export": exported}, indent=2) + "\n")
+    return path
 
 
 class GridGPTQBackend(Backend):
@@ -268,4 +271,8 @@ class GridGPTQBackend(Backend):
             planned = planned_export_types(job.model.gguf, base)
         path = gptq_gguf_checkpoint(job.model.hf_dir, job.work_dir, base, job.sequences, tensor_types=rules,
                                     embedding_type=embedding_type, gguf_name=job.gguf_name(), act_order=spec.act_order)
-        return BackendOutput(path, f"gguf:mixed-{spec.preset or 'custom'}" if spec.has_precision_map() else f"gguf:{base}", planned)
+        from quantloop.gguf.export import export_note
+
+        exported = json.loads((job.work_dir / "gptq_result.json").read_text())["export"]
+        return BackendOutput(path, f"gguf:mixed-{spec.preset or 'custom'}" if spec.has_precision_map() else f"gguf:{base}", planned,
+                             notes=[export_note(exported)])

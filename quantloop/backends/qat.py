@@ -1,29 +1,17 @@
 """Quantization-aware training by distillation onto an exact GGUF grid (block-32 types and k-quants).
 
-The student is a copy of the float teacher whose q/k/v/o/gate/up/down linear weights
-pass through a fake quantizer that reproduces llama.cpp's own quantizer
-(quantize_row_<type>_ref, as gguf-py ports it) bit for bit in torch: same block
-scale choice, same float32 arithmetic for the codes, fp16-rounded scales and offsets.
-The latent float weights are trained with a straight-through estimator; at export
-the fake-quantized weights are written, so the GGUF holds exactly what was trained.
+The student is a copy of the float teacher whose q/k/v/o/gate/up/down linear weights pass through a fake
+quantizer equal bit for bit to llama.cpp's own rounding (quantloop.gguf.torch_grid), trained with a
+straight-through estimator; at export llama.cpp's rounding of the trained weights is written, block for
+block, so the GGUF holds exactly what was trained. K-quants: each layer's sub-block grid is frozen from
+llama.cpp's rounding when the layer is switched on; at the end every weight is re-rounded by llama.cpp's
+k-quant rounding (what the GGUF holds) and the final KL is measured after that. Rows a super-block does
+not divide use llama.cpp's fallback type, as llama-quantize does.
 
-The grids themselves (block-32 types and the frozen k-quant grids) are in quantloop.gguf.torch_grid.
-
-K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256 with 6/8-bit sub-block scales): llama.cpp's
-scale search (make_qkx2_quants / make_qx_quants) is not differentiable, so the sub-block steps
-and offsets are taken from llama.cpp's rounding of the current weights (gguf_blocks.quantize_blocks)
-when a layer is switched on and frozen while it trains (value = step * q - offset); at the end
-every weight is re-rounded by llama.cpp's own k-quant rounding, which is what the GGUF holds, and
-the reported final KL is measured after that. Rows a super-block does not divide use llama.cpp's
-fallback type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), as llama-quantize does.
-
-Protocol (seed 002): (1) the student starts from the teacher's weights;
-(2) calibration sequences (real or quantloop.data.synthetic); (3) a sensitivity score per
-decoder layer (KL when only that layer is fake-quantized, on one batch), then layers
-are quantized in groups in that order, a few steps per stage, a stage stopping early
-when the KL rises past a threshold; (4) a short global fine-tune with everything
-quantized. Loss: T^2 * KL(teacher || student) on logits at temperature T, optionally
-plus cross-entropy on the next token.
+Protocol (seed 002): the student starts from the teacher's weights; calibration sequences (real or
+self-generated); each decoder layer's sensitivity (KL with only that layer quantized) orders the layers,
+which are quantized in groups, a few steps per stage, a stage stopping early when the KL rises past a
+threshold; then a short global fine-tune. Loss: T^2 * KL(teacher || student) on the logits.
 
 Public: kl_divergence, QATConfig, QATResult, run_qat, qat_checkpoint, QATBackend.
 """
@@ -101,14 +89,23 @@ def _wrap(model, gguf_type: str, tensor_types: dict[str, str] | None = None) -> 
     return wrapped
 
 
-def _unwrap(model, wrapped: dict[str, FakeQuantLinear]) -> None:
-    """Put plain nn.Linears back, with their weights replaced by the fake-quantized values (exactly on the grid)."""
+def _unwrap(model, wrapped: dict[str, FakeQuantLinear]) -> dict:
+    """Put plain nn.Linears back, with their weights replaced by the fake-quantized values (exactly on the grid).
+    Returns the blocks the GGUF will hold: llama.cpp's rounding of each trained weight (GGUF name -> (type, blocks)),
+    which the export checks against these weights and writes as they are."""
+    from quantloop.gguf import blocks as gb
+    from quantloop.gguf.tensor_names import gguf_tensor_name
+
+    blocks = {}
     with torch.no_grad():
         for name, fq in wrapped.items():
+            latent = fq.linear.weight.detach().float().cpu().numpy()
+            blocks[gguf_tensor_name(name)] = (fq.gguf_type, gb.quantize_blocks(latent, fq.gguf_type))
             fq.linear.weight.copy_(fq.quantized_weight())
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, fq.linear)
+    return blocks
 
 
 # --------------------------------------------------------------------------- loss
@@ -214,9 +211,10 @@ def _eval_kl(teacher, student, batch: torch.Tensor, T: float, chunk: int) -> flo
 
 
 def run_qat(teacher, sequences, config: QATConfig | None = None):
-    """Distill `teacher` (HF causal LM, float) into a fake-quantized copy; returns (student, QATResult).
+    """Distill `teacher` (HF causal LM, float) into a fake-quantized copy; returns (student, QATResult, blocks).
 
-    The returned student has plain nn.Linears whose weights are exactly on the config's GGUF grid.
+    The returned student has plain nn.Linears whose weights are exactly on the config's GGUF grid; `blocks` are
+    their codes and scales (GGUF tensor name -> (type, QuantBlocks)), which the export writes as they are.
     """
     from tqdm.auto import tqdm
 
@@ -335,14 +333,14 @@ def run_qat(teacher, sequences, config: QATConfig | None = None):
                        "end_kl": trained, "early_stop": False})
     finally:
         bar.close()
-    _unwrap(student, wrapped)
+    blocks = _unwrap(student, wrapped)
     for p in student.parameters():
         p.requires_grad_(False)
     final = _eval_kl(teacher, student, eval_batch, T, chunk)  # the weights the GGUF holds
     result = QATResult(gguf_type=gguf_type, steps=done, wall_s=time.perf_counter() - t0, rtn_kl=rtn_kl,
                        final_kl=final, stages=stages, sensitivity=sensitivity, device=str(device), embedding_type=emb_type,
                        linear_types=dict(Counter(fq.gguf_type for fq in wrapped.values())))
-    return student.eval(), result
+    return student.eval(), result, blocks
 
 
 def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200, seed: int = 0,
@@ -361,15 +359,18 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
                               tensor_types=dict(tensor_types or {}), embedding_type=embedding_type)
     teacher = load_hf_model(hf_dir)
     check_grid_model(teacher, gguf_type, hf_dir)
-    student, result = run_qat(teacher, sequences, cfg)
+    student, result, blocks = run_qat(teacher, sequences, cfg)
     del teacher
     out_dir.mkdir(parents=True, exist_ok=True)
     student.to("cpu").float().save_pretrained(str(out_dir), safe_serialization=True)
     load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
     (out_dir / "qat_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-{gguf_type}.gguf"
-    return export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, embedding_type=result.embedding_type or "F16",
-                             tensor_types=cfg.tensor_types, overwrite=overwrite)
+    exported: dict = {}
+    path = export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, embedding_type=result.embedding_type or "F16",
+                             tensor_types=cfg.tensor_types, overwrite=overwrite, blocks=blocks, report=exported)
+    (out_dir / "qat_result.json").write_text(json.dumps(result.to_dict() | {"export": exported}, indent=2) + "\n")
+    return path
 
 
 class QATBackend(Backend):
@@ -400,4 +401,10 @@ class QATBackend(Backend):
         gguf_type, rules, planned, embedding_type = self.plan(job)
         path = qat_checkpoint(job.model.hf_dir, job.work_dir, gguf_type, job.sequences, steps=spec.qat_steps, seed=spec.seed,
                               gguf_name=job.gguf_name(), tensor_types=rules, embedding_type=embedding_type)
-        return BackendOutput(path, f"gguf:mixed-{spec.preset or 'custom'}" if spec.has_precision_map() else f"gguf:{gguf_type}", planned)
+        import json
+
+        from quantloop.gguf.export import export_note
+
+        exported = json.loads((job.work_dir / "qat_result.json").read_text())["export"]
+        return BackendOutput(path, f"gguf:mixed-{spec.preset or 'custom'}" if spec.has_precision_map() else f"gguf:{gguf_type}",
+                             planned, notes=[export_note(exported)])

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.errors import InputError
-from quantloop.gguf.export import export_exact_gguf
+from quantloop.gguf.export import export_exact_gguf, export_note
 from quantloop.gguf.tensor_names import linear_modules
 
 
@@ -35,14 +36,17 @@ def check_rtn_settings(width: int, bits: int, group_size: int, where: str | None
         raise InputError(where, f"RTN group size {group_size} does not divide the weight width {width}", "pick a group size that divides every input width (32 for SmolLM2)")
 
 
-def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """Round a [out, in] weight to a bits-wide grid per group of input columns; returns the dequantized weight."""
+def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, codes: bool = False):
+    """Round a [out, in] weight to a bits-wide grid per group of input columns; returns the dequantized weight,
+    or with codes=True (weight, q, scale, offset): q integer codes, scale and offset (None when symmetric) fp16
+    per group, so that weight = scale * (q - 2^(bits-1)) or scale * q + offset exactly, as the GGUF stores it."""
     if w.dim() != 2:
         raise InputError(None, f"RTN expects a 2-D weight, got shape {tuple(w.shape)}")
     out_features, width = w.shape
     check_rtn_settings(width, bits, group_size)
     x = w.detach().float().reshape(out_features, width // group_size, group_size)
     levels = 2**bits - 1
+    lo = None
     if symmetric:
         half = 2 ** (bits - 1)
         idx = x.abs().argmax(dim=-1, keepdim=True)
@@ -56,20 +60,37 @@ def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bo
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.clamp(torch.floor((x - lo) / safe + 0.5), 0, levels)
         deq = q * scale + lo
-    return deq.reshape(out_features, width).to(w.dtype)
+    deq = deq.reshape(out_features, width).to(w.dtype)
+    if not codes:
+        return deq
+    return deq, q.reshape(out_features, width).to(torch.uint8), scale.reshape(out_features, -1), \
+        None if lo is None else lo.reshape(out_features, -1)
 
 
-def rtn_quantize_model_(model, bits: int, group_size: int, symmetric: bool) -> list[str]:
-    """Fake-quantize every q/k/v/o/gate/up/down linear weight in place; returns the module names it changed."""
+def rtn_quantize_model_(model, bits: int, group_size: int, symmetric: bool, gguf_type: str | None = None) -> dict:
+    """Fake-quantize every q/k/v/o/gate/up/down linear weight in place. Returns the module names it changed, or,
+    with a block-32 `gguf_type` (group 32), the blocks the GGUF holds: GGUF name -> (type, QuantBlocks)."""
+    from quantloop.gguf import blocks as gb
+    from quantloop.gguf.tensor_names import gguf_tensor_name
+
     linears = linear_modules(model)
     if not linears:
         raise InputError(None, "model has no q/k/v/o/gate/up/down_proj linear layers", "RTN supports Llama-style models")
     for name, m in linears:  # check every width first, so a bad setting changes nothing
         check_rtn_settings(m.weight.shape[1], bits, group_size, name)
+    out = {}
     with torch.no_grad():
-        for _, m in linears:
-            m.weight.copy_(rtn_fake_quantize(m.weight, bits, group_size, symmetric))
-    return [name for name, _ in linears]
+        for name, m in linears:
+            deq, q, scale, lo = rtn_fake_quantize(m.weight, bits, group_size, symmetric, codes=True)
+            m.weight.copy_(deq)
+            if gguf_type:
+                mins = None if lo is None else lo.half().numpy()
+                codes = q.numpy().astype(np.int16) - 128 if gguf_type == "Q8_0" else q.numpy()  # Q8_0 stores q - 128, signed
+                out[gguf_tensor_name(name)] = (gguf_type, gb.QuantBlocks(codes.astype(np.int8) if gguf_type == "Q8_0" else codes,
+                                                                         scale.half().numpy(), mins))
+            else:
+                out[name] = None
+    return out
 
 
 def quantize_rtn_checkpoint(hf_dir, out_dir, spec) -> Path:
@@ -79,10 +100,10 @@ def quantize_rtn_checkpoint(hf_dir, out_dir, spec) -> Path:
 
     model = load_hf_model(Path(hf_dir))
     torch.manual_seed(spec.seed)
-    rtn_quantize_model_(model, spec.bits, spec.group_size, spec.symmetric)
+    blocks = rtn_quantize_model_(model, spec.bits, spec.group_size, spec.symmetric, (spec.gguf_type or "").upper() or None)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     load_hf_tokenizer(Path(hf_dir)).save_pretrained(str(out_dir))
-    return Path(out_dir)
+    return Path(out_dir), blocks if spec.gguf_type else {}
 
 
 class RTNBackend(Backend):
@@ -96,7 +117,9 @@ class RTNBackend(Backend):
             export_exact_gguf(None, None, job.spec)  # a layout no GGUF block holds is refused before the work
 
     def quantize(self, job: BackendJob) -> BackendOutput:
-        model_path = quantize_rtn_checkpoint(job.model.hf_dir, job.work_dir, job.spec)
+        model_path, blocks = quantize_rtn_checkpoint(job.model.hf_dir, job.work_dir, job.spec)
         if not job.spec.gguf_type:
             return BackendOutput(model_path, "rtn")
-        return BackendOutput(export_exact_gguf(model_path, job.work_dir / job.gguf_name(), job.spec), f"gguf:{job.spec.gguf_type.upper()}")
+        exported: dict = {}
+        path = export_exact_gguf(model_path, job.work_dir / job.gguf_name(), job.spec, blocks=blocks, report=exported)
+        return BackendOutput(path, f"gguf:{job.spec.gguf_type.upper()}", notes=[export_note(exported)])

@@ -36,6 +36,7 @@ def export_hf_to_gguf(
     embedding_type: str = "auto",
     overwrite: bool = False,
     blocks: dict | None = None,
+    report: dict | None = None,
 ) -> Path:
     """Write `hf_dir` as a GGUF whose linear weights are raw `type_name` blocks; returns the path.
 
@@ -53,6 +54,9 @@ def export_hf_to_gguf(
     checkpoint's row order) are a quantizer's own codes and scales: they are written as they are, once
     checked to dequantize to the tensor's weights exactly (the converter may reorder rows; they are
     matched row for row), instead of fitted.
+    The written file is read back and every quantized tensor compared with the bytes packed for it, bit for
+    bit; a difference refuses the file. `report`, when given, receives the counts: quantized tensors read back,
+    how many carried the quantizer's own blocks, how many were fitted or rounded here.
     """
     import gguf
 
@@ -105,7 +109,26 @@ def export_hf_to_gguf(
         writer.write_tensors_to_file()
         writer.close()
         del reader
+        checked = read_back(tmp, {name: data for name, data, raw_dtype in tensors if raw_dtype is not None})
+        if report is not None:
+            carried = sum(1 for name in checked if blocks and name in blocks)
+            report.update(quantized_tensors_read_back=len(checked), from_quantizer=carried, fitted_or_rounded=len(checked) - carried)
     return out_file
+
+
+def read_back(path: Path, expected: dict[str, np.ndarray]) -> list[str]:
+    """Read the written GGUF with gguf-py and compare each quantized tensor's bytes with what was packed for it;
+    RuntimeError naming the first that differs. Returns the names checked."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    found = {t.name: t for t in reader.tensors}
+    for name, data in expected.items():
+        t = found.get(name)
+        if t is None or np.asarray(t.data).tobytes() != np.ascontiguousarray(data).tobytes():
+            raise RuntimeError(f"{path.name}: tensor {name} as written differs from the quantizer's blocks; the file is refused")
+    del reader
+    return list(expected)
 
 
 def llama_embedding_type(type_name: str, width: int) -> str:
@@ -187,7 +210,15 @@ def _encode_known(hf_dir: Path, t, target: str | None, type_name: str, qb: gguf_
     return raw.reshape(*np.asarray(t.data).shape[:-1], raw.shape[-1]), gguf_blocks.qtype(type_name)
 
 
-def export_exact_gguf(hf_dir: Path | None, out_file: Path | None, spec) -> Path | None:
+def export_note(report: dict) -> str:
+    """One line on how exact an export is, from export_hf_to_gguf's report."""
+    n, carried = report.get("quantized_tensors_read_back", 0), report.get("from_quantizer", 0)
+    return (f"exact export: {n} quantized tensors read back bit for bit, {carried} of them the quantizer's own codes and "
+            f"scales, {n - carried} rounded by llama.cpp's rules (embeddings)")
+
+
+def export_exact_gguf(hf_dir: Path | None, out_file: Path | None, spec, blocks: dict | None = None,
+                      report: dict | None = None) -> Path | None:
     """Write the grid-aligned HF weights into the GGUF block type that holds the layout exactly."""
     exact = gguf_blocks.gguf_type_for_layout(spec.bits, spec.group_size, spec.symmetric)
     if exact is None or exact != spec.gguf_type.upper():
@@ -196,4 +227,4 @@ def export_exact_gguf(hf_dir: Path | None, out_file: Path | None, spec) -> Path 
                          "use 4/5/8 bits, group size 32 (symmetric: Q4_0/Q5_0/Q8_0, asymmetric: Q4_1/Q5_1)")
     if hf_dir is None:  # layout check only
         return None
-    return export_hf_to_gguf(hf_dir, out_file, exact)
+    return export_hf_to_gguf(hf_dir, out_file, exact, blocks=blocks, report=report)
