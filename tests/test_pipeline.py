@@ -416,3 +416,27 @@ def test_spec_fields_a_backend_does_not_apply_are_refused(tiny_prepared, tmp_pat
     with pytest.raises(InputError, match="does not apply 'skip_modules'"):
         quantize_model(tiny_prepared, tmp_path / "s", QuantSpec(method="gguf", gguf_type="Q8_0", skip_modules=["model.layers.0"]))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_with_the_default_outputs_leaves_git_status_clean(tiny_prepared, dataset_dir, tmp_path):
+    """quantloop run writing where `make run` writes (SLM/ of the checkout: graph state, MLflow store, quantized
+    models, summary) leaves nothing that git would track."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    before = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "SLM"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    policy = tiny_policy(tmp_path, [gguf_step("int8-q8_0", "Q8_0", 8)], measure_speed=False, size_ratio=1.0, max_ppl_pct=50.0)
+    env = {k: v for k, v in os.environ.items() if k not in ("QUANTLOOP_SLM_DIR", "MLFLOW_TRACKING_URI")} | {"TQDM_DISABLE": "1"}
+    run_id = f"git-clean-{os.getpid()}"
+    done = subprocess.run([sys.executable, "-m", "quantloop.pipelines.cli", "run", str(tiny_prepared), "--policy", str(policy),
+                           "--run-id", run_id, "--dataset", str(dataset_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = ROOT / "SLM" / "models" / "quantized" / "tiny_gguf-q8_0"
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (out / "validation_report.json").is_file() and (ROOT / "SLM" / "runs").is_dir()
+        after = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "SLM"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout
+        assert after == before, after
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

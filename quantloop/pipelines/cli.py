@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     from quantloop.pipelines.search_command import add_search_commands
 
     add_search_commands(sub)
+    from quantloop.serve.command import add_mcp_command
+
+    add_mcp_command(sub)
+    from quantloop.report.command import add_report_command
+
+    add_report_command(sub)
     return p
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -187,6 +188,13 @@ def cmd_run(a) -> int:
     else:
         print(f"REJECTED: no step passed. Recommendation: {state.recommendation}")
     print(f"summary: {state.summary_path}   MLflow parent run: {state.mlflow_parent_run_id}")
+    from quantloop.report import write_run_report
+
+    try:
+        report = write_run_report(state.run_id, a.tracking_uri)
+        print(f"report: {report.html}   (report.md and plots/ beside it; attached to the MLflow parent run under report/)")
+    except InputError as e:
+        print(f"quantloop: warning: no run report: {e.line()}", file=sys.stderr)
     t = state.time_breakdown()
     print(f"wall time: {time.perf_counter() - t0:.1f} s this invocation, {state.active_s:.1f} s in the graph over all invocations: "
           f"checkpoint evaluation {t['evaluation_s']:.1f} s, attempts (quantize, validate, compare) {t['attempts_s']:.1f} s, "
