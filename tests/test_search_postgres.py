@@ -77,7 +77,6 @@ def _trials(url, state):
 
 def test_two_workers_on_postgres_and_a_killed_worker_loses_nothing(postgres_url, tiny_prepared, dataset_dir, tmp_path):
     from quantloop.search.schemas import SearchRequest, TextSpec
-    from quantloop.search.study import open_storage
     from quantloop.tools.search import search_mixed_precision
 
     t = lambda split: [TextSpec(dataset_dir=str(dataset_dir), split=split, chunks=1, seqlen=64)]  # noqa: E731

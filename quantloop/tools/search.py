@@ -138,7 +138,7 @@ def search_mixed_precision(req: SearchRequest, progress=None) -> SearchResult:
     from quantloop.models.checkpoints import resolve_model
     from quantloop.search.allocate import budget_bytes_for_bpw, check_budget, unit_options
     from quantloop.search.hardware import check_target
-    from quantloop.search.study import create_study, enqueue_seed, finished, open_storage, run_trials
+    from quantloop.search.study import create_study, enqueue_seed, finished, open_storage
     from quantloop.search.tensors import model_tensors
 
     t0 = time.perf_counter()
