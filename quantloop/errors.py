@@ -56,3 +56,31 @@ def disk_full(folder: str | Path, needed_bytes: int) -> OSError | None:
     if free >= needed_bytes:
         return None
     return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free:,} bytes free, about {needed_bytes:,} needed)", str(folder))
+
+
+def run_command(args) -> int:
+    """Run a parsed command (args.func): bad input or a failure of the machine is one line on stderr and exit
+    code 2, Ctrl-C exit code 130. Every entry point (quantloop, python -m quantloop.serve, ...) goes through it."""
+    import sys
+
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"quantloop: error: {e.line()}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine, not the model: read-only, full disk, permissions, missing folders
+        print(f"quantloop: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantloop: interrupted", file=sys.stderr)
+        return 130
+
+
+def single_command_main(add_command, name: str, argv: list[str] | None = None) -> int:
+    """`python -m <package> ...` for one subcommand: the same parser and errors as `quantloop <name> ...`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="quantloop")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    return run_command(parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)]))

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from quantloop.errors import InputError, os_error_line  # noqa: E402
+from quantloop.errors import InputError, run_command  # noqa: E402
 from quantloop.paths import (  # noqa: E402
     CHECKPOINTS_DIR,
     DATASETS_DIR,
@@ -374,17 +374,7 @@ def fill_default_models(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fill_default_models(args)
-    try:
-        return args.func(args)
-    except InputError as e:
-        print(f"quantloop: error: {e.line()}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the machine, not the model: read-only, full disk, permissions, missing folders
-        print(f"quantloop: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("quantloop: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args)
 
 
 if __name__ == "__main__":

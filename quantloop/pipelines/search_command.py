@@ -158,19 +158,11 @@ def add_search_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from quantloop.errors import InputError
+    from quantloop.errors import run_command
 
     p = argparse.ArgumentParser(prog="quantloop")
     add_search_commands(p.add_subparsers(dest="command", required=True))
-    a = p.parse_args(argv)
-    try:
-        return a.func(a)
-    except InputError as e:
-        print(f"quantloop: error: {e.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("quantloop: interrupted", file=sys.stderr)
-        return 130
+    return run_command(p.parse_args(argv))
 
 
 if __name__ == "__main__":
