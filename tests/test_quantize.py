@@ -170,6 +170,10 @@ def test_default_group_size_fits_the_model(tiny_prepared, reference_dir):
 
 
 def test_llama_cpp_fallbacks_are_one_note_with_the_full_log(tiny_prepared, tmp_path):
+    from quantloop.eval.runtimes import LlamaCppRunner
+    from quantloop.models.checkpoints import resolve_model
+
+    LlamaCppRunner(resolve_model(tiny_prepared).gguf)  # a quiet Llama earlier in the process must not silence the log
     r = quantize_model(tiny_prepared, tmp_path / "q4k", QuantSpec(method="gguf", gguf_type="Q4_K_S"))
     [note] = r.notes
     assert "tensors fell back to another type" in note and "q5_0" in note

@@ -182,6 +182,12 @@ def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Pa
 def stderr_to(log_file: Path):
     """Send what the process writes to standard error (llama.cpp's C logging on file descriptor 2, and Python's
 sys.stderr, through which llama-cpp-python relays it) into `log_file` meanwhile."""
+    import logging
+
+    from llama_cpp._logger import logger  # llama-cpp-python drops llama.cpp's messages below its level, which
+                                          # any Llama(verbose=False) sets to ERROR for the whole process
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
     sys.stderr.flush()
     saved = os.dup(2)
     with open(log_file, "a") as f, contextlib.redirect_stderr(f):  # llama-cpp-python logs through sys.stderr too
@@ -192,6 +198,7 @@ sys.stderr, through which llama-cpp-python relays it) into `log_file` meanwhile.
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            logger.setLevel(level)
 
 
 FALLBACK = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
