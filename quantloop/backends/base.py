@@ -172,3 +172,22 @@ def check_spec_fields(backend: Backend, spec) -> None:
     if list(spec.skip_modules) != DEFAULT_SKIP_MODULES and "skip_modules" not in backend.honours:
         raise InputError(None, f"{backend.label} does not apply 'skip_modules' {spec.skip_modules}",
                          "drop the field, or keep a layer type in float with a precision map (e.g. --layer-type attention=F16)")
+
+
+def save_and_export(model, hf_dir: Path, out_dir: Path, result_name: str, result: dict, gguf_name: str, gguf_type: str,
+                    **export_kw) -> Path:
+    """The end of a torch quantizer (QAT, GPTQ on the grid): save the float checkpoint whose weights sit on the grid and
+    its tokenizer into out_dir, export it with the quantizer's blocks, and write `result` plus the export's counts to
+    out_dir/result_name. Returns the GGUF."""
+    import json
+
+    from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.models.checkpoints import load_hf_tokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to("cpu").float().save_pretrained(str(out_dir), safe_serialization=True)
+    load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
+    exported: dict = {}
+    path = export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, report=exported, **export_kw)
+    (out_dir / result_name).write_text(json.dumps(result | {"export": exported}, indent=2) + "\n")
+    return path

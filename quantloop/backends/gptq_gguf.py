@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
+from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs, save_and_export
 from quantloop.errors import InputError
 from quantloop.gguf import blocks as gb
 
@@ -218,13 +218,12 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     """GPTQ of the float checkpoint hf_dir onto the GGUF grids a precision map names (tensor_types: llama.cpp
     tensor-name pattern -> type, first match wins; other linears get base_type). Writes out_dir (float32 HF
     checkpoint, weights on the grid, tokenizer, gptq_result.json) and out_dir/<name>.gguf; returns the GGUF."""
-    from quantloop.gguf.export import export_hf_to_gguf
     from quantloop.gguf.torch_grid import (
         check_grid_model,
         check_grid_type,
         linear_types,
     )
-    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
+    from quantloop.models.checkpoints import load_hf_model
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     base_type = check_grid_type(base_type, who="GPTQ on the grid")
@@ -234,16 +233,9 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     blocks: dict = {}
     info = gptq_gguf_model_(model, sequences, types, act_order=act_order, blocks=blocks)
     info["linear_types"] = {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.float().save_pretrained(str(out_dir), safe_serialization=True)
-    load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
-    (out_dir / "gptq_result.json").write_text(json.dumps(info, indent=2) + "\n")
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-gptq-{base_type}.gguf"
-    exported: dict = {}
-    path = export_hf_to_gguf(out_dir, out_dir / gguf_name, base_type, tensor_types=tensor_types, embedding_type=embedding_type,
-                             blocks=blocks, report=exported)
-    (out_dir / "gptq_result.json").write_text(json.dumps(info | {"export": exported}, indent=2) + "\n")
-    return path
+    return save_and_export(model, hf_dir, out_dir, "gptq_result.json", info, gguf_name, base_type, tensor_types=tensor_types,
+                           embedding_type=embedding_type, blocks=blocks)
 
 
 class GridGPTQBackend(Backend):

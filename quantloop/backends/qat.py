@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
+from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs, save_and_export
 from quantloop.errors import InputError
 from quantloop.gguf.tensor_names import linear_modules
 from quantloop.gguf.torch_grid import (
@@ -348,10 +348,8 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
                    tensor_types: dict[str, str] | None = None, embedding_type: str = "auto") -> Path:
     """QAT of the float checkpoint hf_dir for `gguf_type`; writes out_dir (float32 HF checkpoint, weights on
     the grid, plus tokenizer and qat_result.json) and out_dir/<name>-<type>.gguf; returns the GGUF path."""
-    import json
 
-    from quantloop.gguf.export import export_hf_to_gguf
-    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
+    from quantloop.models.checkpoints import load_hf_model
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     gguf_type = check_grid_type(gguf_type)
@@ -361,16 +359,10 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
     check_grid_model(teacher, gguf_type, hf_dir)
     student, result, blocks = run_qat(teacher, sequences, cfg)
     del teacher
-    out_dir.mkdir(parents=True, exist_ok=True)
-    student.to("cpu").float().save_pretrained(str(out_dir), safe_serialization=True)
-    load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
-    (out_dir / "qat_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-{gguf_type}.gguf"
-    exported: dict = {}
-    path = export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, embedding_type=result.embedding_type or "F16",
-                             tensor_types=cfg.tensor_types, overwrite=overwrite, blocks=blocks, report=exported)
-    (out_dir / "qat_result.json").write_text(json.dumps(result.to_dict() | {"export": exported}, indent=2) + "\n")
-    return path
+    return save_and_export(student, hf_dir, out_dir, "qat_result.json", result.to_dict(), gguf_name, gguf_type,
+                           embedding_type=result.embedding_type or "F16", tensor_types=cfg.tensor_types, overwrite=overwrite,
+                           blocks=blocks)
 
 
 class QATBackend(Backend):
