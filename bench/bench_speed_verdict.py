@@ -4,7 +4,7 @@
 
 Each validation runs the speed part of validate_quantization exactly as it runs there (interleaved
 llama-bench pairs with the spec's settings, more pairs while the median lies within decide_sigmas
-standard errors of the bar, then the verdict). Prints every validation's median ratio, its standard
+standard errors of the bar, then the verdict: a pass needs the median decide_sigmas standard errors above the bar). Prints every validation's median ratio, its standard
 error, pairs used, the verdict and its margin in sigma, and the spread of the medians across
 validations (the goal: within 5 %, and the same verdict every time). `--old` also measures the
 previous method (best of 3 single runs of 64 generated tokens each side) for comparison, in the same run.
@@ -32,7 +32,7 @@ from quantloop.paths import DEFAULT_MODEL_DIR, SLM_DIR  # noqa: E402
 from quantloop.pipelines.report_format import table  # noqa: E402
 from quantloop.schemas import ModelRef, SpeedSettings  # noqa: E402
 from quantloop.specs import load_quality_spec  # noqa: E402
-from quantloop.tools.validate import how_close  # noqa: E402
+from quantloop.tools.validate import how_close, shown  # noqa: E402
 
 
 def old_ratio(base: ModelRef, quant: ModelRef, threads: int) -> float:
@@ -63,7 +63,7 @@ def main() -> None:
             _, _, ratios = speed_pairs(base_ref, quant_ref, spec.speed, threads, bar, sigmas)
             median, se = median_and_stderr(ratios)
             margin = (median - bar) / se
-            verdict = "pass" if median >= bar else "fail"
+            verdict = "pass" if median >= bar and shown(margin, sigmas)[0] else "fail"
             old = old_ratio(base_ref, quant_ref, threads) if a.old else None
             out.append({"median": median, "stderr": se, "pairs": ratios, "verdict": verdict, "margin_sigmas": margin,
                         "old_method_ratio": old, "wall_s": time.perf_counter() - t0})

@@ -332,13 +332,17 @@ class QuantSpec(Strict):
     symmetric: bool = True
     act_order: bool = False
     gguf_type: str | None = Field(None, description="llama.cpp type for method 'gguf' (Q4_K_M, Q8_0, ...) or the export target")
-    gguf_tensor_types: dict[str, str] = Field(default_factory=dict, description="method 'gguf': llama-quantize --tensor-type, e.g. {'attn_v': 'q8_0'}")
+    gguf_tensor_types: dict[str, str] = Field(default_factory=dict, description="methods 'gguf', 'qat' and 'gptq': GGUF type per tensor-name pattern "
+                                              "(llama-quantize --tensor-type; first match wins, before layer types), e.g. {'attn_v': 'q8_0'}")
     imatrix: bool = Field(False, description="method 'gguf': importance matrix from the calibration text (llama-imatrix)")
     preset: str | None = Field(None, description="methods 'gguf', 'qat' and 'gptq': mixed-precision preset (quantloop.gguf.precision_map.PRESETS), e.g. arch-default")
     layer_types: dict[str, str] = Field(default_factory=dict, description="methods 'gguf', 'qat' and 'gptq': GGUF type per layer type, e.g. {'attention': 'Q4_K'}")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left unquantized")
     overrides: dict[str, dict] = Field(default_factory=dict, description="per-module overrides: regex -> {bits, group_size, symmetric}")
+    min_size_ratio: float | None = Field(None, gt=1.0, description="methods 'gptq' (GGUF grid) and 'qat': the whole file at least this "
+                                          "many times smaller than the F16 GGUF; the least sensitive tensors (measured KLD per "
+                                          "byte) go below the planned types (Q3_K, Q2_K) until it fits")
     qat_steps: int = Field(200, ge=0, description="method 'qat': optimizer steps of the KL distillation")
     seed: int = 0
 
@@ -347,17 +351,23 @@ class QuantSpec(Strict):
 
     def has_precision_map(self) -> bool:
         """A mixed-precision map (preset or layer types) rather than one type for every linear."""
-        return self.method in ("gguf", "qat", "gptq") and bool(self.preset or self.layer_types)
+        if self.method == "gguf":  # llama-quantize: --tensor-type alone keeps llama.cpp's own mix around it
+            return bool(self.preset or self.layer_types)
+        return self.method in ("qat", "gptq") and bool(self.preset or self.layer_types or self.gguf_tensor_types)
 
     def gptq_on_gguf_grid(self) -> bool:
         """GPTQ by quantloop's own solver on llama.cpp's grids (backends/gptq_gguf.py) rather than GPTQModel's
-        layouts: for a k-quant type, a precision map, or act-order into a GGUF type."""
-        return self.method == "gptq" and bool(self.preset or self.layer_types or (self.gguf_type and self.act_order)
-                                              or (self.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K"))
+        layouts: for a k-quant type or IQ4_NL, a precision map, or act-order into a GGUF type."""
+        return self.method == "gptq" and bool(self.preset or self.layer_types or self.gguf_tensor_types
+                                              or (self.gguf_type and self.act_order)
+                                              or (self.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K", "IQ4_NL"))
 
     def _map_tag(self) -> str:
         """The precision map in a tag: the preset, 'mix' for layer types alone, '<preset>-mix' for both."""
-        return f"{self.preset or 'mix'}{'-mix' if self.preset and self.layer_types else ''}"
+        return f"{self.preset or 'mix'}{'-mix' if self.preset and (self.layer_types or self.gguf_tensor_types) else ''}"
+
+    def _budget_tag(self) -> str:
+        return f"-x{self.min_size_ratio:g}" if self.min_size_ratio else ""
 
     def tag(self) -> str:
         synth = "-synth" if self.uses_calibration() and self.calibration.source == "synthetic" else ""
@@ -369,12 +379,12 @@ class QuantSpec(Strict):
             return f"gguf-{(self.gguf_type or 'q4_k_m').lower()}{'-imat' if self.imatrix else ''}{mix}{synth}"
         if self.method == "qat":
             target = self.gguf_type.lower() if self.gguf_type else f"w{self.bits}{'' if self.symmetric else '-asym'}"
-            if self.preset or self.layer_types:
+            if self.has_precision_map():
                 target = self._map_tag()
-            return f"qat-{target}-s{self.qat_steps}{synth}"
+            return f"qat-{target}-s{self.qat_steps}{self._budget_tag()}{synth}"
         if self.gptq_on_gguf_grid():
-            target = self._map_tag() if self.preset or self.layer_types else self.gguf_type.lower()
-            return f"gptq-{target}{'-act' if self.act_order else ''}{synth}"
+            target = self._map_tag() if self.has_precision_map() else self.gguf_type.lower()
+            return f"gptq-{target}{'-act' if self.act_order else ''}{self._budget_tag()}{synth}"
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         return f"{self.method}-w{self.bits}{g}{'' if self.symmetric else '-asym'}{synth}"
 

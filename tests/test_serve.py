@@ -113,6 +113,24 @@ def test_paths_outside_the_root_are_refused(tmp_path):
     assert list(outside.iterdir()) == []
 
 
+def test_sensitivity_and_search_paths_in_lists_are_confined_too(tmp_path):
+    """Paths inside lists of objects (text[].dataset_dir) and lists of paths (seed_maps) are checked one by one."""
+    root = tmp_path / "root"
+    root.mkdir()
+    server = build_server(root)
+    inside = {"dataset_dir": "datasets/shakespeare"}
+    text = error_text(call(server, "sensitivity", {"model": "models/x", "text": [inside, {"dataset_dir": "/etc"}]}))
+    assert "text[].dataset_dir lies outside the server's data folder" in text
+    search = {"model": "models/x", "text": [inside], "sensitivity_text": [inside], "out_dir": "search"}
+    for extra, field in [({"seed_maps": ["maps/a.yaml", "/tmp/b.yaml"]}, "seed_maps[]"),
+                         ({"test_text": [inside, {"dataset_dir": "../x"}]}, "test_text[].dataset_dir"),
+                         ({"out_dir": "/tmp/search"}, "out_dir"),
+                         ({"storage": "/tmp/journal.log"}, "storage"),
+                         ({"tracking_uri": "sqlite:////tmp/mlflow.db"}, "tracking_uri")]:
+        assert f"{field} lies outside the server's data folder" in error_text(call(server, "search", search | extra))
+    assert list(root.iterdir()) == []
+
+
 def test_quantize_and_validate_with_progress(root):
     server = build_server(root)
     progress: list = []
@@ -161,3 +179,24 @@ def test_a_second_call_writing_the_same_output_is_refused_while_the_first_runs(r
         assert "is being written by a running quantize_model call" in error_text(r)
     assert (root / "models" / "quantized" / "tiny_busy").is_dir()
     assert not (root / "models" / "quantized" / "tiny_busy" / "sub").exists()
+
+
+def test_every_path_field_of_the_catalog_names_a_string_field_of_its_request():
+    """A misspelt path field would leave that path unchecked: each dotted name must lead to str fields."""
+    import types
+    import typing
+
+    def leaf_types(model, parts):
+        field = model.model_fields[parts[0].removesuffix("[]")]
+        ann = field.annotation
+        union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+        args = [a for a in typing.get_args(ann) if a is not type(None)] if union else [ann]
+        if parts[0].endswith("[]"):
+            args = [typing.get_args(a)[0] for a in args if typing.get_origin(a) is list]
+        if len(parts) == 1:
+            return args
+        return [t for a in args for t in leaf_types(a, parts[1:])]
+
+    for entry in TOOLS:
+        for field in entry.path_fields:
+            assert leaf_types(entry.request, field.split(".")) == [str], (entry.name, field)

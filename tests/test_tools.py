@@ -181,3 +181,22 @@ def test_a_perplexity_increase_within_its_noise_of_the_bar_is_measured_again(tin
     assert again.kld.tokens in (4 * 31, 8 * 31)  # doubled (twice at most: max_chunks 8) before the verdict
     ppl = next(c for c in again.criteria if c.name == "perplexity")
     assert ppl.margin_sigmas is not None and "sigma" in ppl.detail
+
+
+def test_a_bar_met_only_within_the_noise_is_not_shown_and_fails(tiny_copy, dataset_dir, tmp_path):
+    """Below the bar by one standard error fails ("not shown"); by five, passes: the same file, the same chunks."""
+    q = quantize_gguf(tiny_copy / "tiny-f16.gguf", tmp_path / "tiny-q4_0.gguf", "Q4_0")
+
+    def ppl_criterion(max_ppl, name):
+        r = validate_quantization(ValidationRequest(quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
+                                                    spec_file=_spec(tmp_path / name, max_ppl=max_ppl), measure_speed=False,
+                                                    check_generation=False))
+        return r.kld, next(c for c in r.criteria if c.name == "perplexity")
+
+    kld, _ = ppl_criterion(1000.0, "a.yaml")
+    se = 100 * kld.ppl_ratio * kld.ln_ppl_ratio_stderr
+    assert se > 0
+    _, near = ppl_criterion(kld.ppl_increase_pct + se, "b.yaml")
+    assert not near.passed and 0.9 < near.margin_sigmas < 1.1 and "not shown" in near.detail
+    _, clear = ppl_criterion(kld.ppl_increase_pct + 5 * se, "c.yaml")
+    assert clear.passed and clear.margin_sigmas > 4.9 and "not shown" not in clear.detail

@@ -65,7 +65,7 @@ class Backend:
     label: ClassVar[str] = ""  # the name error messages use (default: the method in capitals)
     writer: ClassVar[str] = "the export"  # who wrote the GGUF, for a precision-map mismatch message
     libraries: ClassVar[tuple[str, ...]] = ()  # distributions whose versions the result records
-    honours: ClassVar[frozenset[str]] = frozenset()  # optional QuantSpec fields it applies: "skip_modules", "overrides"
+    honours: ClassVar[frozenset[str]] = frozenset()  # optional QuantSpec fields it applies: "skip_modules", "overrides", "tensor_types"
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -169,6 +169,9 @@ def check_spec_fields(backend: Backend, spec) -> None:
     if spec.overrides and "overrides" not in backend.honours:
         raise InputError(None, f"{backend.label} does not apply per-module 'overrides'",
                          "drop them, or give a precision map (layer_types, --layer-type / --tensor-type) to method gguf, gptq or qat")
+    if spec.gguf_tensor_types and "tensor_types" not in backend.honours:
+        raise InputError(None, f"{backend.label} does not apply per-tensor GGUF types (gguf_tensor_types / --tensor-type)",
+                         "drop them, or use method gguf, gptq or qat, which write GGUF files")
     if list(spec.skip_modules) != DEFAULT_SKIP_MODULES and "skip_modules" not in backend.honours:
         raise InputError(None, f"{backend.label} does not apply 'skip_modules' {spec.skip_modules}",
                          "drop the field, or keep a layer type in float with a precision map (e.g. --layer-type attention=F16)")

@@ -133,5 +133,5 @@ def check_written_types(model_path, planned: dict[str, str], writer: str) -> Non
 def plan_precision_map(f16_gguf, spec) -> tuple[str, dict[str, str], dict[str, str], str]:
     """(base type, tensor-type rules, planned type of every tensor, embedding type) of a precision map that a
     quantizer trains or solves for and then exports itself (QAT, GPTQ on the grid)."""
-    base, rules, planned = plan_mixed_file(f16_gguf, spec.gguf_type, spec.preset, spec.layer_types, {})
+    base, rules, planned = plan_mixed_file(f16_gguf, spec.gguf_type, spec.preset, spec.layer_types, spec.gguf_tensor_types)
     return base, rules, planned, planned["token_embd.weight"]

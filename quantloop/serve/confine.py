@@ -59,6 +59,15 @@ def fill_defaults(entry: ToolEntry, data: dict, root: Path) -> None:
         from quantloop.tools.quantize import default_output_dir
 
         data["output_dir"] = str(root / "models" / "quantized" / default_output_dir(data["checkpoint"], entry.request.model_validate(data).spec).name)
+    if entry.name == "sensitivity" and not data.get("cache_dir"):  # the measurements stay with the data they were made on
+        data["cache_dir"] = str(root / "cache" / "sensitivity")
+    if entry.name == "search":  # a file-backed study or tracking store is a path like any other; servers (postgresql://) are not
+        if data.get("storage") and "://" not in data["storage"]:
+            data["storage"] = str(confined_path(data["storage"], "storage", root))
+        uri = data.get("tracking_uri") or ""
+        if uri.startswith("sqlite:///") or (uri and "://" not in uri):
+            path = uri.removeprefix("sqlite:///")
+            data["tracking_uri"] = uri.replace(path, str(confined_path(path, "tracking_uri", root)))
 
 
 def confine_request(entry: ToolEntry, request: BaseModel, root: Path) -> BaseModel:
@@ -66,11 +75,29 @@ def confine_request(entry: ToolEntry, request: BaseModel, root: Path) -> BaseMod
     root = root.resolve()
     data = request.model_dump(mode="json")
     for field in entry.path_fields:
-        value = get_dotted(data, field)
-        if value:
-            set_dotted(data, field, str(confined_path(value, field, root)))
+        _confine_field(data, field.split("."), field, root)
     fill_defaults(entry, data, root)
     return entry.request.model_validate(data)
+
+
+def _confine_field(data, parts: list[str], field: str, root: Path) -> None:
+    """Confine the path(s) at a dotted field; 'name[]' is a list: of paths when last, else of objects."""
+    if not isinstance(data, dict):
+        return
+    key, many = parts[0].removesuffix("[]"), parts[0].endswith("[]")
+    value = data.get(key)
+    if not value:
+        return
+    if not many:
+        if len(parts) == 1:
+            data[key] = str(confined_path(value, field, root))
+        else:
+            _confine_field(value, parts[1:], field, root)
+    elif len(parts) == 1:
+        data[key] = [str(confined_path(v, field, root)) for v in value]
+    else:
+        for item in value:
+            _confine_field(item, parts[1:], field, root)
 
 
 class OutputLocks:

@@ -13,6 +13,7 @@ from typing import Callable
 
 from pydantic import BaseModel, Field
 
+from quantloop.search.schemas import SearchRequest, SearchResult, SensitivityRequest, SensitivityResult
 from quantloop.schemas import (CompareReport, CompareRequest, EvaluateRequest, EvaluationReport, QuantizationResult, QuantSpec,
                                Strict, ValidationReport, ValidationRequest)
 
@@ -112,6 +113,18 @@ def validate_writes(req: ValidationRequest) -> Path:
     return (q if q.is_dir() else q.parent) / "validation_report.json"
 
 
+def sensitivity(req):
+    from quantloop.tools.sensitivity import measure_sensitivity
+
+    return measure_sensitivity(req)
+
+
+def search(req):
+    from quantloop.tools.search import search_mixed_precision
+
+    return search_mixed_precision(req)
+
+
 @dataclass(frozen=True)
 class ToolEntry:
     name: str
@@ -143,6 +156,16 @@ TOOLS: tuple[ToolEntry, ...] = (
               EvaluateRequest, EvaluationReport, evaluate, ("model", "dataset_dir", "spec_file")),
     ToolEntry("estimate", "The exact bytes and bits per weight of the GGUF a precision map gives (per layer type), before "
               "quantizing anything.", EstimateRequest, EstimateReport, estimate, ("model",)),
+    ToolEntry("sensitivity", "Measure how much each tensor group hurts when it alone is quantized to each candidate GGUF "
+              "type (mean KL divergence against the float model on the given text); cached, with an optional heatmap.",
+              SensitivityRequest, SensitivityResult, sensitivity, ("model", "text[].dataset_dir", "cache_dir", "heatmap_png"),
+              lambda req: Path(req.heatmap_png) if req.heatmap_png else None, read_only=False),
+    ToolEntry("search", "Multi-objective mixed-precision search: per-tensor GGUF types seeded by greedy and integer-program "
+              "allocations, every candidate measured (KL divergence on several text domains, exact bytes, llama.cpp speed); "
+              "returns the Pareto front, each member a precision map quantize_model takes.",
+              SearchRequest, SearchResult, search,
+              ("model", "text[].dataset_dir", "sensitivity_text[].dataset_dir", "test_text[].dataset_dir", "seed_maps[]",
+               "out_dir"), lambda req: Path(req.out_dir), read_only=False),
 )
 
 

