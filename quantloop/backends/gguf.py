@@ -109,6 +109,7 @@ class LlamaCppBackend(Backend):
     method = "gguf"
     label = "llama.cpp quantization"
     writer = "llama-quantize"
+    honours = frozenset({"tensor_types"})
     libraries = ("llama_cpp_python",)
 
     def needs(self, spec) -> Needs:
