@@ -61,6 +61,8 @@ class Policy(Strict):
     acceptance_spec: str = Field("acceptance.yaml", description="acceptance spec YAML, relative to the policy file (or absolute)")
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     log_model_max_mib: float = Field(64.0, ge=0, description="model files up to this size are logged to MLflow; larger ones by path")
+    max_minutes: float | None = Field(None, gt=0, description="a step that would start after the run has spent this many minutes "
+                                                              "is skipped with the reason, so a run reaches its decision in time")
     steps: dict[Target, list[PolicyStep]] = Field(description="ordered fallback steps per deployment target")
 
     @model_validator(mode="after")
