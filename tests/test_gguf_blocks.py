@@ -13,7 +13,7 @@ from quantloop.errors import InputError
 from quantloop.gguf import blocks as gb
 
 TYPES = list(gb.TYPES)
-BLOCK32 = [t for t in TYPES if not gb.TYPES[t].kquant]
+BLOCK32 = [t for t in TYPES if not gb.TYPES[t].kquant and not gb.TYPES[t].levels]  # gguf-py quantizes these too
 
 
 def _ggml():
@@ -61,16 +61,18 @@ def dequant_formula(qb: gb.QuantBlocks, type_name: str) -> np.ndarray:
     f = np.float32
     rows, cols = qb.codes.shape
     q = qb.codes.astype(f)
+    if bt.levels:
+        return np.repeat(qb.scales.astype(f), 32, axis=1) * np.asarray(bt.levels, f)[qb.codes]
     if not bt.kquant:
         d = np.repeat(qb.scales.astype(f), 32, axis=1)
         if bt.symmetric:
             return d * (q - (0 if bt.bits == 8 else 2 ** (bt.bits - 1)))
         return d * q + np.repeat(qb.mins.astype(f), 32, axis=1)
-    n = 16 if type_name == "Q6_K" else 32
+    n = bt.sub
     D = np.repeat(np.repeat(qb.d.astype(f), 256 // n, axis=1) * qb.scales.astype(f), n, axis=1)
-    if type_name == "Q6_K":
-        return D * (q - 32)
-    M = np.repeat(np.repeat(qb.dmin.astype(f), 8, axis=1) * qb.mins.astype(f), 32, axis=1)
+    if bt.symmetric:  # Q6_K, Q3_K
+        return D * (q - 2 ** (bt.bits - 1))
+    M = np.repeat(np.repeat(qb.dmin.astype(f), 256 // n, axis=1) * qb.mins.astype(f), n, axis=1)
     return D * q - M
 
 
@@ -248,7 +250,7 @@ def test_pack_refuses_what_the_type_cannot_hold():
     with pytest.raises(ValueError, match="multiple of 256"):
         gb.pack(codes, d, None, "Q6_K")
     with pytest.raises(ValueError, match="unknown GGUF block type"):
-        gb.pack(codes, d, None, "Q3_K")
+        gb.pack(codes, d, None, "IQ2_XS")
     with pytest.raises(ValueError, match="not a multiple of the block size 256"):
         gb.quantize_blocks(np.zeros((2, 64), np.float32), "Q4_K")
 
@@ -338,5 +340,5 @@ def test_export_refuses_off_grid_weights(tiny_prepared, tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"tensor blk\.\d+\.\w+\.weight is not on the Q4_0 grid: \d+ of \d+ blocks are off \(max dev"):
         export_hf_to_gguf(hf, out, "Q4_0")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]
-    with pytest.raises(InputError, match="unknown GGUF type 'Q3_K'"):
-        export_hf_to_gguf(hf, out, "Q3_K")
+    with pytest.raises(InputError, match="unknown GGUF type 'IQ2_XS'"):
+        export_hf_to_gguf(hf, out, "IQ2_XS")

@@ -33,8 +33,10 @@ def test_torch_fake_quantizer_equals_gguf_grid(type_name):
     # bit-exact in practice; the contract is fp16 rounding of the scales
     np.testing.assert_allclose(got, ref, rtol=2**-11, atol=0)
     assert np.array_equal(got, ref)
-    # its output is on the grid: requantizing changes nothing, and export's fitter accepts it
-    np.testing.assert_array_equal(fake_quantize_torch(torch.from_numpy(got), type_name).numpy(), got)
+    # its output is on the grid: requantizing changes nothing (IQ4_NL: llama.cpp's scale search may pick another
+    # grid for a grid point, e.g. d of the other sign for a flat block), and export's fitter accepts it
+    if type_name != "IQ4_NL":
+        np.testing.assert_array_equal(fake_quantize_torch(torch.from_numpy(got), type_name).numpy(), got)
     gb.fit_blocks(got, type_name)
 
 

@@ -1,4 +1,4 @@
-"""GPTQ onto an exact GGUF grid: any block type (Q4_0 ... Q8_0 and the k-quants Q4_K, Q5_K, Q6_K) and any
+"""GPTQ onto an exact GGUF grid: any block type (Q4_0 ... Q8_0, IQ4_NL and the k-quants Q2_K ... Q6_K) and any
 precision map (mixed_precision), so a GPTQ-optimized model becomes a GGUF that holds its weights exactly.
 
 GPTQModel writes its own integer layouts (a scale and zero per group), which hold Q4_0/Q8_0 but none of
@@ -38,7 +38,7 @@ DAMP = 0.01  # H += DAMP * mean(diag H) * I, GPTQ's default
 
 class _Grid:
     """The levels of one block of columns: value = step * (q - zero) + base, q in lo..hi; step and base per
-    (row, sub-block)."""
+    (row, sub-block). Non-uniform types (IQ4_NL): value = d * levels[q], the nearest of the 16 levels."""
 
     def __init__(self, w: torch.Tensor, type_name: str):
         bt = gb.block_type(type_name)
@@ -46,13 +46,16 @@ class _Grid:
         rows = w.shape[0]
         self.blocks = qb._replace(codes=None)  # the scales GPTQ's codes are stored with
         f = lambda a: torch.from_numpy(a.astype("float32")).reshape(rows, -1)  # noqa: E731
-        self.sub = 16 if type_name == "Q6_K" else 32
+        self.sub = bt.sub if bt.kquant else bt.block
         self.lo, self.hi = (-128, 127) if bt.bits == 8 else (0, 2**bt.bits - 1)
-        if bt.kquant:  # value = d * sc * q - dmin * mn (Q6_K: d * sc * (q - 32))
+        self.levels = None
+        if bt.levels:  # (rows, block, level): every value the block can hold
+            self.levels = f(qb.scales)[:, :, None] * torch.tensor(bt.levels, dtype=torch.float32)
+        elif bt.kquant:  # value = d * sc * q - dmin * mn (Q6_K, Q3_K: d * sc * (q - 32), d * sc * (q - 4))
             sc, d = f(qb.scales), f(qb.d)
             per = sc.shape[1] // d.shape[1]
             self.step = d.repeat_interleave(per, dim=1) * sc
-            self.zero = 32 if type_name == "Q6_K" else 0
+            self.zero = 2 ** (bt.bits - 1) if bt.symmetric else 0
             self.base = torch.zeros_like(self.step) if qb.mins is None else \
                 -(f(qb.dmin).repeat_interleave(per, dim=1) * f(qb.mins))
         else:
@@ -63,6 +66,11 @@ class _Grid:
     def round(self, x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Column j of the block (a [rows] vector) on its nearest level: (values, stored codes)."""
         g = j // self.sub
+        if self.levels is not None:
+            vals = self.levels[:, g]
+            q = (x[:, None] - vals).abs().argmin(dim=1)
+            q = torch.where(vals[:, 0] == 0, 8, q)  # d = 0: code 8 (level 1) holds +0.0
+            return vals.gather(1, q[:, None])[:, 0], q
         step, base = self.step[:, g], self.base[:, g]
         safe = torch.where(step == 0, torch.ones_like(step), step)  # a zero step holds only its base
         q = torch.clamp(torch.round((x - base) / safe) + self.zero, self.lo, self.hi)

@@ -13,12 +13,17 @@ GROUP_MAX_EPS = np.float32(1e-15)  # ggml-quants.c
 F32 = np.float32
 
 
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml-common.h
+
+
 class BlockType(NamedTuple):
     name: str
     block: int  # values per block (32) or super-block (256)
     bits: int
     symmetric: bool  # no offset stored
     kquant: bool
+    sub: int = 32  # k-quants: values per sub-block
+    levels: tuple[int, ...] | None = None  # non-uniform types: value = d * levels[code]
 
 
 TYPES = {
@@ -29,14 +34,18 @@ TYPES = {
     "Q8_0": BlockType("Q8_0", QK, 8, True, False),
     "Q4_K": BlockType("Q4_K", QK_K, 4, False, True),
     "Q5_K": BlockType("Q5_K", QK_K, 5, False, True),
-    "Q6_K": BlockType("Q6_K", QK_K, 6, True, True),
+    "Q6_K": BlockType("Q6_K", QK_K, 6, True, True, sub=16),
+    "IQ4_NL": BlockType("IQ4_NL", QK, 4, True, False, levels=KVALUES_IQ4NL),
 }
+# k-quant sub-block scales (and mins) as stored: (lowest scale, highest scale, highest min)
+KQUANT_RANGES = {"Q2_K": (0, 15, 15), "Q3_K": (-32, 31, 0), "Q4_K": (0, 63, 63), "Q5_K": (0, 63, 63), "Q6_K": (-128, 127, 0)}
 
 
 class QuantBlocks(NamedTuple):
     """Codes and scales of a (rows, cols) weight, as a GGUF type stores them.
 
-    Block-32 types: `scales` is d (fp16, one per block), `mins` is m (Q4_1/Q5_1) or None.
+    Block-32 types: `scales` is d (fp16, one per block), `mins` is m (Q4_1/Q5_1) or None;
+    IQ4_NL's codes are indices 0..15 into KVALUES_IQ4NL.
     K-quants: `scales`/`mins` are the integer sub-block scales/mins, `d`/`dmin` the fp16
     super-block scales (one per 256 values).
     """
@@ -86,7 +95,8 @@ def gguf_type_for_layout(bits: int, group_size: int, symmetric: bool) -> str | N
 
 def fallback_type(type_name: str, width: int) -> str:
     """The type llama-quantize writes for rows of `width` values when `type_name`'s block does not divide
-    them (llama-quant.cpp tensor_type_fallback): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, else F16.
+    them (llama-quant.cpp tensor_type_fallback): Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+    else F16.
 
     A fake quantizer aiming at a k-quant grid must use this type for such layers (SmolLM2's 576-wide
     rows, for example), or the exported file cannot match it.
@@ -94,7 +104,7 @@ def fallback_type(type_name: str, width: int) -> str:
     bt = block_type(type_name)
     if width % bt.block == 0:
         return bt.name
-    fallback = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}.get(bt.name, "F16")
+    fallback = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}.get(bt.name, "F16")
     return fallback if fallback != "F16" and width % QK == 0 else "F16"
 
 

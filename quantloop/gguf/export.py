@@ -25,7 +25,7 @@ from quantloop.gguf.tensor_names import EMBEDDINGS, GGUF_LINEAR
 # general.file_type for a file of mostly one block type (k-quants: llama.cpp's "S" mixes are the closest)
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
               "Q8_0": "MOSTLY_Q8_0", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K",
-              "F16": "MOSTLY_F16", "F32": "ALL_F32"}
+              "IQ4_NL": "MOSTLY_IQ4_NL", "Q3_K": "MOSTLY_Q3_K_S", "Q2_K": "MOSTLY_Q2_K", "F16": "MOSTLY_F16", "F32": "ALL_F32"}
 
 
 def export_hf_to_gguf(

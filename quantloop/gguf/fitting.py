@@ -7,6 +7,7 @@ import numpy as np
 
 from quantloop.gguf.block_types import (
     F32,
+    KQUANT_RANGES,
     QK,
     QK_K,
     BlockType,
@@ -92,6 +93,8 @@ def _fit32(w, qb, bt, rtol):
 def _rdev32(X, q, d, m, bt):
     """`_rdev` of block-32 codes and fp16 d (and m), dequantized as dequantize_row_* does."""
     df = d.astype(F32)[..., None]
+    if bt.levels:
+        return _rdev(X, df * np.asarray(bt.levels, F32)[q])
     if m is None:
         return _rdev(X, df * (q.astype(F32) - (0 if bt.bits == 8 else 2 ** (bt.bits - 1))))
     return _rdev(X, df * q.astype(F32) + m.astype(F32)[..., None], m)
@@ -106,6 +109,9 @@ def _search32(X: np.ndarray, bt: BlockType, rtol: float):
     compared with the coarser grids whose span divides its span (an exact fit may hide there).
     """
     left = np.arange(X.shape[0])
+    if bt.levels:
+        yield from _search_levels(X, bt, rtol)
+        return
     if bt.symmetric:
         nmax = 2 ** (bt.bits - 1)
         big = np.take_along_axis(X, np.abs(X).argmax(axis=1)[:, None], axis=1)[:, 0]
@@ -142,6 +148,26 @@ def _search32(X: np.ndarray, bt: BlockType, rtol: float):
             left = left[~ok]
 
 
+def _search_levels(X: np.ndarray, bt: BlockType, rtol: float):
+    """`_search32` for IQ4_NL: the largest |x| is d*level for one of the 16 levels (largest first); every other
+    value then goes to its nearest level."""
+    levels = np.asarray(bt.levels, F32)
+    big = np.take_along_axis(X, np.abs(X).argmax(axis=1)[:, None], axis=1)[:, 0]
+    left = np.arange(X.shape[0])
+    for k in sorted(levels, key=lambda v: -abs(v)):
+        if left.size == 0:
+            return
+        x = X[left]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            d = (big[left] / k).astype(np.float16)
+            q = np.abs(x[:, :, None] - d.astype(F32)[:, None, None] * levels).argmin(axis=2)
+            e = _rdev32(x, q, d, None, bt)
+        ok = np.isfinite(d) & (e <= rtol)
+        if ok.any():
+            yield q[ok], d[ok], None, e[ok], left[ok]
+            left = left[~ok]
+
+
 def _asym_try(x: np.ndarray, span: int, bt: BlockType):
     """Closest Q4_1/Q5_1 block to each row of x whose range is d*span: (codes, d, m, rdev)."""
     nmax = 2**bt.bits - 1
@@ -160,17 +186,17 @@ def _asym_try(x: np.ndarray, span: int, bt: BlockType):
 # k-quants
 
 
-def _rdevk(X, q, d, sc, dmin, mn):
+def _rdevk(X, q, d, sc, dmin, mn, half: int = 32):
     """`_rdev` of k-quant sub-blocks (rows), dequantized as dequantize_row_q{4,5,6}_K does."""
     D = (d * sc.astype(F32))[..., None]
     if mn is None:
-        return _rdev(X, D * (q.astype(F32) - 32))
+        return _rdev(X, D * (q.astype(F32) - half))
     return _rdev(X, D * q.astype(F32) - (dmin * mn.astype(F32))[..., None])
 
 
 def _fit_k(w, qb, bt, rtol):
     """K-quants: llama.cpp's rounding, then searches for the sub-blocks and super-blocks it misses."""
-    n = 16 if bt.name == "Q6_K" else 32
+    n = bt.sub
     per = QK_K // n
     X = w.reshape(-1, n)
     codes, sc = qb.codes.reshape(-1, n).astype(np.int64), qb.scales.reshape(-1).astype(np.int64)
@@ -178,7 +204,7 @@ def _fit_k(w, qb, bt, rtol):
     d, dmin = qb.d.reshape(-1).copy(), None if qb.dmin is None else qb.dmin.reshape(-1).copy()
     dsub = np.repeat(d.astype(F32), per)
     msub = None if dmin is None else np.repeat(dmin.astype(F32), per)
-    rdev = _rdevk(X, codes, dsub, sc, msub, mn)
+    rdev = _rdevk(X, codes, dsub, sc, msub, mn, 2 ** (bt.bits - 1))
 
     def accept(rows, fit):
         codes[rows], sc[rows], rdev[rows] = fit[0], fit[1], fit[3]
@@ -214,24 +240,26 @@ def _search_k(X, d, dmin, bt, rtol):
     codes, sc, mn = np.zeros(X.shape, np.int64), np.zeros(k, np.int64), np.zeros(k, np.int64)
     rdev = np.full(k, np.inf)
     left = np.arange(k)
-    cands = range(-128, 128) if dmin is None else range(64)
+    smin, smax, mmax = KQUANT_RANGES[bt.name]
+    half = 2 ** (bt.bits - 1)
+    cands = range(smin, smax + 1) if dmin is None else range(smax + 1)
     for s in sorted(cands, key=lambda v: (v == 0, -abs(v))):
         if left.size == 0:
             break
         x, D = X[left], d[left] * F32(s)
         with np.errstate(divide="ignore", invalid="ignore"):
             if dmin is None:
-                q = np.nan_to_num(np.clip(np.rint(x / D[:, None]), -32, 31)).astype(np.int64) + 32
+                q = np.nan_to_num(np.clip(np.rint(x / D[:, None]), -half, half - 1)).astype(np.int64) + half
                 m = np.zeros(left.size, np.int64)
             else:  # w = D*q - dmin*m: the lowest value is D*t - dmin*m for some code t; take the best (t, m)
                 dm, lo = dmin[left][:, None], x.min(axis=1)[:, None]
                 M = D[:, None] * np.arange(nmax + 1, dtype=F32) - lo
                 m = np.rint(M / dm)
-                err = np.where((m >= 0) & (m <= 63), np.abs(M - dm * m), np.inf)
+                err = np.where((m >= 0) & (m <= mmax), np.abs(M - dm * m), np.inf)
                 m = np.nan_to_num(np.take_along_axis(m, err.argmin(axis=1)[:, None], axis=1)[:, 0]).astype(np.int64)
                 q = np.clip(np.rint((x + (dm[:, 0] * m.astype(F32))[:, None]) / D[:, None]), 0, nmax)
                 q = np.nan_to_num(q).astype(np.int64)
-            e = _rdevk(x, q, d[left], np.full(left.size, s), None if dmin is None else dmin[left], None if dmin is None else m)
+            e = _rdevk(x, q, d[left], np.full(left.size, s), None if dmin is None else dmin[left], None if dmin is None else m, half)
         hit = np.flatnonzero(e <= rtol)
         if hit.size:
             i = left[hit]
@@ -279,7 +307,8 @@ def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, d_hint: float, re
     steps = np.array([_step(x, nmax, rel) for x in X])
     if np.isnan(steps).any() or not (steps > 0).any():
         return None
-    smax = 128 if bt.name == "Q6_K" else 63
+    smin, smax, mmax = KQUANT_RANGES[bt.name]
+    smax = -smin if bt.symmetric else smax  # symmetric: |sc| up to -smin, both signs tried
     per = X.shape[0]
     G = _fgcd(steps[steps > 0], rel)
     s0 = G / d_hint if d_hint > 0 else 1.0
@@ -295,8 +324,8 @@ def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, d_hint: float, re
         sc = _largest_scales(np.rint(ratio).astype(np.int64), spans / np.float64(d), smax, nmax)
         if sc is None:
             continue
-        if bt.name == "Q6_K":  # w = D*(q - 32): try both signs of each sub-block scale
-            (q1, e1), (q2, e2) = _q6_try(X, d, sc), _q6_try(X, d, -sc)
+        if bt.symmetric:  # w = D*(q - half): try both signs of each sub-block scale
+            (q1, e1), (q2, e2) = _sym_try(X, d, sc, bt), _sym_try(X, d, -sc, bt)
             pos = e1 <= e2
             q, sc, e = np.where(pos[:, None], q1, q2), np.where(pos, sc, -sc), np.where(pos, e1, e2)
             flat = np.flatnonzero(steps == 0)  # constant sub-blocks: any scale that holds the value
@@ -307,7 +336,7 @@ def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, d_hint: float, re
                 return d, None, q, sc, np.zeros(per, np.int64), e
             continue
         D = F32(d) * sc.astype(F32)
-        for dmin, mn in _dmin_candidates(X, D.astype(np.float64), nmax, rel):
+        for dmin, mn in _dmin_candidates(X, D.astype(np.float64), nmax, rel, mmax):
             M = F32(dmin) * mn.astype(F32)
             with np.errstate(divide="ignore", invalid="ignore"):
                 q = np.nan_to_num(np.clip(np.rint((X + M[:, None]) / D[:, None]), 0, nmax)).astype(np.int64)
@@ -332,16 +361,17 @@ def _largest_scales(ratio: np.ndarray, span: np.ndarray, smax: int, nmax: int) -
     return out
 
 
-def _q6_try(X, d, sc):
-    """Q6_K codes of sub-blocks X under d and signed sub-block scales sc: (codes, rdev)."""
+def _sym_try(X, d, sc, bt):
+    """Q6_K / Q3_K codes of sub-blocks X under d and signed sub-block scales sc: (codes, rdev)."""
+    half, smax = 2 ** (bt.bits - 1), KQUANT_RANGES[bt.name][1]
     D = F32(d) * sc.astype(F32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.nan_to_num(np.clip(np.rint(X / D[:, None]), -32, 31)).astype(np.int64) + 32
-    e = _rdevk(X, q, np.full(X.shape[0], d, F32), sc, None, None)
-    return q, np.where(sc > 127, np.inf, e)  # int8 scales: -128..127
+        q = np.nan_to_num(np.clip(np.rint(X / D[:, None]), -half, half - 1)).astype(np.int64) + half
+    e = _rdevk(X, q, np.full(X.shape[0], d, F32), sc, None, None, half)
+    return q, np.where(sc > smax, np.inf, e)  # Q6_K: int8 scales -128..127, Q3_K: -32..31
 
 
-def _dmin_candidates(X, steps, nmax, rel):
+def _dmin_candidates(X, steps, nmax, rel, mmax: int = 63):
     """Yield (dmin, mn per sub-block), closest first, such that every sub-block minimum lo_k is
     D_k*t - dmin*mn_k with t in 0..nmax-span_k (a constant sub-block: lo_k = -dmin*mn_k)."""
     lo = X.min(axis=1).astype(np.float64)
@@ -349,14 +379,14 @@ def _dmin_candidates(X, steps, nmax, rel):
     span = np.where(steps > 0, np.rint((X.max(axis=1) - lo) / D), 0)
     j = int(np.argmin(lo))  # the most negative minimum: dmin*mn_j = D_j*t - lo_j for some t and mn_j
     M = D[j] * np.arange(nmax - span[j] + 1) - lo[j] if steps[j] > 0 else np.array([-lo[j]])
-    c = (M[M > 0][:, None] / np.arange(1, 64)).astype(np.float16).ravel()
+    c = (M[M > 0][:, None] / np.arange(1, mmax + 1)).astype(np.float16).ravel()
     cands = np.unique(np.concatenate([[np.float16(0)], c[np.isfinite(c) & (c > 0)]]))
     alive = np.arange(cands.size)
     miss = np.zeros((cands.size, X.shape[0]))
     mn = np.zeros((cands.size, X.shape[0]), np.int64)
     scale = max(np.abs(lo).max(), 1e-30)
     for k in np.argsort(-np.abs(lo)):  # checking every sub-block in turn prunes the candidates fast
-        v = cands[alive].astype(np.float64)[:, None] * np.arange(64) + lo[k]  # = D_k * t
+        v = cands[alive].astype(np.float64)[:, None] * np.arange(mmax + 1) + lo[k]  # = D_k * t
         if steps[k] > 0:
             t = v / D[k]
             err = np.abs(t - np.rint(t))

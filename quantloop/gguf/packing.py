@@ -39,7 +39,7 @@ def pack(codes, scales, mins, type_name: str, d=None, dmin=None) -> np.ndarray:
         q = _ints(codes, "codes", lo, hi, codes.shape, bt).reshape(n, QK)
         parts = [_h(_fp16(scales, "scales", (rows, cols // QK), bt))]
         if bt.symmetric and mins is not None:
-            raise ValueError(f"{bt.name} is symmetric and stores no mins" + (f"; an offset needs {bt.name[:2]}_1" if bt.bits < 8 else ""))
+            raise ValueError(f"{bt.name} is symmetric and stores no mins" + (f"; an offset needs {bt.name[:2]}_1" if bt.bits < 8 and not bt.levels else ""))
         if not bt.symmetric:
             if mins is None:
                 raise ValueError(f"{bt.name} stores an offset per block: mins are required")
@@ -52,6 +52,8 @@ def pack(codes, scales, mins, type_name: str, d=None, dmin=None) -> np.ndarray:
             parts.append(_nibbles(q))
         return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
+    if bt.name in ("Q2_K", "Q3_K"):
+        return _pack_low_k(codes, scales, mins, d, dmin, bt)
     ns = QK_K // 16 if bt.name == "Q6_K" else QK_K // 32  # sub-blocks per super-block
     sub = (rows, cols // QK_K * ns)
     sup = (rows, cols // QK_K)
@@ -83,6 +85,39 @@ def pack(codes, scales, mins, type_name: str, d=None, dmin=None) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
 
+def _two_bit_planes(low: np.ndarray) -> np.ndarray:
+    """(n, 256) 2-bit values -> (n, 64) bytes: byte 32c + l holds element 128c + 32s + l in bits 2s (block_q2_K.qs)."""
+    L = low.reshape(-1, 2, 4, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _from_two_bit_planes(qs: np.ndarray) -> np.ndarray:
+    return ((qs.reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(-1, QK_K)
+
+
+def _pack_low_k(codes, scales, mins, d, dmin, bt) -> np.ndarray:
+    """block_q3_K (hmask, qs, 12 bytes of 6-bit signed scales, d) and block_q2_K (scale | min << 4, qs, d, dmin)."""
+    rows, cols = codes.shape
+    n = rows * cols // QK_K
+    sub, sup = (rows, cols // 16), (rows, cols // QK_K)
+    q = _ints(codes, "codes", 0, 2**bt.bits - 1, codes.shape, bt).astype(np.uint8).reshape(n, QK_K)
+    dh = _h(_fp16(d, "d", sup, bt))
+    if bt.name == "Q3_K":
+        if mins is not None or dmin is not None:
+            raise ValueError("Q3_K is symmetric and stores no mins")
+        lv = (_ints(scales, "scales", -32, 31, sub, bt) + 32).astype(np.uint8).reshape(n, 16)
+        hmask = np.bitwise_or.reduce(((q.reshape(n, 8, 32) >> 2) & 1) << np.arange(8, dtype=np.uint8)[:, None], axis=1)
+        h = (lv >> 4).reshape(n, 4, 4)  # (j // 4, j % 4): 2 high bits of scale j in byte 8 + j % 4, bits 2 * (j // 4)
+        sc = np.concatenate([(lv[:, :8] & 0xF) | ((lv[:, 8:] & 0xF) << 4),
+                             h[:, 0] | (h[:, 1] << 2) | (h[:, 2] << 4) | (h[:, 3] << 6)], axis=-1)
+        return np.concatenate([hmask.astype(np.uint8), _two_bit_planes(q & 3), sc, dh], axis=-1).reshape(rows, -1)
+    if mins is None or dmin is None:
+        raise ValueError("Q2_K stores sub-block mins: mins and dmin are required")
+    ls = _ints(scales, "scales", 0, 15, sub, bt).astype(np.uint8).reshape(n, 16)
+    lm = _ints(mins, "mins", 0, 15, sub, bt).astype(np.uint8).reshape(n, 16)
+    return np.concatenate([ls | (lm << 4), _two_bit_planes(q), dh, _h(_fp16(dmin, "dmin", sup, bt))], axis=-1).reshape(rows, -1)
+
+
 def unpack(raw: np.ndarray, type_name: str) -> QuantBlocks:
     """Raw GGUF bytes (rows, bytes_per_row) -> QuantBlocks; the inverse of `pack`."""
     from gguf import GGML_QUANT_SIZES
@@ -107,6 +142,18 @@ def unpack(raw: np.ndarray, type_name: str) -> QuantBlocks:
             if bt.bits == 5:
                 q = q | (np.unpackbits(b[:, off:off + 4], axis=-1, bitorder="little") << 4)
         return QuantBlocks(q.reshape(rows, -1), f16(0), None if bt.symmetric else f16(2))
+    if bt.name == "Q3_K":
+        hi = ((b[:, :32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1).reshape(n, QK_K)
+        s = b[:, 96:108]
+        lo4 = np.concatenate([s[:, :8] & 0xF, s[:, :8] >> 4], axis=-1)
+        hi2 = ((s[:, 8:].reshape(n, 1, 4) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(n, 16)
+        sc = ((lo4 | (hi2 << 4)).astype(np.int16) - 32).astype(np.int8)
+        q = _from_two_bit_planes(b[:, 32:96]) | (hi << 2)
+        return QuantBlocks(q.reshape(rows, -1), sc.reshape(rows, -1), None, f16(108))
+    if bt.name == "Q2_K":
+        s = b[:, :16]
+        return QuantBlocks(_from_two_bit_planes(b[:, 16:80]).reshape(rows, -1), (s & 0xF).reshape(rows, -1),
+                           (s >> 4).reshape(rows, -1), f16(80), f16(82))
     if bt.name == "Q6_K":
         ql, qh = b[:, :128].reshape(n, 2, 2, 32), b[:, 128:192].reshape(n, 2, 1, 32)
         lo = np.concatenate([ql & 0xF, ql >> 4], axis=2)  # (n, half, quarter, l)
@@ -144,6 +191,8 @@ def pack_from_codes(codes, scales, type_name: str, zeros=None, group_size: int =
     Anything else is refused with ValueError, never requantized.
     """
     bt = block_type(type_name)
+    if bt.levels:
+        raise ValueError(f"{bt.name} codes index its non-uniform levels; pack them with pack(codes, d, None, {bt.name!r})")
     if bt.kquant:
         raise ValueError(f"{bt.name} has two-level scales; pack its codes with pack(codes, scales, mins, {bt.name!r}, d, dmin)")
     if group_size != QK:

@@ -19,6 +19,12 @@ from quantloop.gguf.block_types import (
     qtype,
 )
 from quantloop.gguf.packing import dequantize, pack, unpack
+from quantloop.gguf.rounding_lowbit import (
+    _make_qkx2_quants,
+    quantize_iq4_nl,
+    quantize_q2_k,
+    quantize_q3_k,
+)
 
 # --------------------------------------------------------------------------- quantize
 
@@ -27,10 +33,13 @@ def quantize_blocks(w: np.ndarray, type_name: str) -> QuantBlocks:
     """Round a float (rows, cols) weight as llama.cpp does (quantize_row_<type>_ref).
 
     Block-32 types use gguf-py's numpy ports, which are bit-exact with ggml-quants.c;
-    the k-quants use the numpy ports below.
+    the k-quants use the numpy ports below, IQ4_NL, Q3_K and Q2_K those of rounding_lowbit.
     """
     bt = block_type(type_name)
     w = _matrix(w, bt)
+    low = {"IQ4_NL": quantize_iq4_nl, "Q3_K": quantize_q3_k, "Q2_K": quantize_q2_k}.get(bt.name)
+    if low is not None:
+        return _concat([low(c) for c in _row_chunks(w)])
     if not bt.kquant:
         import gguf.quants
 
@@ -75,43 +84,6 @@ def quantize_to_bytes(w: np.ndarray, type_name: str) -> np.ndarray:
     """pack(quantize_blocks(w)): the bytes llama-quantize writes for w (without an importance matrix)."""
     qb = quantize_blocks(w, type_name)
     return pack(qb.codes, qb.scales, qb.mins, type_name, qb.d, qb.dmin)
-
-
-def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """ggml-quants.c make_qkx2_quants (use_mad = false) over rows of x: (L, scale, the_min)."""
-    mn, mx = x.min(axis=1), x.max(axis=1)
-    sum_w = _seqsum(weights)
-    sum_x = _seqsum(weights * x)
-    mn = np.minimum(mn, F32(0))
-    flat = mx == mn
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(nmax) / (mx - mn)
-        scale = F32(1) / iscale
-        L = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
-        diff = scale[:, None] * L.astype(F32) + mn[:, None] - x
-        best = _seqsum(weights * (diff * diff))
-        for step in range(nstep + 1):
-            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
-            la = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
-            lf = la.astype(F32)
-            wl = weights * lf
-            sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * lf), _seqsum(wl * x)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            this_min = np.where(pos, F32(0), this_min)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale[:, None] * lf + this_min[:, None] - x
-            cur = _seqsum(weights * (diff * diff))
-            better = (D > 0) & (cur < best) & ~flat
-            L = np.where(better[:, None], la, L)
-            best = np.where(better, cur, best)
-            scale = np.where(better, this_scale, scale)
-            mn = np.where(better, this_min, mn)
-    L = np.where(flat[:, None], 0, L)
-    scale = np.where(flat, F32(0), scale).astype(F32)
-    return L, scale, (-mn).astype(F32)
 
 
 def _quantize_q45_k(w: np.ndarray, bt: BlockType) -> QuantBlocks:

@@ -3,7 +3,7 @@
 fake_quantize_torch(w, type) is llama.cpp's own rounding of a block-32 type (quantize_row_<type>_ref, as
 gguf-py ports it) bit for bit in torch: same block scale choice, same float32 arithmetic for the codes,
 fp16-rounded scales and offsets; it equals quantloop.gguf.blocks.fake_quantize. K-quants (Q4_K, Q5_K,
-Q6_K) have a scale search that is not differentiable: kquant_grid takes the sub-block steps and offsets of
+Q6_K, Q3_K, Q2_K) have a scale search that is not differentiable: kquant_grid takes the sub-block steps and offsets of
 llama.cpp's rounding of a weight, and kquant_fake_quantize rounds onto that frozen grid.
 
 Grids (block of 32 values, d and m fp16):
@@ -12,6 +12,8 @@ Grids (block of 32 values, d and m fp16):
   Q4_1  d = (max - min)/15, m = min, q = trunc((x - m)/d + 0.5) clipped 0..15, w = d*q + m
   Q5_1  the same with 31 levels
   Q8_0  d = max|x| / 127, q = roundf(x/d) (half away from zero),  w = d*q
+  IQ4_NL  d searched by weighted least squares over 16 trial scales (quantize_iq4_nl), q = the level of
+        KVALUES_IQ4NL nearest x/d,  w = d*levels[q]
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from quantloop.errors import InputError
 from quantloop.gguf.tensor_names import gguf_tensor_name, linear_modules
 
 BLOCK = 32
-QAT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
+QAT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
+KQUANTS = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
 
 
 def check_grid_type(gguf_type: str | None = None, bits: int | None = None, symmetric: bool = True, who: str = "QAT") -> str:
@@ -59,18 +61,19 @@ def kquant_grid(w: torch.Tensor, gguf_type: str) -> tuple[torch.Tensor, torch.Te
     """Sub-block steps and offsets of llama.cpp's k-quant rounding of w: value = step * q - offset.
 
     Q4_K/Q5_K: sub-blocks of 32, step = d * scale, offset = dmin * min (float32, as dequantize_row_q4_K).
-    Q6_K: sub-blocks of 16, step = d * scale, no offset (q from -32 to 31)."""
+    Q2_K: the same on sub-blocks of 16 (q from 0 to 3).
+    Q6_K, Q3_K: sub-blocks of 16, step = d * scale, no offset (q from -32 to 31, -4 to 3)."""
     import numpy as np
 
     from quantloop.gguf import blocks as gb
 
     rows, cols = w.shape
     qb = gb.quantize_blocks(w.detach().float().cpu().numpy(), gguf_type)
-    ns = 16 if gguf_type == "Q6_K" else 8
+    ns = gb.QK_K // gb.block_type(gguf_type).sub
     d = qb.d.astype(np.float32).reshape(rows, -1, 1)
     step = (d * qb.scales.reshape(rows, -1, ns).astype(np.float32)).reshape(rows, -1)
     off = None
-    if gguf_type != "Q6_K":
+    if qb.dmin is not None:
         dmin = qb.dmin.astype(np.float32).reshape(rows, -1, 1)
         off = torch.from_numpy((dmin * qb.mins.reshape(rows, -1, ns).astype(np.float32)).reshape(rows, -1)).to(w.device)
     return torch.from_numpy(step).to(w.device), off
@@ -82,11 +85,12 @@ def kquant_fake_quantize(w: torch.Tensor, gguf_type: str, step: torch.Tensor, of
     x = w.detach().float().reshape(rows, step.shape[1], -1)
     s = step[..., None]
     safe = torch.where(s == 0, torch.ones((), device=x.device), s)  # a zero step holds only its offset
-    if off is None:  # Q6_K
-        y = s * torch.clamp(torch.round(x / safe), -32, 31)
+    bits = {"Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}[gguf_type]
+    if off is None:  # Q6_K, Q3_K
+        y = s * torch.clamp(torch.round(x / safe), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     else:
         o = off[..., None]
-        y = s * torch.clamp(torch.round((x + o) / safe), 0, 15 if gguf_type == "Q4_K" else 31) - o
+        y = s * torch.clamp(torch.round((x + o) / safe), 0, 2**bits - 1) - o
     return y.reshape(rows, cols).to(w.dtype)
 
 
@@ -110,7 +114,9 @@ def fake_quantize_torch(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
     rows, cols = w.shape
     x = w.detach().float().reshape(rows, cols // BLOCK, BLOCK)
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
-    if t == "Q8_0":
+    if t == "IQ4_NL":
+        deq = _iq4_nl(x)
+    elif t == "Q8_0":
         d = x.abs().amax(dim=-1, keepdim=True) / 127
         inv = torch.where(d == 0, zero, 1 / d)
         q = _roundf(x * inv)
@@ -130,6 +136,49 @@ def fake_quantize_torch(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
         q = torch.clamp(torch.trunc((x - mn) * inv + 0.5), 0, levels)
         deq = d.half().float() * q + mn.half().float()
     return deq.reshape(rows, cols).to(w.dtype)
+
+
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sums over the last axis accumulated left to right in float32, as a C loop does."""
+    acc = t[..., 0].clone()
+    for i in range(1, t.shape[-1]):
+        acc = acc + t[..., i]
+    return acc
+
+
+def _iq4_nl(x: torch.Tensor) -> torch.Tensor:
+    """IQ4_NL blocks (..., 32) as quantize_iq4_nl rounds them (rounding_lowbit.quantize_iq4_nl), dequantized."""
+    from quantloop.gguf.block_types import GROUP_MAX_EPS, KVALUES_IQ4NL
+
+    levels = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=x.device)
+    f32 = lambda v: torch.full((), v, dtype=torch.float32, device=x.device)  # noqa: E731
+
+    def nearest(v):  # best_index_int8
+        mu = torch.searchsorted(levels, v.contiguous(), right=True).clamp(1, levels.numel() - 1)
+        idx = torch.where(v - levels[mu - 1] < levels[mu] - v, mu - 1, mu)
+        return torch.where(v <= levels[0], 0, torch.where(v >= levels[-1], levels.numel() - 1, idx))
+
+    def trial(iscale):
+        q = levels[nearest(iscale[..., None] * x)]
+        wq = weight * q
+        return _seqsum(wq * x), _seqsum(wq * q)
+
+    weight = x * x
+    ax = x.abs()
+    zero = ax.amax(dim=-1) < float(GROUP_MAX_EPS)
+    big = torch.where(zero, f32(1), x.gather(-1, ax.argmax(dim=-1, keepdim=True))[..., 0])
+    d = -big / levels[0]
+    sumqx, sumq2 = trial(f32(1) / d)
+    d = torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, f32(1)), f32(0))
+    best = d * sumqx
+    for itry in range(-7, 8):
+        sumqx, sumq2 = trial(torch.full_like(big, itry + KVALUES_IQ4NL[0]) / big)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / torch.where(sumq2 > 0, sumq2, f32(1)), d)
+        best = torch.where(better, d * sumqx, best)
+    d = torch.where(zero, f32(0), d)
+    iscale = torch.where(d != 0, f32(1) / torch.where(d != 0, d, f32(1)), f32(0))
+    return d.half().float()[..., None] * levels[nearest(iscale[..., None] * x)]
 
 
 class _STE(torch.autograd.Function):

@@ -17,7 +17,7 @@ from pathlib import Path
 from quantloop.errors import InputError
 from quantloop.gguf import blocks as gguf_blocks
 
-BLOCK32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+BLOCK32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
 FLOAT16 = "F16"
 # GGUF tensor name -> transformers parameter name (Llama layout)

@@ -43,7 +43,7 @@ def report_search(req: SearchRequest, study, storage_url: str, mt, sens, allocs,
     from quantloop.search.plots import bits_heatmap, front_plot
     from quantloop.search.precision_maps import write_map
     from quantloop.search.study import front_2d, pareto_front
-    from quantloop.search.tensors import bytes_per_weight
+    from quantloop.search.tensors import BLOCK32, FLOAT16, KQUANTS, bytes_per_weight
     from quantloop.search.allocate import unit_table
 
     units = unit_table(sens, mt)
@@ -72,7 +72,7 @@ def report_search(req: SearchRequest, study, storage_url: str, mt, sens, allocs,
     heat_png = None
     if members:
         pick = min(members, key=lambda m: abs(m.measured.bits_per_weight - (req.budgets_bpw[0] if req.budgets_bpw else 5.0)))
-        bits = {t: 8 * bytes_per_weight(t) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16")}
+        bits = {t: 8 * bytes_per_weight(t) for t in BLOCK32 + KQUANTS + (FLOAT16,)}
         heat_png = bits_heatmap(pick.measured.genome, bits, out_dir / f"bits-trial-{pick.trial}.png",
                                 f"trial {pick.trial}: {pick.measured.bits_per_weight:.2f} bpw, KLD {pick.measured.kld_mean:.4f}")
     result = SearchResult(study=req.study, storage=storage_url.split("@")[-1], trials_complete=len(complete),
