@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 QL := $(VENV)/bin/quantloop
 PYTEST_ARGS ?=
 
-.PHONY: setup prepare services run test test-fast bench bench-speed bench-search help
+.PHONY: setup prepare services run test test-fast bench bench-speed bench-search bench-qat help
 
 help:
 	@echo "make run        set up, prepare the default model and text, run the agent loop (quantloop run)"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench      print the measurement benchmark (bench/)"
 	@echo "make bench-speed  the same Q8_0 file validated 5 times: speed ratios, spread and verdicts"
 	@echo "make bench-search the mixed-precision search against greedy, ILP and llama.cpp's mixes"
+	@echo "make bench-qat   QAT throughput (tokens/s, s/step) on the off-grid SmolLM2-135M"
 
 setup:
 	@scripts/setup.sh
@@ -45,3 +46,6 @@ bench-speed: prepare
 
 bench-search: prepare
 	QUANTLOOP_THREADS=1 $(PY) bench/bench_search.py
+
+bench-qat: prepare
+	$(PY) bench/bench_qat_speed.py

@@ -1,0 +1,75 @@
+"""QAT throughput on SmolLM2-135M (off-grid twin): tokens/s and s/step of the training steps, in one run.
+
+    .venv/bin/python bench/bench_qat_speed.py [--steps 6] [--seqlen 256] [--samples 16] [--threads N]
+
+Rows (batch 4 x seqlen tokens per step, real calibration text):
+  - Q4_K, the teacher run at every step on the full vocabulary (how QAT ran before the teacher cache);
+  - Q4_K, the teacher's top-256 log-probabilities cached per sequence (the default);
+  - Q4_0 everywhere with learned block scales and the Q4_0 token embedding trained (the INT4 recipe).
+The first steps of the cached rows fill the cache (one teacher pass per sequence); with --samples equal to
+steps x 4 every step pays for its own teacher pass, so the rows compare like for like. A regression (a step
+several times slower than the row before it in an earlier run) shows in s/step. Writes SLM/reports/bench_qat_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from quantloop.backends.qat import QATConfig, run_qat  # noqa: E402
+from quantloop.data.calibration import calibration_sequences  # noqa: E402
+from quantloop.fileio import write_json_atomic  # noqa: E402
+from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer  # noqa: E402
+from quantloop.paths import OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E402
+from quantloop.pipelines.report_format import table  # noqa: E402
+from quantloop.schemas import CalibrationSpec  # noqa: E402
+
+
+def rows() -> list[tuple[str, dict]]:
+    return [
+        ("Q4_K, teacher every step, full-vocabulary KL", dict(gguf_type="Q4_K", teacher_top_k=0)),
+        ("Q4_K, cached teacher top-256", dict(gguf_type="Q4_K")),
+        ("Q4_0 + Q4_0 embedding, learned scales, cached top-256", dict(gguf_type="Q4_0", embedding_type="Q4_0")),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--samples", type=int, default=0, help="calibration sequences (default: 4 x steps + 4 held out)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("QUANTLOOP_THREADS", os.cpu_count() or 1)))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    samples = a.samples or 4 * a.steps + 4
+    seqs, _ = calibration_sequences(CalibrationSpec(source="dataset", samples=samples, seqlen=a.seqlen),
+                                    load_hf_tokenizer(OFFGRID_MODEL_DIR), OFFGRID_MODEL_DIR)
+    teacher = load_hf_model(OFFGRID_MODEL_DIR)
+    out = []
+    for label, kw in rows():
+        cfg = QATConfig(steps=a.steps, groups=1, global_fraction=1.0, check_every=0, batch_size=4, progress=False,
+                        device="cpu", **kw)
+        t = time.perf_counter()
+        _, res, _ = run_qat(teacher, seqs, cfg)
+        tm = res.timings
+        out.append({"row": label, "tokens_per_s": tm["tokens_per_s"], "s_per_step": tm["s_per_step"], "steps": res.steps,
+                    "teacher_sequences": tm["teacher_sequences"], "setup_s": round(tm["sensitivity_s"] + tm["init_s"], 1),
+                    "wall_s": round(time.perf_counter() - t, 1), "start_kl": res.rtn_kl, "final_kl": res.final_kl})
+        print(f"{label}: {tm['tokens_per_s']} tokens/s, {tm['s_per_step']} s/step", flush=True)
+    print(f"\noff-grid SmolLM2-135M, {a.steps} steps of 4 x {a.seqlen} tokens, {a.threads} threads")
+    print(table(["row", "tokens/s", "s/step", "teacher passes", "setup s", "wall s"],
+                [[r["row"], f"{r['tokens_per_s']:.0f}", f"{r['s_per_step']:.2f}", r["teacher_sequences"], r["setup_s"], r["wall_s"]]
+                 for r in out]))
+    write_json_atomic(SLM_DIR / "reports" / "bench_qat_speed.json", {"threads": a.threads, "seqlen": a.seqlen, "steps": a.steps, "rows": out})
+
+
+if __name__ == "__main__":
+    main()
