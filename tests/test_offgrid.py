@@ -68,7 +68,7 @@ def test_non_llama_is_refused(tmp_path):
     ref = tmp_path / "gpt2"
     ref.mkdir()
     (ref / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(InputError, match=r"Llama-family models only, not 'gpt2'") as e:
+    with pytest.raises(InputError, match=r"no recipe for architecture GPT2LMHeadModel .*supported: LlamaForCausalLM") as e:
         prepare_offgrid(ref, tmp_path / "out")
     assert e.value.path == str(ref / "config.json")
     assert not (tmp_path / "out").exists()
@@ -77,7 +77,7 @@ def test_non_llama_is_refused(tmp_path):
 
     mistral = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(InputError, match="not 'mistral'"):
+    with pytest.raises(InputError, match="no recipe for architecture mistral"):
         offgrid_transform_(mistral)
 
 

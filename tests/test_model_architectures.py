@@ -1,0 +1,278 @@
+"""Every step on every architecture in the table: tiny random Llama, Qwen2, Qwen3, Gemma 3 and Phi-3 models built
+here from transformers configs (with the SmolLM2 tokenizer) go through RTN and GPTQ on llama.cpp's grid, the exact
+export, and llama.cpp, whose logits must match transformers' within the grid's error; bad input is one line."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import assert_one_line_error, run_cli
+from quantloop.errors import InputError
+from quantloop.gguf.architectures import ARCHITECTURES, STEPS, check_config, of_config
+from quantloop.schemas import CalibrationSpec, QuantSpec
+
+VOCAB = 49152
+SHAPES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
+        "arrows of outrageous fortune, or to take arms against a sea of troubles.")
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**SHAPES, tie_word_embeddings=True)
+    if arch == "qwen2":  # q/k/v carry biases
+        return tf.Qwen2Config(**SHAPES, tie_word_embeddings=True)
+    if arch == "qwen3":  # per-head q/k norms
+        return tf.Qwen3Config(**SHAPES, head_dim=16, tie_word_embeddings=True)
+    if arch == "gemma3":  # 6 layers: five sliding-window layers then a global one, as llama.cpp's Gemma 3 expects
+        return tf.Gemma3TextConfig(**(SHAPES | dict(num_hidden_layers=6)), head_dim=16, query_pre_attn_scalar=16,
+                                   sliding_window=512)
+    if arch == "phi3":  # fused qkv and gate_up, untied head
+        return tf.Phi3Config(**SHAPES, original_max_position_embeddings=1024, pad_token_id=0, tie_word_embeddings=False)
+    raise ValueError(arch)
+
+
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
+
+
+def build_tiny(arch: str, out, tokenizer_dir, seed: int = 0):
+    """A tiny random model of `arch` with generic norm gains and biases, saved with the SmolLM2 tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms start at 1 (Gemma: 0) and biases at 0; make them generic
+                p.uniform_(-0.3, 0.3) if name.endswith("bias") or arch == "gemma3" else p.uniform_(0.7, 1.3)
+    model.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.save_pretrained(out)
+    if arch == "phi3":  # llama.cpp converts a Phi-3 vocabulary from tokenizer.model, or from tokenizer.json as Phi-4's GPT2Tokenizer
+        cfg = json.loads((out / "tokenizer_config.json").read_text())
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg | {"tokenizer_class": "GPT2Tokenizer"}))
+    if arch == "qwen2":  # transformers reads a Qwen2 vocabulary with Qwen's own pre-tokenizer, whose hash llama.cpp's
+        sentencepiece_model(out / "tokenizer.model")  # converter knows only for Qwen's vocabulary: it reads tokenizer.model first
+    return out
+
+
+def sentencepiece_model(path):
+    """A small sentencepiece vocabulary trained here on public-domain text (the converter pads it to the model's size)."""
+    import io
+
+    import sentencepiece as spm
+
+    from quantloop.models.offgrid import CHECK_TEXT
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CHECK_TEXT.split(". ") * 4), model_writer=buf, vocab_size=200,
+                                   hard_vocab_limit=False, minloglevel=2)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, reference_dir):
+    """arch -> a prepared tiny checkpoint (float32 HF folder, F16 GGUF, manifest), built on first use."""
+    from quantloop.models.checkpoints import prepare_model
+
+    root, done = tmp_path_factory.mktemp("archs"), {}
+
+    def get(arch):
+        if arch not in done:
+            name = f"tiny-{ARCHS.index(arch)}"  # not the architecture: llama.cpp gives a model named *phi3* Phi-3's tokens
+            build_tiny(arch, root / f"raw-{name}", reference_dir)
+            prepare_model(root / f"raw-{name}", name, root / "checkpoints")
+            done[arch] = root / "checkpoints" / name
+        return done[arch]
+    return get
+
+
+def hf_logits(hf_dir, ids):
+    from quantloop.eval.runtimes import TransformersRunner
+
+    return TransformersRunner(hf_dir, device="cpu", threads=1).logits(ids)
+
+
+def llama_logits(gguf, ids):
+    from quantloop.eval.runtimes import LlamaCppRunner
+
+    runner = LlamaCppRunner(gguf, n_ctx=128, threads=1)
+    try:
+        return runner.logits(ids)
+    finally:
+        runner.close()
+
+
+def text_ids(hf_dir):
+    from quantloop.models.checkpoints import load_hf_tokenizer
+
+    return load_hf_tokenizer(hf_dir)(TEXT, add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_every_architecture_has_a_consistent_table_entry():
+    from transformers import AutoModelForCausalLM
+
+    from quantloop.gguf.tensor_names import gguf_tensor_name, linear_modules
+
+    assert [a.hf_class for a in ARCHITECTURES] == ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                                    "Gemma3ForCausalLM", "Phi3ForCausalLM"]
+    for arch, a in zip(ARCHS, ARCHITECTURES):
+        model = AutoModelForCausalLM.from_config(tiny_config(arch))
+        assert of_config(model.config) is a and type(model).__name__ == a.hf_class
+        names = [n for n, _ in linear_modules(model)]
+        assert sorted(names) == sorted(f"model.layers.{i}.{m}" for i in range(model.config.num_hidden_layers) for m in a.linears)
+        assert {gguf_tensor_name(n).split(".")[2] for n in names} == {g for _, g in a.gguf_names}
+        for norm in (a.attn_norm, a.mlp_norm):
+            assert model.model.layers[0].get_submodule(norm).weight.shape == (64,)
+        assert all(a.refusal(s) is None for s in STEPS), a.steps_line()  # every step runs on these five
+    assert "attn_qkv" in gguf_tensor_name("model.layers.1.self_attn.qkv_proj")
+    assert gguf_tensor_name("model.layers.1.mlp.gate_up_proj") == "blk.1.ffn_up.weight"
+
+
+# --------------------------------------------------------------------------- every step, every architecture
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f16_file_matches_transformers(arch, prepared):
+    ckpt = prepared(arch)
+    ids = text_ids(ckpt)
+    ref, f16 = hf_logits(ckpt, ids), llama_logits(ckpt / f"{ckpt.name}-f16.gguf", ids)
+    assert ref.std() > 0.05
+    assert np.abs(f16 - ref).max() < 0.02 * np.abs(ref).max(), arch  # same network on both runtimes
+
+
+def check_quantized_run(arch, ckpt, result):
+    """The exported GGUF on llama.cpp computes what the on-grid checkpoint computes on transformers, far closer
+    than quantization moved it from the float model."""
+    from pathlib import Path
+
+    gguf = Path(result.model_path)
+    ids = text_ids(ckpt)
+    ref, on_grid, runtime = hf_logits(ckpt, ids), hf_logits(gguf.parent, ids), llama_logits(gguf, ids)
+    moved = np.abs(on_grid - ref).max()
+    mismatch = np.abs(runtime - on_grid).max()
+    assert moved > 0.01 * np.abs(ref).max(), arch  # quantization changed the model measurably
+    assert mismatch < 0.5 * moved, (arch, mismatch, moved)
+    assert "exact export" in result.notes[0] and " 0 of them" not in result.notes[0]
+
+
+@pytest.mark.slow  # about a minute per architecture on 2 cores (three runtimes load the model)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rtn_exports_exactly_and_runs_on_llama_cpp(arch, prepared, tmp_path):
+    from quantloop.tools.quantize import quantize_model
+
+    ckpt = prepared(arch)
+    spec = QuantSpec(method="rtn", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0")
+    check_quantized_run(arch, ckpt, quantize_model(ckpt, tmp_path / "rtn", spec))
+
+
+@pytest.mark.slow  # about a minute per architecture on 2 cores (three runtimes load the model)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gptq_on_the_grid_exports_exactly_and_runs_on_llama_cpp(arch, prepared, tmp_path, dataset_dir):
+    from quantloop.tools.quantize import quantize_model
+
+    ckpt = prepared(arch)
+    spec = QuantSpec(method="gptq", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0", act_order=True,
+                     calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=4, seqlen=64))
+    result = quantize_model(ckpt, tmp_path / "gptq", spec)
+    assert result.format == "gguf:Q4_0"
+    check_quantized_run(arch, ckpt, result)
+
+
+@pytest.mark.slow  # about a minute per architecture on 2 cores (three runtimes load the model)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_qat_exports_exactly_and_runs_on_llama_cpp(arch, prepared, tmp_path):
+    from quantloop.tools.quantize import quantize_model
+
+    ckpt = prepared(arch)
+    spec = QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=3, calibration=CalibrationSpec(source="synthetic", samples=6, seqlen=32))
+    check_quantized_run(arch, ckpt, quantize_model(ckpt, tmp_path / "qat", spec))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_types_run(arch, prepared, tmp_path):
+    from quantloop.tools.quantize import quantize_model
+
+    ckpt = prepared(arch)
+    result = quantize_model(ckpt, tmp_path / "q8", QuantSpec(method="gguf", gguf_type="Q8_0"))
+    ids = text_ids(ckpt)
+    ref, q8 = hf_logits(ckpt, ids), llama_logits(result.model_path, ids)
+    assert np.abs(q8 - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_offgrid_twin_computes_the_same_function(arch, tmp_path, reference_dir):
+    from transformers import AutoModelForCausalLM
+
+    from quantloop.models.offgrid import offgrid_transform_
+
+    ref = AutoModelForCausalLM.from_pretrained(build_tiny(arch, tmp_path / arch, reference_dir)).eval()
+    twin = offgrid_transform_(copy.deepcopy(ref), seed=1)
+    ids = torch.tensor([text_ids(tmp_path / arch)])
+    with torch.no_grad():
+        a, b = ref(ids).logits[0], twin(ids).logits[0]
+    assert a.std() > 0.05 and (a - b).abs().max() <= 1e-4 * a.abs().max()
+    a_params, moved = dict(ref.named_parameters()), 0
+    for name, p in twin.named_parameters():
+        moved += not torch.equal(p, a_params[name])
+    # per layer: every linear, the two norms feeding them, and Qwen2's v bias
+    per_layer = len(of_config(ref.config).linears) + 2 + (arch == "qwen2")
+    assert moved == per_layer * ref.config.num_hidden_layers
+
+
+def test_offgrid_twin_of_gemma3_runs_on_llama_cpp(prepared, tmp_path):
+    from quantloop.models.offgrid import prepare_offgrid
+
+    ckpt = prepared("gemma3")
+    twin = tmp_path / "gemma3-offgrid"
+    prepare_offgrid(ckpt, twin, seed=2)
+    ids = text_ids(ckpt)
+    ref, runtime = hf_logits(ckpt, ids), llama_logits(twin / "gemma3-offgrid-f16.gguf", ids)
+    assert np.abs(runtime - ref).max() < 0.02 * np.abs(ref).max()  # the converter's 1 + w holds the scaled gains
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_an_architecture_nothing_supports_is_one_line(capsys, tmp_path, reference_dir):
+    raw = build_tiny("llama", tmp_path / "raw", reference_dir)
+    cfg = json.loads((raw / "config.json").read_text())
+    (raw / "config.json").write_text(json.dumps(cfg | {"architectures": ["FooForCausalLM"], "model_type": "foo"}))
+    code, lines = run_cli(capsys, "prepare", "--model", raw, "--name", "foo")
+    assert_one_line_error(code, lines, "FooForCausalLM", "supported by no step", "supported: LlamaForCausalLM, Qwen2ForCausalLM")
+    code, lines = run_cli(capsys, "quantize", raw, "--method", "rtn", "--out", tmp_path / "q")
+    assert_one_line_error(code, lines, "FooForCausalLM is not supported by rtn", "Gemma3ForCausalLM, Phi3ForCausalLM")
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_gguf_llama_cpp_cannot_load_is_refused_by_prepare(capsys, tmp_path):
+    from gguf import GGUFWriter
+
+    g = tmp_path / "odd.gguf"
+    w = GGUFWriter(str(g), "no-such-arch")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    code, lines = run_cli(capsys, "prepare", "--model", g, "--name", "odd")
+    assert_one_line_error(code, lines, g, "llama.cpp cannot load GGUF architecture 'no-such-arch'")
+
+
+def test_a_config_with_missing_fields_is_one_line(capsys, tmp_path, tiny_copy):
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    for key in ("hidden_size", "num_hidden_layers"):
+        cfg.pop(key)
+    (tiny_copy / "config.json").write_text(json.dumps(cfg))
+    code, lines = run_cli(capsys, "quantize", tiny_copy, "--method", "rtn", "--out", tmp_path / "q")
+    assert_one_line_error(code, lines, "config lacks hidden_size, num_hidden_layers")
+    assert not (tmp_path / "q").exists()
+    (tiny_copy / "config.json").write_text(json.dumps({"vocab_size": 8}))
+    with pytest.raises(InputError, match="names no architecture"):
+        check_config(tiny_copy / "config.json", "gguf")
