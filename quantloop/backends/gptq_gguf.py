@@ -146,16 +146,24 @@ class _Stop(Exception):
     pass
 
 
-def _layer_inputs(model, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
-    """The hidden states and keyword arguments the first decoder layer receives for each batch."""
-    layer0 = model.model.layers[0]
-    seen: list[tuple[torch.Tensor, dict]] = []
+def _layer_inputs(model, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The hidden states the first decoder layer receives for each batch, and the keyword arguments every layer
+    receives (per layer, per batch: a sliding-window layer of Gemma 3 gets another mask and rotary table)."""
+    layers = model.model.layers
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
 
-    def grab(_, args, kwargs):
-        seen.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
-        raise _Stop
+    def grab(li):
+        def pre(_, args, kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            if li == 0:
+                hidden.append(h)
+            kwargs[li].append(kw)
+            if li == len(layers) - 1:
+                raise _Stop
+        return pre
 
-    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(grab(li), with_kwargs=True) for li, layer in enumerate(layers)]
     try:
         for ids in batches:
             try:
@@ -163,8 +171,9 @@ def _layer_inputs(model, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return [h for h, _ in seen], [kw for _, kw in seen]
+        for handle in handles:
+            handle.remove()
+    return hidden, kwargs
 
 
 def _run_layer(layer, h: torch.Tensor, kw: dict) -> torch.Tensor:
@@ -206,7 +215,7 @@ def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size:
 
             handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
             try:
-                for h, kw in zip(hidden, kwargs):
+                for h, kw in zip(hidden, kwargs[li]):
                     _run_layer(layer, h, kw)
             finally:
                 for hd in handles:
@@ -216,7 +225,7 @@ def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size:
                 q, t, qb = grid_gptq_weight(m.weight, H[n], linear_types[prefix + n], damp, act_order)
                 m.weight.copy_(q.to(m.weight.dtype))
                 blocks[gguf_tensor_name(prefix + n)] = (t, qb)
-            hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
+            hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs[li])]
     return {"wall_s": round(time.perf_counter() - t0, 3), "calibration_samples": len(sequences),
             "calibration_tokens": int(ids.numel()), "damp_percent": damp, "act_order": act_order}
 

