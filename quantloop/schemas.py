@@ -360,7 +360,7 @@ class QuantSpec(Strict):
         layouts: for a k-quant type or IQ4_NL, a precision map, or act-order into a GGUF type."""
         return self.method == "gptq" and bool(self.preset or self.layer_types or self.gguf_tensor_types
                                               or (self.gguf_type and self.act_order)
-                                              or (self.gguf_type or "").upper() in ("Q4_K", "Q5_K", "Q6_K", "IQ4_NL"))
+                                              or (self.gguf_type or "").upper() in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"))
 
     def _map_tag(self) -> str:
         """The precision map in a tag: the preset, 'mix' for layer types alone, '<preset>-mix' for both."""

@@ -93,10 +93,11 @@ def random_blocks(type_name: str, seed=0, rows=8, cols=512) -> gb.QuantBlocks:
         m = (-d.astype(np.float64) * rng.uniform(0, top, d.shape)).astype(np.float16)  # a zero point inside the range
         return gb.QuantBlocks(codes, d, None if bt.symmetric else m)
     nb = cols // 256
+    ns, (lo, hi, mmax) = nb * 256 // bt.sub, gb.KQUANT_RANGES[type_name]
     d = rng.uniform(1e-5, 2e-4, (rows, nb)).astype(np.float16)
-    if type_name == "Q6_K":
-        return gb.QuantBlocks(codes, rng.integers(-128, 128, (rows, nb * 16)), None, d)
-    return gb.QuantBlocks(codes, rng.integers(0, 64, (rows, nb * 8)), rng.integers(0, 64, (rows, nb * 8)), d,
+    if bt.symmetric:  # Q6_K, Q3_K
+        return gb.QuantBlocks(codes, rng.integers(lo, hi + 1, (rows, ns)), None, d)
+    return gb.QuantBlocks(codes, rng.integers(lo, hi + 1, (rows, ns)), rng.integers(0, mmax + 1, (rows, ns)), d,
                           rng.uniform(1e-5, 2e-3, (rows, nb)).astype(np.float16))
 
 

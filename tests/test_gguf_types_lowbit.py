@@ -168,22 +168,25 @@ def _logits_agree(hf_dir, gguf_path) -> float:
 
 
 @pytest.mark.slow
-def test_gptq_iq4_nl_export_reads_back_and_runs_in_llama_cpp(tiny_copy, dataset_dir, tmp_path):
+@pytest.mark.parametrize("type_name", NEW)
+def test_gptq_export_reads_back_and_runs_in_llama_cpp(request, dataset_dir, tmp_path, type_name):
+    """`quantize --method gptq --type T`: GPTQ on the grid (the tiny model; k-quants: a 256-wide one), every linear
+    written as GPTQ's own blocks, and llama.cpp computes what transformers computes with the checkpoint."""
+    from safetensors.numpy import load_file
     from transformers import LlamaForCausalLM
 
     from quantloop.schemas import CalibrationSpec, QuantSpec
     from quantloop.tools.quantize import quantize_model
 
-    spec = QuantSpec(method="gptq", gguf_type="IQ4_NL", calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=64))
+    model = request.getfixturevalue("wide_prepared" if gb.TYPES[type_name].kquant else "tiny_copy")
+    spec = QuantSpec(method="gptq", gguf_type=type_name, calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=64))
     assert spec.gptq_on_gguf_grid()
-    r = quantize_model(tiny_copy, tmp_path / "q", spec)
-    assert r.format == "gguf:IQ4_NL"
-    _check_file_holds_the_checkpoint(r.model_path, tmp_path / "q", "IQ4_NL", "gptq_result.json")
-    from safetensors.numpy import load_file
-
-    raw = LlamaForCausalLM.from_pretrained(tiny_copy).state_dict()["model.layers.1.mlp.down_proj.weight"].numpy()
-    got = load_file(tmp_path / "q" / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
-    assert not np.array_equal(got, gb.fake_quantize(raw, "IQ4_NL"))  # GPTQ moved codes off llama.cpp's rounding
+    r = quantize_model(model, tmp_path / "q", spec)
+    assert r.format == f"gguf:{type_name}"
+    _check_file_holds_the_checkpoint(r.model_path, tmp_path / "q", type_name, "gptq_result.json")
+    raw = LlamaForCausalLM.from_pretrained(model).state_dict()["model.layers.0.mlp.down_proj.weight"].numpy()
+    got = load_file(tmp_path / "q" / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    assert not np.array_equal(got, gb.fake_quantize(raw, type_name))  # GPTQ moved codes off llama.cpp's rounding
     _logits_agree(tmp_path / "q", r.model_path)
 
 
@@ -208,30 +211,6 @@ def test_kquant_frozen_grid_starts_at_llama_cpp_rounding(type_name):
     np.testing.assert_array_equal(kquant_fake_quantize(w, type_name, step, off).numpy(), gb.fake_quantize(w.numpy(), type_name))
     moved = kquant_fake_quantize(w + 0.002 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)), type_name, step, off)
     gb.fit_blocks(moved.numpy(), type_name)  # still blocks of the type
-
-
-@pytest.mark.parametrize("type_name", NEW)
-def test_optimizer_codes_are_recovered_from_floats(type_name):
-    """Codes and scales an optimizer could choose (not llama.cpp's) pack, dequantize as gguf-py does, and are fitted back
-    from the float weights alone; a weight moved off the grid is refused."""
-    bt = gb.TYPES[type_name]
-    qb = ref.random_blocks(type_name, seed=3)
-    if bt.kquant:  # the generic helper draws Q4_K-sized scales: bring them into this type's ranges
-        lo, hi, mmax = gb.KQUANT_RANGES[type_name]
-        rng = np.random.default_rng(4)
-        sym = bt.symmetric
-        qb = qb._replace(scales=rng.integers(lo, hi + 1, (8, 32)), mins=None if sym else rng.integers(0, mmax + 1, (8, 32)),
-                         dmin=None if sym else qb.dmin)
-    raw = ref.packed(qb, type_name)
-    w = gguf.quants.dequantize(raw, GGMLQuantizationType[type_name])
-    np.testing.assert_array_equal(ref.dequant_formula(qb, type_name), w)
-    fit = gb.fit_blocks(w, type_name)
-    np.testing.assert_array_equal(gb.dequantize(ref.packed(fit, type_name), type_name), w)
-    grid = gb.fake_quantize(random_normal(8, rows=8), type_name)
-    np.testing.assert_array_equal(gb.dequantize(ref.packed(gb.fit_blocks(grid, type_name), type_name), type_name), grid)
-    grid[3, 40] += 0.004 * np.abs(grid[3, 32:64]).max() + 1e-3 * np.abs(grid[3]).max()
-    with pytest.raises(gb.OffGridError, match=f"1 of .* not on the {type_name} grid"):
-        gb.fit_blocks(grid, type_name)
 
 
 @pytest.mark.slow

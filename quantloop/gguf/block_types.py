@@ -36,6 +36,8 @@ TYPES = {
     "Q5_K": BlockType("Q5_K", QK_K, 5, False, True),
     "Q6_K": BlockType("Q6_K", QK_K, 6, True, True, sub=16),
     "IQ4_NL": BlockType("IQ4_NL", QK, 4, True, False, levels=KVALUES_IQ4NL),
+    "Q3_K": BlockType("Q3_K", QK_K, 3, True, True, sub=16),
+    "Q2_K": BlockType("Q2_K", QK_K, 2, False, True, sub=16),
 }
 # k-quant sub-block scales (and mins) as stored: (lowest scale, highest scale, highest min)
 KQUANT_RANGES = {"Q2_K": (0, 15, 15), "Q3_K": (-32, 31, 0), "Q4_K": (0, 63, 63), "Q5_K": (0, 63, 63), "Q6_K": (-128, 127, 0)}

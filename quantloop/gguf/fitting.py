@@ -221,7 +221,7 @@ def _fit_k(w, qb, bt, rtol):
     for blk in np.unique(np.flatnonzero(rdev > rtol) // per):
         rows = np.arange(blk * per, (blk + 1) * per)
         fit = _superblock_fit(X[rows], bt, rtol, float(d[blk]))
-        if fit is not None:
+        if fit is not None and (fit[5] <= rtol).sum() > (rdev[rows] <= rtol).sum():
             d[blk] = fit[0]
             if dmin is not None:
                 dmin[blk] = fit[1]
@@ -296,7 +296,8 @@ def _step(x: np.ndarray, nmax: int, rel: float) -> float:
 
 def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, d_hint: float, rel: float = 1e-3):
     """(d, dmin, codes, sc, mn, rdev) of one k-quant super-block (rows = sub-blocks) rebuilt from
-    its values, or None.
+    its values, or None. Sub-blocks with no grid step of their own (off the grid) are left out of
+    the rebuild and searched under its d and dmin (their rdev says whether they fit).
 
     Every sub-block's grid step is a multiple of d (d*sc_j, or more when its codes share a factor),
     so d is their gcd over a small integer, tried nearest llama.cpp's estimate d_hint first; each
@@ -305,7 +306,19 @@ def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, d_hint: float, re
     """
     nmax = 2**bt.bits - 1
     steps = np.array([_step(x, nmax, rel) for x in X])
-    if np.isnan(steps).any() or not (steps > 0).any():
+    off = np.flatnonzero(np.isnan(steps))
+    if off.size:
+        fit = None if off.size == steps.size else _superblock_fit(np.delete(X, off, axis=0), bt, rtol, d_hint, rel)
+        if fit is None:
+            return None
+        d, dmin, *rest = fit
+        f = _search_k(X[off], np.full(off.size, d, F32), None if dmin is None else np.full(off.size, dmin, F32), bt, rtol)
+        on = np.delete(np.arange(steps.size), off)
+        out = [np.zeros(X.shape, np.int64), np.zeros(steps.size, np.int64), np.zeros(steps.size, np.int64), np.zeros(steps.size)]
+        for o, a, b in zip(out, rest, (f[0], f[1], f[2], f[3])):
+            o[on], o[off] = a, b
+        return d, dmin, *out
+    if not (steps > 0).any():
         return None
     smin, smax, mmax = KQUANT_RANGES[bt.name]
     smax = -smin if bt.symmetric else smax  # symmetric: |sc| up to -smin, both signs tried
