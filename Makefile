@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 QL := $(VENV)/bin/quantloop
 PYTEST_ARGS ?=
 
-.PHONY: setup prepare services run test test-fast bench bench-speed bench-search bench-qat help
+.PHONY: setup prepare services domains run test test-fast bench bench-speed bench-int4 bench-search bench-qat help
 
 help:
 	@echo "make run        set up, prepare the default model and text, run the agent loop (quantloop run)"
@@ -14,6 +14,8 @@ help:
 	@echo "make test-fast  the fast tests only"
 	@echo "make bench      print the measurement benchmark (bench/)"
 	@echo "make bench-speed  the same Q8_0 file validated 5 times: speed ratios, spread and verdicts"
+	@echo "make bench-int4   whole-file 4-bit models (embedding included) on three text domains, one run"
+	@echo "make domains      prepare the python-docs and bible text domains (benchmarks)"
 	@echo "make bench-search the mixed-precision search against greedy, ILP and llama.cpp's mixes"
 	@echo "make bench-qat   QAT throughput (tokens/s, s/step) on the off-grid SmolLM2-135M"
 
@@ -43,6 +45,12 @@ bench: prepare
 
 bench-speed: prepare
 	$(PY) bench/bench_speed_verdict.py
+
+domains: prepare
+	@scripts/prepare-domains.sh
+
+bench-int4: prepare domains
+	$(PY) bench/bench_int4.py
 
 bench-search: prepare
 	QUANTLOOP_THREADS=1 $(PY) bench/bench_search.py

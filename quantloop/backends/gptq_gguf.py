@@ -182,8 +182,10 @@ def _run_layer(layer, h: torch.Tensor, kw: dict) -> torch.Tensor:
 
 
 def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size: int = 8, damp: float = DAMP,
-                     act_order: bool = False, progress: bool = True, blocks: dict | None = None) -> dict:
-    """GPTQ in place of every linear named in `linear_types` (module name -> GGUF type), layer by layer.
+                     act_order: bool = False, progress: bool = True, blocks: dict | None = None,
+                     head_type: str | None = None) -> dict:
+    """GPTQ in place of every linear named in `linear_types` (module name -> GGUF type), layer by layer, then,
+    when `head_type` is a GGUF type, of the output projection (the tied token embedding or lm_head) onto it.
     Fills `blocks` (llama.cpp tensor name -> (type, QuantBlocks)) when given; returns timings and settings."""
     from tqdm import tqdm
 
@@ -226,15 +228,46 @@ def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size:
                 m.weight.copy_(q.to(m.weight.dtype))
                 blocks[gguf_tensor_name(prefix + n)] = (t, qb)
             hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs[li])]
+        if head_type is not None:
+            blocks[head_tensor_name(model)] = _gptq_head_(model, hidden, head_type, damp, act_order)
     return {"wall_s": round(time.perf_counter() - t0, 3), "calibration_samples": len(sequences),
             "calibration_tokens": int(ids.numel()), "damp_percent": damp, "act_order": act_order}
 
 
+def head_tensor_name(model) -> str:
+    """The GGUF tensor of the output projection: token_embd.weight when it is tied to the embedding."""
+    tied = getattr(model.config, "tie_word_embeddings", False) or model.lm_head.weight is model.get_input_embeddings().weight
+    return "token_embd.weight" if tied else "output.weight"
+
+
+def head_hessian(model, hidden: list[torch.Tensor]) -> torch.Tensor:
+    """X^T X of what the output projection reads: the last decoder layer's outputs after the final norm."""
+    width = model.lm_head.in_features
+    H = torch.zeros(width, width)
+    for h in hidden:
+        x = model.model.norm(h).reshape(-1, width).float()
+        H += x.T @ x
+    return H
+
+
+def _gptq_head_(model, hidden: list[torch.Tensor], type_name: str, damp: float, act_order: bool) -> tuple:
+    """GPTQ of the output projection onto `type_name`, in place. A tied embedding is one tensor for both roles:
+    it is optimized as the projection (the role whose error reaches the logits directly), the lookup reads the
+    same grid values."""
+    w = model.lm_head.weight
+    q, t, qb = grid_gptq_weight(w, head_hessian(model, hidden), type_name, damp, act_order)
+    w.copy_(q.to(w.dtype))
+    return t, qb
+
+
 def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_types: dict[str, str] | None = None,
-                         embedding_type: str = "auto", gguf_name: str | None = None, act_order: bool = False) -> Path:
+                         embedding_type: str = "auto", gguf_name: str | None = None, act_order: bool = False,
+                         gptq_head: bool = True) -> Path:
     """GPTQ of the float checkpoint hf_dir onto the GGUF grids a precision map names (tensor_types: llama.cpp
     tensor-name pattern -> type, first match wins; other linears get base_type). Writes out_dir (float32 HF
-    checkpoint, weights on the grid, tokenizer, gptq_result.json) and out_dir/<name>.gguf; returns the GGUF."""
+    checkpoint, weights on the grid, tokenizer, gptq_result.json) and out_dir/<name>.gguf; returns the GGUF.
+    gptq_head: the output projection (a tied embedding included) is GPTQ'd onto the embedding's type too, with
+    the Hessian of the final normed hidden states; otherwise the export rounds it as llama-quantize would."""
     from quantloop.gguf.torch_grid import (
         check_grid_model,
         check_grid_type,
@@ -248,11 +281,23 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     check_grid_model(model, base_type, hf_dir, who="GPTQ on the grid")
     types = linear_types(model, base_type, tensor_types)
     blocks: dict = {}
-    info = gptq_gguf_model_(model, sequences, types, act_order=act_order, blocks=blocks)
+    head = head_grid_type(base_type, embedding_type, model.lm_head.in_features) if gptq_head else None
+    info = gptq_gguf_model_(model, sequences, types, act_order=act_order, blocks=blocks, head_type=head)
+    info["head"] = head or "rounded by llama.cpp's rules"
     info["linear_types"] = {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-gptq-{base_type}.gguf"
     return save_and_export(model, hf_dir, out_dir, "gptq_result.json", info, gguf_name, base_type, tensor_types=tensor_types,
                            embedding_type=embedding_type, blocks=blocks)
+
+
+def head_grid_type(base_type: str, embedding_type: str, width: int) -> str | None:
+    """The grid the output projection is GPTQ'd onto: the embedding type the export plans (auto: llama-quantize's
+    choice), or None when it stays in float."""
+    from quantloop.gguf.block_types import FLOAT_TYPES
+    from quantloop.gguf.export import llama_embedding_type
+
+    t = llama_embedding_type(base_type, width) if embedding_type == "auto" else embedding_type.upper()
+    return None if t in FLOAT_TYPES else t
 
 
 class GridGPTQBackend(Backend):
@@ -260,6 +305,7 @@ class GridGPTQBackend(Backend):
 
     method = "gptq"
     writer = "the GPTQ export"
+    honours = frozenset({"tensor_types"})
     libraries = ("torch", "transformers", "gguf")
 
     def handles(self, spec) -> bool:
