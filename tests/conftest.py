@@ -97,3 +97,23 @@ def trained_checkpoints(reference_dir, dataset_dir) -> Path:
     out = CACHE_DIR / "fixtures" / f"micro-{key}"
     train.train_slm(out, dataset_dir=dataset_dir, tokenizer_dir=reference_dir, progress=False, **TRAINED_RUN)  # resumes: no-op when done
     return out
+
+
+def llama_cpp_logits_match(hf_dir: Path, gguf_path: Path, text: str, top1: float = 0.0) -> float:
+    """llama.cpp runs the GGUF and computes what transformers computes with the HF checkpoint's weights: the largest
+    logit difference is at most 1 % of the largest logit (llama.cpp rounds activations to 8 bits for quantized
+    matmuls: close, not equal), and at least `top1` of the positions pick the same next token. Returns the ratio."""
+    import numpy as np
+
+    from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
+
+    hf = TransformersRunner(hf_dir, device="cpu")
+    ids = hf.tokenize(text)
+    a = hf.logits(ids)
+    del hf
+    b = LlamaCppRunner(gguf_path, n_ctx=64).logits(ids)
+    assert a.shape == b.shape and np.isfinite(b).all()
+    rel = float(np.abs(a - b).max() / np.abs(a).max())
+    assert rel <= 0.01, rel
+    assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= top1
+    return rel

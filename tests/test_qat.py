@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import prepare_wide_llama
+from conftest import llama_cpp_logits_match, prepare_wide_llama
 
 from quantloop.backends.qat import QATConfig, kl_divergence
 from quantloop.gguf.torch_grid import QAT_TYPES, check_grid_model, check_grid_type, fake_quantize_torch, ste_fake_quantize
@@ -161,7 +161,6 @@ def test_short_qat_lowers_kl_and_exports_exactly(tiny_prepared, tmp_path):
 
     from quantloop.backends.qat import qat_checkpoint
     from quantloop.data.synthetic import generate_synthetic
-    from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
     from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
     teacher = load_hf_model(tiny_prepared)
@@ -197,13 +196,7 @@ def test_short_qat_lowers_kl_and_exports_exactly(tiny_prepared, tmp_path):
     del reader
 
     # llama.cpp loads it and agrees with transformers on the same weights
-    ref = TransformersRunner(out, device="cpu")
-    ids = ref.tokenize("To be, or not to be, that is the question")
-    a = ref.logits(ids)
-    del ref
-    b = LlamaCppRunner(path, n_ctx=64).logits(ids)
-    assert a.shape == b.shape and np.isfinite(b).all()
-    assert np.abs(a - b).max() <= 0.01 * np.abs(a).max()
+    llama_cpp_logits_match(out, path, "To be, or not to be, that is the question")
 
 
 def test_quantize_model_qat_data_free_is_deterministic(tiny_prepared, tmp_path):

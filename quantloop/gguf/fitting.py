@@ -302,22 +302,20 @@ def _superblock_fit(X: np.ndarray, bt: BlockType, rtol: float, d_hint: float, re
     Every sub-block's grid step is a multiple of d (d*sc_j, or more when its codes share a factor),
     so d is their gcd over a small integer, tried nearest llama.cpp's estimate d_hint first; each
     sc_j is then the largest that fits; dmin makes every sub-block minimum lo_j equal
-    D_j*t - dmin*mn_j for integers t and mn_j in 0..63.
+    D_j*t - dmin*mn_j for integers t and mn_j in the type's range of mins.
     """
     nmax = 2**bt.bits - 1
     steps = np.array([_step(x, nmax, rel) for x in X])
     off = np.flatnonzero(np.isnan(steps))
-    if off.size:
+    if off.size:  # rebuilt from the other sub-blocks; the off ones searched under its d and dmin
         fit = None if off.size == steps.size else _superblock_fit(np.delete(X, off, axis=0), bt, rtol, d_hint, rel)
         if fit is None:
             return None
-        d, dmin, *rest = fit
-        f = _search_k(X[off], np.full(off.size, d, F32), None if dmin is None else np.full(off.size, dmin, F32), bt, rtol)
-        on = np.delete(np.arange(steps.size), off)
-        out = [np.zeros(X.shape, np.int64), np.zeros(steps.size, np.int64), np.zeros(steps.size, np.int64), np.zeros(steps.size)]
-        for o, a, b in zip(out, rest, (f[0], f[1], f[2], f[3])):
-            o[on], o[off] = a, b
-        return d, dmin, *out
+        f = _search_k(X[off], np.full(off.size, fit[0], F32), None if fit[1] is None else np.full(off.size, fit[1], F32), bt, rtol)
+        out = [np.zeros((steps.size, *a.shape[1:]), a.dtype) for a in fit[2:]]
+        for o, a, b in zip(out, fit[2:], f):
+            o[np.delete(np.arange(steps.size), off)], o[off] = a, b
+        return (*fit[:2], *out)
     if not (steps > 0).any():
         return None
     smin, smax, mmax = KQUANT_RANGES[bt.name]
