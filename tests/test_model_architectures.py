@@ -276,3 +276,41 @@ def test_a_config_with_missing_fields_is_one_line(capsys, tmp_path, tiny_copy):
     (tiny_copy / "config.json").write_text(json.dumps({"vocab_size": 8}))
     with pytest.raises(InputError, match="names no architecture"):
         check_config(tiny_copy / "config.json", "gguf")
+
+
+# --------------------------------------------------------------------------- big vocabularies
+
+
+def test_scoring_from_the_scored_positions_matches_the_full_computation():
+    """Validation asks the runtimes for the scored half of each chunk only and scores it with float32 exponentials
+    (a 262,144-token vocabulary made the float64 log-softmax as slow as the model); the numbers stay those of the
+    full float64 computation."""
+    from quantloop.eval.kld import KLDAccumulator
+    from quantloop.eval.perplexity import chunk_nll, first_scored, scored_nll
+
+    rng = np.random.default_rng(0)
+    chunk = rng.integers(0, 4096, size=64)
+    base = rng.normal(0, 3, (64, 4096)).astype(np.float32)
+    quant = base + rng.normal(0, 0.05, base.shape).astype(np.float32)
+    first = first_scored(64)
+    full, fast = KLDAccumulator(), KLDAccumulator()
+    full.add_chunk(base, quant, chunk)
+    fast.add_scored(base[first:], quant[first:], chunk)
+    a, b = full.report(), fast.report()
+    assert a.tokens == b.tokens == 31 and a.kld_mean > 1e-3
+    for field in ("kld_mean", "ln_ppl_ratio", "rms_delta_p", "same_top_rate", "ppl_base"):
+        assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-4, abs=1e-9), field
+    assert np.allclose(scored_nll(base[first:], chunk), chunk_nll(base, chunk), rtol=1e-5)
+
+
+def test_llama_cpp_computes_logits_only_where_asked(prepared):
+    from quantloop.eval.runtimes import LlamaCppRunner
+
+    ckpt = prepared("gemma3")
+    runner = LlamaCppRunner(ckpt / f"{ckpt.name}-f16.gguf", n_ctx=64)
+    ids = text_ids(ckpt)[:40]
+    try:
+        everything, tail = runner.logits(ids), runner.logits(ids, start=25)
+    finally:
+        runner.close()
+    assert tail.shape == (15, VOCAB) and np.array_equal(tail, everything[25:])

@@ -40,9 +40,41 @@ class KLDAccumulator:
         self.same_top.append(lp_base.argmax(-1) == lp_quant.argmax(-1))
 
     def add_chunk(self, logits_base: np.ndarray, logits_quant: np.ndarray, chunk: np.ndarray) -> None:
+        """Logits of every position of the chunk (float64 throughout)."""
         first = first_scored(len(chunk))
         end = len(chunk) - 1
         self.add_logprobs(log_softmax(logits_base[first:end]), log_softmax(logits_quant[first:end]), chunk[first + 1:])
+
+    def add_scored(self, logits_base: np.ndarray, logits_quant: np.ndarray, chunk: np.ndarray) -> None:
+        """Logits of positions first_scored(len(chunk)) .. len(chunk)-1 only (what the runners return with start)."""
+        n = len(chunk) - 1 - first_scored(len(chunk))
+        self.add_logits(logits_base[:n], logits_quant[:n], np.asarray(chunk[-n:]))
+
+    def add_logits(self, logits_base: np.ndarray, logits_quant: np.ndarray, targets: np.ndarray, rows: int = 8) -> None:
+        """The same statistics as add_logprobs, from raw logits, without full-vocabulary log-probability arrays:
+        KL = sum_v p_base (x_base - x_quant) - (lse_base - lse_quant), two exponentials per logit in float32 (sums in
+        float64) instead of three in float64, a few rows at a time."""
+        if logits_base.shape != logits_quant.shape:
+            raise ValueError(f"vocabulary mismatch: base {logits_base.shape} vs quantized {logits_quant.shape}")
+        targets = np.asarray(targets)
+        for i in range(0, len(targets), rows):
+            xb = np.asarray(logits_base[i:i + rows], dtype=np.float32)
+            xq = np.asarray(logits_quant[i:i + rows], dtype=np.float32)
+            r = np.arange(len(xb))
+            t = targets[i:i + rows]
+            mb, mq = xb.max(-1, keepdims=True), xq.max(-1, keepdims=True)
+            eb = np.exp(xb - mb)
+            sb = eb.sum(-1, dtype=np.float64)
+            sq = np.exp(xq - mq).sum(-1, dtype=np.float64)
+            lse_b, lse_q = mb[:, 0] + np.log(sb), mq[:, 0] + np.log(sq)
+            dot = np.einsum("rv,rv->r", eb, xb - xq, dtype=np.float64) / sb
+            self.kld.append(np.maximum(dot - lse_b + lse_q, 0.0))
+            lt_b, lt_q = xb[r, t] - lse_b, xq[r, t] - lse_q
+            self.nll_base.append(-lt_b)
+            self.nll_quant.append(-lt_q)
+            self.p_base.append(np.exp(lt_b))
+            self.p_quant.append(np.exp(lt_q))
+            self.same_top.append(xb.argmax(-1) == xq.argmax(-1))
 
     def report(self) -> KLDReport:
         return kld_report(

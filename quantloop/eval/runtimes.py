@@ -51,12 +51,13 @@ class TransformersRunner:
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def logits(self, ids) -> np.ndarray:
+    def logits(self, ids, start: int = 0) -> np.ndarray:
+        """Logits at positions start..len(ids)-1 (the output head runs only there)."""
         import torch
 
         x = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None]
         with torch.no_grad():
-            out = self.model(x, use_cache=False).logits[0]
+            out = self.model(x, use_cache=False, logits_to_keep=len(ids) - start).logits[0]
         return out.float().cpu().numpy()[:, : self.n_vocab]
 
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -106,13 +107,24 @@ class LlamaCppRunner:
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
-    def logits(self, ids) -> np.ndarray:
+    def logits(self, ids, start: int = 0) -> np.ndarray:
+        """Logits at positions start..len(ids)-1, from an empty cache. Only those positions are marked as outputs
+        of the batch, so llama.cpp runs the output head (vocabulary x width, the largest matmul of a small model
+        with a big vocabulary) only there, and only those rows are copied out."""
         ids = [int(t) for t in ids]
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+        if not 0 <= start < len(ids):
+            raise ValueError(f"start {start} outside 0..{len(ids) - 1}")
+        llm = self.llm  # llama-cpp-python's eval marks every position (logits_all) or the last; this marks a range
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        llm._batch.set_batch(batch=ids, n_past=0, logits_all=False)
+        for i in range(start, len(ids)):
+            llm._batch.batch.logits[i] = True
+        llm._ctx.decode(llm._batch)
+        rows = len(ids) - start
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(rows * self.n_vocab,)).reshape(rows, self.n_vocab).copy()
 
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         self.llm.reset()

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from quantloop.data.datasets import read_split
 from quantloop.errors import InputError
 from quantloop.eval.kld import KLDAccumulator
-from quantloop.eval.perplexity import chunk_nll, make_chunks, summarize_nll
+from quantloop.eval.perplexity import first_scored, make_chunks, scored_nll, summarize_nll
 from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
 from quantloop.models.checkpoints import ResolvedModel, load_hf_tokenizer
 from quantloop.schemas import PerplexityReport
@@ -42,7 +42,7 @@ def split_chunks(dataset_dir: Path, tokenizer_model: ResolvedModel, context: int
 
 
 def perplexity(runner, chunks: list[np.ndarray], desc: str) -> PerplexityReport:
-    nll = [chunk_nll(runner.logits(c), c) for c in tqdm(chunks, desc=desc, unit="chunk", leave=False)]
+    nll = [scored_nll(runner.logits(c, first_scored(len(c))), c) for c in tqdm(chunks, desc=desc, unit="chunk", leave=False)]
     ppl, err, mean = summarize_nll(np.concatenate(nll))
     return PerplexityReport(model=runner.ref, context=len(chunks[0]), chunks=len(chunks), tokens_scored=sum(len(n) for n in nll),
                             ppl=ppl, ppl_stderr=err, mean_nll=mean)
@@ -51,5 +51,6 @@ def perplexity(runner, chunks: list[np.ndarray], desc: str) -> PerplexityReport:
 def kl_divergence(base_runner, quant_runner, chunks: list[np.ndarray], desc: str = "KLD"):
     acc = KLDAccumulator()
     for c in tqdm(chunks, desc=desc, unit="chunk", leave=False):
-        acc.add_chunk(base_runner.logits(c), quant_runner.logits(c), c)
+        first = first_scored(len(c))
+        acc.add_scored(base_runner.logits(c, first), quant_runner.logits(c, first), c)
     return acc.report()
