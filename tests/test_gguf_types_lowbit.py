@@ -182,14 +182,18 @@ def test_gptq_export_reads_back_and_runs_in_llama_cpp(request, dataset_dir, tmp_
 
 
 @pytest.mark.slow
-def test_qat_iq4_nl_export_reads_back_and_runs_in_llama_cpp(tiny_prepared, tmp_path):
+@pytest.mark.parametrize("type_name", ["IQ4_NL", "Q2_K"])
+def test_qat_export_reads_back_and_runs_in_llama_cpp(request, tmp_path, type_name):
+    """QAT on the torch grid (IQ4_NL: the bit-exact fake quantizer, scales not learned; Q2_K: the frozen k-quant grid)
+    exports blocks that hold the trained checkpoint bit for bit."""
     from quantloop.backends.qat import QATConfig, qat_checkpoint
 
+    model = request.getfixturevalue("wide_prepared" if gb.TYPES[type_name].kquant else "tiny_prepared")
     seqs = torch.randint(0, 49152, (8, 32), generator=torch.Generator().manual_seed(0)).tolist()
     out = tmp_path / "qat"
     cfg = QATConfig(lr=1e-4, batch_size=4, groups=2, progress=False, device="cpu", learn_scales=False)
-    path = qat_checkpoint(tiny_prepared, out, "IQ4_NL", seqs, steps=4, seed=0, config=cfg)
-    _check_file_holds_the_checkpoint(path, out, "IQ4_NL", "qat_result.json")
+    path = qat_checkpoint(model, out, type_name, seqs, steps=4, seed=0, config=cfg)
+    _check_file_holds_the_checkpoint(path, out, type_name, "qat_result.json")
     _logits_agree(out, path)
 
 
@@ -240,3 +244,15 @@ def test_a_type_the_rows_cannot_hold_is_one_clear_error(tiny_prepared):
         check_genome(mt, genome)
     assert "\n" not in str(e.value) and "IQ4_NL" in str(e.value)
     assert check_genome(mt, genome | {"blk.0.ffn_down.weight": "IQ4_NL"})["blk.0.ffn_down.weight"] == "IQ4_NL"
+
+
+def test_search_candidates_and_sensitivity_take_the_new_types(tiny_prepared):
+    from quantloop.models.checkpoints import resolve_model
+    from quantloop.search.sensitivity import fake_quantized
+    from quantloop.search.tensors import model_tensors
+
+    mt = model_tensors(resolve_model(tiny_prepared).gguf, candidates=("IQ4_NL", "Q3_K", "Q2_K"))
+    assert {t.types for t in mt.tensors} == {("IQ4_NL",)}  # 64- and 128-wide rows: no k-quant
+    w = random_normal(10, rows=4, cols=256)
+    for t in ("IQ4_NL", "Q3_K", "Q2_K"):
+        np.testing.assert_array_equal(fake_quantized(w, t), gb.fake_quantize(w.astype(np.float16).astype(np.float32), t))
