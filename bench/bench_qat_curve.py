@@ -36,6 +36,7 @@ from quantloop.tools import validate_quantization  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(OFFGRID_MODEL_DIR), help="prepared checkpoint (default: the off-grid twin)")
     p.add_argument("--type", default="Q4_0")
     p.add_argument("--embedding-type", default="Q4_0")
     p.add_argument("--steps", type=int, default=200)
@@ -49,24 +50,28 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--threads", type=int, default=int(os.environ.get("QUANTLOOP_THREADS", os.cpu_count() or 1)))
     p.add_argument("--out", default=str(SLM_DIR / "reports" / "qat_curve.json"))
+    p.add_argument("--keep", help="folder to keep the exported GGUFs in (default: a temporary folder)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    model_dir = Path(a.model)
     at = sorted({int(s) for s in a.at.split(",")})
     spec = CalibrationSpec(source="synthetic" if a.data_free else "dataset", samples=a.samples, seqlen=a.seqlen)
     t_start = time.perf_counter()
-    seqs, _ = calibration_sequences(spec, load_hf_tokenizer(OFFGRID_MODEL_DIR), OFFGRID_MODEL_DIR)
-    teacher = load_hf_model(OFFGRID_MODEL_DIR)
+    seqs, _ = calibration_sequences(spec, load_hf_tokenizer(model_dir), model_dir)
+    teacher = load_hf_model(model_dir)
     cfg = QATConfig(gguf_type=a.type, embedding_type=a.embedding_type, steps=a.steps, init=a.init, lr=a.lr, scale_lr=a.scale_lr,
                     groups=1, global_fraction=1.0, check_every=0, device="cpu", snapshot_steps=tuple(at), progress=True)
-    report: dict = {"model": str(OFFGRID_MODEL_DIR), "config": {k: v for k, v in cfg.__dict__.items() if k != "tensor_types"},
+    report: dict = {"model": str(model_dir), "config": {k: v for k, v in cfg.__dict__.items() if k != "tensor_types"},
                     "calibration": spec.model_dump(), "threads": a.threads, "points": []}
-    with tempfile.TemporaryDirectory(dir=SLM_DIR) as tmp:
+    with tempfile.TemporaryDirectory(dir=SLM_DIR) as scratch:
+        tmp = a.keep or scratch
         files: dict[int, tuple[Path, float]] = {}
 
         def snapshot(step, model, blocks):
             out = Path(tmp) / f"step{step}"
-            path = save_and_export(model, OFFGRID_MODEL_DIR, out, "snapshot.json", {"step": step}, f"qat-{step}.gguf", a.type,
+            path = save_and_export(model, model_dir, out, "snapshot.json", {"step": step}, f"qat-{step}.gguf", a.type,
                                    embedding_type=a.embedding_type, blocks=blocks)
+            (out / "model.safetensors").unlink()  # the GGUF is what is measured
             files[step] = (path, time.perf_counter() - t_start)
             print(f"  exported step {step} ({files[step][1]:.0f} s)", flush=True)
 
@@ -76,7 +81,7 @@ def main() -> None:
         print(f"QAT done: {res.steps} steps, {res.timings}", flush=True)
         kl_at = {c["step"]: c["kl"] for c in res.curve}
         for step, (path, wall) in sorted(files.items()):
-            r = validate_quantization(ValidationRequest(quantized=str(path), baseline=str(OFFGRID_MODEL_DIR),
+            r = validate_quantization(ValidationRequest(quantized=str(path), baseline=str(model_dir),
                                                         dataset_dir=str(DATASETS_DIR / "shakespeare"), chunks=a.chunks,
                                                         measure_speed=False, check_generation=False,
                                                         report_path=str(Path(tmp) / f"v{step}.json")))

@@ -10,7 +10,7 @@ the weight is switched on, and are re-rounded by llama.cpp at the end (what the 
 In a tied model the one token embedding is both the lookup table and the output projection: the lookup
 and the head use the same fake-quantized matrix, computed once per forward pass, and both train it.
 
-Public: GridWeight, FakeQuantLinear, wrap_student, unwrap_student.
+Public: GridWeight, FakeQuantLinear, wrap_student, unwrap_student, grid_copy.
 """
 
 from __future__ import annotations
@@ -164,6 +164,18 @@ def wrap_student(model, gguf_type: str, tensor_types: dict[str, str] | None = No
             _set(model, head_name, FakeQuantHead(head, None, out_grid))
             grids["output.weight"] = out_grid
     return grids
+
+
+def grid_copy(model):
+    """A copy of a wrapped student as the GGUF would hold it now (plain modules, weights on the grid) and its blocks;
+    the student itself is left as it is."""
+    import copy
+
+    for m in model.modules():
+        if isinstance(m, FakeQuantEmbedding):
+            m.current = None  # a tensor of the last forward pass's graph, which cannot be copied
+    frozen = copy.deepcopy(model).eval()
+    return frozen, unwrap_student(frozen)
 
 
 def unwrap_student(model) -> dict:

@@ -14,6 +14,8 @@ Public: kl_divergence, topk_kl, TeacherCache.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -53,12 +55,14 @@ class TeacherCache:
         self.idx = torch.zeros(n, length, self.k, dtype=torch.int32)
         self.filled = torch.zeros(n, dtype=torch.bool)
         self.teacher_passes = 0  # sequences the teacher ran on
+        self.teacher_s = 0.0  # seconds spent running it
 
     @torch.no_grad()
     def get(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top log-probabilities, token ids) of the sequences at `rows`, each (len(rows), length, k)."""
         missing = rows[~self.filled[rows]]
         if len(missing):
+            t = time.perf_counter()
             device = next(self.teacher.parameters()).device
             logits = self.teacher(input_ids=self.seqs[missing].to(device)).logits
             logp = F.log_softmax(logits.float() / self.T, dim=-1)
@@ -67,6 +71,7 @@ class TeacherCache:
             self.logp[missing], self.idx[missing] = top.cpu(), idx.to(torch.int32).cpu()
             self.filled[missing] = True
             self.teacher_passes += len(missing)
+            self.teacher_s += time.perf_counter() - t
         return self.logp[rows], self.idx[rows]
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quantloop.backends.qat_grid import GridWeight, unwrap_student, wrap_student
+from quantloop.backends.qat_grid import GridWeight, grid_copy, unwrap_student, wrap_student
 from quantloop.backends.qat_teacher import TeacherCache, full_logits, kl_divergence, topk_kl
 from quantloop.errors import InputError
 from quantloop.gguf.torch_grid import check_grid_model, check_grid_type
@@ -256,8 +256,8 @@ def run_qat(teacher, sequences, config: QATConfig | None = None, snapshot=None):
             curve.append({"step": done, "kl": eval_kl(eval_batch, eval_teacher)})
         if snapshot is not None and done in cfg.snapshot_steps:
             t = time.perf_counter()
-            frozen = copy.deepcopy(student).eval()
-            snapshot(done, frozen, unwrap_student(frozen))
+            frozen, frozen_blocks = grid_copy(student)
+            snapshot(done, frozen, frozen_blocks)
             del frozen
             timings["snapshot_s"] = round(timings.get("snapshot_s", 0) + time.perf_counter() - t, 2)
 
@@ -271,6 +271,8 @@ def run_qat(teacher, sequences, config: QATConfig | None = None, snapshot=None):
     try:
         for gi, (group, n_steps) in enumerate(zip(groups, stage_steps)):
             enabled += [n for layer in group for n in layers[layer]]
+            if not n_steps:  # no steps to give this stage (global_fraction 1): its layers join the global fine-tune
+                continue
             enable(enabled)
             start = eval_kl(eval_batch, eval_teacher)
             early, taken = False, 0
@@ -309,7 +311,9 @@ def run_qat(teacher, sequences, config: QATConfig | None = None, snapshot=None):
     final = eval_kl(eval_batch, eval_teacher)  # the weights the GGUF holds
     curve.append({"step": done, "kl": final, "exported": True})
     timings.update(train_s=round(train_s, 2), train_tokens=tokens, tokens_per_s=round(tokens / train_s, 1) if train_s else None,
-                   s_per_step=round(train_s / done, 3) if done else None, teacher_sequences=cache.teacher_passes if cache else done * cfg.batch_size)
+                   s_per_step=round(train_s / done, 3) if done else None, teacher_sequences=cache.teacher_passes if cache else done * cfg.batch_size,
+                   teacher_cache_s=round(cache.teacher_s, 2) if cache else None,
+                   s_per_step_cache_warm=round((train_s - cache.teacher_s) / done, 3) if cache and done else None)
     result = QATResult(gguf_type=gguf_type, steps=done, wall_s=time.perf_counter() - t0, rtn_kl=rtn_kl, final_kl=final, stages=stages,
                        sensitivity=sensitivity, device=str(device), embedding_type=emb_type,
                        linear_types=dict(Counter(g.gguf_type for g in linears.values())), init=cfg.init,

@@ -60,32 +60,42 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.half().float()
 
 
-def _nearest(x: torch.Tensor, levels: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest level of each x (ties to the lower level)."""
-    return torch.bucketize(x, mids, right=False).clamp_(0, levels.numel() - 1)
+def _scaled(w: torch.Tensor, d16: torch.Tensor) -> torch.Tensor:
+    """w / d per block of 32 (as w * (1 / d); 0 where d is 0), shape (rows, blocks, 32), float32."""
+    rows, cols = w.shape
+    inv = torch.where(d16 == 0, torch.zeros((), device=d16.device), 1 / d16)[..., None]
+    return w.detach().float().reshape(rows, cols // BLOCK, BLOCK) * inv
+
+
+def _level_of(x: torch.Tensor, levels: torch.Tensor, mids: torch.Tensor | None) -> torch.Tensor:
+    """The nearest level of each x (float32 level values). Uniform integer levels (mids None): round and clip,
+    about 30 times faster than a search; others: a search over the midpoints (ties to the lower level)."""
+    if mids is None:
+        return x.round().clamp_(float(levels[0]), float(levels[-1]))
+    return levels[torch.bucketize(x, mids)]
 
 
 class _LearnedRound(torch.autograd.Function):
+    """value = d16 * L(w / d16) per block; backward: LSQ (see the module docstring). Saves w and d only."""
+
     @staticmethod
     def forward(ctx, w, d, levels, mids):
-        rows, cols = w.shape
-        d16 = _fp16(d.detach().float())[..., None]
-        zero = d16 == 0
-        x = w.detach().float().reshape(rows, cols // BLOCK, BLOCK) / torch.where(zero, torch.ones((), device=w.device), d16)
-        idx = _nearest(x, levels, mids)
-        value = torch.where(zero, torch.zeros((), device=w.device), d16 * levels[idx])
-        ctx.save_for_backward(x, idx.to(torch.uint8), levels)
-        return value.reshape(rows, cols).to(w.dtype)
+        d16 = _fp16(d.detach().float())
+        value = _level_of(_scaled(w, d16), levels, mids) * d16[..., None]
+        ctx.save_for_backward(w, d16, levels, mids if mids is not None else levels[:0])
+        ctx.uniform = mids is None
+        return value.reshape(w.shape).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, idx, levels = ctx.saved_tensors
-        lv = levels[idx.long()]
-        inside = (x >= levels[0]) & (x <= levels[-1])
+        w, d16, levels, mids = ctx.saved_tensors
+        x = _scaled(w, d16)
+        lv = _level_of(x, levels, None if ctx.uniform else mids)
+        inside = ((x >= levels[0]) & (x <= levels[-1])).float()
         g = grad.float().reshape(x.shape)
-        grad_w = (g * inside).reshape(grad.shape)
-        grad_d = (g * torch.where(inside, lv - x, lv)).sum(-1)
-        return grad_w.to(grad.dtype), grad_d, None, None
+        grad_w = g * inside
+        grad_d = (g * (lv - x * inside)).sum(-1)
+        return grad_w.reshape(grad.shape).to(grad.dtype), grad_d, None, None
 
 
 class LearnedScales(torch.nn.Module):
@@ -100,7 +110,8 @@ class LearnedScales(torch.nn.Module):
         self.gguf_type = str(gguf_type).upper()
         lv, self.code_offset = type_levels(self.gguf_type)
         self.register_buffer("levels", lv.to(d0.device), persistent=False)
-        self.register_buffer("mids", ((lv[1:] + lv[:-1]) / 2).to(d0.device), persistent=False)
+        uniform = bool((lv[1:] - lv[:-1] == 1).all()) and bool((lv == lv.round()).all())
+        self.register_buffer("mids", None if uniform else ((lv[1:] + lv[:-1]) / 2).to(d0.device), persistent=False)
         self.register_buffer("d0", _fp16(d0.detach().float()), persistent=False)
         self.log_scale = torch.nn.Parameter(torch.zeros_like(self.d0))
 
@@ -136,10 +147,8 @@ class LearnedScales(torch.nn.Module):
         """(codes, fp16 scales) as the GGUF stores them: codes (rows, cols) int, scales (rows, cols // 32) float16."""
         import numpy as np
 
-        rows, cols = w.shape
         d16 = _fp16(self.scales().float())
-        safe = torch.where(d16 == 0, torch.ones((), device=w.device), d16)[..., None]
-        idx = _nearest(w.detach().float().reshape(rows, cols // BLOCK, BLOCK) / safe, self.levels, self.mids)
-        idx = torch.where(d16[..., None] == 0, torch.full_like(idx, int(torch.argmin(self.levels.abs()))), idx)
-        codes = (idx + self.code_offset).reshape(rows, cols).cpu().numpy().astype(np.int64)
+        lv = _level_of(_scaled(w, d16), self.levels, self.mids)
+        idx = torch.searchsorted(self.levels, lv.reshape(-1).contiguous()).reshape(w.shape)  # lv is one of the levels
+        codes = (idx + self.code_offset).cpu().numpy().astype(np.int64)
         return codes, d16.cpu().numpy().astype(np.float16)
