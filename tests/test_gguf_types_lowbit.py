@@ -256,3 +256,29 @@ def test_search_candidates_and_sensitivity_take_the_new_types(tiny_prepared):
     w = random_normal(10, rows=4, cols=256)
     for t in ("IQ4_NL", "Q3_K", "Q2_K"):
         np.testing.assert_array_equal(fake_quantized(w, t), gb.fake_quantize(w.astype(np.float16).astype(np.float32), t))
+
+
+def test_iq4_nl_nearest_level_is_best_index_int8_at_every_midpoint():
+    """best_index_int8 (binary search, then x - lo < hi - x in float32) equals counting the midpoints <= x, checked on
+    the 2001 float32 values around every midpoint and level, both signs."""
+    from quantloop.gguf.rounding_lowbit import IQ4NL_LEVELS as L
+    from quantloop.gguf.rounding_lowbit import best_index
+
+    def c_best_index(x):
+        if x <= L[0]:
+            return 0
+        if x >= L[-1]:
+            return 15
+        ml, mu = 0, 15
+        while mu - ml > 1:
+            mav = (ml + mu) // 2
+            if x < L[mav]:
+                mu = mav
+            else:
+                ml = mav
+        return mu - 1 if x - L[mu - 1] < L[mu] - x else mu
+
+    centres = np.concatenate([L, (L[:-1] + L[1:]) / np.float32(2)]).astype(np.float32)
+    x = (centres.view(np.int32)[:, None] + np.arange(-1000, 1001, dtype=np.int32)).view(np.float32).ravel()
+    x = np.concatenate([x, -x])
+    np.testing.assert_array_equal(best_index(x), [c_best_index(v) for v in x])

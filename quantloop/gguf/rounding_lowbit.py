@@ -21,12 +21,14 @@ IQ4NL_LEVELS = np.array(KVALUES_IQ4NL, dtype=F32)
 IQ4NL_NTRY = 7  # quantize_iq4_nl's scale search: 2 * 7 + 1 trial scales after the first
 
 
-def best_index(x: np.ndarray, levels: np.ndarray = IQ4NL_LEVELS) -> np.ndarray:
-    """ggml-quants.c best_index_int8: the index of the level nearest x (float32), the upper one on a tie."""
-    mu = np.clip(np.searchsorted(levels, x, side="right"), 1, levels.size - 1)
-    lo, hi = levels[mu - 1], levels[mu]
-    idx = np.where(x - lo < hi - x, mu - 1, mu)
-    return np.where(x <= levels[0], 0, np.where(x >= levels[-1], levels.size - 1, idx))
+IQ4NL_MIDS = (IQ4NL_LEVELS[:-1] + IQ4NL_LEVELS[1:]) / F32(2)  # half-integers, exact
+
+
+def best_index(x: np.ndarray) -> np.ndarray:
+    """ggml-quants.c best_index_int8 over the IQ4_NL levels: the index of the level nearest x (float32), the upper
+    one on a tie. Its test x - lo < hi - x is exact in float32 wherever x is near the midpoint of lo and hi (both
+    differences are then exact), so it is x < (lo + hi) / 2: the index is the number of midpoints <= x."""
+    return np.searchsorted(IQ4NL_MIDS, x, side="right")
 
 
 def quantize_iq4_nl(w: np.ndarray) -> QuantBlocks:

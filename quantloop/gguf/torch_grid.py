@@ -153,10 +153,10 @@ def _iq4_nl(x: torch.Tensor) -> torch.Tensor:
     levels = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=x.device)
     f32 = lambda v: torch.full((), v, dtype=torch.float32, device=x.device)  # noqa: E731
 
-    def nearest(v):  # best_index_int8
-        mu = torch.searchsorted(levels, v.contiguous(), right=True).clamp(1, levels.numel() - 1)
-        idx = torch.where(v - levels[mu - 1] < levels[mu] - v, mu - 1, mu)
-        return torch.where(v <= levels[0], 0, torch.where(v >= levels[-1], levels.numel() - 1, idx))
+    mids = (levels[:-1] + levels[1:]) / 2  # exact: half-integers
+
+    def nearest(v):  # best_index_int8: x - lo < hi - x is exact near each midpoint, so it is x < mid
+        return torch.bucketize(v, mids, right=True)
 
     def trial(iscale):
         q = levels[nearest(iscale[..., None] * x)]
