@@ -89,3 +89,16 @@ def test_block_units_are_attention_and_feed_forward(tiny_prepared):
     units = units_of(model_tensors(resolve_model(tiny_prepared).gguf), "block")
     assert set(units) == {"token_embd.weight", "blk.0.attn", "blk.0.ffn", "blk.1.attn", "blk.1.ffn"}
     assert len(units["blk.0.attn"]) == 4 and len(units["blk.1.ffn"]) == 3
+
+
+def test_sensitivity_on_the_models_own_generations_reads_no_dataset(tiny_prepared, tmp_path):
+    """Data-free: the text is the model's own (cached) generations; the cache key differs from any dataset's."""
+    from quantloop.tools.sensitivity import measure_sensitivity
+
+    req = SensitivityRequest(model=str(tiny_prepared), text=[TextSpec(source="synthetic", chunks=1, seqlen=32)],
+                             types=["Q4_0"], granularity="block", cache_dir=str(tmp_path))
+    r = measure_sensitivity(req)
+    assert r.measured == len(r.rows) > 0 and all(x.kld > 0 for x in r.rows)
+    assert "synthetic:1x32" in json.loads(open(r.cache_file).read())["text"]
+    with pytest.raises(ValueError, match="dataset_dir is required"):
+        TextSpec(split="calibration")

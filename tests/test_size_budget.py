@@ -43,3 +43,31 @@ def test_a_budget_on_a_method_that_cannot_take_it_is_one_error(tiny_copy, tmp_pa
     with pytest.raises(InputError, match="min_size_ratio applies to methods gptq and qat"):
         quantize_model(tiny_copy, tmp_path / "q", spec)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_a_budgeted_gptq_file_meets_the_budget_and_equals_the_estimate(reference_dir, dataset_dir, tmp_path):
+    """Whole-file Q4_0 GPTQ on a 256-wide Llama under a budget it misses by a little: the least sensitive units go to
+    Q3_K/Q2_K, the written file equals the estimate of its types to the byte and stays under the budget."""
+    from conftest import prepare_wide_llama
+    from gguf import GGUFReader
+
+    from quantloop.gguf.precision_map import estimate_bytes
+    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.search.budget import file_bytes, planned_types
+    from quantloop.tools.quantize import quantize_model
+
+    model = prepare_wide_llama(tmp_path, reference_dir, layers=2)
+    f16 = next(model.glob("*.gguf"))
+    whole = {"embeddings": "Q4_0", "attention": "Q4_0", "feed_forward": "Q4_0"}
+    spec = QuantSpec(method="gptq", gguf_type="Q4_0", layer_types=whole,
+                     calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=4, seqlen=64))
+    pure = file_bytes(f16, planned_types(f16, spec))
+    ratio = f16.stat().st_size / (pure - 40_000)  # about 40 kB under the pure 4.5-bit file
+    r = quantize_model(model, tmp_path / "q", spec.model_copy(update={"min_size_ratio": ratio}))
+    written = {t.name: t.tensor_type.name for t in GGUFReader(r.model_path).tensors}
+    lower = sorted(n for n, t in written.items() if t in ("Q3_K", "Q2_K"))
+    size = r.bytes_on_disk
+    assert lower and size <= f16.stat().st_size / ratio
+    assert size == estimate_bytes(f16, written)["bytes"]
+    assert any("size budget" in n and lower[0].rsplit(".", 1)[0] in n for n in r.notes), r.notes

@@ -21,6 +21,9 @@ def _texts(names: list[str] | None, split: str, chunks: int, seqlen: int):
 
     out = []
     for n in names or ["shakespeare"]:
+        if n == "synthetic":  # the model's own generations (data-free)
+            out.append(TextSpec(source="synthetic", chunks=chunks, seqlen=seqlen))
+            continue
         p = Path(n) if ("/" in n or Path(n).is_dir()) else DATASETS_DIR / n
         out.append(TextSpec(dataset_dir=str(p), split=split, chunks=chunks, seqlen=seqlen))
     return out
@@ -96,7 +99,7 @@ def cmd_worker(a) -> int:
 def _common(s) -> None:
     s.add_argument("model", nargs="?", default=str(OFFGRID_MODEL_DIR), help=f"prepared checkpoint (default: {OFFGRID_MODEL_DIR})")
     s.add_argument("--text", action="append", metavar="DATASET",
-                   help="prepared dataset name under SLM/datasets or a folder; repeat for several domains (default: shakespeare)")
+                   help="prepared dataset name under SLM/datasets or a folder, or 'synthetic' for the model's own generations (data-free); repeat for several domains (default: shakespeare)")
     s.add_argument("--seqlen", type=int, default=256, help="tokens per window (default: 256)")
     s.add_argument("--granularity", choices=["group", "block", "tensor"], default="group",
                    help="unit of the sensitivity table and the genome: layer x module group (q/k/v, o, gate/up, down), "

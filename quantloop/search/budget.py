@@ -80,11 +80,12 @@ def fit_to_budget(model, spec, progress=None):
     record = {"budget_bytes": budget, "f16_bytes": f16_bytes, "planned_bytes": size, "downgrades": []}
     if size <= budget:
         return spec, record | {"bytes": size}
-    if not spec.calibration.dataset_dir and spec.calibration.source != "synthetic":
-        raise InputError(None, "a size budget needs calibration text to measure sensitivity", "give calibration.dataset_dir")
     from quantloop.data.datasets import dataset_dir_or_default
 
-    text = [TextSpec(dataset_dir=str(dataset_dir_or_default(spec.calibration.dataset_dir)), split="calibration", chunks=4, seqlen=256)]
+    if spec.calibration.source == "synthetic":  # data-free: no dataset is read, for the budget either
+        text = [TextSpec(source="synthetic", chunks=4, seqlen=256)]
+    else:
+        text = [TextSpec(dataset_dir=str(dataset_dir_or_default(spec.calibration.dataset_dir)), split="calibration", chunks=4, seqlen=256)]
     measured_types = sorted({t for t in types.values() if t not in ("F32", "F16")} | set(LOWER_TYPES))
     sens = measure_sensitivity(SensitivityRequest(model=str(model.path), text=text, types=measured_types, granularity="group"),
                                progress=progress)

@@ -28,8 +28,8 @@ class Baseline:
         self.n_ctx = max(s.seqlen for s in text)
         self.domains: dict[str, list[np.ndarray]] = {}
         for s in text:
-            name = Path(s.dataset_dir).name
-            self.domains[name if name not in self.domains else f"{name}:{s.split}"] = text_chunks(s, tok)[0]
+            name = Path(s.dataset_dir).name if s.source == "dataset" else "synthetic"
+            self.domains[name if name not in self.domains else f"{name}:{s.split}"] = text_chunks(s, tok, tokenizer_dir)[0]
         runner = LlamaCppRunner(f16_gguf, n_ctx=self.n_ctx, threads=threads)
         try:
             self.logprobs = {d: [log_softmax(runner.logits(c)[first_scored(len(c)):len(c) - 1]) for c in cs]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -10,12 +12,20 @@ class Strict(BaseModel):
 
 
 class TextSpec(Strict):
-    """Token windows cut from one split of one prepared dataset (a 'domain')."""
+    """Token windows cut from one split of one prepared dataset (a 'domain'), or the model's own generations."""
 
-    dataset_dir: str
+    dataset_dir: str = Field("", description="prepared dataset folder (source 'dataset')")
     split: str = "validation"
     chunks: int = Field(2, ge=1)
     seqlen: int = Field(256, ge=16)
+    source: Literal["dataset", "synthetic"] = Field("dataset", description="synthetic: sequences the float model generates "
+                                                                           "itself (data-free; cached), no dataset read")
+
+    @model_validator(mode="after")
+    def _dataset_named(self):
+        if self.source == "dataset" and not self.dataset_dir:
+            raise ValueError("dataset_dir is required for source 'dataset'")
+        return self
 
 
 class SensitivityRequest(Strict):
