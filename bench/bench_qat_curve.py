@@ -11,7 +11,6 @@ validated after training, so validation does not compete with it for the CPU. Wr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -60,7 +59,8 @@ def main() -> None:
     seqs, _ = calibration_sequences(spec, load_hf_tokenizer(model_dir), model_dir)
     teacher = load_hf_model(model_dir)
     cfg = QATConfig(gguf_type=a.type, embedding_type=a.embedding_type, steps=a.steps, init=a.init, lr=a.lr, scale_lr=a.scale_lr,
-                    groups=1, global_fraction=1.0, check_every=0, device="cpu", snapshot_steps=tuple(at), progress=True)
+                    groups=1, global_fraction=1.0, check_every=0, device="cpu", snapshot_steps=tuple(at), progress=True,
+                    threads=a.threads)
     report: dict = {"model": str(model_dir), "config": {k: v for k, v in cfg.__dict__.items() if k != "tensor_types"},
                     "calibration": spec.model_dump(), "threads": a.threads, "points": []}
     with tempfile.TemporaryDirectory(dir=SLM_DIR) as scratch:

@@ -23,8 +23,6 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 from quantloop.backends.qat import QATConfig, run_qat  # noqa: E402
 from quantloop.data.calibration import calibration_sequences  # noqa: E402
 from quantloop.fileio import write_json_atomic  # noqa: E402
@@ -49,7 +47,6 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=10, help="calibration sequences (2 of them held out)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("QUANTLOOP_THREADS", os.cpu_count() or 1)))
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
     samples = a.samples
     seqs, _ = calibration_sequences(CalibrationSpec(source="dataset", samples=samples, seqlen=a.seqlen),
                                     load_hf_tokenizer(OFFGRID_MODEL_DIR), OFFGRID_MODEL_DIR)
@@ -57,7 +54,7 @@ def main() -> None:
     out = []
     for label, kw in rows():
         cfg = QATConfig(steps=a.steps, groups=1, global_fraction=1.0, check_every=0, batch_size=4, progress=False,
-                        device="cpu", **kw)
+                        device="cpu", threads=a.threads, **kw)
         t = time.perf_counter()
         _, res, _ = run_qat(teacher, seqs, cfg)
         tm = res.timings

@@ -17,7 +17,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs, save_and_export
+from quantloop.backends.base import (
+    Backend,
+    BackendJob,
+    BackendOutput,
+    Needs,
+    save_and_export,
+)
 from quantloop.backends.qat_teacher import kl_divergence  # noqa: F401
 from quantloop.backends.qat_train import QATConfig, QATResult, run_qat  # noqa: F401
 from quantloop.gguf.torch_grid import check_grid_model, check_grid_type

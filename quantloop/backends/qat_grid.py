@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from quantloop.gguf.learned_scales import LearnedScales, has_levels
 from quantloop.gguf.tensor_names import gguf_tensor_name, linear_modules
-from quantloop.gguf.torch_grid import KQUANTS, fake_quantize_torch, kquant_grid, layer_type, linear_types, ste_fake_quantize
+from quantloop.gguf.torch_grid import (
+    KQUANTS,
+    fake_quantize_torch,
+    kquant_grid,
+    layer_type,
+    linear_types,
+    ste_fake_quantize,
+)
 
 
 class GridWeight(torch.nn.Module):
@@ -109,8 +117,8 @@ class FakeQuantEmbedding(torch.nn.Module):
 
     def forward(self, ids):
         self.current = self.grid_weight()
-        e = self.embedding
-        return F.embedding(ids, self.current, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        # the module's own forward with the quantized matrix (keeps e.g. Gemma's scaled lookup)
+        return functional_call(self.embedding, {"weight": self.current}, (ids,))
 
 
 class FakeQuantHead(torch.nn.Module):
@@ -122,7 +130,7 @@ class FakeQuantHead(torch.nn.Module):
 
     def forward(self, h):
         w = self.tied_to.current if self.tied_to is not None else self.grid_weight()
-        return F.linear(h, w, self.head.bias)
+        return functional_call(self.head, {"weight": w}, (h,))
 
 
 def _set(model, name: str, module) -> None:

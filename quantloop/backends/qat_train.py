@@ -24,8 +24,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quantloop.backends.qat_grid import GridWeight, grid_copy, unwrap_student, wrap_student
-from quantloop.backends.qat_teacher import TeacherCache, full_logits, kl_divergence, topk_kl
+from quantloop.backends.qat_grid import (
+    GridWeight,
+    grid_copy,
+    unwrap_student,
+    wrap_student,
+)
+from quantloop.backends.qat_teacher import (
+    TeacherCache,
+    full_logits,
+    kl_divergence,
+    topk_kl,
+)
 from quantloop.errors import InputError
 from quantloop.gguf.torch_grid import check_grid_model, check_grid_type
 
@@ -55,6 +65,7 @@ class QATConfig:
     train_embedding: bool = True  # a block-typed token embedding / output head trains on its grid
     init: str = "teacher"  # "teacher" or "gptq" (act-order GPTQ on the same grid first)
     seed: int = 0
+    threads: int | None = None  # torch CPU threads while training (default: QUANTLOOP_THREADS, else every core)
     device: str | None = None
     progress: bool = True
     embedding_type: str | None = "auto"  # token embedding / output grid; auto: what llama-quantize picks; None: float
@@ -137,12 +148,23 @@ def run_qat(teacher, sequences, config: QATConfig | None = None, snapshot=None):
     The returned student has plain modules whose weights are exactly on the config's GGUF grids; `blocks` are
     their codes and scales (GGUF tensor name -> (type, QuantBlocks)), which the export writes as they are.
     """
-    from tqdm.auto import tqdm
+    from quantloop.eval.runtimes import default_threads
 
     cfg = config or QATConfig()
     gguf_type = check_grid_type(cfg.gguf_type)
     check_grid_model(teacher, gguf_type)
     _check(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or default_threads())
+    try:
+        return _run(teacher, sequences, cfg, gguf_type, snapshot)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
+    from tqdm.auto import tqdm
+
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     seqs = _as_tensor(sequences)
     n_eval = min(cfg.eval_sequences, max(1, seqs.shape[0] // 4)) if seqs.shape[0] > 1 else 1
