@@ -56,3 +56,18 @@ def test_llama_cpp_q8_0_validates_on_gemma3(gemma3, tmp_path, dataset_dir):
     per_chunk = (time.perf_counter() - t0) / 2
     print(f"gemma3-270m Q8_0: mean KLD {report.kld.kld_mean:.4f} +- {report.kld.kld_mean_stderr:.4f}, {per_chunk:.1f} s per chunk")
     assert report.kld.kld_mean < 0.02
+
+
+def test_rtn_q8_0_exports_gemma3_exactly(gemma3, tmp_path):
+    from quantloop.eval.runtimes import LlamaCppRunner
+    from quantloop.tools.quantize import quantize_model
+
+    t0 = time.perf_counter()
+    r = quantize_model(gemma3, tmp_path / "rtn", QuantSpec(method="rtn", bits=8, group_size=32, symmetric=True, gguf_type="Q8_0"))
+    print(f"gemma3-270m RTN Q8_0: {time.perf_counter() - t0:.0f} s, {r.bytes_on_disk:,} bytes; {r.notes[0]}")
+    assert "exact export: 127 quantized tensors" in r.notes[0] and "126 of them the quantizer's own" in r.notes[0]
+    runner = LlamaCppRunner(r.model_path, n_ctx=64)
+    try:
+        assert np.isfinite(runner.logits(runner.tokenize("To be, or not to be"))).all()
+    finally:
+        runner.close()
