@@ -3,7 +3,7 @@ llama.cpp, on the test split of three text domains, in one run.
 
     .venv/bin/python bench/bench_int4.py [--only LABEL ...] [--chunks 16] [--qat-steps 200] [--no-speed]
 
-Rows: llama.cpp's own Q4_0 and IQ4_NL with an importance matrix and a 4-bit token embedding (--pure, the pure
+Rows: llama.cpp's own Q4_0 and IQ4_NL with an importance matrix (32 x 512 calibration tokens) and a 4-bit token embedding (--pure, the pure
 4.5-bit files just above the 3.5x bar); GPTQ act-order on the whole-file Q4_0 / IQ4_NL grid (the tied embedding
 optimized as the output projection), pure and with a measured size budget of 3.5x; QAT started from that GPTQ
 (real text and data-free) under the same budget. Calibration draws only from shakespeare's calibration split
@@ -53,7 +53,8 @@ def rows(qat_steps: int) -> list[tuple[str, QuantSpec]]:
     out = []
     for t in ("Q4_0", "IQ4_NL"):
         out += [
-            (f"llama.cpp {t} + imatrix, 4-bit embedding", QuantSpec(method="gguf", gguf_type=t, layer_types=whole_file(t), imatrix=True)),
+            (f"llama.cpp {t} + imatrix, 4-bit embedding", QuantSpec(method="gguf", gguf_type=t, layer_types=whole_file(t), imatrix=True,
+                                                                    calibration=CalibrationSpec(samples=32))),
             (f"GPTQ {t} act-order, whole file", QuantSpec(method="gptq", gguf_type=t, layer_types=whole_file(t), act_order=True, calibration=real)),
             (f"GPTQ {t} act-order, budget {BAR}x", QuantSpec(method="gptq", gguf_type=t, layer_types=whole_file(t), act_order=True,
                                                              min_size_ratio=BAR, calibration=real)),

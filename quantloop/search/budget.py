@@ -87,8 +87,23 @@ def fit_to_budget(model, spec, progress=None):
     else:
         text = [TextSpec(dataset_dir=str(dataset_dir_or_default(spec.calibration.dataset_dir)), split="calibration", chunks=4, seqlen=256)]
     measured_types = sorted({t for t in types.values() if t not in ("F32", "F16")} | set(LOWER_TYPES))
-    sens = measure_sensitivity(SensitivityRequest(model=str(model.path), text=text, types=measured_types, granularity="group"),
-                               progress=progress)
+    from quantloop.search.sensitivity import units_of
+    from quantloop.search.tensors import model_tensors
+
+    # only units that can go lower are measured (at their planned type and below): the others cannot move
+    units = [u for u, ts in units_of(model_tensors(gguf, tuple(measured_types)), "group").items()
+             if any(t in LOWER_TYPES for t in ts[0].types)]
+    from tqdm import tqdm
+
+    with tqdm(desc="sensitivity for the size budget", unit="unit", leave=False) as bar:
+        def tick(i, n, unit, typ, kld):
+            bar.total = n
+            bar.update(i - bar.n)
+            if progress is not None:
+                progress(i, n, unit, typ, kld)
+
+        sens = measure_sensitivity(SensitivityRequest(model=str(model.path), text=text, types=measured_types, granularity="group",
+                                                      units=units), progress=tick)
     rows = [r for r in sens.rows if r.type in LOWER_TYPES or all(types[n] == r.type for n in r.tensors)]
     types, taken = downgrades(dict(types), rows, budget, size)
     size = file_bytes(gguf, types)

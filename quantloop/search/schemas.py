@@ -37,6 +37,7 @@ class SensitivityRequest(Strict):
                                          "block: layer x block (attention, feed-forward)")
     cache_dir: str | None = None
     heatmap_png: str | None = Field(None, description="write the heatmap here")
+    units: list[str] | None = Field(None, description="measure only these units (tensor names or 'blk.N.<group>'); default all")
     threads: int | None = None
 
 

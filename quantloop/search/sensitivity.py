@@ -197,6 +197,11 @@ def measure_sensitivity(req: SensitivityRequest, progress=None) -> SensitivityRe
     cache_file = Path(req.cache_dir or CACHE_DIR / "sensitivity") / f"{key}.json"
     cache = json.loads(cache_file.read_text())["kld"] if cache_file.is_file() else {}
     rows, measured = [], 0
+    if req.units is not None:
+        unknown = sorted(set(req.units) - set(units))
+        if unknown:
+            raise InputError(None, f"no unit {unknown[0]} at granularity {req.granularity}", f"units look like {next(iter(units))}")
+        units = {u: ts for u, ts in units.items() if u in req.units}
     todo = [(u, ts, t) for u, ts in units.items() for t in ts[0].types if t != FLOAT16]
     for i, (unit, ts, typ) in enumerate(todo):
         k = f"{unit}|{typ}"
