@@ -293,10 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a --preset/--layer-type map: GPTQ on llama.cpp's exact grids, written into the GGUF code for code); "
                         "autoround: AutoRound to a GGUF type; qat: KL-distillation QAT on a GGUF grid "
                         "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) written into the GGUF exactly (default: gguf)")
-    s.add_argument("--type", help="GGUF type: for --method gguf/autoround, or the exact export target of rtn/gptq: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... (default: Q4_K_M)")
+    s.add_argument("--type", help="GGUF type: for --method gguf/autoround, or the exact grid of rtn/gptq/qat: Q8_0, Q6_K, Q5_K_M, Q4_K_M, "
+                                  "Q4_0, IQ4_NL, Q3_K, Q2_K, ... (default: Q4_K_M)")
     s.add_argument("--imatrix", action="store_true", help="--method gguf: importance matrix from the calibration text (llama-imatrix)")
     s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
-                   help="--method gguf: per-tensor type override, e.g. attn_v=q8_0 (repeatable; llama-quantize --tensor-type)")
+                   help="--method gguf, gptq or qat: per-tensor type, e.g. attn_v=q8_0 (repeatable; first match wins; llama-quantize --tensor-type)")
     s.add_argument("--preset", help="--method gguf, qat or gptq: mixed-precision preset; arch-default = embeddings Q8_0, attention Q4_K, "
                                     "feed-forward Q6_K, norms F32 (see `quantloop estimate`)")
     s.add_argument("--layer-type", action="append", metavar="LAYER=TYPE",
