@@ -8,11 +8,13 @@ resumed run adds to its own records instead of duplicating them.
 from __future__ import annotations
 
 import json
+import re
 import os
 import sqlite3
 import tempfile
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -60,7 +62,19 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise InputError(uri, f"tracking URI scheme '{scheme}' is not supported", "use sqlite:///PATH, http(s)://HOST:PORT or a folder")
 
 
+PARAM_KEY = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a parameter name
+PARAM_VALUE_MAX = 6000
+
+
 def flatten(data, prefix: str = "") -> dict[str, object]:
+    """Nested dicts as dotted keys. A dict whose keys MLflow would refuse in a name (regular expressions of a
+    per-tensor map) stays one JSON value; one too long for a parameter becomes a count of its values."""
+    if isinstance(data, dict) and prefix and not all(PARAM_KEY.match(str(k)) for k in data):
+        text = json.dumps(data)
+        if len(text) > PARAM_VALUE_MAX:
+            counts = Counter(str(v) for v in data.values())
+            text = json.dumps({"entries": len(data), "values": dict(counts.most_common()), "full": "quantization_config.json"})
+        return {prefix: text}
     if isinstance(data, dict):
         out: dict[str, object] = {}
         for k, v in data.items():

@@ -314,3 +314,18 @@ def test_llama_cpp_computes_logits_only_where_asked(prepared):
     finally:
         runner.close()
     assert tail.shape == (15, VOCAB) and np.array_equal(tail, everything[25:])
+
+
+def test_sensitivity_probe_resumes_at_a_later_layer_with_that_layers_own_masks(prepared, dataset_dir):
+    """Gemma 3 mixes sliding-window and global attention layers: resuming the forward at layer k must give the same
+    KLD as the full forward (it would not if every layer got layer 0's mask and rotary table)."""
+    from quantloop.search.schemas import TextSpec
+    from quantloop.search.sensitivity import KLDProbe
+
+    ckpt = prepared("gemma3")
+    probe = KLDProbe(ckpt, [TextSpec(dataset_dir=str(dataset_dir), split="calibration", chunks=1, seqlen=64)], threads=1)
+    start = len(probe.layers) - 2  # a sliding-window layer; the global one after it has another rotary table
+    name = next(n for n in probe.params if n.startswith(f"model.layers.{start}.") and n.endswith("down_proj.weight"))
+    w = probe.weight(name) * 0.5
+    full, resumed = probe.kld({name: w}), probe.kld({name: w}, start_layer=start)
+    assert full > 0 and abs(full - resumed) <= 1e-5 * full + 1e-9, (full, resumed)

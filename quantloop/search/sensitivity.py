@@ -125,10 +125,11 @@ class KLDProbe:
         """Log-probabilities of chunk i running only decoder layers start.. (the float inputs of layer `start` are cached)."""
         import torch
 
-        h, kw = self.inputs[i][start]
+        h = self.inputs[i][start][0]
         with torch.no_grad():
-            for layer in self.layers[start:]:
-                h = layer(h, **kw)
+            for li in range(start, len(self.layers)):  # each layer its own kwargs (Gemma 3: sliding-window vs global masks)
+                out = self.layers[li](h, **self.inputs[i][li][1])
+                h = out[0] if isinstance(out, tuple) else out
             logits = self.model.lm_head(self.model.model.norm(h))[0]
         return torch.log_softmax(logits.float(), dim=-1)
 

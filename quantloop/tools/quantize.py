@@ -44,7 +44,7 @@ def apply_size_budget(model, spec: QuantSpec) -> tuple[QuantSpec, list[str]]:
     fitted, record = fit_to_budget(model, spec)
     moved = ", ".join(f"{d['unit']} {d['to']}" for d in record["downgrades"]) or "none needed"
     return fitted, [f"size budget {spec.min_size_ratio}x of {record['f16_bytes']:,} bytes = {record['budget_bytes']:,}: "
-                    f"planned {record['planned_bytes']:,}, written {record['bytes']:,}; below the planned types "
+                    f"planned {record['planned_bytes']:,}, fitted {record['bytes']:,} (estimate); below the planned types "
                     f"(least measured KLD per byte): {moved}"]
 
 
