@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quantloop.fileio import write_json_atomic  # noqa: E402
 from quantloop.paths import DATASETS_DIR, OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E402
 from quantloop.pipelines.report_format import table  # noqa: E402
-from quantloop.schemas import CalibrationSpec, QuantSpec, ValidationRequest  # noqa: E402
+from quantloop.schemas import CalibrationSpec, KLDReport, QuantSpec, ValidationRequest  # noqa: E402
 from quantloop.tools import validate_quantization  # noqa: E402
+from quantloop.tools.validate import ppl_increase_stderr  # noqa: E402
 from quantloop.tools.quantize import quantize_model  # noqa: E402
 
 DOMAINS = ("shakespeare", "python-docs", "bible")
@@ -38,8 +39,7 @@ BAR = 3.5
 
 
 def ppl_se(k: dict) -> float:
-    """Standard error of the perplexity increase in percent, from that of the log ratio."""
-    return 100 * (1 + k["ppl_increase_pct"] / 100) * k["ln_ppl_ratio_stderr"]
+    return ppl_increase_stderr(KLDReport.model_validate(k))
 
 
 def whole_file(t: str) -> dict[str, str]:
@@ -99,7 +99,7 @@ def main() -> None:
                     measure_speed=(i == 0 and not a.no_speed), check_generation=(i == 0), nominal_bits=4,
                     report_path=str(Path(tmp) / f"{spec.tag()}-{d}.json")))
                 by_domain[d] = json.loads(r.model_dump_json())
-                print(f"  {label} [{d}]: ppl {r.kld.ppl_increase_pct:+.2f} % ± {ppl_se(r.kld.model_dump()):.2f}, "
+                print(f"  {label} [{d}]: ppl {r.kld.ppl_increase_pct:+.2f} % ± {ppl_increase_stderr(r.kld):.2f}, "
                       f"KLD {r.kld.kld_mean:.4f}, size {r.size_ratio:.3f}x", flush=True)
             ran.append(label)
             results[label] = {"quantization": json.loads(q.model_dump_json()), "validation": by_domain}

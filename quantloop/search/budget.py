@@ -70,7 +70,11 @@ def downgrades(types: dict[str, str], rows: list[SensitivityRow], budget: int, s
 def fit_to_budget(model, spec, progress=None):
     """(spec, record): the attempt's spec with one type per tensor so that its file is at least spec.min_size_ratio
     times smaller than the F16 GGUF, and what was decided. Unchanged when the planned file already fits."""
-    from quantloop.search.sensitivity import measure_sensitivity
+    from tqdm import tqdm
+
+    from quantloop.data.datasets import dataset_dir_or_default
+    from quantloop.search.sensitivity import measure_sensitivity, units_of
+    from quantloop.search.tensors import model_tensors
 
     gguf = model.gguf
     f16_bytes = gguf.stat().st_size
@@ -80,21 +84,14 @@ def fit_to_budget(model, spec, progress=None):
     record = {"budget_bytes": budget, "f16_bytes": f16_bytes, "planned_bytes": size, "downgrades": []}
     if size <= budget:
         return spec, record | {"bytes": size}
-    from quantloop.data.datasets import dataset_dir_or_default
-
     if spec.calibration.source == "synthetic":  # data-free: no dataset is read, for the budget either
         text = [TextSpec(source="synthetic", chunks=4, seqlen=256)]
     else:
         text = [TextSpec(dataset_dir=str(dataset_dir_or_default(spec.calibration.dataset_dir)), split="calibration", chunks=4, seqlen=256)]
     measured_types = sorted({t for t in types.values() if t not in ("F32", "F16")} | set(LOWER_TYPES))
-    from quantloop.search.sensitivity import units_of
-    from quantloop.search.tensors import model_tensors
-
     # only units that can go lower are measured (at their planned type and below): the others cannot move
     units = [u for u, ts in units_of(model_tensors(gguf, tuple(measured_types)), "group").items()
              if any(t in LOWER_TYPES for t in ts[0].types)]
-    from tqdm import tqdm
-
     with tqdm(desc="sensitivity for the size budget", unit="unit", leave=False) as bar:
         def tick(i, n, unit, typ, kld):
             bar.total = n

@@ -66,9 +66,12 @@ def judge(report_parts: dict, criteria: AcceptanceCriteria, bits: int | None, si
     """Each criterion against its bar; with `sigmas`, the perplexity and speed bars must be cleared by that many
     standard errors (see shown)."""
     kld, speedup, size_ratio, gen = report_parts["kld"], report_parts["speedup_tg"], report_parts["size_ratio"], report_parts["generation"]
-    se = 100 * kld.ppl_ratio * kld.ln_ppl_ratio_stderr
+    se = ppl_increase_stderr(kld)
     below = kld.ppl_increase_pct < criteria.max_ppl_increase_pct
-    ppl_margin = (criteria.max_ppl_increase_pct - kld.ppl_increase_pct) / se if se > 0 else (float("inf") if below else float("-inf"))
+    if se == float("inf"):  # no paired spread at all (identical outputs): the point estimate is exact
+        se, ppl_margin = 0.0, float("inf") if below else float("-inf")
+    else:
+        ppl_margin = (criteria.max_ppl_increase_pct - kld.ppl_increase_pct) / se
     ppl_shown, ppl_note = shown(ppl_margin, sigmas)
     out = [
         CriterionResult(
