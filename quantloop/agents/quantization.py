@@ -161,7 +161,8 @@ class QuantizationAgent:
             nominal_bits=None if model_path.endswith(".gguf") else planned.spec.bits,  # a GGUF's bits come from the file
             dataset_dir=state.dataset_dir, spec_file=state.acceptance_spec,
             report_path=str(Path(planned.output_dir) / "validation_report.json"),
-            chunks=v.chunks, measure_speed=v.measure_speed, check_generation=v.check_generation,
+            chunks=v.chunks, held_out=v.held_out,
+            held_out_chunks=v.held_out_chunks, measure_speed=v.measure_speed, check_generation=v.check_generation,
         ))
 
     @staticmethod

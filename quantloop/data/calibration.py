@@ -30,23 +30,52 @@ def synthetic_sequences(spec: CalibrationSpec, model_dir: Path | None) -> tuple[
     return seqs, _ids_sha256(np.asarray(seqs, dtype=np.int64))
 
 
+def calibration_dirs(spec: CalibrationSpec) -> list[Path]:
+    """The prepared dataset folders the calibration text comes from: dataset_dir (default shakespeare), then `mix`
+    (each a folder, or a dataset name under SLM/datasets)."""
+    from quantloop.paths import DATASETS_DIR
+
+    dirs = [Path(dataset_dir_or_default(spec.dataset_dir))]
+    for m in spec.mix:
+        p = Path(m).expanduser()
+        dirs.append(p if (p / "manifest.json").is_file() or "/" in m else DATASETS_DIR / m)
+    return dirs
+
+
+def shares(samples: int, parts: int) -> list[int]:
+    """`samples` shared as equally as possible among `parts` (the first ones take the remainder)."""
+    return [samples // parts + (1 if i < samples % parts else 0) for i in range(parts)]
+
+
+def mixed_digest(dirs: list[Path]) -> str:
+    """One dataset's manifest digest, or for a mix the sha256 of its datasets' digests in order."""
+    import hashlib
+
+    digests = [manifest_digest(d) for d in dirs]
+    return digests[0] if len(digests) == 1 else hashlib.sha256("+".join(digests).encode()).hexdigest()[:16]
+
+
 def calibration_sequences(spec: CalibrationSpec, tokenizer, model_dir: Path | None = None) -> tuple[list[list[int]], str]:
     """Return `spec.samples` token lists of `spec.seqlen` tokens, and the digest that identifies them
-    (the dataset manifest's, or the synthetic ids' sha256). `model_dir` writes synthetic data."""
+    (the dataset manifest's, or the synthetic ids' sha256). `model_dir` writes synthetic data. With `spec.mix`
+    the samples are shared equally among the datasets and taken from each in turn (a prefix stays mixed)."""
     if spec.source == "synthetic":
         return synthetic_sequences(spec, model_dir)
-    dataset_dir = dataset_dir_or_default(spec.dataset_dir)
-    text = read_split(Path(dataset_dir), spec.split)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    available = len(ids) // spec.seqlen
-    if available < spec.samples:
-        raise InputError(
-            Path(dataset_dir) / f"{spec.split}.txt",
-            f"calibration set too small: {len(ids)} tokens hold {available} samples of {spec.seqlen}, {spec.samples} requested",
-            "ask for fewer samples or shorter sequences, or prepare more text",
-        )
-    seqs = [ids[i * spec.seqlen:(i + 1) * spec.seqlen] for i in range(spec.samples)]
-    return seqs, manifest_digest(dataset_dir)
+    dirs = calibration_dirs(spec)
+    per_domain = []
+    for dataset_dir, n in zip(dirs, shares(spec.samples, len(dirs))):
+        text = read_split(dataset_dir, spec.split)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        available = len(ids) // spec.seqlen
+        if available < n:
+            raise InputError(
+                dataset_dir / f"{spec.split}.txt",
+                f"calibration set too small: {len(ids)} tokens hold {available} samples of {spec.seqlen}, {n} requested",
+                "ask for fewer samples or shorter sequences, or prepare more text",
+            )
+        per_domain.append([ids[i * spec.seqlen:(i + 1) * spec.seqlen] for i in range(n)])
+    seqs = [d[i] for i in range(max(map(len, per_domain))) for d in per_domain if i < len(d)]
+    return seqs, mixed_digest(dirs)
 
 
 def check_calibration(calibration, vocab_size: int | None, same_length: bool = False) -> list[list[int]]:
@@ -68,15 +97,22 @@ def check_calibration(calibration, vocab_size: int | None, same_length: bool = F
     return out
 
 
+def text_pieces(text: str, chars: int) -> list[str]:
+    """`text` cut at blank lines into pieces of at least `chars` characters (the last may be shorter)."""
+    pieces, current = [], []
+    for para in text.split("\n\n"):
+        if para.strip():
+            current.append(para)
+        if sum(map(len, current)) >= chars:
+            pieces.append("\n\n".join(current))
+            current = []
+    return pieces + (["\n\n".join(current)] if current else [])
+
+
 def calibration_text_file(calib, hf_dir: Path | None, work_dir: Path) -> tuple[Path, str]:
     """The calibration text as a file (llama-imatrix tokenizes it itself): the dataset split, checked against
     its manifest, or the synthetic sequences decoded to text (written into work_dir)."""
-    from quantloop.data.datasets import (
-        dataset_dir_or_default,
-        load_manifest,
-        manifest_digest,
-        read_split,
-    )
+    from quantloop.data.datasets import load_manifest
 
     if calib.source == "synthetic":
         from quantloop.models.checkpoints import load_hf_tokenizer
@@ -86,6 +122,14 @@ def calibration_text_file(calib, hf_dir: Path | None, work_dir: Path) -> tuple[P
         path = work_dir / "synthetic-calibration.txt"
         path.write_text("\n\n".join(tok.decode(s, skip_special_tokens=True) for s in seqs), encoding="utf-8")
         return path, digest
-    d = dataset_dir_or_default(calib.dataset_dir)
-    read_split(d, calib.split)  # checks sha256 and that it is not empty
-    return d / load_manifest(d).splits[calib.split].file, manifest_digest(d)
+    dirs = calibration_dirs(calib)
+    if len(dirs) == 1:
+        read_split(dirs[0], calib.split)  # checks sha256 and that it is not empty
+        return dirs[0] / load_manifest(dirs[0]).splits[calib.split].file, manifest_digest(dirs[0])
+    # a mix: each split cut at paragraphs into pieces of about 2,000 characters (some 500 tokens), dealt in turn, so
+    # the first chunks llama-imatrix reads hold every domain in equal parts
+    pieces = [text_pieces(read_split(d, calib.split), 2000) for d in dirs]
+    mixed = [ps[i] for i in range(max(map(len, pieces))) for ps in pieces if i < len(ps)]
+    path = work_dir / "calibration-mix.txt"
+    path.write_text("\n\n".join(mixed), encoding="utf-8")
+    return path, mixed_digest(dirs)

@@ -80,7 +80,7 @@ def cmd_validate(a) -> int:
 
     r = validate_quantization(ValidationRequest(
         quantized=str(a.quantized), baseline=str(a.base), nominal_bits=a.bits, dataset_dir=a.dataset, spec_file=a.spec,
-        report_path=a.report, chunks=a.chunks, measure_speed=not a.no_speed, check_generation=not a.no_generation))
+        report_path=a.report, chunks=a.chunks, held_out=a.held_out or [], measure_speed=not a.no_speed, check_generation=not a.no_generation))
     print(format_validation(r))
     return 0 if r.passed else 1
 
@@ -212,7 +212,7 @@ def cmd_quantize(a) -> int:
                          preset=a.preset, layer_types=parse_layer_types(a.layer_type),
                          qat_steps=a.qat_steps, min_size_ratio=a.min_size_ratio,
                          calibration=CalibrationSpec(source="synthetic" if a.data_free else "dataset", dataset_dir=a.dataset,
-                                                     samples=a.calib_samples, seqlen=a.calib_seqlen))
+                                                     mix=a.calib_mix or [], samples=a.calib_samples, seqlen=a.calib_seqlen))
     except ValueError as e:
         err = e.errors()[0] if hasattr(e, "errors") else {"loc": ["?"], "msg": str(e)}
         raise InputError(None, f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}", "see `quantloop quantize --help`") from None
@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", default=None, help=f"float baseline (default: {DEFAULT_MODELS_HELP})")
     s.add_argument("--bits", type=int, help="nominal bit width for the size criterion (default: from the GGUF file type)")
     s.add_argument("--report", help="where to write validation_report.json")
+    s.add_argument("--held-out", action="append", metavar="DATASET",
+                   help="another prepared dataset (name under SLM/datasets, or folder) whose test split is scored too and "
+                        "judged by the perplexity bar; repeat for more (default: none; `make domains` prepares python-docs, "
+                        "bible and linux-docs)")
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("compare", help="two models' generations side by side",
@@ -310,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size (with --type, on the GGUF grid: each block's grid "
                         "fixed up front, so the blocks stay exportable)")
     s.add_argument("--dataset", help="prepared dataset for calibration (default: SLM/datasets/shakespeare)")
+    s.add_argument("--calib-mix", action="append", metavar="DATASET",
+                   help="another prepared dataset (name under SLM/datasets, or folder) whose calibration split is mixed "
+                        "in, the samples shared equally; repeat for more (default: none, --dataset alone)")
     s.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default: 128)")
     s.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
     s.add_argument("--data-free", action="store_true",

@@ -55,6 +55,10 @@ def format_validation(r: ValidationReport) -> str:
             f"95% {k.kld.p95:.4f}  median {k.kld.median:.6f}",
             f"Same top token: {k.same_top_rate * 100:.2f} ± {k.same_top_rate_stderr * 100:.2f} %   RMS Δp {k.rms_delta_p * 100:.3f} ± {k.rms_delta_p_stderr * 100:.3f} %",
             ""]
+    if r.held_out_kld:
+        out += [table(["held-out test split", "PPL base", "PPL quantized", "ppl increase", "mean KLD", "same top", "tokens"],
+                      [[name, f"{h.ppl_base:.4f}", f"{h.ppl_quant:.4f}", f"{h.ppl_increase_pct:+.2f} %", f"{h.kld_mean:.4f}",
+                        f"{h.same_top_rate * 100:.1f} %", str(h.tokens)] for name, h in r.held_out_kld.items()]), ""]
     out.append(table(["criterion", "verdict", "threshold", "measured"],
                      [[c.name, "pass" if c.passed else "FAIL", c.threshold, c.detail] for c in r.criteria]))
     out += ["", f"verdict: {'ACCEPTED' if r.passed else 'REJECTED'}   report: {r.report_path}"]

@@ -35,6 +35,17 @@ def new_run_id() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
+def check_policy_texts(policy) -> None:
+    """Every dataset the policy names (held-out test text, calibration mixes) is prepared: checked before any work."""
+    from quantloop.data.calibration import calibration_dirs
+    from quantloop.tools.validate import held_out_dirs
+
+    held_out_dirs(policy.validation.held_out)
+    for step in policy.plan_steps():
+        if step.spec is not None and step.spec.uses_calibration() and step.spec.calibration.source == "dataset":
+            held_out_dirs([str(d) for d in calibration_dirs(step.spec.calibration)[1:]])
+
+
 def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None = None, target: str | None = None,
                  run_id: str | None = None, tracking_uri: str | None = None, data_free: bool = False,
                  dataset_dir: str | Path | None = None, output_root: str | Path | None = None, state_db: str | Path | None = None,
@@ -65,6 +76,7 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
     dataset = dataset_dir_or_default(str(dataset_dir) if dataset_dir else None).resolve()
     if not (dataset / "manifest.json").is_file():
         raise InputError(dataset, "not a prepared dataset (no manifest.json)", "run `quantloop prepare` first")
+    check_policy_texts(policy)
 
     from quantloop.fileio import sha256_file
     from quantloop.tracking import Tracker, check_reachable, resolve_tracking_uri

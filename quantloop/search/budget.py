@@ -72,7 +72,7 @@ def fit_to_budget(model, spec, progress=None):
     times smaller than the F16 GGUF, and what was decided. Unchanged when the planned file already fits."""
     from tqdm import tqdm
 
-    from quantloop.data.datasets import dataset_dir_or_default
+    from quantloop.data.calibration import calibration_dirs, shares
     from quantloop.search.sensitivity import measure_sensitivity, units_of
     from quantloop.search.tensors import model_tensors
 
@@ -87,7 +87,9 @@ def fit_to_budget(model, spec, progress=None):
     if spec.calibration.source == "synthetic":  # data-free: no dataset is read, for the budget either
         text = [TextSpec(source="synthetic", chunks=4, seqlen=256)]
     else:
-        text = [TextSpec(dataset_dir=str(dataset_dir_or_default(spec.calibration.dataset_dir)), split="calibration", chunks=4, seqlen=256)]
+        dirs = calibration_dirs(spec.calibration)  # the calibration text's domains, 4 chunks shared among them
+        text = [TextSpec(dataset_dir=str(d), split="calibration", chunks=n, seqlen=256)
+                for d, n in zip(dirs, shares(max(4, len(dirs)), len(dirs)))]
     measured_types = sorted({t for t in types.values() if t not in ("F32", "F16")} | set(LOWER_TYPES))
     # only units that can go lower are measured (at their planned type and below): the others cannot move
     units = [u for u, ts in units_of(model_tensors(gguf, tuple(measured_types)), "group").items()

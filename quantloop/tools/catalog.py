@@ -143,7 +143,7 @@ TOOLS: tuple[ToolEntry, ...] = (
     ToolEntry("quantize_model", "Quantize a prepared checkpoint with one method (gguf, rtn, gptq, awq, autoround, qat) and write "
               "the model files and quantization_config.json to an output folder. Returns sizes, bits per weight and timings.",
               QuantizeRequest, QuantizationResult, quantize,
-              ("checkpoint", "output_dir", "spec.calibration.dataset_dir"), quantize_writes, read_only=False),
+              ("checkpoint", "output_dir", "spec.calibration.dataset_dir", "spec.calibration.mix[]"), quantize_writes, read_only=False),
     ToolEntry("validate_quantization", "Measure a quantized model against its float baseline on the runtime it is deployed "
               "with (perplexity and KL divergence, speed, size, generation checks) and judge it against the acceptance "
               "criteria. Writes validation_report.json next to the quantized model.",

@@ -62,10 +62,8 @@ def shown(margin: float | None, sigmas: float | None) -> tuple[bool, str]:
     return False, ""
 
 
-def judge(report_parts: dict, criteria: AcceptanceCriteria, bits: int | None, sigmas: float | None = None) -> list[CriterionResult]:
-    """Each criterion against its bar; with `sigmas`, the perplexity and speed bars must be cleared by that many
-    standard errors (see shown)."""
-    kld, speedup, size_ratio, gen = report_parts["kld"], report_parts["speedup_tg"], report_parts["size_ratio"], report_parts["generation"]
+def perplexity_criterion(kld, criteria: AcceptanceCriteria, sigmas: float | None, name: str) -> CriterionResult:
+    """The perplexity bar on one text: cleared by `sigmas` standard errors (see shown)."""
     se = ppl_increase_stderr(kld)
     below = kld.ppl_increase_pct < criteria.max_ppl_increase_pct
     if se == float("inf"):  # no paired spread at all (identical outputs): the point estimate is exact
@@ -73,14 +71,20 @@ def judge(report_parts: dict, criteria: AcceptanceCriteria, bits: int | None, si
     else:
         ppl_margin = (criteria.max_ppl_increase_pct - kld.ppl_increase_pct) / se
     ppl_shown, ppl_note = shown(ppl_margin, sigmas)
-    out = [
-        CriterionResult(
-            name="perplexity", passed=below and ppl_shown, measured=kld.ppl_increase_pct,
-            threshold=f"< {criteria.max_ppl_increase_pct} % increase", margin_sigmas=ppl_margin,
-            detail=f"PPL {kld.ppl_quant:.4f} vs {kld.ppl_base:.4f} ({kld.ppl_increase_pct:+.2f} % ± {se:.2f} %, "
-                   f"mean KLD {kld.kld_mean:.4f}, {kld.tokens} tokens; {how_close(ppl_margin)}{ppl_note})",
-        )
-    ]
+    return CriterionResult(
+        name=name, passed=below and ppl_shown, measured=kld.ppl_increase_pct,
+        threshold=f"< {criteria.max_ppl_increase_pct} % increase", margin_sigmas=ppl_margin,
+        detail=f"PPL {kld.ppl_quant:.4f} vs {kld.ppl_base:.4f} ({kld.ppl_increase_pct:+.2f} % ± {se:.2f} %, "
+               f"mean KLD {kld.kld_mean:.4f}, {kld.tokens} tokens; {how_close(ppl_margin)}{ppl_note})",
+    )
+
+
+def judge(report_parts: dict, criteria: AcceptanceCriteria, bits: int | None, sigmas: float | None = None) -> list[CriterionResult]:
+    """Each criterion against its bar; with `sigmas`, the perplexity and speed bars must be cleared by that many
+    standard errors (see shown)."""
+    kld, speedup, size_ratio, gen = report_parts["kld"], report_parts["speedup_tg"], report_parts["size_ratio"], report_parts["generation"]
+    out = [perplexity_criterion(kld, criteria, sigmas, "perplexity")]
+    out += [perplexity_criterion(k, criteria, sigmas, f"perplexity:{name}") for name, k in (report_parts.get("held_out") or {}).items()]
     if speedup is None:
         out.append(CriterionResult(name="speed", passed=False, measured=None, threshold=f">= {criteria.min_speedup}x", detail="not measured"))
     else:
@@ -108,6 +112,38 @@ def judge(report_parts: dict, criteria: AcceptanceCriteria, bits: int | None, si
     return out
 
 
+def measure_domain(dataset_dir: Path, base, base_runner, quant_runner, spec, n_chunks: int):
+    """(KLD report, chunks) on one dataset's test split: n_chunks, then more while within its noise of the bar."""
+    ctx = spec.eval.context
+    chunks = split_chunks(dataset_dir, base, ctx, n_chunks, fallback_runner=base_runner)
+    kld = kl_divergence(base_runner, quant_runner, chunks)
+    cap = spec.eval.max_chunks or len(chunks)
+    while len(chunks) < cap and near_the_bar(kld, spec):  # within its noise of the bar: measure more before deciding
+        more = split_chunks(dataset_dir, base, ctx, min(2 * len(chunks), cap), fallback_runner=base_runner)
+        if len(more) == len(chunks):  # the test split has no more text
+            break
+        chunks = more
+        kld = kl_divergence(base_runner, quant_runner, chunks)
+    return kld, chunks
+
+
+def held_out_dirs(names: list[str]) -> list[Path]:
+    """Prepared dataset folders for held-out names (a folder, or a name under SLM/datasets), checked before any work."""
+    from quantloop.data.datasets import load_manifest
+    from quantloop.paths import DATASETS_DIR
+
+    dirs = []
+    for n in names:
+        d = Path(n).expanduser()
+        d = d if (d / "manifest.json").is_file() or "/" in n else DATASETS_DIR / n
+        if not (d / "manifest.json").is_file():
+            raise InputError(d, "dataset is not prepared (manifest.json missing)",
+                             "run `make domains` (python-docs, bible, linux-docs) or `quantloop prepare --text DIR --dataset NAME`")
+        load_manifest(d)
+        dirs.append(d)
+    return dirs
+
+
 def validate_quantization(req: ValidationRequest) -> ValidationReport:
     spec = load_quality_spec(req.spec_file)
     quant = resolve_model(req.quantized)
@@ -118,20 +154,15 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
     if runtime == "transformers" and base.hf_dir is None:
         raise InputError(base.path, "baseline has no transformers checkpoint", "pass a prepared checkpoint folder")
     dataset_dir = dataset_dir_or_default(req.dataset_dir)
+    held_out_dirs(req.held_out)  # a missing domain fails before any measurement
     ctx = spec.eval.context
     base_runner = open_runner(base, runtime, ctx)
     quant_runner = open_runner(quant, runtime, ctx)
     if base_runner.n_vocab != quant_runner.n_vocab:
         raise InputError(quant.path, f"vocabulary of {quant_runner.n_vocab} tokens differs from the baseline's {base_runner.n_vocab}", "compare models that share a tokenizer")
-    chunks = split_chunks(dataset_dir, base, ctx, req.chunks or spec.eval.chunks, fallback_runner=base_runner)
-    kld = kl_divergence(base_runner, quant_runner, chunks)
-    cap = spec.eval.max_chunks or len(chunks)
-    while len(chunks) < cap and near_the_bar(kld, spec):  # within its noise of the bar: measure more before deciding
-        more = split_chunks(dataset_dir, base, ctx, min(2 * len(chunks), cap), fallback_runner=base_runner)
-        if len(more) == len(chunks):  # the test split has no more text
-            break
-        chunks = more
-        kld = kl_divergence(base_runner, quant_runner, chunks)
+    kld, chunks = measure_domain(dataset_dir, base, base_runner, quant_runner, spec, req.chunks or spec.eval.chunks)
+    held_chunks = req.held_out_chunks or req.chunks or spec.eval.chunks
+    held_out = {d.name: measure_domain(d, base, base_runner, quant_runner, spec, held_chunks)[0] for d in held_out_dirs(req.held_out)}
     gen = check_generations(quant_runner, base_runner, spec.generation) if req.check_generation else None
 
     speed_b = speed_q = None
@@ -150,7 +181,7 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
         bits = req.nominal_bits
     median_ratio, ratio_se = median_and_stderr(ratios) if ratios else (None, None)
     parts = {
-        "kld": kld, "speedup_tg_pairs": ratios,
+        "kld": kld, "held_out": held_out, "speedup_tg_pairs": ratios,
         "speedup_tg": median_ratio, "speedup_tg_stderr": ratio_se,
         "size_ratio": f16_bytes / size_q.bytes_on_disk,
         "generation": gen,
@@ -166,6 +197,7 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
         nominal_bits=bits,
         acceptance=spec.acceptance,
         kld=kld,
+        held_out_kld=held_out,
         speed_baseline=speed_b,
         speed_quantized=speed_q,
         speedup_pp=speed_q.pp_tokens_per_s / speed_b.pp_tokens_per_s if speed_q else None,
