@@ -352,6 +352,9 @@ class QuantSpec(Strict):
                                           "many times smaller than the F16 GGUF; the least sensitive tensors (measured KLD per "
                                           "byte) go below the planned types (Q3_K, Q2_K) until it fits")
     qat_steps: int = Field(200, ge=0, description="method 'qat': optimizer steps of the KL distillation")
+    qat_init: Literal["teacher", "gptq"] = Field("teacher", description="method 'qat': start from the float weights rounded to "
+                                                 "the grid (teacher) or from act-order GPTQ on the same grid, whose block scales "
+                                                 "the training then learns (gptq)")
     seed: int = 0
 
     def uses_calibration(self) -> bool:
@@ -389,7 +392,8 @@ class QuantSpec(Strict):
             target = self.gguf_type.lower() if self.gguf_type else f"w{self.bits}{'' if self.symmetric else '-asym'}"
             if self.has_precision_map():
                 target = self._map_tag()
-            return f"qat-{target}-s{self.qat_steps}{self._budget_tag()}{synth}"
+            start = "-from-gptq" if self.qat_init == "gptq" else ""
+            return f"qat-{target}-s{self.qat_steps}{start}{self._budget_tag()}{synth}"
         if self.gptq_on_gguf_grid():
             target = self._map_tag() if self.has_precision_map() else self.gguf_type.lower()
             return f"gptq-{target}{'-act' if self.act_order else ''}{self._budget_tag()}{synth}"

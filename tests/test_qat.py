@@ -319,3 +319,27 @@ def test_qat_preset_naming_a_missing_layer_type_is_an_input_error(tiny_prepared,
     with pytest.raises(InputError, match="layer type 'output'"):
         quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="qat", layer_types={"output": "Q8_0"}, qat_steps=1))
     assert not (tmp_path / "q").exists()
+
+
+def test_quantize_model_qat_from_gptq_starts_at_gptqs_solution(tiny_prepared, tmp_path):
+    """`--qat-init gptq` reaches the trainer: with no steps the file holds GPTQ's solution, not the rounded float
+    weights, and the spec's tag and the result say where training started."""
+    import json
+
+    from gguf import GGUFReader
+
+    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.tools.quantize import quantize_model
+
+    cal = CalibrationSpec(samples=8, seqlen=32)
+    rounded = QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=0, calibration=cal)
+    from_gptq = rounded.model_copy(update={"qat_init": "gptq"})
+    assert from_gptq.tag() == "qat-q4_0-s0-from-gptq" and rounded.tag() == "qat-q4_0-s0"
+    a = quantize_model(tiny_prepared, tmp_path / "a", rounded)
+    b = quantize_model(tiny_prepared, tmp_path / "b", from_gptq)
+    assert json.loads((tmp_path / "a" / "qat_result.json").read_text())["init"] == "teacher"
+    assert json.loads((tmp_path / "b" / "qat_result.json").read_text())["init"] == "gptq"
+    ta = {t.name: t for t in GGUFReader(a.model_path).tensors}
+    tb = {t.name: t for t in GGUFReader(b.model_path).tensors}
+    moved = [n for n in ta if n.endswith("attn_q.weight") and not np.array_equal(ta[n].data, tb[n].data)]
+    assert moved  # GPTQ moved codes off round-to-nearest
