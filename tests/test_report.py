@@ -35,9 +35,9 @@ def open_browser(profile: Path):
             context.close()
 
 
-def write_policy(folder: Path) -> Path:
+def write_policy(folder: Path, held_out: Path | None = None) -> Path:
     """Q4_0 fails a 0.1 % perplexity bar (and a 5x size bar) on the tiny model; an RTN step exported to Q4_0 is skipped
-    before quantizing (its file size is known to miss the size bar); Q8_0 passes."""
+    before quantizing (its file size is known to miss the size bar); Q8_0 passes. `held_out`: a dataset judged too."""
     (folder / "acceptance.yaml").write_text(yaml.safe_dump({
         "acceptance": {"max_ppl_increase_pct": 0.1, "min_speedup": 1e-6, "min_size_ratio": {4: 5.0, 8: 1.0},
                        "no_generation_failures": False},
@@ -48,7 +48,7 @@ def write_policy(folder: Path) -> Path:
     policy = folder / "policy.yaml"
     policy.write_text(yaml.safe_dump({
         "target": "cpu", "acceptance_spec": "acceptance.yaml",
-        "validation": {"chunks": 2, "measure_speed": True, "selection_chunks": 1},
+        "validation": {"chunks": 2, "measure_speed": True, "selection_chunks": 1, "held_out": [str(held_out)] if held_out else []},
         "steps": {"cpu": [{"name": "int4-q4_0", "spec": {"method": "gguf", "bits": 4, "gguf_type": "Q4_0"}},
                           {"name": "int4-rtn-q4_0", "spec": {"method": "rtn", "bits": 4, "group_size": 32, "gguf_type": "Q4_0"}},
                           {"name": "int8-q8_0", "spec": {"method": "gguf", "bits": 8, "gguf_type": "Q8_0"}}]},
@@ -65,7 +65,7 @@ def finished_run_folder(base: Path, tiny_prepared: Path, dataset_dir: Path) -> P
     from quantloop.pipelines.run import run_pipeline
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = run_pipeline(tiny_prepared, write_policy(folder), run_id=RUN_ID, tracking_uri=tracking_uri(folder),
+    state = run_pipeline(tiny_prepared, write_policy(folder, held_out=dataset_dir), run_id=RUN_ID, tracking_uri=tracking_uri(folder),
                          dataset_dir=dataset_dir, output_root=folder / "quantized", state_db=folder / "state.sqlite")
     assert state.decision == "accepted" and len(state.attempts) == 3
     (folder / "done").write_text("ok\n")
@@ -95,7 +95,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_report_files_rows_and_plots(report, finished_run):
+def test_report_files_rows_and_plots(report, finished_run, dataset_dir):
     assert sorted(p.name for p in report.folder.iterdir()) == ["plots", "report.html", "report.md"]
     assert [p.name for p in report.plots] == ["ppl_vs_size.png", "kld_vs_size.png"]
     assert all(png_size(p)[0] > 400 for p in report.plots)
@@ -108,6 +108,8 @@ def test_report_files_rows_and_plots(report, finished_run):
     q8 = summary["attempts"][2]
     assert f"{q8['ppl_increase_pct']:+.2f} % ± " in rows[2] and f"{q8['size_ratio']:.2f}x" in rows[2]
     assert "int4-q4_0 fails on perplexity" in rows[0]
+    # the held-out column: the same test text judged again under its folder's name gives the same increase
+    assert f"| {dataset_dir.name} {q8['ppl_increase_pct']:+.2f} % |" in rows[2]
     assert "**Decision:** ACCEPTED: int8-q8_0" in md and "## Side-by-side generations" in md and "The king said" in md
     html = report.html.read_text()
     assert html.count("<tr class='attempt ") == 3 and html.count("src='data:image/png;base64,") == 2

@@ -25,6 +25,7 @@ class AttemptRow(BaseModel):
     ppl_increase_stderr_pct: float | None = Field(None, description="one standard error of the increase, from ln(PPL ratio)'s")
     kld_mean: float | None = None
     kld_mean_stderr: float | None = None
+    held_out_ppl_increase_pct: dict[str, float] = Field(default_factory=dict, description="the same on each held-out test split")
     speedup_tg: float | None = None
     size_ratio: float | None = None
     verdict: str = ""
@@ -80,6 +81,8 @@ def attempt_row(rec: dict, uri: str) -> AttemptRow:
         bits_per_weight=number(m, "size_quantized.bits_per_weight"), bytes_on_disk=int(size_bytes) if size_bytes else None,
         ppl_increase_pct=number(m, "kld.ppl_increase_pct"), ppl_increase_stderr_pct=ppl_increase_stderr_pct(m),
         kld_mean=number(m, "kld.kld_mean"), kld_mean_stderr=number(m, "kld.kld_mean_stderr"),
+        held_out_ppl_increase_pct={k.split(".")[1]: v for k, v in m.items()
+                                   if k.startswith("held_out_kld.") and k.endswith(".ppl_increase_pct")},
         speedup_tg=number(m, "speedup_tg"), size_ratio=number(m, "size_ratio"),
         verdict=t.get("decision", ""), reason=t.get("reason", "") or p.get("note", ""),
         generations_md=read_artifact_text(uri, rec["run_id"], "generations.md") if t.get("status") == "validated" else None,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from quantloop.report.records import AttemptRow, RunRecord
 
-HEADERS = ["#", "step", "method", "format", "bits/weight", "ppl increase", "mean KLD", "speed", "size", "verdict", "reason"]
+HEADERS = ["#", "step", "method", "format", "bits/weight", "ppl increase", "held-out ppl increase", "mean KLD", "speed", "size",
+           "verdict", "reason"]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 76rem; color: #1f2328; padding: 0 1rem; }
@@ -31,7 +32,8 @@ def attempt_cells(a: AttemptRow) -> list[str]:
     ppl = "-" if a.ppl_increase_pct is None else (
         f"{a.ppl_increase_pct:+.2f} %" + (f" ± {a.ppl_increase_stderr_pct:.2f}" if a.ppl_increase_stderr_pct is not None else ""))
     kld = "-" if a.kld_mean is None else f"{a.kld_mean:.4g}" + (f" ± {a.kld_mean_stderr:.2g}" if a.kld_mean_stderr is not None else "")
-    return [str(a.index), a.step, a.method or "-", a.format or "-", fmt(a.bits_per_weight, "{:.2f}"), ppl, kld,
+    held = "; ".join(f"{name} {v:+.2f} %" for name, v in sorted(a.held_out_ppl_increase_pct.items())) or "-"
+    return [str(a.index), a.step, a.method or "-", a.format or "-", fmt(a.bits_per_weight, "{:.2f}"), ppl, held, kld,
             fmt(a.speedup_tg, "{:.2f}x"), fmt(a.size_ratio, "{:.2f}x"), a.verdict or a.status, a.reason]
 
 
@@ -117,7 +119,7 @@ def png_data_uri(path: Path) -> str:
 
 def html_report(r: RunRecord, plots: list[Path]) -> str:
     e = html.escape
-    num = {4, 5, 6, 7, 8}
+    num = {4, 5, 7, 8, 9}
     rows = []
     for a in r.attempts:
         cells = "".join(f"<td class='{'num' if i in num else ''}'>{e(c)}</td>" for i, c in enumerate(attempt_cells(a)))
