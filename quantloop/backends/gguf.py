@@ -9,6 +9,7 @@ from pathlib import Path
 
 from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
 from quantloop.errors import InputError, disk_full
+from quantloop.eval.runtimes import default_threads
 from quantloop.gguf.llamacpp import check_gguf_file, fallback_summary, stderr_to, tool
 
 LOG_NAME = "llama-quantize.log"  # llama.cpp's output while quantizing, kept beside the file it wrote
@@ -41,7 +42,7 @@ def compute_imatrix(model_gguf: Path, text_file: Path, out: Path, chunks: int, c
     tmp = out.with_name(f".{out.name}.tmp-imatrix.gguf")
     try:
         _run([tool("llama-imatrix"), "-m", model_gguf, "-f", text_file, "-o", tmp, "--chunks", chunks, "-c", context,
-              "-t", threads or os.cpu_count() or 1, "--no-ppl"], "llama-imatrix", model_gguf)
+              "-t", threads or default_threads(), "--no-ppl"], "llama-imatrix", model_gguf)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -63,7 +64,7 @@ def quantize_gguf_tool(src: Path, dst: Path, type_name: str, imatrix: Path | Non
         cmd += ["--tensor-type", f"{pattern}={t.lower()}"]
     tmp = dst.with_name(f".{dst.name}.tmp-quantize")
     try:
-        _run(cmd + [src, tmp, type_name.upper(), threads or os.cpu_count() or 1], "llama-quantize", src,
+        _run(cmd + [src, tmp, type_name.upper(), threads or default_threads()], "llama-quantize", src,
              log=dst.with_name(LOG_NAME), needed=src.stat().st_size)
         os.replace(tmp, dst)
     finally:
@@ -84,7 +85,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, type_name: str, threads: int
         raise InputError(None, f"unknown GGUF type '{type_name}'", f"choose one of {', '.join(gguf_types())}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LlamaFileType[key].value
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or default_threads()
     tmp = dst.with_name(f".{dst.name}.tmp-quantize")
     log = dst.with_name(LOG_NAME)
     try:
