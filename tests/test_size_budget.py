@@ -71,3 +71,62 @@ def test_a_budgeted_gptq_file_meets_the_budget_and_equals_the_estimate(reference
     assert lower and size <= f16.stat().st_size / ratio
     assert size == estimate_bytes(f16, written)["bytes"]
     assert any("size budget" in n and lower[0].rsplit(".", 1)[0] in n for n in r.notes), r.notes
+
+
+def prepare_down_wide_llama(root, tokenizer_dir):
+    """A random Llama like SmolLM2 in miniature: 128-wide rows everywhere (no k-quant fits) except ffn_down, whose
+    768-wide rows take Q3_K/Q2_K, and which holds over a quarter of the linear weights. Prepared like any checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from quantloop.models.checkpoints import prepare_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2)
+    LlamaForCausalLM(config).eval().save_pretrained(root / "raw")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / "raw")
+    prepare_model(root / "raw", "down-wide", root / "checkpoints")
+    return root / "checkpoints" / "down-wide"
+
+
+def test_a_budget_that_leaves_one_plan_is_decided_before_any_measurement(reference_dir, tmp_path):
+    """When every tensor that can go below 4 bits must go to its smallest type to fit, the plan is taken as it is
+    (nothing is measured), a budget below even that file is one error before any work, and the agent skips the
+    step up front when that forced file misses the size bar of the bit width it is judged at (its linear weights
+    average under 4 bits: judged at 3, 4.67x)."""
+    from types import SimpleNamespace
+
+    from quantloop.agents.quantization import QuantizationAgent
+    from quantloop.agents.state import PlannedAttempt
+    from quantloop.errors import InputError
+    from quantloop.models.checkpoints import resolve_model
+    from quantloop.schemas import QuantSpec
+    from quantloop.search.budget import file_bytes, fit_to_budget, plan_without_measuring, planned_types
+    from quantloop.search.tensors import model_tensors
+
+    model = prepare_down_wide_llama(tmp_path, reference_dir)
+    f16 = next(model.glob("*.gguf"))
+    whole = {"embeddings": "Q4_0", "attention": "Q4_0", "feed_forward": "Q4_0"}
+    spec = QuantSpec(method="gptq", gguf_type="Q4_0", layer_types=whole)
+    planned = planned_types(f16, spec)
+    floor = dict(planned) | {t.name: "Q2_K" for t in model_tensors(f16, ("Q2_K", "Q4_0")).tensors if "Q2_K" in t.types}
+    assert sorted(n for n in floor if floor[n] == "Q2_K") == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+    floor_bytes = file_bytes(f16, floor)
+    forced = spec.model_copy(update={"min_size_ratio": f16.stat().st_size / (floor_bytes + 1)})
+
+    types, record = plan_without_measuring(f16, forced)
+    assert types == floor and record["forced"] and record["bytes"] == floor_bytes
+    new, record = fit_to_budget(resolve_model(model), forced)
+    assert "sensitivity_cache" not in record  # nothing measured
+    assert {r: t for r, t in new.gguf_tensor_types.items() if "ffn_down" in r} == {
+        r"^blk\.0\.ffn_down\.weight$": "Q2_K", r"^blk\.1\.ffn_down\.weight$": "Q2_K"}
+    with pytest.raises(InputError, match="the smallest file these types allow"):
+        plan_without_measuring(f16, spec.model_copy(update={"min_size_ratio": f16.stat().st_size / (floor_bytes - 1000)}))
+
+    step = PlannedAttempt(index=0, step="int4", kind="quantize", spec=forced, checkpoint=str(model), output_dir=None)
+    reason = QuantizationAgent.budget_precheck(step, SimpleNamespace(acceptance_spec=None))
+    assert reason and "budget leaves one plan" in reason and "judged at 3 bits" in reason, reason
+    roomy = step.model_copy(update={"spec": spec.model_copy(update={"min_size_ratio": 1.01})})  # the planned file fits
+    assert QuantizationAgent.budget_precheck(roomy, SimpleNamespace(acceptance_spec=None)) is None

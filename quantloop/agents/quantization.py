@@ -119,6 +119,39 @@ class QuantizationAgent:
         return {"attempts": attempts}
 
     @staticmethod
+    def budget_precheck(planned: PlannedAttempt, state: PipelineState) -> str | None:
+        """Why a step with a size budget cannot pass on size, when its file is known before any work: the budget
+        leaves no choice (every tensor that can go lower must go to its smallest type), and the file that writes is
+        judged at the bit width of its linear weights (rounded down), whose bar it misses; or nothing fits at all."""
+        from quantloop.gguf.tensor_names import GGUF_LINEAR
+        from quantloop.gguf.llamacpp import nominal_bits_of
+        from quantloop.gguf.precision_map import estimate_bytes
+        from quantloop.models.checkpoints import resolve_model
+        from quantloop.search.budget import plan_without_measuring
+        from quantloop.specs import load_quality_spec
+        from quantloop.tools.validate import required_size_ratio
+
+        base = resolve_model(planned.checkpoint)
+        if base.gguf is None:
+            return None
+        try:
+            types, record = plan_without_measuring(base.gguf, planned.spec)
+        except InputError as e:
+            return f"size budget cannot be met: {e.problem}"
+        if types is None or not record.get("forced"):
+            return None
+        rows = [r for r in estimate_bytes(base.gguf, types)["tensors"] if GGUF_LINEAR.match(r[0])]
+        linear_bits = 8 * sum(r[3] for r in rows) / sum(r[2] for r in rows)
+        bits = int(linear_bits) if len({r[1] for r in rows}) > 1 else nominal_bits_of(planned.spec.gguf_type)  # as the judge
+        need = required_size_ratio(load_quality_spec(state.acceptance_spec).acceptance, bits)
+        ratio = record["f16_bytes"] / record["bytes"]
+        if ratio >= need * 0.99:
+            return None
+        return (f"size {ratio:.2f}x (needs >= {need}x at {bits} bits), known before quantizing: the {planned.spec.min_size_ratio}x "
+                f"budget leaves one plan, every one of the {len(record['downgrades'])} tensors that can go below 4 bits at its "
+                f"smallest type ({record['bytes']:,} bytes, {linear_bits:.2f} bits per linear weight, judged at {bits} bits)")
+
+    @staticmethod
     def size_precheck(planned: PlannedAttempt, state: PipelineState) -> str | None:
         """Why the step cannot meet the size bar, when the file it writes is known before quantizing, else None.
 
@@ -134,6 +167,8 @@ class QuantizationAgent:
         from quantloop.tools.validate import required_size_ratio
 
         spec = planned.spec
+        if spec.method in ("gptq", "qat") and spec.min_size_ratio and spec.gguf_type:
+            return QuantizationAgent.budget_precheck(planned, state)
         if spec.method not in ("gptq", "rtn", "awq", "qat") or not spec.gguf_type or spec.preset or spec.layer_types:
             return None
         base = resolve_model(planned.checkpoint)

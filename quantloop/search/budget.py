@@ -67,6 +67,38 @@ def downgrades(types: dict[str, str], rows: list[SensitivityRow], budget: int, s
     return types, taken
 
 
+def plan_without_measuring(gguf: Path, spec) -> tuple[dict[str, str] | None, dict]:
+    """(types, record) when no measurement can change the budget's plan: the planned file already fits, or only
+    one plan fits (every tensor that can go lower must go to its smallest type, and raising any one of them breaks
+    the budget); (None, record) when there is a choice to measure. One error line, before any measurement, when
+    even that smallest file is over the budget."""
+    from quantloop.search.tensors import model_tensors, tensor_bytes
+
+    f16_bytes = gguf.stat().st_size
+    budget = int(f16_bytes / spec.min_size_ratio)
+    types = planned_types(gguf, spec)
+    size = file_bytes(gguf, types)
+    record = {"budget_bytes": budget, "f16_bytes": f16_bytes, "planned_bytes": size, "downgrades": []}
+    if size <= budget:
+        return types, record | {"bytes": size}
+    mt = model_tensors(gguf, tuple(sorted({t for t in types.values() if t not in ("F32", "F16")} | set(LOWER_TYPES))))
+    # each tensor that can go lower: its planned type, then the lower types its rows hold, largest first
+    ladders = {t.name: [types[t.name]] + [x for x in LOWER_TYPES if x in t.types] for t in mt.tensors
+               if any(x in LOWER_TYPES for x in t.types)}
+    floor = dict(types) | {n: steps[-1] for n, steps in ladders.items()}
+    floor_size = file_bytes(gguf, floor)
+    if floor_size > budget:
+        raise InputError(None, f"the smallest file these types allow is {floor_size:,} bytes, over the budget of {budget:,} "
+                         f"(F16 {f16_bytes:,} / {spec.min_size_ratio})", "lower min_size_ratio or allow smaller types")
+    info = mt.by_name()
+    slack = budget - floor_size
+    if all(tensor_bytes(info[n].n_weights, steps[-2], mt.alignment) - tensor_bytes(info[n].n_weights, steps[-1], mt.alignment)
+           > slack for n, steps in ladders.items()):
+        taken = [{"unit": n, "from": types[n], "to": steps[-1], "forced": True} for n, steps in ladders.items()]
+        return floor, record | {"bytes": floor_size, "downgrades": taken, "forced": True}
+    return None, record
+
+
 def fit_to_budget(model, spec, progress=None):
     """(spec, record): the attempt's spec with one type per tensor so that its file is at least spec.min_size_ratio
     times smaller than the F16 GGUF, and what was decided. Unchanged when the planned file already fits."""
@@ -77,13 +109,11 @@ def fit_to_budget(model, spec, progress=None):
     from quantloop.search.tensors import model_tensors
 
     gguf = model.gguf
-    f16_bytes = gguf.stat().st_size
-    budget = int(f16_bytes / spec.min_size_ratio)
+    fixed, record = plan_without_measuring(gguf, spec)
+    if fixed is not None:
+        return (spec if not record["downgrades"] else with_types(spec, fixed)), record
+    budget, f16_bytes, size = record["budget_bytes"], record["f16_bytes"], record["planned_bytes"]
     types = planned_types(gguf, spec)
-    size = file_bytes(gguf, types)
-    record = {"budget_bytes": budget, "f16_bytes": f16_bytes, "planned_bytes": size, "downgrades": []}
-    if size <= budget:
-        return spec, record | {"bytes": size}
     if spec.calibration.source == "synthetic":  # data-free: no dataset is read, for the budget either
         text = [TextSpec(source="synthetic", chunks=4, seqlen=256)]
     else:
@@ -109,7 +139,10 @@ def fit_to_budget(model, spec, progress=None):
     if size > budget:
         raise InputError(None, f"the smallest file these types allow is {size:,} bytes, over the budget of {budget:,} "
                          f"(F16 {f16_bytes:,} / {spec.min_size_ratio})", "lower min_size_ratio or allow smaller types")
+    return with_types(spec, types), record | {"bytes": size, "downgrades": taken, "sensitivity_cache": sens.cache_file}
+
+
+def with_types(spec, types: dict[str, str]):
+    """The attempt's spec naming one type per tensor (the budget already met)."""
     rules = {f"^{re.escape(n)}$": t for n, t in types.items() if t not in ("F32",)}
-    new = spec.model_copy(update={"gguf_tensor_types": rules, "min_size_ratio": None,
-                                  "layer_types": {"norms": "F32"}, "preset": None})
-    return new, record | {"bytes": size, "downgrades": taken, "sensitivity_cache": sens.cache_file}
+    return spec.model_copy(update={"gguf_tensor_types": rules, "min_size_ratio": None, "layer_types": {"norms": "F32"}, "preset": None})
