@@ -42,7 +42,7 @@ MIX_TYPES = "Q4_K_M,Q5_K_M,Q6_K,Q8_0"
 def mixes(types: str, imatrix_types: str) -> list[tuple[str, QuantSpec]]:
     """llama.cpp's fixed mixes, each without and (for imatrix_types) with an importance matrix."""
     out = []
-    for t in types.split(","):
+    for t in filter(None, types.split(",")):
         out.append((f"llama.cpp {t}", QuantSpec(method="gguf", gguf_type=t)))
         if t in imatrix_types.split(","):
             out.append((f"llama.cpp {t} + imatrix", QuantSpec(method="gguf", gguf_type=t, imatrix=True, calibration=IMAT)))
@@ -82,6 +82,9 @@ def main() -> None:
     p.add_argument("--types", default="Q4_0,Q5_0,Q8_0")
     p.add_argument("--mixes", default=MIX_TYPES, help=f"llama.cpp mixes to compare (default: {MIX_TYPES})")
     p.add_argument("--imatrix-mixes", default=MIX_TYPES, help="the mixes also measured with an importance matrix (default: all)")
+    p.add_argument("--reuse-mixes", metavar="BENCH_JSON", help="take the llama.cpp rows from an earlier bench_search.json (same "
+                   "text and settings) instead of measuring them again; their tg speed is from that run")
+    p.add_argument("--bpw-margin", type=float, default=0.3, help="candidates above the largest budget plus this are not measured")
     p.add_argument("--granularity", default="block", choices=["tensor", "group", "block"])
     p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--speed-repeats", type=int, default=2)
@@ -94,19 +97,24 @@ def main() -> None:
     model = resolve_model(OFFGRID_MODEL_DIR)
     req = SearchRequest(model=str(OFFGRID_MODEL_DIR), text=ts("validation", a.val_chunks, a.seqlen),
                         sensitivity_text=ts("calibration", 1, a.sens_seqlen), test_text=[], types=a.types.split(","),
-                        granularity=a.granularity, budgets_bpw=SEED_BUDGETS, trials=a.trials, population=a.population, out_dir=str(out),
+                        granularity=a.granularity, budgets_bpw=SEED_BUDGETS, trials=a.trials, population=a.population, out_dir=str(out), bpw_margin=a.bpw_margin,
                         study="bench", resume=(out / "search.journal").is_file(), speed_tokens=a.speed_tokens,
                         speed_repeats=a.speed_repeats, validate_front=0)
     print(f"model {OFFGRID_MODEL_DIR} (off-grid twin); domains {', '.join(d.name for d in domains)}; "
           f"sensitivity: calibration 1 x {a.sens_seqlen} tokens per domain, types {a.types}, units: {a.granularity}; "
           f"search: validation {a.val_chunks} x {a.seqlen} per domain, NSGA-II population {a.population}, {a.trials} trials; "
           f"test: {a.test_chunks} x {a.seqlen} per domain; tg: llama-bench {a.speed_tokens} tokens, best of {a.speed_repeats}; "
-          f"llama.cpp threads {default_threads()} (QUANTLOOP_THREADS); mixes {a.mixes}, with imatrix (32 x 256 calibration tokens): {a.imatrix_mixes or 'none'}", flush=True)
+          f"llama.cpp threads {default_threads()} (QUANTLOOP_THREADS); mixes {a.mixes}, with imatrix (32 x 256 calibration tokens): {a.imatrix_mixes or 'none'}; size cap: budgets + {a.bpw_margin} bits", flush=True)
     val = Baseline(model.gguf, model.hf_dir, req.text)
     test = Baseline(model.gguf, model.hf_dir, ts("test", a.test_chunks, a.seqlen))
     rows = []
     print("llama.cpp's fixed mixes:", flush=True)
-    for label, spec in mixes(a.mixes, a.imatrix_mixes):
+    if a.reuse_mixes:
+        import json
+
+        rows = [r for r in json.loads(Path(a.reuse_mixes).read_text())["rows"] if r["kind"] == "llama.cpp"]
+        print(f"  {len(rows)} rows from {a.reuse_mixes}", flush=True)
+    for label, spec in ([] if a.reuse_mixes else mixes(a.mixes, a.imatrix_mixes)):
         q = quantize_model(OFFGRID_MODEL_DIR, out / "mixes" / spec.tag(), spec, overwrite=True)
         rows.append(measure(label, "llama.cpp", Path(q.model_path), val, test, a) | {"baseline": True, "on_front": False})
     write_json_atomic(out / "marks.json", [{"bpw": r["bits_per_weight"], "kld": r["val_kld"], "label": r["label"].removeprefix("llama.cpp "),

@@ -65,6 +65,34 @@ def test_search_is_logged_to_mlflow(searched):
     assert len(runs) == len(r.front)
 
 
+def test_trials_stay_near_the_seeds(searched):
+    """The first generation is the seeds and small mutations of them (not uniform random maps), and no map above
+    the size cap (the largest budget plus bpw_margin) is measured: the sampler's larger proposals are pruned."""
+    import optuna
+
+    from quantloop.search.study import CONFIG_ATTR, MUTANT_UNITS, open_storage, type_steps
+
+    req, r = searched
+    study = optuna.load_study(study_name="t", storage=open_storage(r.storage))
+    config = json.loads(study.user_attrs[CONFIG_ATTR])
+    cap = max(req.budgets_bpw) + req.bpw_margin
+    assert config["max_bpw"] == pytest.approx(cap)
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    seeds = [t.params for t in complete if t.user_attrs.get("origin", "").startswith(("greedy", "ilp"))]
+    first = complete[: req.population]
+    assert seeds and len(first) == req.population
+    assert any(t.user_attrs.get("origin", "").startswith("mutant of ") for t in first)
+    for t in first:
+        assert t.user_attrs.get("origin", "").startswith(("greedy", "ilp", "mutant of ")), t.user_attrs
+        assert min(type_steps(t.params, s, config["units"]) for s in seeds) <= MUTANT_UNITS
+        # ... and is NSGA-II's generation 0, the parents of what it samples next
+        assert [v for k, v in t.system_attrs.items() if k.endswith(":generation")] == [0]
+    assert all(t.user_attrs["bits_per_weight"] <= cap for t in complete)
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert all("measured" not in t.user_attrs and t.user_attrs["bits_per_weight"] > cap for t in pruned)
+
+
 def test_resume_redoes_no_finished_trial(searched):
     import optuna
 

@@ -78,7 +78,10 @@ class SearchRequest(Strict):
     types: list[str] = Field(default_factory=lambda: ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
     granularity: str = Field("group", pattern="^(tensor|group|block)$")
     budgets_bpw: list[float] = Field(default_factory=lambda: [5.0, 5.5, 6.2], description="seed budgets (bits per weight)")
-    max_bpw: float | None = Field(None, description="candidates above this are not measured")
+    max_bpw: float | None = Field(None, description="candidates above this are not measured (pruned before quantizing); "
+                                                     "default: the largest seed budget plus bpw_margin")
+    bpw_margin: float | None = Field(0.3, ge=0, description="with no max_bpw, the size cap is the largest budget plus this many "
+                                                              "bits per weight; None: no cap")
     seed_maps: list[str] = Field(default_factory=list, description="precision-map files (JSON/YAML) enqueued as first trials")
     trials: int = Field(20, ge=1)
     workers: int = Field(1, ge=0, description="worker processes here; 0: create / report only (workers run elsewhere)")

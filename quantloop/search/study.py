@@ -5,6 +5,12 @@ and the measured Pareto front.
 A worker that dies mid-trial loses nothing finished: every finished trial is already in the storage, and the
 storage's heartbeat marks the dead worker's running trial failed after the grace period; a retry callback then
 queues a copy of it, which the next free worker runs.
+
+Where the trials go: the first generation is the seeds (greedy / ILP maps at the budgets) and, up to the
+population, small mutations of them (a few units one type up or down, within the size cap), not optuna's uniform
+random maps; NSGA-II then breeds from those. Candidates above the size cap (`max_bpw`, by default the largest
+seed budget plus `bpw_margin`) are pruned before anything is quantized, and only measured (complete) trials count
+toward the number of trials.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ OBJECTIVES = ["kld_mean", "bytes", "tg_tokens_per_s"]
 HEARTBEAT_S = 2
 GRACE_S = 6
 CONFIG_ATTR = "quantloop_request"
+FILLED_ATTR = "quantloop_first_generation"
+MUTANT_UNITS = 3  # a first-generation mutant moves 1 to this many units one type up or down
+PRUNED_PER_TRIAL = 20  # a worker gives up after this many pruned proposals per trial it still has to measure
 
 
 def _retry_callback():
@@ -74,7 +83,18 @@ def make_sampler(kind: str, population: int, seed: int):
 
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+
+    class SeededNSGAIISampler(optuna.samplers.NSGAIISampler):
+        """NSGA-II whose queued maps (the seeds, their mutants) join the generation being filled. optuna gives a
+        trial its generation when the trial samples a parameter, which a trial with every parameter fixed never
+        does: without this the seeds are never parents and the first generation is `population` random maps."""
+
+        def before_trial(self, study, trial):
+            if "fixed_params" in trial.system_attrs:
+                self.get_trial_generation(study, trial)
+            super().before_trial(study, trial)
+
+    return SeededNSGAIISampler(population_size=population, seed=seed)
 
 
 def create_study(storage, name: str, config: dict, resume: bool):
@@ -87,6 +107,8 @@ def create_study(storage, name: str, config: dict, resume: bool):
     if not exists and resume:
         raise InputError(None, f"no search named '{name}' in this storage to resume", "drop --resume to start it")
     sampler = make_sampler(config["sampler"], config["population"], config["seed"])
+    if config.get("max_bpw") is None and config.get("bpw_margin") is not None and config.get("budgets_bpw"):
+        config = config | {"max_bpw": round(max(config["budgets_bpw"]) + config["bpw_margin"], 4)}
     if exists:  # the stored settings stand; only the number of trials may grow
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         stored = json.loads(study.user_attrs[CONFIG_ATTR])
@@ -111,7 +133,59 @@ def load_study(storage, name: str):
     study = optuna.load_study(study_name=name, storage=storage)
     config = json.loads(study.user_attrs[CONFIG_ATTR])
     study.sampler = make_sampler(config["sampler"], config["population"], config["seed"])
+    fill_first_generation(study, config)
     return study, config
+
+
+def type_steps(a: dict[str, str], b: dict[str, str], units: dict) -> int:
+    """How many type steps (in each unit's smallest-first list of types) apart two choices (param -> type) are."""
+    return sum(abs(list(ty).index(a[param_name(u)]) - list(ty).index(b[param_name(u)])) for u, (_, ty) in units.items())
+
+
+def fill_first_generation(study, config: dict, mt=None) -> list[dict[str, str]]:
+    """Once, before any trial ran: queue mutations of the queued seeds until the first generation (the population)
+    is full, so that it is the seeds and their neighbours instead of uniform random maps. A mutant moves 1 to
+    MUTANT_UNITS units one type up or down; mutants above max_bpw, or equal to a queued map, are not queued."""
+    import random
+
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    if study.user_attrs.get(FILLED_ATTR) or any(t.state != optuna.trial.TrialState.WAITING for t in trials):
+        return []
+    study.set_user_attr(FILLED_ATTR, True)
+    seeds = [(t.system_attrs["fixed_params"], t.user_attrs.get("origin", "seed")) for t in trials if "fixed_params" in t.system_attrs]
+    units = {u: (ts, tuple(ty)) for u, (ts, ty) in config["units"].items()}
+    movable = [u for u, (_, ty) in units.items() if len(ty) > 1]
+    if not seeds or not movable:
+        return []
+    if mt is None and config.get("max_bpw"):
+        from quantloop.models.checkpoints import resolve_model
+        from quantloop.search.tensors import model_tensors
+
+        mt = model_tensors(resolve_model(config["model"]).gguf, tuple(config["types"]) + ("F16",))
+    rng, queued, out = random.Random(config["seed"]), [p for p, _ in seeds], []
+    for i in range(50 * config["population"]):
+        if len(seeds) + len(out) >= config["population"]:
+            break
+        params, origin = seeds[i % len(seeds)]
+        child = dict(params)
+        for u in rng.sample(movable, min(len(movable), rng.randint(1, MUTANT_UNITS))):
+            ty = units[u][1]
+            j = ty.index(child[param_name(u)]) + rng.choice((-1, 1))
+            child[param_name(u)] = ty[min(max(j, 0), len(ty) - 1)]
+        if child in queued or (mt is not None and config.get("max_bpw") and _bpw(mt, child, units) > config["max_bpw"]):
+            continue
+        study.enqueue_trial(child, user_attrs={"origin": f"mutant of {origin}"}, skip_if_exists=True)
+        queued.append(child)
+        out.append(child)
+    return out
+
+
+def _bpw(mt, params: dict[str, str], units) -> float:
+    from quantloop.search.tensors import genome_bits_per_weight
+
+    return genome_bits_per_weight(mt, {n: params[param_name(u)] for u, (ts, _) in units.items() for n in ts})
 
 
 def param_name(unit: str) -> str:
@@ -139,21 +213,24 @@ def finished(study) -> list:
 
 
 def run_trials(study, objective, total: int) -> int:
-    """Run trials until the study holds `total` finished (complete or pruned) trials; returns how many ran here."""
+    """Run trials until the study holds `total` measured (complete) trials; pruned proposals (above the size cap)
+    cost no measurement and do not count, up to PRUNED_PER_TRIAL of them per trial still to run. Returns how many
+    trials ran here."""
     import optuna
     from optuna.study import MaxTrialsCallback
 
-    done_before = len(finished(study))
+    states = (optuna.trial.TrialState.COMPLETE,)
+    done_before = len(study.get_trials(deepcopy=False, states=states))
     if done_before >= total:
         return 0
     ran = []
 
     def count(study, trial):
-        ran.append(trial.number)
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            ran.append(trial.number)
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    study.optimize(objective, callbacks=[MaxTrialsCallback(total, states=states), count], catch=(RuntimeError,),
-                   gc_after_trial=True)
+    study.optimize(objective, n_trials=PRUNED_PER_TRIAL * (total - done_before), catch=(RuntimeError,), gc_after_trial=True,
+                   callbacks=[MaxTrialsCallback(total, states=states), count])
     rerun_orphans(study, objective, count)
     return len(ran)
 
