@@ -20,12 +20,12 @@ class WordTokenizer:
         return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
 
 
-def corpus(folder, words: str, n_docs=20, seed=0):
+def corpus(folder, words: str, n_docs=20, seed=0, para_words=80):
     rng = random.Random(seed)
     words = words.split()
     folder.mkdir(parents=True)
     for i in range(n_docs):
-        paras = [" ".join(rng.choice(words) for _ in range(80)) for _ in range(8)]
+        paras = [" ".join(rng.choice(words) for _ in range(para_words)) for _ in range(8)]
         (folder / f"doc{i:02d}.txt").write_text("\n\n".join(paras))
     return folder
 
@@ -33,7 +33,7 @@ def corpus(folder, words: str, n_docs=20, seed=0):
 @pytest.fixture
 def two_domains(tmp_path):
     prepare_text(corpus(tmp_path / "a", "king queen sword crown night storm"), "plays", tmp_path / "datasets")
-    prepare_text(corpus(tmp_path / "b", "def class import return lambda yield", seed=1), "code", tmp_path / "datasets")
+    prepare_text(corpus(tmp_path / "b", "def class import return lambda yield", n_docs=10, seed=1, para_words=100), "code", tmp_path / "datasets")
     return tmp_path / "datasets" / "plays", tmp_path / "datasets" / "code"
 
 
@@ -54,6 +54,18 @@ def test_a_mix_shares_the_samples_and_takes_them_in_turn(two_domains, tmp_path):
     head = path.read_text()[:6000]
     assert "king" in head or "queen" in head
     assert "lambda" in head or "import" in head  # both domains in the first chunks llama-imatrix reads
+
+
+def test_a_domain_short_of_its_share_gives_what_it_has_and_the_others_make_up_the_rest(two_domains):
+    plays, code = two_domains  # calibration splits of 4 x 8 x 80 and 2 x 8 x 100 words: 40 and 25 samples of 64
+    tok = WordTokenizer()
+    seqs, _ = calibration_sequences(CalibrationSpec(dataset_dir=str(code), mix=[str(plays)], samples=60, seqlen=64), tok)
+    code_words = {tok.vocab[w] for w in "def class import return lambda yield".split()}
+    from_code = sum(set(s) <= code_words for s in seqs)
+    assert len(seqs) == 60 and from_code == 25  # code holds 25 of its 30; plays gives 35
+    assert [set(s) <= code_words for s in seqs[:4]] == [True, False, True, False]  # in turn while both last
+    with pytest.raises(InputError, match="65 samples of 64, 66 requested"):
+        calibration_sequences(CalibrationSpec(dataset_dir=str(code), mix=[str(plays)], samples=66, seqlen=64), tok)
 
 
 def test_a_mix_too_small_or_not_prepared_is_one_clear_error(two_domains, tmp_path):

@@ -47,6 +47,22 @@ def shares(samples: int, parts: int) -> list[int]:
     return [samples // parts + (1 if i < samples % parts else 0) for i in range(parts)]
 
 
+def fill_shares(samples: int, available: list[int]) -> list[int]:
+    """`samples` shared as equally as the datasets allow: one that holds fewer than its share gives all it has and
+    the others make up the rest (the caller checks that the total suffices)."""
+    taken = [0] * len(available)
+    room = [i for i, a in enumerate(available) if a > 0]
+    left = samples
+    while left > 0 and room:
+        for i, n in zip(list(room), shares(left, len(room))):
+            got = min(n, available[i] - taken[i])
+            taken[i] += got
+            left -= got
+            if taken[i] == available[i]:
+                room.remove(i)
+    return taken
+
+
 def mixed_digest(dirs: list[Path]) -> str:
     """One dataset's manifest digest, or for a mix the sha256 of its datasets' digests in order."""
     import hashlib
@@ -62,18 +78,14 @@ def calibration_sequences(spec: CalibrationSpec, tokenizer, model_dir: Path | No
     if spec.source == "synthetic":
         return synthetic_sequences(spec, model_dir)
     dirs = calibration_dirs(spec)
-    per_domain = []
-    for dataset_dir, n in zip(dirs, shares(spec.samples, len(dirs))):
-        text = read_split(dataset_dir, spec.split)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        available = len(ids) // spec.seqlen
-        if available < n:
-            raise InputError(
-                dataset_dir / f"{spec.split}.txt",
-                f"calibration set too small: {len(ids)} tokens hold {available} samples of {spec.seqlen}, {n} requested",
-                "ask for fewer samples or shorter sequences, or prepare more text",
-            )
-        per_domain.append([ids[i * spec.seqlen:(i + 1) * spec.seqlen] for i in range(n)])
+    ids = [tokenizer(read_split(d, spec.split), add_special_tokens=False)["input_ids"] for d in dirs]
+    available = [len(x) // spec.seqlen for x in ids]
+    if sum(available) < spec.samples:
+        where = dirs[0] / f"{spec.split}.txt" if len(dirs) == 1 else dirs[0]
+        raise InputError(where, f"calibration set too small: {sum(map(len, ids))} tokens hold {sum(available)} samples of "
+                         f"{spec.seqlen}, {spec.samples} requested", "ask for fewer samples or shorter sequences, or prepare more text")
+    per_domain = [[x[i * spec.seqlen:(i + 1) * spec.seqlen] for i in range(n)]
+                  for x, n in zip(ids, fill_shares(spec.samples, available))]
     seqs = [d[i] for i in range(max(map(len, per_domain))) for d in per_domain if i < len(d)]
     return seqs, mixed_digest(dirs)
 
