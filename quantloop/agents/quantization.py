@@ -123,9 +123,9 @@ class QuantizationAgent:
         """Why a step with a size budget cannot pass on size, when its file is known before any work: the budget
         leaves no choice (every tensor that can go lower must go to its smallest type), and the file that writes is
         judged at the bit width of its linear weights (rounded down), whose bar it misses; or nothing fits at all."""
-        from quantloop.gguf.tensor_names import GGUF_LINEAR
-        from quantloop.gguf.llamacpp import nominal_bits_of
+        from quantloop.eval.size import judged_bits
         from quantloop.gguf.precision_map import estimate_bytes
+        from quantloop.gguf.tensor_names import GGUF_LINEAR
         from quantloop.models.checkpoints import resolve_model
         from quantloop.search.budget import plan_without_measuring
         from quantloop.specs import load_quality_spec
@@ -142,7 +142,7 @@ class QuantizationAgent:
             return None
         rows = [r for r in estimate_bytes(base.gguf, types)["tensors"] if GGUF_LINEAR.match(r[0])]
         linear_bits = 8 * sum(r[3] for r in rows) / sum(r[2] for r in rows)
-        bits = int(linear_bits) if len({r[1] for r in rows}) > 1 else nominal_bits_of(planned.spec.gguf_type)  # as the judge
+        bits = judged_bits({r[1] for r in rows}, linear_bits, planned.spec.gguf_type)  # as validation will judge the file
         need = required_size_ratio(load_quality_spec(state.acceptance_spec).acceptance, bits)
         ratio = record["f16_bytes"] / record["bytes"]
         if ratio >= need * 0.99:

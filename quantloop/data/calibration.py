@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantloop.data.datasets import dataset_dir_or_default, manifest_digest, read_split
+from quantloop.data.datasets import dataset_dir_or_default, manifest_digest, named_dataset_dir, read_split
 from quantloop.errors import InputError
 from quantloop.schemas import CalibrationSpec
 
@@ -33,13 +33,7 @@ def synthetic_sequences(spec: CalibrationSpec, model_dir: Path | None) -> tuple[
 def calibration_dirs(spec: CalibrationSpec) -> list[Path]:
     """The prepared dataset folders the calibration text comes from: dataset_dir (default shakespeare), then `mix`
     (each a folder, or a dataset name under SLM/datasets)."""
-    from quantloop.paths import DATASETS_DIR
-
-    dirs = [Path(dataset_dir_or_default(spec.dataset_dir))]
-    for m in spec.mix:
-        p = Path(m).expanduser()
-        dirs.append(p if (p / "manifest.json").is_file() or "/" in m else DATASETS_DIR / m)
-    return dirs
+    return [Path(dataset_dir_or_default(spec.dataset_dir))] + [named_dataset_dir(m) for m in spec.mix]
 
 
 def shares(samples: int, parts: int) -> list[int]:
@@ -61,6 +55,11 @@ def fill_shares(samples: int, available: list[int]) -> list[int]:
             if taken[i] == available[i]:
                 room.remove(i)
     return taken
+
+
+def in_turn(lists: list[list]) -> list:
+    """The items of several lists taken in turn (one from each while it lasts): a prefix holds every list."""
+    return [items[i] for i in range(max(map(len, lists))) for items in lists if i < len(items)]
 
 
 def mixed_digest(dirs: list[Path]) -> str:
@@ -86,8 +85,7 @@ def calibration_sequences(spec: CalibrationSpec, tokenizer, model_dir: Path | No
                          f"{spec.seqlen}, {spec.samples} requested", "ask for fewer samples or shorter sequences, or prepare more text")
     per_domain = [[x[i * spec.seqlen:(i + 1) * spec.seqlen] for i in range(n)]
                   for x, n in zip(ids, fill_shares(spec.samples, available))]
-    seqs = [d[i] for i in range(max(map(len, per_domain))) for d in per_domain if i < len(d)]
-    return seqs, mixed_digest(dirs)
+    return in_turn(per_domain), mixed_digest(dirs)
 
 
 def check_calibration(calibration, vocab_size: int | None, same_length: bool = False) -> list[list[int]]:
@@ -140,8 +138,6 @@ def calibration_text_file(calib, hf_dir: Path | None, work_dir: Path) -> tuple[P
         return dirs[0] / load_manifest(dirs[0]).splits[calib.split].file, manifest_digest(dirs[0])
     # a mix: each split cut at paragraphs into pieces of about 2,000 characters (some 500 tokens), dealt in turn, so
     # the first chunks llama-imatrix reads hold every domain in equal parts
-    pieces = [text_pieces(read_split(d, calib.split), 2000) for d in dirs]
-    mixed = [ps[i] for i in range(max(map(len, pieces))) for ps in pieces if i < len(ps)]
     path = work_dir / "calibration-mix.txt"
-    path.write_text("\n\n".join(mixed), encoding="utf-8")
+    path.write_text("\n\n".join(in_turn([text_pieces(read_split(d, calib.split), 2000) for d in dirs])), encoding="utf-8")
     return path, mixed_digest(dirs)

@@ -32,6 +32,25 @@ def dataset_dir_or_default(dataset_dir: str | None) -> Path:
     return Path(dataset_dir) if dataset_dir else DATASETS_DIR / DEFAULT_DATASET
 
 
+def named_dataset_dir(name: str) -> Path:
+    """A dataset named on the command line or in a spec: a prepared folder, or a bare name under SLM/datasets."""
+    p = Path(name).expanduser()
+    return p if (p / "manifest.json").is_file() or "/" in name else DATASETS_DIR / name
+
+
+def prepared_dataset_dirs(names: list[str]) -> list[Path]:
+    """The folders of these named datasets, each checked to be prepared: one error line before any work."""
+    dirs = []
+    for name in names:
+        d = named_dataset_dir(name)
+        if not (d / "manifest.json").is_file():
+            raise InputError(d, "dataset is not prepared (manifest.json missing)",
+                             "run `make domains` (python-docs, bible, linux-docs) or `quantloop prepare --text DIR --dataset NAME`")
+        load_manifest(d)
+        dirs.append(d)
+    return dirs
+
+
 def split_of(index: int) -> str:
     """Deal documents to splits by index: 1 in 10 to test, 1 in 10 to validation, 2 in 10 to calibration."""
     r = index % 10

@@ -71,9 +71,14 @@ def nominal_bits(size: SizeReport, file_type: str | None) -> int | None:
     """The bit width a GGUF is judged at. A uniform type or one of llama.cpp's named mixtures (Q4_K_M, ...) is
     named by its type; a precision map (several types on the linears, whoever wrote it) by its measured bits per
     linear weight, rounded down (scales cost under one bit per weight: Q4_0 stores 4.5, Q6_K 6.56)."""
+    return judged_bits(set(size.linear_tensor_types), size.linear_bits_per_weight, file_type)
+
+
+def judged_bits(linear_types: set[str], linear_bits_per_weight: float, file_type: str | None) -> int | None:
+    """nominal_bits from the linear weights' types and bits per weight (known before a file is written, too)."""
     from quantloop.gguf.llamacpp import nominal_bits_of
 
     named_mixture = bool(file_type) and file_type.upper().endswith(("_S", "_M", "_L", "_XS", "_XXS"))
-    if len(size.linear_tensor_types) > 1 and not named_mixture:
-        return int(size.linear_bits_per_weight)
+    if len(linear_types) > 1 and not named_mixture:
+        return int(linear_bits_per_weight)
     return nominal_bits_of(file_type)

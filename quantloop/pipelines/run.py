@@ -37,13 +37,12 @@ def new_run_id() -> str:
 
 def check_policy_texts(policy) -> None:
     """Every dataset the policy names (held-out test text, calibration mixes) is prepared: checked before any work."""
-    from quantloop.data.calibration import calibration_dirs
-    from quantloop.tools.validate import held_out_dirs
+    from quantloop.data.datasets import prepared_dataset_dirs
 
-    held_out_dirs(policy.validation.held_out)
+    prepared_dataset_dirs(policy.validation.held_out)
     for step in policy.plan_steps():
         if step.spec is not None and step.spec.uses_calibration() and step.spec.calibration.source == "dataset":
-            held_out_dirs([str(d) for d in calibration_dirs(step.spec.calibration)[1:]])
+            prepared_dataset_dirs(step.spec.calibration.mix)
 
 
 def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None = None, target: str | None = None,

@@ -72,6 +72,12 @@ def plan_without_measuring(gguf: Path, spec) -> tuple[dict[str, str] | None, dic
     one plan fits (every tensor that can go lower must go to its smallest type, and raising any one of them breaks
     the budget); (None, record) when there is a choice to measure. One error line, before any measurement, when
     even that smallest file is over the budget."""
+    types, record, decided = budget_plan(gguf, spec)
+    return (types if decided else None), record
+
+
+def budget_plan(gguf: Path, spec) -> tuple[dict[str, str], dict, bool]:
+    """(types, record, decided): plan_without_measuring's answer, with the planned types when not decided."""
     from quantloop.search.tensors import model_tensors, tensor_bytes
 
     f16_bytes = gguf.stat().st_size
@@ -80,7 +86,7 @@ def plan_without_measuring(gguf: Path, spec) -> tuple[dict[str, str] | None, dic
     size = file_bytes(gguf, types)
     record = {"budget_bytes": budget, "f16_bytes": f16_bytes, "planned_bytes": size, "downgrades": []}
     if size <= budget:
-        return types, record | {"bytes": size}
+        return types, record | {"bytes": size}, True
     mt = model_tensors(gguf, tuple(sorted({t for t in types.values() if t not in ("F32", "F16")} | set(LOWER_TYPES))))
     # each tensor that can go lower: its planned type, then the lower types its rows hold, largest first
     ladders = {t.name: [types[t.name]] + [x for x in LOWER_TYPES if x in t.types] for t in mt.tensors
@@ -95,8 +101,8 @@ def plan_without_measuring(gguf: Path, spec) -> tuple[dict[str, str] | None, dic
     if all(tensor_bytes(info[n].n_weights, steps[-2], mt.alignment) - tensor_bytes(info[n].n_weights, steps[-1], mt.alignment)
            > slack for n, steps in ladders.items()):
         taken = [{"unit": n, "from": types[n], "to": steps[-1], "forced": True} for n, steps in ladders.items()]
-        return floor, record | {"bytes": floor_size, "downgrades": taken, "forced": True}
-    return None, record
+        return floor, record | {"bytes": floor_size, "downgrades": taken, "forced": True}, True
+    return types, record, False
 
 
 def fit_to_budget(model, spec, progress=None):
@@ -109,11 +115,10 @@ def fit_to_budget(model, spec, progress=None):
     from quantloop.search.tensors import model_tensors
 
     gguf = model.gguf
-    fixed, record = plan_without_measuring(gguf, spec)
-    if fixed is not None:
-        return (spec if not record["downgrades"] else with_types(spec, fixed)), record
+    types, record, decided = budget_plan(gguf, spec)
+    if decided:
+        return (spec if not record["downgrades"] else with_types(spec, types)), record
     budget, f16_bytes, size = record["budget_bytes"], record["f16_bytes"], record["planned_bytes"]
-    types = planned_types(gguf, spec)
     if spec.calibration.source == "synthetic":  # data-free: no dataset is read, for the budget either
         text = [TextSpec(source="synthetic", chunks=4, seqlen=256)]
     else:

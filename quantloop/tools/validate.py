@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantloop.data.datasets import dataset_dir_or_default, manifest_digest
+from quantloop.data.datasets import dataset_dir_or_default, manifest_digest, prepared_dataset_dirs
 from quantloop.errors import InputError
 from quantloop.eval.generation import check_generations
 from quantloop.eval.runtimes import default_threads
@@ -127,23 +127,6 @@ def measure_domain(dataset_dir: Path, base, base_runner, quant_runner, spec, n_c
     return kld, chunks
 
 
-def held_out_dirs(names: list[str]) -> list[Path]:
-    """Prepared dataset folders for held-out names (a folder, or a name under SLM/datasets), checked before any work."""
-    from quantloop.data.datasets import load_manifest
-    from quantloop.paths import DATASETS_DIR
-
-    dirs = []
-    for n in names:
-        d = Path(n).expanduser()
-        d = d if (d / "manifest.json").is_file() or "/" in n else DATASETS_DIR / n
-        if not (d / "manifest.json").is_file():
-            raise InputError(d, "dataset is not prepared (manifest.json missing)",
-                             "run `make domains` (python-docs, bible, linux-docs) or `quantloop prepare --text DIR --dataset NAME`")
-        load_manifest(d)
-        dirs.append(d)
-    return dirs
-
-
 def validate_quantization(req: ValidationRequest) -> ValidationReport:
     spec = load_quality_spec(req.spec_file)
     quant = resolve_model(req.quantized)
@@ -154,7 +137,7 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
     if runtime == "transformers" and base.hf_dir is None:
         raise InputError(base.path, "baseline has no transformers checkpoint", "pass a prepared checkpoint folder")
     dataset_dir = dataset_dir_or_default(req.dataset_dir)
-    held_out_dirs(req.held_out)  # a missing domain fails before any measurement
+    held_out_dirs = prepared_dataset_dirs(req.held_out)  # a missing domain fails before any measurement
     ctx = spec.eval.context
     base_runner = open_runner(base, runtime, ctx)
     quant_runner = open_runner(quant, runtime, ctx)
@@ -162,7 +145,7 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
         raise InputError(quant.path, f"vocabulary of {quant_runner.n_vocab} tokens differs from the baseline's {base_runner.n_vocab}", "compare models that share a tokenizer")
     kld, chunks = measure_domain(dataset_dir, base, base_runner, quant_runner, spec, req.chunks or spec.eval.chunks)
     held_chunks = req.held_out_chunks or req.chunks or spec.eval.chunks
-    held_out = {d.name: measure_domain(d, base, base_runner, quant_runner, spec, held_chunks)[0] for d in held_out_dirs(req.held_out)}
+    held_out = {d.name: measure_domain(d, base, base_runner, quant_runner, spec, held_chunks)[0] for d in held_out_dirs}
     gen = check_generations(quant_runner, base_runner, spec.generation) if req.check_generation else None
 
     speed_b = speed_q = None
