@@ -355,6 +355,8 @@ class QuantSpec(Strict):
     qat_init: Literal["teacher", "gptq"] = Field("teacher", description="method 'qat': start from the float weights rounded to "
                                                  "the grid (teacher) or from act-order GPTQ on the same grid, whose block scales "
                                                  "the training then learns (gptq)")
+    qat_max_minutes: float | None = Field(None, gt=0, description="method 'qat': time limit of the training (GPTQ start "
+                                          "included; export not): the planned steps shrink to fit, at the measured seconds per step")
     seed: int = 0
 
     def uses_calibration(self) -> bool:
@@ -393,7 +395,8 @@ class QuantSpec(Strict):
             if self.has_precision_map():
                 target = self._map_tag()
             start = "-from-gptq" if self.qat_init == "gptq" else ""
-            return f"qat-{target}-s{self.qat_steps}{start}{self._budget_tag()}{synth}"
+            limit = f"-m{self.qat_max_minutes:g}" if self.qat_max_minutes else ""
+            return f"qat-{target}-s{self.qat_steps}{limit}{start}{self._budget_tag()}{synth}"
         if self.gptq_on_gguf_grid():
             target = self._map_tag() if self.has_precision_map() else self.gguf_type.lower()
             return f"gptq-{target}{'-act' if self.act_order else ''}{self._budget_tag()}{synth}"

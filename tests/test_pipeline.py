@@ -64,17 +64,21 @@ def spec_bar(acceptance_path, bits: int) -> float:
     return load_quality_spec(acceptance_path).acceptance.min_size_ratio[bits]
 
 
-def test_default_policy_follows_the_seed_order():
+def test_default_policy_tries_the_strongest_int4_first_and_decides_in_time():
     policy, spec = load_policy()
     names = [s.name for s in policy.plan_steps()]
-    assert names[:2] == ["int4-gptq-iq4nl", "int4-awq"] and names[-2:] == ["qat-int4", "next-checkpoint"]
+    assert names[:2] == ["int4-qat-iq4nl", "int4-awq"] and names[-1] == "next-checkpoint"
     assert names.index("int8-gguf-q8_0") < names.index("int4-gptq-4x-calib")
     steps = {s.name: s for s in policy.plan_steps()}
-    first = steps["int4-gptq-iq4nl"].spec
+    first = steps["int4-qat-iq4nl"].spec
+    assert first.method == "qat" and first.qat_init == "gptq" and first.qat_max_minutes is not None
     assert steps["int4-gptq-4x-calib"].spec.calibration.samples == 4 * first.calibration.samples
     # INT4 is the whole file: the embedding on the 4-bit grid too, and a budget that meets the INT4 size bar
     assert first.layer_types["embeddings"] == "IQ4_NL" and first.min_size_ratio == spec_bar(spec, 4)
+    # the steps the run starts, by their expected minutes, end within max_minutes: QAT, then Q8_0
     assert policy.max_minutes is not None
+    assert steps["int4-qat-iq4nl"].expect_minutes + steps["int8-gguf-q8_0"].expect_minutes <= policy.max_minutes
+    assert first.qat_max_minutes <= steps["int4-qat-iq4nl"].expect_minutes
     assert spec.name == "acceptance.yaml"
     cuda, _ = load_policy(target="cuda")
     assert cuda.target == "cuda" and all(s.spec is None or s.spec.method != "gguf" for s in cuda.plan_steps())
@@ -84,7 +88,7 @@ def test_data_free_policy_calibrates_every_step_on_synthetic_text():
     policy, _ = load_policy()
     free = policy.data_free()
     calibrated = [s for s in free.plan_steps() if s.spec is not None and s.spec.uses_calibration()]
-    assert {s.name for s in calibrated} >= {"int4-gptq-iq4nl", "int4-gptq-4x-calib", "qat-int4"}
+    assert {s.name for s in calibrated} >= {"int4-qat-iq4nl", "int4-gptq-4x-calib"}
     assert all(s.spec.calibration.source == "synthetic" and s.spec.tag().endswith("-synth") for s in calibrated)
     assert all(s.spec.calibration.source == "dataset" for s in policy.plan_steps() if s.spec is not None)  # a copy
     q8 = next(s for s in free.plan_steps() if s.name == "int8-gguf-q8_0")

@@ -96,7 +96,7 @@ def build_plan(policy: Policy, ranked: list[CheckpointScore], output_root: Path)
     def add(step, checkpoint: CheckpointScore | None) -> None:
         out = output_folder(output_root, checkpoint, step.name, step.kind, step.spec, taken) if checkpoint and step.spec else None
         plan.append(PlannedAttempt(index=len(plan), step=step.name, kind=step.kind, spec=step.spec, skip=step.skip,
-                                   checkpoint=checkpoint.path if checkpoint else "", output_dir=out))
+                                   expect_minutes=step.expect_minutes, checkpoint=checkpoint.path if checkpoint else "", output_dir=out))
 
     for step in steps:
         if step.kind != "next_checkpoint":

@@ -32,6 +32,8 @@ class PolicyStep(Strict):
     spec: QuantSpec | None = Field(None, description="what to quantize to (kinds quantize and qat)")
     retry: list[str] = Field(default_factory=list, description="next_checkpoint: names of earlier steps to run again on that checkpoint (default: all quantize steps)")
     skip: str | None = Field(None, description="record this step as skipped with this reason (a capability this target cannot run)")
+    expect_minutes: float | None = Field(None, gt=0, description="about how long the step takes with its validation: with the "
+                                                                 "policy's max_minutes, a step that would end past it is not started")
 
     @model_validator(mode="after")
     def _spec_matches_kind(self):
@@ -68,6 +70,9 @@ class Policy(Strict):
     log_model_max_mib: float = Field(64.0, ge=0, description="model files up to this size are logged to MLflow; larger ones by path")
     max_minutes: float | None = Field(None, gt=0, description="a step that would start after the run has spent this many minutes "
                                                               "is skipped with the reason, so a run reaches its decision in time")
+    reserve_minutes: float = Field(8.0, ge=0, description="a QAT step trains for at most what is left of max_minutes less this "
+                                                         "(its own qat_max_minutes if shorter), keeping time for its export, "
+                                                         "validation and the steps after")
     steps: dict[Target, list[PolicyStep]] = Field(description="ordered fallback steps per deployment target")
 
     @model_validator(mode="after")

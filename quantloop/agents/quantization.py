@@ -10,7 +10,7 @@ from pathlib import Path
 from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
 from quantloop.errors import InputError
 from quantloop.fileio import write_text_atomic
-from quantloop.schemas import CompareRequest, ValidationReport, ValidationRequest
+from quantloop.schemas import CompareRequest, QuantSpec, ValidationReport, ValidationRequest
 
 GENERATIONS_NAME = "generations.md"
 
@@ -60,6 +60,17 @@ def skipped(planned: PlannedAttempt, note: str, status: str = "skipped") -> Atte
                    bits=spec.bits if spec else None, checkpoint=planned.checkpoint, output_dir=None, status=status, note=note)
 
 
+def with_run_time_limit(spec: QuantSpec, state: PipelineState) -> QuantSpec:
+    """A QAT spec whose training ends by the run's time budget (max_minutes less reserve_minutes, from now), or
+    its own qat_max_minutes if that is shorter; other specs, or a run without a budget, as they are."""
+    budget = state.policy.max_minutes
+    if spec.method != "qat" or budget is None:
+        return spec
+    left = budget - state.active_s / 60 - state.policy.reserve_minutes
+    limit = min(left, spec.qat_max_minutes or left)
+    return spec.model_copy(update={"qat_max_minutes": max(limit, 0.1)})
+
+
 class QuantizationAgent:
     """Three graph nodes, one tool call each, so a run killed during validation resumes without re-quantizing:
     quantize (quantize_model, appends the attempt), validate (validate_quantization on the last attempt),
@@ -81,8 +92,12 @@ class QuantizationAgent:
         if budget is not None and state.active_s > 60 * budget:
             return skipped(planned, f"the run's time budget of {budget:g} min is spent ({state.active_s / 60:.1f} min so far); "
                                     "raise max_minutes in the policy to try this step")
+        if budget is not None and planned.expect_minutes and state.active_s / 60 + planned.expect_minutes > budget:
+            return skipped(planned, f"the step takes about {planned.expect_minutes:g} min and the run has spent "
+                                    f"{state.active_s / 60:.1f} of its {budget:g} min; raise max_minutes in the policy to try it")
         if state.policy.validation.precheck_size and (too_big := self.size_precheck(planned, state)):
             return skipped(planned, too_big)
+        spec = with_run_time_limit(spec, state)
         out = Path(planned.output_dir)
         remove_stale_temporaries(out)
         t0 = time.perf_counter()

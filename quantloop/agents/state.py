@@ -43,6 +43,7 @@ class PlannedAttempt(Strict):
     checkpoint: str
     output_dir: str | None
     skip: str | None = None
+    expect_minutes: float | None = None
 
 
 class Attempt(Strict):

@@ -79,7 +79,7 @@ class QATBackend(Backend):
         spec = job.spec
         gguf_type, rules, planned, embedding_type = self.plan(job)
         path = qat_checkpoint(job.model.hf_dir, job.work_dir, gguf_type, job.sequences, steps=spec.qat_steps, seed=spec.seed,
-                              config=QATConfig(init=spec.qat_init), gguf_name=job.gguf_name(), tensor_types=rules, embedding_type=embedding_type)
+                              config=QATConfig(init=spec.qat_init, max_s=60 * spec.qat_max_minutes if spec.qat_max_minutes else None), gguf_name=job.gguf_name(), tensor_types=rules, embedding_type=embedding_type)
         import json
 
         from quantloop.gguf.export import export_note

@@ -30,6 +30,7 @@ from quantloop.backends.qat_grid import (
     unwrap_student,
     wrap_student,
 )
+from quantloop.backends.qat_schedule import StepPlan
 from quantloop.backends.qat_teacher import (
     TeacherCache,
     full_logits,
@@ -72,6 +73,7 @@ class QATConfig:
     tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor-name regex -> type (first match wins), else gguf_type
     curve_every: int = 0  # record the held-out KL every this many steps (0: never)
     snapshot_steps: tuple[int, ...] = ()  # steps after which run_qat's `snapshot` receives a copy of the student on its grid
+    max_s: float | None = None  # time limit of run_qat (start, sensitivity, training): the steps shrink to fit (qat_schedule)
 
 
 @dataclass
@@ -91,6 +93,8 @@ class QATResult:
     trained_embedding: bool = False
     timings: dict = field(default_factory=dict)  # seconds: init, sensitivity, train, eval; tokens/s of the train steps
     curve: list[dict] = field(default_factory=list)  # (step, held-out KL) along training
+    planned_steps: int = 0  # the configured steps; `steps` is fewer when a stage stopped early or the time limit cut the plan
+    time_limited: bool = False  # the time limit (QATConfig.max_s) cut the planned steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +124,8 @@ def _as_tensor(sequences) -> torch.Tensor:
 def _check(cfg: QATConfig) -> None:
     if cfg.steps < 0 or cfg.groups < 1 or cfg.batch_size < 1:
         raise InputError(None, f"QAT steps must be >= 0, groups and batch size >= 1 (got {cfg.steps}, {cfg.groups}, {cfg.batch_size})")
+    if cfg.max_s is not None and cfg.max_s <= 0:
+        raise InputError(None, f"QAT time limit must be > 0 seconds, not {cfg.max_s}", "leave it unset for no limit")
     if cfg.init not in INITS:
         raise InputError(None, f"QAT init '{cfg.init}' is not one of {', '.join(INITS)}", "use teacher or gptq")
     if cfg.teacher_top_k < 0:
@@ -238,8 +244,8 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
     if scales:
         groups_opt.append({"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups_opt)
-    total = sum(stage_steps) + global_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
+    plan = StepPlan(stage_steps + [global_steps], t0 + cfg.max_s if cfg.max_s else None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, plan.total) / max(plan.total, 1))))
     batches = _batches(train.shape[0], cfg.batch_size, gen)
     trainable = weights + scales
     student.train()
@@ -289,41 +295,48 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
     stages = []
     done = 0
     enabled: list[str] = []
-    bar = tqdm(total=total, desc=f"QAT {gguf_type}", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=plan.total, desc=f"QAT {gguf_type}", unit="step", disable=not cfg.progress)
+
+    def advance(stage: int, label) -> float:
+        kl = step()
+        plan.step_done(stage)
+        bar.total = plan.total
+        bar.update(1)
+        bar.set_postfix(stage=label, kl=f"{kl:.4g}")
+        return kl
+
+    plan.begin()
     try:
-        for gi, (group, n_steps) in enumerate(zip(groups, stage_steps)):
+        for gi, group in enumerate(groups):
             enabled += [n for layer in group for n in layers[layer]]
-            if not n_steps:  # no steps to give this stage (global_fraction 1): its layers join the global fine-tune
+            if not plan.left(gi):  # no steps for this stage (global_fraction 1, or the time limit): its layers join the global fine-tune
                 continue
             enable(enabled)
             start = eval_kl(eval_batch, eval_teacher)
-            early, taken = False, 0
-            for _ in range(n_steps):
-                kl = step()
-                taken += 1
+            early = False
+            while plan.left(gi) > 0:
+                advance(gi, gi + 1)
+                taken = plan.taken[gi]
                 record(done + taken)
-                bar.update(1)
-                bar.set_postfix(stage=gi + 1, kl=f"{kl:.4g}")
                 # check on the held-out batch (batch KLs are too noisy to compare)
-                if cfg.check_every and taken % cfg.check_every == 0 and taken < n_steps:
+                if cfg.check_every and taken % cfg.check_every == 0 and plan.left(gi) > 0:
                     now = eval_kl(eval_batch, eval_teacher)
                     if start > 0 and now > cfg.early_stop_ratio * start:
                         early = True
-                        break
+                        plan.stop_stage(gi)
             end = eval_kl(eval_batch, eval_teacher)
-            done += taken
-            stages.append({"stage": gi + 1, "layers": group, "steps": taken, "start_kl": start, "end_kl": end, "early_stop": early})
+            done += plan.taken[gi]
+            stages.append({"stage": gi + 1, "layers": group, "steps": plan.taken[gi], "start_kl": start, "end_kl": end,
+                           "early_stop": early})
         enable(linears)
         start = eval_kl(eval_batch, eval_teacher)
-        for _ in range(global_steps):
-            kl = step()
+        while plan.left(len(groups)) > 0:
+            advance(len(groups), "global")
             done += 1
-            bar.update(1)
-            bar.set_postfix(stage="global", kl=f"{kl:.4g}")
             record(done)
         student.eval()
         trained = eval_kl(eval_batch, eval_teacher)
-        stages.append({"stage": "global", "layers": list(layers), "steps": global_steps, "start_kl": start, "end_kl": trained,
+        stages.append({"stage": "global", "layers": list(layers), "steps": plan.taken[-1], "start_kl": start, "end_kl": trained,
                        "early_stop": False})
     finally:
         bar.close()
@@ -340,7 +353,7 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
                        sensitivity=sensitivity, device=str(device), embedding_type=emb_type,
                        linear_types=dict(Counter(g.gguf_type for g in linears.values())), init=cfg.init,
                        learned_scales=len(scales), trained_embedding=bool(embeddings) and cfg.train_embedding, timings=timings,
-                       curve=curve)
+                       curve=curve, planned_steps=cfg.steps, time_limited=plan.shrunk)
     return student.eval(), result, blocks
 
 

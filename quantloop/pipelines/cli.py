@@ -210,7 +210,7 @@ def cmd_quantize(a) -> int:
         spec = QuantSpec(method=a.method, bits=a.bits, group_size=default_group_size(a), symmetric=not a.asym, act_order=a.act_order,
                          gguf_type=a.type, imatrix=a.imatrix, gguf_tensor_types=parse_tensor_types(a.tensor_type),
                          preset=a.preset, layer_types=parse_layer_types(a.layer_type),
-                         qat_steps=a.qat_steps, qat_init=a.qat_init, min_size_ratio=a.min_size_ratio,
+                         qat_steps=a.qat_steps, qat_init=a.qat_init, qat_max_minutes=a.qat_minutes, min_size_ratio=a.min_size_ratio,
                          calibration=CalibrationSpec(source="synthetic" if a.data_free else "dataset", dataset_dir=a.dataset,
                                                      mix=a.calib_mix or [], samples=a.calib_samples, seqlen=a.calib_seqlen))
     except ValueError as e:
@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate on text the float model generates itself (cached in ~/.cache/quantloop/synthetic) "
                         "instead of the dataset's calibration split")
     s.add_argument("--qat-steps", type=int, default=200, help="--method qat: optimizer steps (default: 200)")
+    s.add_argument("--qat-minutes", type=float, default=None, metavar="M",
+                   help="--method qat: train for at most M minutes (the GPTQ start included, the export not); the steps "
+                        "shrink to fit at the measured seconds per step (default: no limit)")
     s.add_argument("--qat-init", choices=["teacher", "gptq"], default="teacher",
                    help="--method qat: start from the float weights rounded to the grid (teacher, the default) or from "
                         "act-order GPTQ on the same grid, then learn the block scales too (gptq)")
