@@ -79,7 +79,10 @@ def score_checkpoint(path: Path, target: str, policy: Policy, spec_file: str, da
 
 
 def output_folder(root: Path, checkpoint: CheckpointScore, step_name: str, kind: str, spec, taken: set[str]) -> str:
-    tag = ("qat-" if kind == "qat" else "") + spec.tag()
+    if kind == "search":  # no spec before the search picks one: the step's own name
+        tag = f"search-{step_name.split('@')[0]}"
+    else:
+        tag = ("qat-" if kind == "qat" else "") + spec.tag()
     folder = f"{checkpoint.name}_{tag}"
     if folder in taken:
         folder = f"{folder}-{step_name}"
@@ -94,7 +97,8 @@ def build_plan(policy: Policy, ranked: list[CheckpointScore], output_root: Path)
     taken: set[str] = set()
 
     def add(step, checkpoint: CheckpointScore | None) -> None:
-        out = output_folder(output_root, checkpoint, step.name, step.kind, step.spec, taken) if checkpoint and step.spec else None
+        writes_files = checkpoint and (step.spec or step.search)
+        out = output_folder(output_root, checkpoint, step.name, step.kind, step.spec, taken) if writes_files else None
         plan.append(PlannedAttempt(index=len(plan), step=step.name, kind=step.kind, spec=step.spec, skip=step.skip,
                                    expect_minutes=step.expect_minutes, checkpoint=checkpoint.path if checkpoint else "", output_dir=out))
 

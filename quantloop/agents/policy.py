@@ -4,7 +4,8 @@ A policy names the deployment target (`cpu`: GGUF on llama.cpp; `cuda`: the
 quantizer's own format and kernels), the acceptance spec every attempt is
 judged against, how much measuring each validation does, and per target the
 ordered steps the agents try: INT4 GPTQ g128 -> INT4 AWQ -> INT8 -> INT4 with
-4x the calibration samples -> QAT -> next-best checkpoint (seed 003).
+4x the calibration samples -> QAT -> next-best checkpoint (seed 003). A step of kind search quantizes to
+the best map of a mixed-precision search within a bits-per-weight budget (agents/search_step.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from quantloop.agents.search_step import SearchStep
 from quantloop.errors import InputError
 from quantloop.paths import PROJECT_ROOT, SPECS_DIR
 from quantloop.schemas import QuantSpec, Strict
@@ -21,15 +23,17 @@ from quantloop.specs import load_yaml_model
 
 DEFAULT_POLICY = SPECS_DIR / "policy.yaml"
 Target = Literal["cpu", "cuda"]
-StepKind = Literal["quantize", "qat", "next_checkpoint"]
+StepKind = Literal["quantize", "qat", "search", "next_checkpoint"]
 
 
 class PolicyStep(Strict):
-    """One step of the plan: a quantization spec, QAT towards a spec's grid, or the next-best checkpoint."""
+    """One step of the plan: a quantization spec, QAT towards a spec's grid, a searched precision map, or the next-best checkpoint."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="short id, used in folder names and MLflow")
     kind: StepKind = "quantize"
     spec: QuantSpec | None = Field(None, description="what to quantize to (kinds quantize and qat)")
+    search: SearchStep | None = Field(None, description="kind search: the search result to pick a precision map from, the budget, "
+                                                        "and the short search to run when there is no result")
     retry: list[str] = Field(default_factory=list, description="next_checkpoint: names of earlier steps to run again on that checkpoint (default: all quantize steps)")
     skip: str | None = Field(None, description="record this step as skipped with this reason (a capability this target cannot run)")
     expect_minutes: float | None = Field(None, gt=0, description="about how long the step takes with its validation: with the "
@@ -37,6 +41,12 @@ class PolicyStep(Strict):
 
     @model_validator(mode="after")
     def _spec_matches_kind(self):
+        if self.kind == "search" and self.search is None:
+            raise ValueError(f"step '{self.name}' of kind search needs a 'search' (e.g. search: {{result: PATH, max_bpw: 5.0}})")
+        if self.kind == "search" and self.spec is not None:
+            raise ValueError(f"step '{self.name}' of kind search takes no 'spec' (the searched precision map is its spec)")
+        if self.kind != "search" and self.search is not None:
+            raise ValueError(f"step '{self.name}' of kind {self.kind} takes no 'search' (only kind search does)")
         if self.kind in ("quantize", "qat") and self.spec is None:
             raise ValueError(f"step '{self.name}' of kind {self.kind} needs a 'spec'")
         if self.spec is not None and (self.kind == "qat") != (self.spec.method == "qat"):
@@ -85,6 +95,8 @@ class Policy(Strict):
             for i, s in enumerate(steps):
                 if target == "cuda" and s.spec is not None and s.spec.method == "gguf":
                     raise ValueError(f"steps.cuda.{i}: method gguf runs on llama.cpp, not on the cuda target")
+                if target == "cuda" and s.kind == "search":
+                    raise ValueError(f"steps.cuda.{i}: kind search writes GGUF for llama.cpp, not for the cuda target")
                 unknown = [r for r in s.retry if r not in names[:i]]
                 if unknown:
                     raise ValueError(f"steps.{target}.{i}.retry: no earlier step named {', '.join(unknown)}")

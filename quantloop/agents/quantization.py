@@ -95,6 +95,9 @@ class QuantizationAgent:
         if budget is not None and planned.expect_minutes and state.active_s / 60 + planned.expect_minutes > budget:
             return skipped(planned, f"the step takes about {planned.expect_minutes:g} min and the run has spent "
                                     f"{state.active_s / 60:.1f} of its {budget:g} min; raise max_minutes in the policy to try it")
+        if planned.kind == "search" and planned.spec is None:  # the searched map becomes the spec, then as a quantize step
+            from quantloop.agents.search_step import search_attempt
+            return search_attempt(planned, state, self.attempt, skipped)
         if state.policy.validation.precheck_size and (too_big := self.size_precheck(planned, state)):
             return skipped(planned, too_big)
         spec = with_run_time_limit(spec, state)

@@ -33,6 +33,13 @@ def _types(s: str) -> list[str]:
     return [t.strip().upper() for t in s.split(",") if t.strip()]
 
 
+def _margin(s: str) -> float:
+    value = float(s)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{s} is below 0 bits per weight")
+    return value
+
+
 def cmd_sensitivity(a) -> int:
     from quantloop.search.schemas import SensitivityRequest
     from quantloop.tools.sensitivity import measure_sensitivity
@@ -62,7 +69,7 @@ def search_request(a):
         model=a.model, text=_texts(a.text, "validation", a.chunks, a.seqlen),
         sensitivity_text=_texts(a.text, "calibration", a.sens_chunks, a.seqlen), test_text=_texts(a.text, "test", a.chunks, a.seqlen),
         types=_types(a.types), granularity=a.granularity, budgets_bpw=[float(x) for x in a.budgets.split(",") if x.strip()],
-        max_bpw=a.max_bpw, seed_maps=a.seed_map or [], trials=a.trials, workers=a.workers, sampler=a.sampler, population=a.population, storage=a.storage,
+        max_bpw=a.max_bpw, bpw_margin=a.bpw_margin, seed_maps=a.seed_map or [], trials=a.trials, workers=a.workers, sampler=a.sampler, population=a.population, storage=a.storage,
         study=a.study, resume=a.resume, target=a.target, speed_tokens=a.speed_tokens, speed_repeats=a.speed_repeats,
         out_dir=a.out, validate_front=a.validate_front, tracking_uri=a.tracking_uri, seed=a.seed, threads=a.threads)
 
@@ -134,6 +141,8 @@ def add_search_commands(subparsers) -> None:
     s.add_argument("--sens-chunks", type=int, default=2, help="calibration windows per domain for the sensitivity table (default: 2)")
     s.add_argument("--budgets", default="5.0,5.5,6.2", help="bits-per-weight budgets of the greedy/ILP seeds (default: 5.0,5.5,6.2; one below the smallest possible file is refused)")
     s.add_argument("--max-bpw", type=float, help="do not measure candidates above this many bits per weight")
+    s.add_argument("--bpw-margin", type=_margin, default=0.3, help="without --max-bpw, candidates above the largest budget plus "
+                   "this many bits per weight are not measured (default: 0.3)")
     s.add_argument("--seed-map", action="append", metavar="FILE", help="a precision map (JSON/YAML) to measure first (repeatable)")
     s.add_argument("--trials", type=int, default=20, help="finished trials the study should hold in total (default: 20)")
     s.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1; 0: only create the study, or with --resume only report, while `search-worker`s run the trials)")
