@@ -10,6 +10,7 @@ map to quantize_model like any quantize step. No member fits: the attempt is ski
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable, Literal
@@ -52,14 +53,24 @@ def search_settings(policy, step_name: str) -> SearchStep:
     return next(s.search for s in policy.plan_steps() if s.name == name)
 
 
-def budget_bpw(settings: SearchStep, acceptance_spec: str | Path) -> float:
-    """The step's max_bpw, or the INT4 size bar as bits per weight (an F16 file holds 16 bits per weight)."""
+def budget_bpw(settings: SearchStep, acceptance_spec: str | Path, checkpoint: str | Path) -> float:
+    """The step's max_bpw, or the INT4 size bar of the checkpoint as bits per weight: the whole file at most its
+    F16 GGUF's bytes / the bar, less the header (tokenizer and metadata), over all weights (about 4.49 on SmolLM2
+    at 3.5x, not 16 / 3.5)."""
     if settings.max_bpw is not None:
         return settings.max_bpw
+    from quantloop.gguf.llamacpp import read_metadata
+    from quantloop.models.checkpoints import resolve_model
+    from quantloop.search.tensors import model_tensors
     from quantloop.specs import load_quality_spec
     from quantloop.tools.validate import required_size_ratio
 
-    return round(16 / required_size_ratio(load_quality_spec(acceptance_spec).acceptance, 4), 3)
+    gguf = resolve_model(checkpoint).gguf
+    if gguf is None:
+        raise InputError(Path(checkpoint), "a search step without max_bpw needs the model's F16 GGUF", "run `quantloop prepare` on it")
+    ratio = required_size_ratio(load_quality_spec(acceptance_spec).acceptance, 4)
+    header = read_metadata(gguf)["data_offset"]
+    return math.floor(8000 * (gguf.stat().st_size / ratio - header) / model_tensors(gguf).n_weights) / 1000  # down: within the bar
 
 
 def existing_result(settings: SearchStep) -> Path | None:
@@ -143,7 +154,7 @@ def search_attempt(planned, state, quantize: Callable, skip: Callable):
     settings = search_settings(state.policy, planned.step)
     t0 = time.perf_counter()
     try:
-        budget = budget_bpw(settings, state.acceptance_spec)
+        budget = budget_bpw(settings, state.acceptance_spec, planned.checkpoint)
         result_json, found = finished_search(settings, planned, state.dataset_dir, budget)
         spec = spec_for_budget(result_json, budget, settings.max_kld)
     except Exception as e:  # noqa: BLE001 — the loop goes on; the attempt records why
