@@ -29,8 +29,8 @@ class SearchStep(Strict):
 
     result: str | None = Field(None, description="a finished search's search_result.json (relative: to the working folder, "
                                                  "then to the repository root); missing: a short search runs on the checkpoint")
-    max_bpw: float | None = Field(None, gt=0, description="bits per weight of the picked front member at most (default: 16 / the "
-                                                          "acceptance spec's INT4 size ratio, 3.5x -> 4.57)")
+    max_bpw: float | None = Field(None, gt=0, description="bits per weight of the picked front member at most (default: the "
+                                                          "INT4 size bar in bits per weight of the checkpoint's file, 4.499 on SmolLM2)")
     max_kld: float | None = Field(None, gt=0, description="mean KLD of the picked member at most (test split where validated)")
     text: list[str] = Field(default_factory=list, description="prepared datasets (names under SLM/datasets, or folders) the short "
                                                               "search measures on (default: the run's dataset)")
