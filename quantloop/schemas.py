@@ -355,8 +355,9 @@ class QuantSpec(Strict):
     qat_init: Literal["teacher", "gptq"] = Field("teacher", description="method 'qat': start from the float weights rounded to "
                                                  "the grid (teacher) or from act-order GPTQ on the same grid, whose block scales "
                                                  "the training then learns (gptq)")
-    qat_max_minutes: float | None = Field(None, gt=0, description="method 'qat': time limit of the training (GPTQ start "
-                                          "included; export not): the planned steps shrink to fit, at the measured seconds per step")
+    qat_max_minutes: float | None = Field(None, gt=0, description="method 'qat': time limit of the step up to its export (the "
+                                          "size budget's measurement, the GPTQ start and the training): the planned steps shrink "
+                                          "to fit, at the measured seconds per step")
     seed: int = 0
 
     def uses_calibration(self) -> bool:

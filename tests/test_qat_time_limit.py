@@ -122,3 +122,16 @@ def test_a_step_expected_to_end_past_the_run_budget_is_not_started(tmp_path):
     attempt = QuantizationAgent().attempt(planned, state)
     assert attempt.status == "skipped" and "about 16 min" in attempt.note and "20.0 of its 30 min" in attempt.note
     assert not (tmp_path / "out").exists()
+
+
+def test_the_time_limit_counts_from_the_start_of_the_step():
+    """What quantize_model spent before the trainer (the size budget's sensitivity, the calibration text) is paid
+    from the QAT time limit; other methods are untouched."""
+    from quantloop.tools.quantize import time_left_for_training
+
+    qat = QuantSpec(method="qat", gguf_type="IQ4_NL", qat_max_minutes=10.0)
+    left = time_left_for_training(qat, time.perf_counter() - 120).qat_max_minutes
+    assert 7.9 < left < 8.01, left
+    assert time_left_for_training(qat, time.perf_counter() - 3600).qat_max_minutes == pytest.approx(0.05)
+    gptq = QuantSpec(method="gptq", gguf_type="IQ4_NL", act_order=True)
+    assert time_left_for_training(gptq, time.perf_counter() - 120) == gptq

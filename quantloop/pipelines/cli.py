@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of the dataset's calibration split")
     s.add_argument("--qat-steps", type=int, default=200, help="--method qat: optimizer steps (default: 200)")
     s.add_argument("--qat-minutes", type=float, default=None, metavar="M",
-                   help="--method qat: train for at most M minutes (the GPTQ start included, the export not); the steps "
-                        "shrink to fit at the measured seconds per step (default: no limit)")
+                   help="--method qat: at most M minutes up to the export (size budget, GPTQ start and training); the "
+                        "steps shrink to fit at the measured seconds per step (default: no limit)")
     s.add_argument("--qat-init", choices=["teacher", "gptq"], default="teacher",
                    help="--method qat: start from the float weights rounded to the grid (teacher, the default) or from "
                         "act-order GPTQ on the same grid, then learn the block scales too (gptq)")

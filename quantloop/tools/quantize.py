@@ -48,6 +48,16 @@ def apply_size_budget(model, spec: QuantSpec) -> tuple[QuantSpec, list[str]]:
                     f"(least measured KLD per byte): {moved}"]
 
 
+def time_left_for_training(spec: QuantSpec, started: float) -> QuantSpec:
+    """A QAT spec's time limit counts from the start of quantize_model: the size budget's sensitivity measurement
+    and the calibration text are paid from it, and the trainer gets what is left (at least a few seconds, which
+    leave it its GPTQ start and no step)."""
+    if spec.method != "qat" or not spec.qat_max_minutes:
+        return spec
+    spent = (time.perf_counter() - started) / 60
+    return spec.model_copy(update={"qat_max_minutes": max(spec.qat_max_minutes - spent, 0.05)})
+
+
 def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
     from quantloop.paths import QUANTIZED_DIR
 
@@ -58,6 +68,7 @@ def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
 
 def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSpec, overwrite: bool = False) -> QuantizationResult:
     """Resolve the model, check what the backend needs, get the calibration once, run the backend, record."""
+    started = time.perf_counter()
     model = resolve_model(checkpoint)
     check_architecture(model, spec.method)
     out = Path(output_dir)
@@ -76,6 +87,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
         job = BackendJob(model=model, spec=spec, work_dir=tmp, name=model.manifest.name if model.manifest else model.path.stem)
         backend.check(job)
         job.sequences, job.text_file, calib_digest = calibration_for(needs, spec, model, tmp)
+        job.spec = time_left_for_training(spec, started)
         output = backend.quantize(job)
         if output.planned_types:  # a precision map is a promise: every tensor has the type it planned
             check_written_types(output.model_path, output.planned_types, backend.writer)
