@@ -343,3 +343,9 @@ def test_quantize_model_qat_from_gptq_starts_at_gptqs_solution(tiny_prepared, tm
     tb = {t.name: t for t in GGUFReader(b.model_path).tensors}
     moved = [n for n in ta if n.endswith("attn_q.weight") and not np.array_equal(ta[n].data, tb[n].data)]
     assert moved  # GPTQ moved codes off round-to-nearest
+    # the tied embedding starts from GPTQ as the output projection too (the GPTQ step's head), not from rounding
+    assert ta["token_embd.weight"].tensor_type == tb["token_embd.weight"].tensor_type
+    assert not np.array_equal(ta["token_embd.weight"].data, tb["token_embd.weight"].data)
+    # from GPTQ every weight is on its grid already: one global stage, no per-layer sensitivity pass
+    result_b = json.loads((tmp_path / "b" / "qat_result.json").read_text())
+    assert result_b["sensitivity"] == {} and [s["stage"] for s in result_b["stages"]] == ["global"]

@@ -132,16 +132,20 @@ def _check(cfg: QATConfig) -> None:
         raise InputError(None, f"QAT teacher_top_k must be >= 0, not {cfg.teacher_top_k}", "use 256, or 0 for the full vocabulary")
 
 
-def _gptq_start(student, train: torch.Tensor, cfg: QATConfig, gguf_type: str) -> dict[str, torch.Tensor]:
-    """Act-order GPTQ of the student's linears onto their grids, in place; returns GGUF name -> GPTQ's block scales
-    for the level types (the others start from GPTQ's weights and take llama.cpp's grid of them)."""
+def _gptq_start(student, train: torch.Tensor, cfg: QATConfig, gguf_type: str, emb_type: str | None) -> dict[str, torch.Tensor]:
+    """Act-order GPTQ of the student's linears onto their grids, and of the output projection (a tied embedding
+    included) onto the embedding's grid when that is a block type, in place, as the GPTQ step does; returns GGUF
+    name -> GPTQ's block scales for the level types (the others start from GPTQ's weights and take llama.cpp's
+    grid of them)."""
+    from quantloop.gguf.block_types import FLOAT_TYPES
     from quantloop.backends.gptq_gguf import gptq_gguf_model_
     from quantloop.gguf.learned_scales import has_levels
     from quantloop.gguf.torch_grid import linear_types
 
     blocks: dict = {}
     gptq_gguf_model_(student, train.tolist(), linear_types(student, gguf_type, cfg.tensor_types), batch_size=cfg.batch_size,
-                     act_order=True, progress=cfg.progress, blocks=blocks)
+                     act_order=True, progress=cfg.progress, blocks=blocks,
+                     head_type=emb_type if emb_type and emb_type not in FLOAT_TYPES else None)
     return {name: torch.from_numpy(qb.scales.astype("float32")) for name, (t, qb) in blocks.items() if has_levels(t)}
 
 
@@ -190,7 +194,7 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
         from quantloop.gguf.export import llama_embedding_type
 
         emb_type = llama_embedding_type(gguf_type, student.get_input_embeddings().weight.shape[1])
-    start_scales = _gptq_start(student, train, cfg, gguf_type) if cfg.init == "gptq" else None
+    start_scales = _gptq_start(student, train, cfg, gguf_type, emb_type) if cfg.init == "gptq" else None
     timings["init_s"] = round(time.perf_counter() - t0, 2)
     grids = wrap_student(student, gguf_type, cfg.tensor_types, emb_type, cfg.learn_scales, start_scales)
     linears = {n: g for n, g in grids.items() if n.startswith("blk.")}
