@@ -282,3 +282,19 @@ def test_iq4_nl_nearest_level_is_best_index_int8_at_every_midpoint():
     x = (centres.view(np.int32)[:, None] + np.arange(-1000, 1001, dtype=np.int32)).view(np.float32).ravel()
     x = np.concatenate([x, -x])
     np.testing.assert_array_equal(best_index(x), [c_best_index(v) for v in x])
+
+
+def test_iq4nl_level_lookup_equals_a_binary_search_at_every_midpoint():
+    """best_index reads a table by floor(2 x); it must count the midpoints <= x exactly as a binary search does,
+    at the midpoints, one float32 step either side, and at NaN, infinities, huge and tiny values."""
+    import numpy as np
+
+    from quantloop.gguf.rounding_lowbit import IQ4NL_MIDS, best_index
+
+    m = IQ4NL_MIDS.astype(np.float32)
+    edge = np.concatenate([m, np.nextafter(m, np.float32(-1e9)), np.nextafter(m, np.float32(1e9)),
+                           np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 0.0, -0.0, 1e-30, -1e-30, 256, -256, 255.9,
+                                     -255.9, 128.5], np.float32)]).astype(np.float32)
+    x = (np.random.default_rng(0).standard_normal((4096, 32)) * 90).astype(np.float32)
+    for arr in (edge, x):
+        np.testing.assert_array_equal(best_index(arr), np.searchsorted(m, arr, side="right"))

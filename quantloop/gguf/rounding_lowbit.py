@@ -24,11 +24,22 @@ IQ4NL_NTRY = 7  # quantize_iq4_nl's scale search: 2 * 7 + 1 trial scales after t
 IQ4NL_MIDS = (IQ4NL_LEVELS[:-1] + IQ4NL_LEVELS[1:]) / F32(2)  # half-integers, exact
 
 
+# The midpoints are multiples of 1/2 in -115.5..101, so "mid <= x" is "2 mid <= floor(2 x)" (2 x and its floor are
+# exact): a table over floor(2 x) in -256..256 counts the midpoints at or below each value.
+_TWICE_MIDS = (2 * IQ4NL_MIDS).astype(np.int64)
+_COUNT_AT = np.searchsorted(_TWICE_MIDS, np.arange(-256, 257), side="right").astype(np.intp)
+
+
 def best_index(x: np.ndarray) -> np.ndarray:
     """ggml-quants.c best_index_int8 over the IQ4_NL levels: the index of the level nearest x (float32), the upper
     one on a tie. Its test x - lo < hi - x is exact in float32 wherever x is near the midpoint of lo and hi (both
-    differences are then exact), so it is x < (lo + hi) / 2: the index is the number of midpoints <= x."""
-    return np.searchsorted(IQ4NL_MIDS, x, side="right")
+    differences are then exact), so it is x < (lo + hi) / 2: the index is the number of midpoints <= x, read from
+    a table by floor(2 x) (five times faster than a binary search; equal to np.searchsorted(IQ4NL_MIDS, x, "right"),
+    NaN and +inf counting every midpoint, as there)."""
+    with np.errstate(invalid="ignore"):
+        twice = np.floor(np.asarray(x, dtype=np.float32) * np.float32(2))
+        twice = np.nan_to_num(twice, nan=256.0, posinf=256.0, neginf=-256.0)
+        return _COUNT_AT[np.clip(twice, -256, 256).astype(np.intp) + 256]
 
 
 def quantize_iq4_nl(w: np.ndarray) -> QuantBlocks:
