@@ -33,7 +33,6 @@ class StepPlan:
     """Steps per stage (the last entry: the global fine-tune) and a deadline (time.perf_counter seconds) or None."""
 
     def __init__(self, counts: list[int], deadline: float | None = None, clock=time.perf_counter):
-        self.planned = list(counts)
         self.counts = list(counts)
         self.deadline = deadline
         self.clock = clock
@@ -45,6 +44,10 @@ class StepPlan:
     def total(self) -> int:
         """Steps of the whole run as now planned (taken + still to take)."""
         return sum(self.counts)
+
+    @property
+    def steps_taken(self) -> int:
+        return sum(self.taken)
 
     def begin(self) -> None:
         """Start the clock of the training steps; fits the plan to the time left (none when the limit has passed)."""
@@ -59,7 +62,7 @@ class StepPlan:
         if self.deadline is None or self.started is None:
             return
         now = self.clock()
-        rate = (now - self.started) / sum(self.taken)
+        rate = (now - self.started) / self.steps_taken
         self._fit(int((self.deadline - now) / rate) if rate > 0 else 0)
 
     def stop_stage(self, stage: int) -> None:

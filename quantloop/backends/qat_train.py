@@ -137,8 +137,8 @@ def _gptq_start(student, train: torch.Tensor, cfg: QATConfig, gguf_type: str, em
     included) onto the embedding's grid when that is a block type, in place, as the GPTQ step does; returns GGUF
     name -> GPTQ's block scales for the level types (the others start from GPTQ's weights and take llama.cpp's
     grid of them)."""
-    from quantloop.gguf.block_types import FLOAT_TYPES
     from quantloop.backends.gptq_gguf import gptq_gguf_model_
+    from quantloop.gguf.block_types import FLOAT_TYPES
     from quantloop.gguf.learned_scales import has_levels
     from quantloop.gguf.torch_grid import linear_types
 
@@ -297,7 +297,6 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
         enable(linears)
         record(0)
     stages = []
-    done = 0
     enabled: list[str] = []
     bar = tqdm(total=plan.total, desc=f"QAT {gguf_type}", unit="step", disable=not cfg.progress)
 
@@ -307,6 +306,7 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
         bar.total = plan.total
         bar.update(1)
         bar.set_postfix(stage=label, kl=f"{kl:.4g}")
+        record(plan.steps_taken)
         return kl
 
     plan.begin()
@@ -321,7 +321,6 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
             while plan.left(gi) > 0:
                 advance(gi, gi + 1)
                 taken = plan.taken[gi]
-                record(done + taken)
                 # check on the held-out batch (batch KLs are too noisy to compare)
                 if cfg.check_every and taken % cfg.check_every == 0 and plan.left(gi) > 0:
                     now = eval_kl(eval_batch, eval_teacher)
@@ -329,21 +328,19 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
                         early = True
                         plan.stop_stage(gi)
             end = eval_kl(eval_batch, eval_teacher)
-            done += plan.taken[gi]
             stages.append({"stage": gi + 1, "layers": group, "steps": plan.taken[gi], "start_kl": start, "end_kl": end,
                            "early_stop": early})
         enable(linears)
         start = eval_kl(eval_batch, eval_teacher)
         while plan.left(len(groups)) > 0:
             advance(len(groups), "global")
-            done += 1
-            record(done)
         student.eval()
         trained = eval_kl(eval_batch, eval_teacher)
         stages.append({"stage": "global", "layers": list(layers), "steps": plan.taken[-1], "start_kl": start, "end_kl": trained,
                        "early_stop": False})
     finally:
         bar.close()
+    done = plan.steps_taken
     blocks = unwrap_student(student)
     for p in student.parameters():
         p.requires_grad_(False)

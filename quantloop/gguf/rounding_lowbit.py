@@ -34,7 +34,7 @@ def best_index(x: np.ndarray) -> np.ndarray:
     """ggml-quants.c best_index_int8 over the IQ4_NL levels: the index of the level nearest x (float32), the upper
     one on a tie. Its test x - lo < hi - x is exact in float32 wherever x is near the midpoint of lo and hi (both
     differences are then exact), so it is x < (lo + hi) / 2: the index is the number of midpoints <= x, read from
-    a table by floor(2 x) (five times faster than a binary search; equal to np.searchsorted(IQ4NL_MIDS, x, "right"),
+    a table by floor(2 x) (2.3 times faster than a binary search on 2M values; equal to np.searchsorted(IQ4NL_MIDS, x, "right"),
     NaN and +inf counting every midpoint, as there)."""
     with np.errstate(invalid="ignore"):
         twice = np.floor(np.asarray(x, dtype=np.float32) * np.float32(2))
