@@ -21,6 +21,12 @@ class InputError(Exception):
         return f"{where}{self.problem}{fix}"
 
 
+def crash_line(e: Exception, limit: int = 300) -> str:
+    """One line for an unexpected exception: its type and the first line of its message (at most `limit` characters)."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 OS_FIXES = {
     errno.EROFS: "write to a writable file system (--out, or QUANTLOOP_SLM_DIR for the run's outputs)",
     errno.ENOSPC: "free some space or write to another disk",

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
-from quantloop.errors import InputError
+from quantloop.errors import InputError, crash_line
 from quantloop.fileio import write_text_atomic
 from quantloop.schemas import CompareRequest, QuantSpec, ValidationReport, ValidationRequest
 
@@ -112,7 +112,7 @@ class QuantizationAgent:
                 return skipped(planned, reason)
             if isinstance(e, InputError):
                 return skipped(planned, f"cannot run on this input: {e.line()}")
-            return skipped(planned, f"quantizer failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", status="failed")
+            return skipped(planned, f"quantizer failed: {crash_line(e)}", status="failed")
         return Attempt(index=planned.index, step=planned.step, kind=planned.kind, method=spec.method, bits=spec.bits,
                        checkpoint=planned.checkpoint, output_dir=str(out), status="quantized", quantization=result,
                        wall_s=time.perf_counter() - t0)

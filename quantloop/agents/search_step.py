@@ -4,7 +4,7 @@ bits-per-weight budget.
 The step reads a finished search's result (`quantloop search` writes search_result.json) or, when there is
 none, runs a short search on the attempt's checkpoint first (next to the attempt's folder, in `<folder>.search`:
 the attempt's own folder is replaced when the model is written). Of the search's front it takes the member with
-the lowest measured KLD that fits `max_bpw` (and `max_kld`), tools/search.py's spec_for_budget, and hands that
+the lowest measured KLD that fits `max_bpw` (and `max_kld`), tools/search.py's best_precision_map_for_budget, and hands that
 map to quantize_model like any quantize step. No member fits: the attempt is skipped with the reason.
 """
 
@@ -17,7 +17,7 @@ from typing import Callable, Literal
 
 from pydantic import Field
 
-from quantloop.errors import InputError
+from quantloop.errors import InputError, crash_line
 from quantloop.schemas import Strict
 
 SEARCH_STUDY = "policy-search"
@@ -131,7 +131,9 @@ def no_fit_reason(result_json: Path, budget: float, max_kld: float | None) -> st
 
 
 def member_note(member, found: str) -> str:
-    kld = member.test_kld_mean if member.test_kld_mean is not None else member.measured.kld_mean
+    from quantloop.tools.search import member_kld
+
+    kld = member_kld(member)
     return (f"front member trial {member.trial} ({member.origin}, {member.measured.bits_per_weight:.3f} bits per weight, "
             f"mean KLD {kld:.4f}), map {member.map_yaml}; {found}")
 
@@ -140,8 +142,7 @@ def search_failure(planned, err: Exception, skip: Callable):
     """The attempt when the search itself could not run: skipped for bad input (a missing tool too), failed for a crash."""
     if isinstance(err, InputError):
         return skip(planned, f"the search cannot run on this input: {err.line()}")
-    return skip(planned, f"the search failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}",
-                status="failed")
+    return skip(planned, f"the search failed: {crash_line(err)}", status="failed")
 
 
 def search_attempt(planned, state, quantize: Callable, skip: Callable):
@@ -149,19 +150,19 @@ def search_attempt(planned, state, quantize: Callable, skip: Callable):
     from the step's result, or from a short search run now, and quantize to it with `quantize` (the QuantizationAgent's
     attempt, given the planned attempt with the map as its spec), or `skip` it with the reason. The note names the
     front member. (The agent passes both in: this module is imported by policy.py and imports no agent.)"""
-    from quantloop.tools.search import best_precision_map_for_budget, spec_for_budget
+    from quantloop.tools.search import best_precision_map_for_budget, member_spec
 
     settings = search_settings(state.policy, planned.step)
     t0 = time.perf_counter()
     try:
         budget = budget_bpw(settings, state.acceptance_spec, planned.checkpoint)
         result_json, found = finished_search(settings, planned, state.dataset_dir, budget)
-        spec = spec_for_budget(result_json, budget, settings.max_kld)
+        member = best_precision_map_for_budget(result_json, budget, settings.max_kld)
+        spec = None if member is None else member_spec(member)
     except Exception as e:  # noqa: BLE001 — the loop goes on; the attempt records why
         return search_failure(planned, e, skip)
     if spec is None:
         return skip(planned, no_fit_reason(result_json, budget, settings.max_kld))
-    member = best_precision_map_for_budget(result_json, budget, settings.max_kld)
     search_s = time.perf_counter() - t0
     attempt = quantize(planned.model_copy(update={"spec": spec}), state)
     note = member_note(member, found) + (f"; {attempt.note}" if attempt.note else "")

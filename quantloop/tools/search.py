@@ -227,20 +227,27 @@ def best_precision_map_for_budget(result_json: str | Path, budget_bpw: float, ma
         raise InputError(path, "no search result", "run `quantloop search` first")
     result = SearchResult.model_validate_json(path.read_text())
     fits = [m for m in result.front if m.measured.bits_per_weight <= budget_bpw and m.map_yaml]
-    key = lambda m: m.test_kld_mean if m.test_kld_mean is not None else m.measured.kld_mean  # noqa: E731
-    fits = [m for m in fits if max_kld is None or key(m) <= max_kld]
-    return min(fits, key=key) if fits else None
+    fits = [m for m in fits if max_kld is None or member_kld(m) <= max_kld]
+    return min(fits, key=member_kld) if fits else None
 
 
-def spec_for_budget(result_json: str | Path, budget_bpw: float, max_kld: float | None = None):
-    """The QuantSpec (method gguf, one type per tensor) of best_precision_map_for_budget's pick, or None: what the
-    QuantizationAgent passes to quantize_model."""
+def member_kld(member: FrontMember) -> float:
+    """A front member's mean KLD: on the test split where it was validated, else as the search measured it."""
+    return member.test_kld_mean if member.test_kld_mean is not None else member.measured.kld_mean
+
+
+def member_spec(member: FrontMember):
+    """The QuantSpec (method gguf, one type per tensor) of a front member's precision map."""
     import yaml
 
     from quantloop.schemas import QuantSpec
 
-    member = best_precision_map_for_budget(result_json, budget_bpw, max_kld)
-    if member is None:
-        return None
     fields = {k: v for k, v in yaml.safe_load(Path(member.map_yaml).read_text()).items() if k != "quantloop_search"}
     return QuantSpec(**fields)
+
+
+def spec_for_budget(result_json: str | Path, budget_bpw: float, max_kld: float | None = None):
+    """The QuantSpec of best_precision_map_for_budget's pick, or None: what the QuantizationAgent passes to
+    quantize_model."""
+    member = best_precision_map_for_budget(result_json, budget_bpw, max_kld)
+    return None if member is None else member_spec(member)
