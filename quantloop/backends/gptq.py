@@ -3,8 +3,8 @@
 GPTQModel 7.6.0 is the last release that installs beside torch 2.13 (7.7 needs
 torch >= 2.14.1). On CPU:
 
-- quantization runs with ``GPTQMODEL_CPU_WORKERS`` (set here to the core count,
-  at most 2 unless the caller set it); AWQ must be given
+- quantization runs with ``GPTQMODEL_CPU_WORKERS`` worker threads: the caller's
+  number, at least 2 (GPTQModel's model loader fails with 1; set_env); AWQ must be given
   ``backend=BACKEND.AWQ_TORCH`` (the default AWQ_GEMM kernel is CUDA only);
 - calibration is always the caller's token ids: GPTQModel never sees a dataset
   name, so it never fetches one;

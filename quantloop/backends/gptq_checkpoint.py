@@ -16,8 +16,15 @@ from quantloop.fileio import read_hf_config
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+# GPTQModel 7.6.0's model-loader pool asks for 2 CPU workers: with 1 every load fails ("Virtual pool
+# 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"); the workers are threads, so 2 is cheap
+MIN_CPU_WORKERS = 2
+
+
 def set_env() -> None:
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+    workers = os.environ.get("GPTQMODEL_CPU_WORKERS", "")
+    if not workers.isdigit() or int(workers) < MIN_CPU_WORKERS:
+        os.environ["GPTQMODEL_CPU_WORKERS"] = str(MIN_CPU_WORKERS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -207,30 +214,92 @@ def read_quantized_linear(out_dir: Path, name: str) -> QuantizedLinear:
                            zeros=zeros.to(torch.uint8).contiguous(), g_idx=g_idx.to(torch.int32))
 
 
-def export_gptq_to_gguf(gptq_dir: Path, float_dir: Path, out_file: Path, gguf_type: str, report: dict | None = None) -> Path:
-    """Write the codes and scales of a GPTQModel checkpoint into a GGUF of `gguf_type` as they are (packed by
-    pack_from_codes; a zero point becomes Q4_1/Q5_1's fp16 offset m = -scale * zero, the one rounding on the way),
-    or refuse. The float checkpoint the converter reads holds exactly what the blocks dequantize to."""
+def join_rows(name: str, parts: list[QuantizedLinear]) -> QuantizedLinear:
+    """One linear from the parts GPTQModel defused it into (Phi-3's gate_up_proj -> gate_proj, up_proj): their
+    output rows stacked in order, each row keeping its own codes, scales and zero points."""
+    import torch
+
+    first = parts[0]
+    if any(not torch.equal(p.g_idx, first.g_idx) for p in parts):
+        raise ValueError(f"{name}: its defused parts group their input columns differently; no one GGUF tensor holds that")
+    return QuantizedLinear(name=name, method=first.method, bits=first.bits, group_size=first.group_size,
+                           symmetric=first.symmetric, g_idx=first.g_idx,
+                           **{k: torch.cat([getattr(p, k) for p in parts]) for k in ("codes", "scales", "zeros")})
+
+
+def table_linears(gptq_dir: Path, arch) -> list[QuantizedLinear]:
+    """Every quantized linear of a checkpoint under the architecture table's names: the parts of a linear GPTQModel
+    defused (arch.defused) joined back into it."""
+    import re
+
+    defused = {part: (fused, parts) for fused, parts in (arch.defused if arch else ()) for part in parts}
+    out, joined = [], set()
+    for name in quantized_linear_names(gptq_dir):
+        prefix, module = re.fullmatch(r"(.*\.layers\.\d+\.)(.*)", name).groups()
+        if module not in defused:
+            out.append(read_quantized_linear(gptq_dir, name))
+        elif (fused := prefix + defused[module][0]) not in joined:
+            joined.add(fused)
+            out.append(join_rows(fused, [read_quantized_linear(gptq_dir, prefix + p) for p in defused[module][1]]))
+    return out
+
+
+def changed_float_tensors(gptq_dir: Path, float_dir: Path) -> dict:
+    """The unquantized tensors the quantizer rewrote: AWQ folds its input scales into the norm before q/k/v and
+    gate/up (norm / s, W * s). The checkpoint stores every float tensor in float16; one that is not the float
+    model's own tensor rounded to float16 was changed, and the checkpoint's is the model's."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict:
+        out = {}
+        for f in weight_files(Path(folder)):
+            with safe_open(str(f), framework="pt") as st:
+                out.update({k: st.get_tensor(k) for k in st.keys()})
+        return out
+
+    originals = tensors(float_dir)
+    return {k: v.float() for k, v in tensors(gptq_dir).items()
+            if k in originals and v.is_floating_point() and not torch.equal(v.half(), originals[k].half())}
+
+
+def on_grid_model(gptq_dir: Path, float_dir: Path, gguf_type: str):
+    """The float transformers model a GPTQModel checkpoint stands for, as `gguf_type` blocks hold it: every quantized
+    linear's codes and scales packed into blocks (a zero point becomes Q4_1/Q5_1's fp16 offset m = -scale * zero,
+    the one rounding on the way) and the weight set to what they dequantize to; the tensors the quantizer rewrote
+    (AWQ's norms) from the checkpoint. Returns (model, {GGUF tensor name: (gguf_type, QuantBlocks)})."""
     import torch
 
     from quantloop.gguf import blocks as gb
-    from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.gguf.architectures import of_config
     from quantloop.gguf.tensor_names import gguf_tensor_name
-    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
+    from quantloop.models.checkpoints import load_hf_model
 
     model = load_hf_model(Path(float_dir))
     params = dict(model.named_parameters())
     blocks = {}
     with torch.no_grad():
-        for name in quantized_linear_names(gptq_dir):
-            q = read_quantized_linear(gptq_dir, name)
+        for name, value in changed_float_tensors(gptq_dir, float_dir).items():
+            params[name].copy_(value)
+        for q in table_linears(gptq_dir, of_config(model.config)):
             if not q.trivial_groups:
-                raise ValueError(f"{name}: act-order permutes groups; no GGUF block type holds that")
+                raise ValueError(f"{q.name}: act-order permutes groups; no GGUF block type holds that")
             zeros = None if q.symmetric else q.zeros.numpy()
             raw = gb.pack_from_codes(q.codes.numpy(), q.scales.numpy(), gguf_type, zeros, q.group_size)
-            blocks[gguf_tensor_name(name)] = (gguf_type, gb.unpack(raw, gguf_type))
-            params[f"{name}.weight"].copy_(torch.from_numpy(gb.dequantize(raw, gguf_type)))
+            blocks[gguf_tensor_name(q.name)] = (gguf_type, gb.unpack(raw, gguf_type))
+            params[f"{q.name}.weight"].copy_(torch.from_numpy(gb.dequantize(raw, gguf_type)))
+    return model, blocks
+
+
+def export_gptq_to_gguf(gptq_dir: Path, float_dir: Path, out_file: Path, gguf_type: str, report: dict | None = None) -> Path:
+    """Write the codes and scales of a GPTQModel checkpoint into a GGUF of `gguf_type` as they are (packed by
+    pack_from_codes, see on_grid_model), or refuse. The float checkpoint the converter reads holds exactly what the
+    blocks dequantize to."""
+    from quantloop.gguf.export import export_hf_to_gguf
+    from quantloop.models.checkpoints import save_tokenizer
+
+    model, blocks = on_grid_model(gptq_dir, float_dir, gguf_type)
     with tempfile.TemporaryDirectory(dir=Path(out_file).parent, prefix=".gptq-float-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        load_hf_tokenizer(Path(float_dir)).save_pretrained(tmp)
+        save_tokenizer(Path(float_dir), Path(tmp))
         return export_hf_to_gguf(Path(tmp), out_file, gguf_type, blocks=blocks, report=report)

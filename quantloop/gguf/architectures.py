@@ -10,6 +10,9 @@ norm convention, the head, and which quantloop steps run on it. Every module tha
     Gemma 3   Gemma3ForCausalLM   q/k/v/o, gate/up/down   gain 1 + w (the converter writes w + 1), four norms a layer
     Phi-3     Phi3ForCausalLM     qkv (fused), o, gate_up (fused: gate rows then up rows), down
 
+GPTQModel saves Phi-3's gate_up_proj as gate_proj and up_proj (`defused`); the GGUF export stacks their rows
+back. GPTQModel's AWQ cannot run on Gemma 3 or Phi-3 (`refused`, with the reason).
+
 Row permutations only reorder whole rows, so the exact export matches a quantizer's blocks to the converted
 tensor row for row (quantloop.gguf.export); the permutation flag is documentation and a check, not a code path.
 """
@@ -47,6 +50,8 @@ class Architecture:
     permuted_qk: bool = False  # the converter permutes q and k rows (rotary pairs)
     tied_head: bool | None = None  # True: the head is the token embedding; None: as config.tie_word_embeddings says
     refused: tuple[tuple[str, str], ...] = ()  # step -> why it cannot run on this architecture
+    # a fused linear -> the linears GPTQModel defuses it into and saves, whose rows stack into it in this order
+    defused: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -78,12 +83,17 @@ ARCHITECTURES = (
     Architecture("Qwen2", "Qwen2ForCausalLM", ("qwen2",), "qwen2", **LLAMA_LAYOUT),
     Architecture("Qwen3", "Qwen3ForCausalLM", ("qwen3",), "qwen3", **LLAMA_LAYOUT),
     Architecture("Gemma 3", "Gemma3ForCausalLM", ("gemma3_text",), "gemma3", norm_offset=1.0, tied_head=True,
+                 refused=(("awq", "GPTQModel 7.6.0's AWQ scale search calls Gemma 3's rotary embedding without its "
+                                  "layer_type argument and stops in layer 0 (TypeError)"),),
                  **(LLAMA_LAYOUT | dict(mlp_norm="pre_feedforward_layernorm"))),
     Architecture("Phi-3", "Phi3ForCausalLM", ("phi3",), "phi3", qkv=("self_attn.qkv_proj",), out="self_attn.o_proj",
                  gate_up=("mlp.gate_up_proj",), down="mlp.down_proj",
                  gguf_names=(("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"),
                              ("mlp.gate_up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")),
-                 attn_norm="input_layernorm", mlp_norm="post_attention_layernorm"),
+                 attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
+                 defused=(("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),),
+                 refused=(("awq", "GPTQModel 7.6.0's Phi-3 definition names no norms, so AWQ finds no scaling groups "
+                                  "and stops packing qkv_proj (KeyError 'q_zeros')"),)),
 )
 BY_CLASS = {a.hf_class: a for a in ARCHITECTURES}
 BY_MODEL_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
