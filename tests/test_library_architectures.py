@@ -94,24 +94,27 @@ def test_awq_exports_exactly_and_runs_on_llama_cpp(arch, wide, tmp_path, dataset
     quantize_with_gptqmodel(arch, wide, tmp_path, dataset_dir, "awq")
 
 
+def relative_error(ref, logits) -> float:
+    return float(np.sqrt(((logits - ref) ** 2).mean() / ((ref - ref.mean()) ** 2).mean()))
+
+
 @needs["auto_round"]
 @pytest.mark.parametrize("arch", runs("autoround"))
 def test_autoround_gguf_runs_on_llama_cpp_close_to_transformers(arch, wide, tmp_path, dataset_dir):
-    """AutoRound writes its GGUF itself (no on-grid checkpoint to compare with): every decoder linear is Q4_0 and
-    llama.cpp's logits stay as close to the float model's as a 4-bit grid allows."""
+    """AutoRound writes its GGUF itself (no on-grid checkpoint to compare with): every decoder linear is Q4_0, and
+    llama.cpp's logits stay as close to the float model's as llama.cpp's own Q4_0 rounding of the same model."""
     from quantloop.tools.quantize import quantize_model
 
     ckpt = wide(arch)
     result = quantize_model(ckpt, tmp_path / "ar", QuantSpec(method="autoround", gguf_type="Q4_0", calibration=calibration(dataset_dir)))
     types = {t.name: t.tensor_type.name for t in GGUFReader(result.model_path).tensors}
     linears = {n: t for n, t in types.items() if n.startswith("blk.") and t != "F32"}
-    layers = of_config({"architectures": [ARCH_OF[arch].hf_class]})
-    assert set(linears.values()) == {"Q4_0"} and len(linears) % len(layers.linears) == 0, linears
+    assert set(linears.values()) == {"Q4_0"} and len(linears) % len(ARCH_OF[arch].linears) == 0, linears
+    plain = quantize_model(ckpt, tmp_path / "q4", QuantSpec(method="gguf", gguf_type="Q4_0"))
     ids = text_ids(ckpt)
-    ref, runtime = hf_logits(ckpt, ids), llama_logits(result.model_path, ids)
-    rel = np.sqrt(((runtime - ref) ** 2).mean() / ((ref - ref.mean()) ** 2).mean())
-    corr = np.corrcoef(ref.ravel(), runtime.ravel())[0, 1]
-    assert 0.005 < rel < 0.25 and corr > 0.97, (arch, rel, corr)  # moved by the grid, and not more
+    ref = hf_logits(ckpt, ids)
+    ar, rtn = (relative_error(ref, llama_logits(r.model_path, ids)) for r in (result, plain))
+    assert 0.005 < ar < 1.25 * rtn, (arch, ar, rtn)  # moved by the grid, and no further than plain rounding
 
 
 REFUSED = [(a, s) for a in ARCHS for s in ("gptq", "awq", "autoround") if ARCH_OF[a].refusal(s)]

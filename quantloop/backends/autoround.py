@@ -5,7 +5,9 @@ Verified with auto-round 0.15.1 beside torch 2.13.0 (CPU), transformers 5.23.0.
 - With ``spec.gguf_type`` set (``Q4_K_M``, ``Q4_0``, ``Q8_0`` ...), AutoRound
   quantizes with the scheme ``gguf:<type>`` and writes a GGUF itself
   (``format="gguf:<type>"``; needs the ``gguf`` and ``sentencepiece``
-  packages). ``iters=0`` (the default here, :data:`GGUF_ITERS`) is AutoRound's
+  packages), in a child Python that imports the bundled llama.cpp's gguf-py
+  (:func:`run_in_child`: AutoRound's own llama.cpp conversion modules need one
+  that new for Qwen2, Qwen3 and Gemma 3). ``iters=0`` (the default here, :data:`GGUF_ITERS`) is AutoRound's
   recommendation for GGUF: an optimized round-to-nearest whose search is
   weighted by an importance matrix gathered from the calibration data. Sign
   gradient tuning (iters > 0) measured worse on SmolLM2 (see ASSETS.md) and is
@@ -128,35 +130,15 @@ def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(out_dir, "output folder exists and is not empty", "pass a new folder")
 
-    _set_env()
-    import random
-
-    import numpy as np
-    import torch
-    from auto_round import AutoRound
-    from transformers import AutoTokenizer
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    random.seed(spec.seed)
-    np.random.seed(spec.seed % 2**32)
-    torch.manual_seed(spec.seed)
-
-    dataset = [torch.tensor([ids], dtype=torch.long) for ids in calib]
-    common = dict(tokenizer=AutoTokenizer.from_pretrained(str(hf_dir)), dataset=dataset, iters=iters,
-                  nsamples=len(calib), seqlen=len(calib[0]), batch_size=min(8, len(calib)),
-                  seed=spec.seed, device_map=device)
-    skip = [m for m in (getattr(spec, "skip_modules", None) or []) if m != "lm_head"]
-    if skip:
-        common["ignore_layers"] = ",".join(skip)
-
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = out_dir / ".autoround-stage"
+    skip = [m for m in (getattr(spec, "skip_modules", None) or []) if m != "lm_head"]
+    job = dict(hf_dir=str(hf_dir), stage=str(stage), calibration=calib, iters=iters, seed=spec.seed, device=device,
+               ignore_layers=",".join(skip) or None)
     try:
         if spec.gguf_type:
             scheme = gguf_scheme(spec.gguf_type)
-            ar = AutoRound(str(hf_dir), scheme=scheme, **common)
-            ar.quantize_and_save(str(stage), format=scheme)
+            run_in_child(job | dict(scheme=scheme, format=scheme))
             written = sorted(stage.rglob("*.gguf"))
             if len(written) != 1:
                 raise RuntimeError(f"AutoRound wrote {len(written)} GGUF files under {stage}, expected 1: {written}")
@@ -164,9 +146,8 @@ def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list
             os.replace(written[0], target)
             shutil.rmtree(stage)
             return target
-        ar = AutoRound(str(hf_dir), scheme="W4A16", bits=spec.bits, group_size=spec.group_size,
-                       sym=bool(spec.symmetric), **common)
-        ar.quantize_and_save(str(stage), format=fmt)
+        run_autoround(job | dict(scheme="W4A16", format=fmt, bits=spec.bits, group_size=spec.group_size,
+                                 sym=bool(spec.symmetric)))
         # AutoRound may nest its output one level down; flatten it into out_dir.
         files = [p for p in stage.rglob("*") if p.is_file()]
         root = stage if (stage / "config.json").is_file() else files[0].parent
@@ -177,6 +158,51 @@ def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
+
+
+def run_autoround(job: dict) -> None:
+    """One AutoRound quantize_and_save into job["stage"], seeded (job: see quantize_autoround and run_in_child)."""
+    _set_env()
+    import random
+
+    import numpy as np
+    import torch
+    from auto_round import AutoRound
+    from transformers import AutoTokenizer
+
+    seed, calib = job["seed"], job["calibration"]
+    device = job["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    extra = {k: job[k] for k in ("bits", "group_size", "sym", "ignore_layers") if job.get(k) is not None}
+    ar = AutoRound(job["hf_dir"], scheme=job["scheme"], tokenizer=AutoTokenizer.from_pretrained(job["hf_dir"]),
+                   dataset=[torch.tensor([ids], dtype=torch.long) for ids in calib], iters=job["iters"],
+                   nsamples=len(calib), seqlen=len(calib[0]), batch_size=min(8, len(calib)), seed=seed,
+                   device_map=device, **extra)
+    ar.quantize_and_save(job["stage"], format=job["format"])
+
+
+def run_in_child(job: dict) -> None:
+    """run_autoround in a child Python whose `gguf` is the bundled llama.cpp's gguf-py. AutoRound's GGUF writer
+    imports llama.cpp conversion modules (its own copy) that need a gguf-py as new as theirs: under PyPI's gguf
+    0.19 its qwen and gemma modules fail to import (gguf.MODEL_ARCH.DFLASH, GEMMA4_ASSISTANT), which refused
+    Qwen2, Qwen3 and Gemma 3. The bundled llama.cpp's gguf-py is the one quantloop's own converter runs with."""
+    import json
+    import subprocess
+    import sys
+
+    from quantloop.gguf.llamacpp import source_dir
+
+    job_file = Path(job["stage"]).parent / ".autoround-job.json"
+    job_file.write_text(json.dumps(job))
+    path = os.pathsep.join(p for p in (str(source_dir() / "gguf-py"), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "quantloop.backends.autoround", str(job_file)],
+                          env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True)
+    job_file.unlink()
+    if proc.returncode != 0:
+        last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise RuntimeError(f"AutoRound failed (exit {proc.returncode}): {last[0][:300]}")
 
 
 class AutoRoundBackend(Backend):
@@ -197,3 +223,10 @@ class AutoRoundBackend(Backend):
     def quantize(self, job: BackendJob) -> BackendOutput:
         path = quantize_autoround(job.model.hf_dir, job.work_dir, job.spec, job.sequences)
         return BackendOutput(path, f"gguf:{job.spec.gguf_type.upper()}")
+
+
+if __name__ == "__main__":  # run_in_child's child
+    import json
+    import sys
+
+    run_autoround(json.loads(Path(sys.argv[1]).read_text()))
