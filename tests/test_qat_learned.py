@@ -121,7 +121,8 @@ def test_tied_embedding_is_trained_on_its_grid_by_lookup_and_head(tiny_prepared)
     seen = emb.weight.grad.abs().sum(-1) > 0
     assert seen[[5, 9, 11]].all() and seen.sum() > 1000  # the head's gradient reaches tokens the batch never looked up
 
-    cfg = QATConfig(steps=4, batch_size=4, groups=1, progress=False, device="cpu", embedding_type="Q4_0", lr=1e-3)
+    cfg = QATConfig(steps=4, batch_size=4, groups=1, progress=False, device="cpu", embedding_type="Q4_0", lr=1e-3,
+                    keep_better_start=False)  # the tiny model is near its grid: 4 steps need not lower its held-out KL
     out, res, blocks = run_qat(teacher, _calibration(), cfg)
     assert res.trained_embedding and res.embedding_type == "Q4_0"
     w = out.get_input_embeddings().weight.detach().numpy()

@@ -92,6 +92,10 @@ class QATBackend(Backend):
 
         from quantloop.gguf.export import export_note
 
-        exported = json.loads((job.work_dir / "qat_result.json").read_text())["export"]
+        result = json.loads((job.work_dir / "qat_result.json").read_text())
+        notes = [export_note(result["export"])]
+        if result.get("kept_start"):
+            notes.append(f"QAT kept its starting weights ({result['init']}): after {result['steps']} steps the held-out KL "
+                         f"was above the start's {result['rtn_kl']:.4g}")
         return BackendOutput(path, f"gguf:mixed-{spec.preset or 'custom'}" if spec.has_precision_map() else f"gguf:{gguf_type}",
-                             planned, notes=[export_note(exported)])
+                             planned, notes=notes)

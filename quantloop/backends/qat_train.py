@@ -72,6 +72,7 @@ class QATConfig:
     embedding_type: str | None = "auto"  # token embedding / output grid; auto: what llama-quantize picks; None: float
     tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor-name regex -> type (first match wins), else gguf_type
     curve_every: int = 0  # record the held-out KL every this many steps (0: never)
+    keep_better_start: bool = True  # training that ends above the starting held-out KL returns the starting weights
     snapshot_steps: tuple[int, ...] = ()  # steps after which run_qat's `snapshot` receives a copy of the student on its grid
     max_s: float | None = None  # time limit of run_qat (start, sensitivity, training): the steps shrink to fit (qat_schedule)
 
@@ -95,6 +96,7 @@ class QATResult:
     curve: list[dict] = field(default_factory=list)  # (step, held-out KL) along training
     planned_steps: int = 0  # the configured steps; `steps` is fewer when a stage stopped early or the time limit cut the plan
     time_limited: bool = False  # the time limit (QATConfig.max_s) cut the planned steps
+    kept_start: bool = False  # training ended above the starting held-out KL, so the starting weights were kept
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +208,7 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
     scales = [g.scales.log_scale for g in learning if g.scales is not None and cfg.learn_scales]
     for p in weights + scales:
         p.requires_grad_(True)
+    start_values = [p.detach().clone() for p in weights + scales]  # kept if training ends worse than it started
     T, chunk = cfg.temperature, cfg.batch_size
     cache = TeacherCache(teacher, train, cfg.teacher_top_k, T) if cfg.teacher_top_k else None
     eval_teacher = full_logits(teacher, eval_batch, chunk)
@@ -336,10 +339,16 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
             advance(len(groups), "global")
         student.eval()
         trained = eval_kl(eval_batch, eval_teacher)
+        kept_start = cfg.keep_better_start and trained > rtn_kl  # a few steps (a tight time limit) can leave it worse
+        if kept_start:
+            with torch.no_grad():
+                for p, v in zip(weights + scales, start_values):
+                    p.copy_(v)
         stages.append({"stage": "global", "layers": list(layers), "steps": plan.taken[-1], "start_kl": start, "end_kl": trained,
                        "early_stop": False})
     finally:
         bar.close()
+    del start_values
     done = plan.steps_taken
     blocks = unwrap_student(student)
     for p in student.parameters():
@@ -354,7 +363,7 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
                        sensitivity=sensitivity, device=str(device), embedding_type=emb_type,
                        linear_types=dict(Counter(g.gguf_type for g in linears.values())), init=cfg.init,
                        learned_scales=len(scales), trained_embedding=bool(embeddings) and cfg.train_embedding, timings=timings,
-                       curve=curve, planned_steps=cfg.steps, time_limited=plan.shrunk)
+                       curve=curve, planned_steps=cfg.steps, time_limited=plan.shrunk, kept_start=kept_start)
     return student.eval(), result, blocks
 
 
