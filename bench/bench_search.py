@@ -35,17 +35,17 @@ from quantloop.search.schemas import SearchRequest, TextSpec  # noqa: E402
 # 4.52 and the comparison reports 4.49 as "none fits" when nothing does
 SEED_BUDGETS = [4.52, 5.0, 5.5, 6.2]
 BUDGETS = [4.49, 4.52, 5.0, 5.5, 6.2]
-IMAT = CalibrationSpec(samples=32, seqlen=256)
+IMAT_SAMPLES, IMAT_SEQLEN = 32, 256  # the importance matrix of llama.cpp's mixes and of the search's candidates: the same text
 MIX_TYPES = "Q4_K_M,Q5_K_M,Q6_K,Q8_0"
 
 
-def mixes(types: str, imatrix_types: str) -> list[tuple[str, QuantSpec]]:
+def mixes(types: str, imatrix_types: str, imat: CalibrationSpec) -> list[tuple[str, QuantSpec]]:
     """llama.cpp's fixed mixes, each without and (for imatrix_types) with an importance matrix."""
     out = []
     for t in filter(None, types.split(",")):
         out.append((f"llama.cpp {t}", QuantSpec(method="gguf", gguf_type=t)))
         if t in imatrix_types.split(","):
-            out.append((f"llama.cpp {t} + imatrix", QuantSpec(method="gguf", gguf_type=t, imatrix=True, calibration=IMAT)))
+            out.append((f"llama.cpp {t} + imatrix", QuantSpec(method="gguf", gguf_type=t, imatrix=True, calibration=imat)))
     return out
 
 
@@ -70,7 +70,7 @@ def main() -> None:
     from quantloop.models.checkpoints import resolve_model
     from quantloop.search.measure import Baseline
     from quantloop.tools.quantize import quantize_model
-    from quantloop.tools.search import search_mixed_precision
+    from quantloop.tools.search import imatrix_calibration, search_mixed_precision
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=24)
@@ -86,6 +86,7 @@ def main() -> None:
                    "text and settings) instead of measuring them again; their tg speed is from that run")
     p.add_argument("--bpw-margin", type=float, default=0.3, help="candidates above the largest budget plus this are not measured")
     p.add_argument("--granularity", default="block", choices=["tensor", "group", "block"])
+    p.add_argument("--no-imatrix", action="store_true", help="search candidates without an importance matrix (the mixes keep theirs)")
     p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--speed-repeats", type=int, default=2)
     p.add_argument("--out", default=str(SLM_DIR / "search" / "bench"))
@@ -95,16 +96,18 @@ def main() -> None:
     domains = [DATASETS_DIR / "shakespeare", DATASETS_DIR / "python-docs"]
     ts = lambda split, n, L: [TextSpec(dataset_dir=str(d), split=split, chunks=n, seqlen=L) for d in domains]  # noqa: E731
     model = resolve_model(OFFGRID_MODEL_DIR)
+    imat = imatrix_calibration(ts("calibration", 1, IMAT_SEQLEN), IMAT_SAMPLES, IMAT_SEQLEN)
     req = SearchRequest(model=str(OFFGRID_MODEL_DIR), text=ts("validation", a.val_chunks, a.seqlen),
                         sensitivity_text=ts("calibration", 1, a.sens_seqlen), test_text=[], types=a.types.split(","),
                         granularity=a.granularity, budgets_bpw=SEED_BUDGETS, trials=a.trials, population=a.population, out_dir=str(out), bpw_margin=a.bpw_margin,
                         study="bench", resume=(out / "search.journal").is_file(), speed_tokens=a.speed_tokens,
-                        speed_repeats=a.speed_repeats, validate_front=0)
+                        speed_repeats=a.speed_repeats, validate_front=0,
+                        imatrix=None if a.no_imatrix else imat)
     print(f"model {OFFGRID_MODEL_DIR} (off-grid twin); domains {', '.join(d.name for d in domains)}; "
           f"sensitivity: calibration 1 x {a.sens_seqlen} tokens per domain, types {a.types}, units: {a.granularity}; "
           f"search: validation {a.val_chunks} x {a.seqlen} per domain, NSGA-II population {a.population}, {a.trials} trials; "
           f"test: {a.test_chunks} x {a.seqlen} per domain; tg: llama-bench {a.speed_tokens} tokens, best of {a.speed_repeats}; "
-          f"llama.cpp threads {default_threads()} (QUANTLOOP_THREADS); mixes {a.mixes}, with imatrix (32 x 256 calibration tokens): {a.imatrix_mixes or 'none'}; size cap: budgets + {a.bpw_margin} bits", flush=True)
+          f"llama.cpp threads {default_threads()} (QUANTLOOP_THREADS); mixes {a.mixes}, with imatrix ({IMAT_SAMPLES} x {IMAT_SEQLEN} calibration tokens of both domains): {a.imatrix_mixes or 'none'}; search candidates {'without' if a.no_imatrix else 'with the same'} imatrix; size cap: budgets + {a.bpw_margin} bits", flush=True)
     val = Baseline(model.gguf, model.hf_dir, req.text)
     test = Baseline(model.gguf, model.hf_dir, ts("test", a.test_chunks, a.seqlen))
     rows = []
@@ -114,7 +117,7 @@ def main() -> None:
 
         rows = [r for r in json.loads(Path(a.reuse_mixes).read_text())["rows"] if r["kind"] == "llama.cpp"]
         print(f"  {len(rows)} rows from {a.reuse_mixes}", flush=True)
-    for label, spec in ([] if a.reuse_mixes else mixes(a.mixes, a.imatrix_mixes)):
+    for label, spec in ([] if a.reuse_mixes else mixes(a.mixes, a.imatrix_mixes, imat)):
         q = quantize_model(OFFGRID_MODEL_DIR, out / "mixes" / spec.tag(), spec, overwrite=True)
         rows.append(measure(label, "llama.cpp", Path(q.model_path), val, test, a) | {"baseline": True, "on_front": False})
     write_json_atomic(out / "marks.json", [{"bpw": r["bits_per_weight"], "kld": r["val_kld"], "label": r["label"].removeprefix("llama.cpp "),
@@ -143,7 +146,7 @@ def main() -> None:
     print("front and seeds on the test text:", flush=True)
     for n in sorted(chosen):
         t = study.trials[n]
-        path = maps.get(n) or str(write_map(_genome(t, units), out / "maps" / f"trial-{n}")[1])
+        path = maps.get(n) or str(write_map(_genome(t, units), out / "maps" / f"trial-{n}", imatrix=req.imatrix)[1])
         fields = {k: v for k, v in yaml.safe_load(Path(path).read_text()).items() if k != "quantloop_search"}
         q = quantize_model(OFFGRID_MODEL_DIR, out / "eval" / f"trial-{n}", QuantSpec(**fields), overwrite=True)
         origin = str(t.user_attrs.get("origin", "nsga2"))

@@ -70,6 +70,28 @@ def test_gguf_with_imatrix_and_tensor_type_overrides(tiny_prepared, tmp_path, da
     assert r.calibration_manifest_sha256 and not (tmp_path / "q" / "imatrix.gguf").exists()
 
 
+def test_importance_matrix_is_computed_once_per_model_and_text(tiny_prepared, tmp_path, dataset_dir, monkeypatch):
+    """A second quantization with the same model and calibration text reuses the cached matrix (llama-imatrix does
+    not run again); other text gets its own matrix."""
+    from quantloop.backends import gguf as gguf_backend
+    from quantloop.gguf.llamacpp import tools_dir
+
+    if not (tools_dir() / "llama-imatrix").is_file():
+        pytest.skip("llama.cpp tools not built: run `make setup`")
+    monkeypatch.setattr("quantloop.paths.CACHE_DIR", tmp_path / "cache")
+    runs = []
+    real = gguf_backend.compute_imatrix
+    monkeypatch.setattr(gguf_backend, "compute_imatrix", lambda *a, **k: runs.append(a) or real(*a, **k))
+    spec = lambda n: QuantSpec(method="gguf", gguf_type="Q4_0", imatrix=True,  # noqa: E731
+                               calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=n, seqlen=64))
+    first = quantize_model(tiny_prepared, tmp_path / "a", spec(4))
+    second = quantize_model(tiny_prepared, tmp_path / "b", spec(4))
+    assert len(runs) == 1 and len(list((tmp_path / "cache" / "imatrix").glob("*.gguf"))) == 1
+    assert open(first.model_path, "rb").read() == open(second.model_path, "rb").read()
+    quantize_model(tiny_prepared, tmp_path / "c", spec(3))
+    assert len(runs) == 2 and len(list((tmp_path / "cache" / "imatrix").glob("*.gguf"))) == 2
+
+
 def test_rtn_g32_exports_to_gguf_q4_0_exactly(tiny_prepared, tmp_path):
     import numpy as np
     from gguf import GGUFReader

@@ -21,8 +21,11 @@ def _req(tiny, dataset_dir, out, **kw):
 def searched(tiny_prepared, dataset_dir, tmp_path_factory):
     from quantloop.tools.search import search_mixed_precision
 
+    from quantloop.schemas import CalibrationSpec
+
     out = tmp_path_factory.mktemp("search")
-    req = _req(tiny_prepared, dataset_dir, out, tracking_uri=f"sqlite:///{out}/mlflow.db")
+    req = _req(tiny_prepared, dataset_dir, out, tracking_uri=f"sqlite:///{out}/mlflow.db",
+               imatrix=CalibrationSpec(dataset_dir=str(dataset_dir), samples=4, seqlen=64))
     return req, search_mixed_precision(req)
 
 
@@ -48,6 +51,39 @@ def test_search_returns_measured_front_with_maps(searched, tiny_prepared):
     for png in (r.front_png, r.heatmap_png):
         assert open(png, "rb").read(4) == b"\x89PNG"
     assert json.loads(open(r.result_json).read())["trials_complete"] == r.trials_complete
+
+
+def test_maps_carry_the_importance_matrix_the_candidates_used(searched, tmp_path):
+    """Every written map quantizes with the search's importance matrix; the matrix changes a Q4_0 file's tensor data
+    (llama.cpp's Q8_0 and the embedding, which has no matrix entry, ignore it) and adds quantize.imatrix.* keys to
+    its header, which the exact size estimate counts."""
+    import yaml
+
+    from quantloop.gguf.llamacpp import read_metadata
+    from quantloop.models.checkpoints import resolve_model
+    from quantloop.schemas import QuantSpec
+    from quantloop.search.precision_maps import spec_fields
+    from quantloop.search.tensors import genome_bytes, model_tensors
+    from quantloop.tools.quantize import quantize_model
+    from quantloop.tools.search import imatrix_extra_header
+
+    req, r = searched
+    for m in r.front:
+        fields = yaml.safe_load(open(m.map_yaml).read())
+        assert fields["imatrix"] is True and fields["calibration"] == req.imatrix.model_dump(mode="json"), fields
+        assert m.measured.bytes == m.measured.bytes_written
+    model = resolve_model(req.model)
+    mt = model_tensors(model.gguf, ("Q4_0", "Q8_0", "F16"))
+    genome = {t.name: ("Q4_0" if t.name.startswith("blk.") else "Q8_0") for t in mt.tensors}
+    fields = spec_fields(genome, req.imatrix)
+    with_im = quantize_model(req.model, tmp_path / "with", QuantSpec(**fields))
+    without = quantize_model(req.model, tmp_path / "without", QuantSpec(**(fields | {"imatrix": False})))
+    a, b = open(with_im.model_path, "rb").read(), open(without.model_path, "rb").read()
+    extra = imatrix_extra_header(req.imatrix.model_dump(mode="json"), model)
+    assert extra > 0 and len(a) == genome_bytes(mt, genome, extra) and len(b) == genome_bytes(mt, genome)
+    oa, ob = read_metadata(with_im.model_path)["data_offset"], read_metadata(without.model_path)["data_offset"]
+    assert len(a) - oa == len(b) - ob and a[oa:] != b[ob:]
+    assert b"quantize.imatrix.file" in a[:oa] and b"quantize.imatrix.file" not in b[:ob]
 
 
 def test_seeds_are_the_baselines(searched):

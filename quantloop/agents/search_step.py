@@ -41,6 +41,8 @@ class SearchStep(Strict):
     population: int = Field(4, ge=2)
     chunks: int = Field(1, ge=1, description="windows per domain and split the short search scores")
     seqlen: int = Field(256, ge=16)
+    imatrix_chunks: int = Field(32, ge=0, description="windows of seqlen calibration tokens for the candidates' importance "
+                                                       "matrix (llama-imatrix, cached); 0: none")
     speed_tokens: int = Field(16, ge=1)
     speed_repeats: int = Field(1, ge=1)
     validate_front: int = Field(2, ge=0, description="front members the short search re-validates on the test split")
@@ -86,6 +88,7 @@ def search_request(settings: SearchStep, checkpoint: str, dataset_dir: str, budg
     from quantloop.data.datasets import prepared_dataset_dirs
     from quantloop.search.schemas import SearchRequest, TextSpec
     from quantloop.search.study import open_storage, study_exists
+    from quantloop.tools.search import imatrix_calibration
 
     dirs = prepared_dataset_dirs(settings.text) if settings.text else [Path(dataset_dir)]
 
@@ -99,7 +102,9 @@ def search_request(settings: SearchStep, checkpoint: str, dataset_dir: str, budg
                          granularity=settings.granularity, budgets_bpw=settings.budgets_bpw or [budget], max_bpw=budget,
                          trials=settings.trials, population=settings.population, out_dir=str(out_dir), study=SEARCH_STUDY,
                          resume=resume, speed_tokens=settings.speed_tokens, speed_repeats=settings.speed_repeats,
-                         validate_front=settings.validate_front, seed=settings.seed, **types)
+                         validate_front=settings.validate_front, seed=settings.seed, **types,
+                         imatrix=imatrix_calibration(texts("calibration"), settings.imatrix_chunks, settings.seqlen)
+                         if settings.imatrix_chunks else None)
 
 
 def finished_search(settings: SearchStep, planned, dataset_dir: str, budget: float) -> tuple[Path, str]:

@@ -50,6 +50,25 @@ def compute_imatrix(model_gguf: Path, text_file: Path, out: Path, chunks: int, c
     return out
 
 
+def cached_imatrix(model_gguf: Path, text_file: Path, chunks: int, context: int) -> Path:
+    """The importance matrix of `model_gguf` over `text_file`, computed once: kept under the cache folder, keyed
+    by the model file, the text's bytes, the windows and the llama.cpp version (a search quantizes dozens of
+    candidates with the same matrix; an equal request reuses it)."""
+    import hashlib
+
+    from quantloop.gguf.llamacpp import llama_cpp_version
+    from quantloop.paths import CACHE_DIR
+
+    st = model_gguf.stat()
+    h = hashlib.sha256(f"{model_gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{chunks}x{context}:{llama_cpp_version()}".encode())
+    h.update(text_file.read_bytes())
+    out = CACHE_DIR / "imatrix" / f"{model_gguf.stem}-{h.hexdigest()[:16]}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        compute_imatrix(model_gguf, text_file, out, chunks, context)
+    return out
+
+
 def quantize_gguf_tool(src: Path, dst: Path, type_name: str, imatrix: Path | None = None,
                        tensor_types: dict[str, str] | None = None, threads: int | None = None, pure: bool = False) -> Path:
     """llama-quantize with an importance matrix and/or per-tensor type overrides (--tensor-type);
@@ -130,10 +149,9 @@ class LlamaCppBackend(Backend):
             return BackendOutput(path, f"gguf:{gguf_type}", notes=self.notes(job))
         imatrix = None
         if spec.imatrix:
-            imatrix = compute_imatrix(src, job.text_file, job.work_dir / "imatrix.gguf", spec.calibration.samples, spec.calibration.seqlen)
+            imatrix = cached_imatrix(src, job.text_file, spec.calibration.samples, spec.calibration.seqlen)
         model_path = quantize_gguf_tool(src, dst, gguf_type, imatrix, rules if mixed else spec.gguf_tensor_types, pure=mixed)
         if imatrix is not None:
-            imatrix.unlink()
             (job.work_dir / "synthetic-calibration.txt").unlink(missing_ok=True)
         return BackendOutput(model_path, f"gguf:mixed-{spec.preset or 'custom'}" if mixed else f"gguf:{gguf_type}", planned,
                              notes=self.notes(job))

@@ -124,7 +124,8 @@ def read_metadata(path: str | Path) -> dict:
                 n_el *= d
             tensors.append((name, qtype.name, n_el, n_el // block * type_size))
         align = fields.get("general.alignment") or 32
-        data_offset = -(-f.tell() // align) * align
+        header_bytes = f.tell()
+        data_offset = -(-header_bytes // align) * align
     return {
         "architecture": fields.get("general.architecture"),
         "name": fields.get("general.name"),
@@ -133,6 +134,7 @@ def read_metadata(path: str | Path) -> dict:
         "shapes": shapes,  # name -> dims, innermost (row length) first
         "offsets": offsets,  # name -> offset of its data from data_offset
         "data_offset": data_offset,  # bytes before the tensor data (header, metadata, tensor infos, padding)
+        "header_bytes": header_bytes,  # the same without the padding
         "alignment": align,
     }
 

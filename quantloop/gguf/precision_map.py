@@ -99,8 +99,25 @@ def plan_mixed_file(gguf_f16: str | Path, base_type: str | None, preset: str | N
     return base, rules, planned_types(gguf_f16, base, rules, pmap)
 
 
-def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
-    """Bytes and bits per weight of the file llama-quantize writes with these tensor types."""
+def imatrix_header_bytes(imatrix: str | Path) -> int:
+    """Bytes llama-quantize adds to the file's metadata when given this importance matrix (tools/quantize: the
+    quantize.imatrix.file and .dataset strings, cut to 127 bytes, and the entries and chunks counts as u32): the
+    same for every file quantized with it, whatever the types."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(imatrix))
+    field = r.fields.get("imatrix.datasets")
+    datasets = field.contents() if field is not None else []
+    chunks = r.fields["imatrix.chunk_count"].contents() if "imatrix.chunk_count" in r.fields else 0
+    text = lambda key, value: 8 + len(key) + 4 + 8 + len(value.encode()[:127])  # noqa: E731 (key, type, string)
+    count = lambda key: 8 + len(key) + 4 + 4  # noqa: E731
+    return (text("quantize.imatrix.file", str(imatrix)) + (text("quantize.imatrix.dataset", datasets[0]) if datasets else 0)
+            + count("quantize.imatrix.entries_count") + (count("quantize.imatrix.chunks_count") if chunks > 0 else 0))
+
+
+def estimate_bytes(gguf_f16: str | Path, types: dict[str, str], extra_header: int = 0) -> dict:
+    """Bytes and bits per weight of the file llama-quantize writes with these tensor types (`extra_header`: metadata
+    bytes it adds, imatrix_header_bytes of an importance matrix)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     meta = read_metadata(gguf_f16)
@@ -112,8 +129,8 @@ def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
         data += -(-nbytes // align) * align
         n_weights += ne
         rows.append((name, types[name], ne, nbytes))
-    # the header (metadata, tokenizer, tensor infos) keeps its size; only general.file_type's value changes
-    total = meta["data_offset"] + data
+    # the header (metadata, tokenizer, tensor infos) keeps its size but for extra_header; general.file_type's value changes
+    total = -(-(meta["header_bytes"] + extra_header) // align) * align + data
     return {"bytes": total, "tensor_bytes": sum(r[3] for r in rows), "n_weights": n_weights,
             "bits_per_weight": 8 * sum(r[3] for r in rows) / n_weights, "tensors": rows}
 

@@ -64,12 +64,15 @@ def cmd_sensitivity(a) -> int:
 
 def search_request(a):
     from quantloop.search.schemas import SearchRequest
+    from quantloop.tools.search import imatrix_calibration
 
+    sens_text = _texts(a.text, "calibration", a.sens_chunks, a.seqlen)
     return SearchRequest(
         model=a.model, text=_texts(a.text, "validation", a.chunks, a.seqlen),
-        sensitivity_text=_texts(a.text, "calibration", a.sens_chunks, a.seqlen), test_text=_texts(a.text, "test", a.chunks, a.seqlen),
+        sensitivity_text=sens_text, test_text=_texts(a.text, "test", a.chunks, a.seqlen),
         types=_types(a.types), granularity=a.granularity, budgets_bpw=[float(x) for x in a.budgets.split(",") if x.strip()],
         max_bpw=a.max_bpw, bpw_margin=a.bpw_margin, seed_maps=a.seed_map or [], trials=a.trials, workers=a.workers, sampler=a.sampler, population=a.population, storage=a.storage,
+        imatrix=imatrix_calibration(sens_text, a.imatrix_chunks, a.seqlen) if a.imatrix_chunks else None,
         study=a.study, resume=a.resume, target=a.target, speed_tokens=a.speed_tokens, speed_repeats=a.speed_repeats,
         out_dir=a.out, validate_front=a.validate_front, tracking_uri=a.tracking_uri, seed=a.seed, threads=a.threads)
 
@@ -153,6 +156,10 @@ def add_search_commands(subparsers) -> None:
     s.add_argument("--resume", action="store_true", help="continue the study (finished trials are kept, not run again)")
     s.add_argument("--target", default="cpu", help="cpu or cuda (measured), or an edge target with estimated_* fields: "
                    "arm-neon, arm-dotprod, hexagon, apple-ane, tensorrt, intel-vnni (default: cpu)")
+    s.add_argument("--imatrix-chunks", type=int, default=32, metavar="N",
+                   help="candidates are quantized by llama-quantize with an importance matrix from N windows of --seqlen "
+                        "tokens of the --text domains' calibration split (llama-imatrix, computed once and cached); "
+                        "0: no importance matrix (default: 32)")
     s.add_argument("--speed-tokens", type=int, default=32, help="tokens per llama-bench tg run (default: 32)")
     s.add_argument("--speed-repeats", type=int, default=2, help="llama-bench runs per candidate, best kept (default: 2)")
     s.add_argument("--validate-front", type=int, default=4, help="front members re-validated on the test split (default: 4)")

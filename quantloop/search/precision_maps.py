@@ -18,24 +18,29 @@ from quantloop.search.tensors import ModelTensors, check_genome
 EXACT = re.compile(r"^\^(.+)\$$")
 
 
-def spec_fields(genome: dict[str, str]) -> dict:
+def spec_fields(genome: dict[str, str], imatrix=None) -> dict:
     """The QuantSpec fields of a genome: every tensor named by an anchored pattern; the base type is the embedding's,
     or, when that is F16, a quantized type of the map (llama-quantize with an F16 base type ignores the per-tensor
-    quantized types)."""
+    quantized types). With `imatrix` (a CalibrationSpec or its dict), llama-quantize uses an importance matrix from
+    that calibration text."""
     quantized = [t for t in genome.values() if t != "F16"]
     base = genome.get("token_embd.weight", "F16")
     if base == "F16":
         base = max(set(quantized), key=quantized.count) if quantized else "Q8_0"
-    return {"method": "gguf", "gguf_type": base, "layer_types": {"norms": "F32"},
-            "gguf_tensor_types": {f"^{re.escape(n)}$": t for n, t in genome.items()}}
+    fields = {"method": "gguf", "gguf_type": base, "layer_types": {"norms": "F32"},
+              "gguf_tensor_types": {f"^{re.escape(n)}$": t for n, t in genome.items()}}
+    if imatrix is not None:
+        calib = imatrix if isinstance(imatrix, dict) else imatrix.model_dump(mode="json")
+        fields |= {"imatrix": True, "calibration": calib}
+    return fields
 
 
-def write_map(genome: dict[str, str], stem: Path, info: dict | None = None) -> tuple[Path, Path]:
+def write_map(genome: dict[str, str], stem: Path, info: dict | None = None, imatrix=None) -> tuple[Path, Path]:
     """stem.json and stem.yaml (both atomic): the QuantSpec fields, plus a 'measured' block that QuantSpec ignores
     when read through read_map."""
     import yaml
 
-    doc = spec_fields(genome)
+    doc = spec_fields(genome, imatrix)
     if info:
         doc = {**doc, "quantloop_search": info}
     j = write_text_atomic(stem.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")

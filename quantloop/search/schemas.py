@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quantloop.schemas import CalibrationSpec
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -91,6 +93,9 @@ class SearchRequest(Strict):
     study: str = "quantloop-search"
     resume: bool = False
     target: str = "cpu"
+    imatrix: CalibrationSpec | None = Field(None, description="candidates (and the maps written) are quantized by llama-quantize "
+                                            "with an importance matrix from this calibration text (llama-imatrix, computed "
+                                            "once and cached); None: without one")
     speed_tokens: int = Field(32, ge=1, description="tokens generated per llama-bench tg run")
     speed_repeats: int = Field(2, ge=1)
     out_dir: str

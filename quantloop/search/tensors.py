@@ -65,6 +65,7 @@ class ModelTensors:
     fixed_bytes: int  # header + every tensor no precision map changes (norms)
     n_weights: int  # all weights of the file (what bits per weight divides by)
     alignment: int
+    header_bytes: int = 0  # the header without its padding (data_offset rounds it up to the alignment)
 
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]
@@ -127,7 +128,7 @@ def _model_tensors(gguf: str, mtime: float, candidates: tuple[str, ...] | None) 
             continue
         hf, layer, module = _hf_name(name, meta["architecture"])
         rows.append(TensorInfo(name, hf, int(dims[0]), int(ne), layer, module, storable_types(int(dims[0]), candidates)))
-    return ModelTensors(Path(gguf), tuple(rows), fixed, n_all, align)
+    return ModelTensors(Path(gguf), tuple(rows), fixed, n_all, align, meta["header_bytes"])
 
 
 def model_tensors(gguf: str | Path, candidates: tuple[str, ...] | None = None) -> ModelTensors:
@@ -142,9 +143,12 @@ def model_tensors(gguf: str | Path, candidates: tuple[str, ...] | None = None) -
     return _model_tensors(str(gguf), gguf.stat().st_mtime, cands)
 
 
-def genome_bytes(mt: ModelTensors, genome: dict[str, str]) -> int:
-    """Exact bytes of the GGUF file llama-quantize writes for this genome (tensor -> type)."""
-    return mt.fixed_bytes + sum(tensor_bytes(t.n_weights, genome[t.name], mt.alignment) for t in mt.tensors)
+def genome_bytes(mt: ModelTensors, genome: dict[str, str], extra_header: int = 0) -> int:
+    """Exact bytes of the GGUF file llama-quantize writes for this genome (tensor -> type); `extra_header`: the
+    metadata an importance matrix adds (quantloop.gguf.precision_map.imatrix_header_bytes)."""
+    pad = lambda n: -(-n // mt.alignment) * mt.alignment  # noqa: E731
+    header = pad(mt.header_bytes + extra_header) - pad(mt.header_bytes)
+    return mt.fixed_bytes + header + sum(tensor_bytes(t.n_weights, genome[t.name], mt.alignment) for t in mt.tensors)
 
 
 def genome_bits_per_weight(mt: ModelTensors, genome: dict[str, str]) -> float:

@@ -19,6 +19,33 @@ from quantloop.search.schemas import (Allocation, FrontMember, SearchRequest, Se
                                       SensitivityRequest, SensitivityResult)
 
 
+def imatrix_calibration(text: list, samples: int = 32, seqlen: int = 256):
+    """The calibration text of the candidates' importance matrix: the calibration split of the search's domains,
+    `samples` windows shared among them in turn (or the model's own generations when the text is synthetic)."""
+    from quantloop.schemas import CalibrationSpec
+
+    dirs = [t.dataset_dir for t in text if t.source == "dataset"]
+    if not dirs:
+        return CalibrationSpec(source="synthetic", samples=samples, seqlen=seqlen)
+    return CalibrationSpec(dataset_dir=dirs[0], mix=dirs[1:], samples=samples, seqlen=seqlen)
+
+
+def imatrix_extra_header(imatrix: dict | None, model) -> int:
+    """Metadata bytes llama-quantize adds to every candidate quantized with the search's importance matrix (computed
+    here once, then cached; the backend reuses it), so that the size estimate stays exact."""
+    if not imatrix:
+        return 0
+    from quantloop.backends.gguf import cached_imatrix
+    from quantloop.data.calibration import calibration_text_file
+    from quantloop.gguf.precision_map import imatrix_header_bytes
+    from quantloop.schemas import CalibrationSpec
+
+    calib = CalibrationSpec(**imatrix)
+    with tempfile.TemporaryDirectory() as d:
+        text, _ = calibration_text_file(calib, model.hf_dir, Path(d))
+        return imatrix_header_bytes(cached_imatrix(model.gguf, text, calib.samples, calib.seqlen))
+
+
 def sensitivity_for(req: SearchRequest, out_dir: Path) -> SensitivityResult:
     from quantloop.tools.sensitivity import measure_sensitivity
 
@@ -53,13 +80,13 @@ def make_objective(config: dict, worker: dict):
     from quantloop.search.tensors import genome_bits_per_weight, genome_bytes
     from quantloop.tools.quantize import quantize_model
 
-    mt, units, baseline = worker["mt"], worker["units"], worker["baseline"]
+    mt, units, baseline, extra_header = worker["mt"], worker["units"], worker["baseline"], worker["extra_header"]
     work = Path(config["out_dir"]) / ".trials"
     work.mkdir(parents=True, exist_ok=True)
 
     def objective(trial):
         genome = suggest_genome(trial, units)
-        nbytes = genome_bytes(mt, genome)
+        nbytes = genome_bytes(mt, genome, extra_header)
         bpw = genome_bits_per_weight(mt, genome)
         trial.set_user_attr("bytes", nbytes)
         trial.set_user_attr("bits_per_weight", bpw)
@@ -74,7 +101,7 @@ def make_objective(config: dict, worker: dict):
                 trial.set_user_attr(k, same[0].user_attrs[k])
             return tuple(same[0].values)
         with tempfile.TemporaryDirectory(dir=work) as d:
-            q = quantize_model(config["model"], Path(d) / "candidate", QuantSpec(**spec_fields(genome)))
+            q = quantize_model(config["model"], Path(d) / "candidate", QuantSpec(**spec_fields(genome, config.get("imatrix"))))
             written = Path(q.model_path).stat().st_size
             if written != nbytes:
                 raise RuntimeError(f"size estimate {nbytes} bytes, file written {written} bytes")
@@ -99,7 +126,7 @@ def _worker_state(config: dict) -> dict:
     mt = model_tensors(model.gguf, tuple(config["types"]) + ("F16",))
     units = {u: (ts, tuple(types)) for u, (ts, types) in config["units"].items()}
     baseline = Baseline(model.gguf, model.hf_dir, [TextSpec(**t) for t in config["text"]], config.get("threads"))
-    return {"mt": mt, "units": units, "baseline": baseline}
+    return {"mt": mt, "units": units, "baseline": baseline, "extra_header": imatrix_extra_header(config.get("imatrix"), model)}
 
 
 def run_search_worker(storage_url: str, study_name: str) -> int:

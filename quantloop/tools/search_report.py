@@ -53,7 +53,7 @@ def report_search(req: SearchRequest, study, storage_url: str, mt, sens, allocs,
     for t in front3:
         genome = _genome(t, units)
         info = {"trial": t.number, "origin": t.user_attrs.get("origin", req.sampler), "measured": {k: v for k, v in t.user_attrs["measured"].items()}}
-        j, y = write_map(genome, out_dir / "maps" / f"trial-{t.number}", info)
+        j, y = write_map(genome, out_dir / "maps" / f"trial-{t.number}", info, req.imatrix)
         members.append(FrontMember(trial=t.number, origin=info["origin"], map_json=str(j), map_yaml=str(y),
                                    measured=CandidateMeasurement(genome=genome, **t.user_attrs["measured"]),
                                    estimated=estimated_fields(req.target, int(t.values[1]) - mt.fixed_bytes, mt.n_weights)))
