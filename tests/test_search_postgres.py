@@ -71,8 +71,11 @@ def _trials(url, state):
 
     from quantloop.search.study import open_storage
 
-    study = optuna.load_study(study_name="pg", storage=open_storage(url, heartbeat=False))
-    return study.get_trials(states=(getattr(optuna.trial.TrialState, state),))
+    storage = open_storage(url, heartbeat=False)
+    try:  # polled every 0.2 s: each poll's connections are closed, or a slow run exhausts the server's max_connections
+        return optuna.load_study(study_name="pg", storage=storage).get_trials(states=(getattr(optuna.trial.TrialState, state),))
+    finally:
+        storage.engine.dispose()
 
 
 def test_two_workers_on_postgres_and_a_killed_worker_loses_nothing(postgres_url, tiny_prepared, dataset_dir, tmp_path):
