@@ -24,8 +24,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quantloop.backends.gguf import quantize_gguf  # noqa: E402
-from quantloop.eval.runtimes import default_threads  # noqa: E402
-from quantloop.eval.speed import measure_runs, median_and_stderr, speed_pairs  # noqa: E402
+from quantloop.eval.speed import measure_runs, median_and_stderr, speed_pairs, speed_threads  # noqa: E402
 from quantloop.fileio import write_json_atomic  # noqa: E402
 from quantloop.models.checkpoints import resolve_model  # noqa: E402
 from quantloop.paths import DEFAULT_MODEL_DIR, SLM_DIR  # noqa: E402
@@ -50,7 +49,7 @@ def main() -> None:
     p.add_argument("--old", action="store_true", help="also measure the previous method after each validation")
     a = p.parse_args()
     spec = load_quality_spec()
-    bar, sigmas, threads = spec.acceptance.min_speedup, spec.eval.decide_sigmas, default_threads()
+    bar, sigmas, threads = spec.acceptance.min_speedup, spec.eval.decide_sigmas, speed_threads(spec.speed)
     base = resolve_model(a.model)
     rows, out = [], []
     t_all = time.perf_counter()

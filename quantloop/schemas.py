@@ -49,6 +49,8 @@ class SpeedSettings(Strict):
     bench_reps: int = Field(2, ge=1, description="llama-bench repetitions inside each run (-r)")
     max_repeats: int | None = Field(None, ge=1, description="pairs at most: more are measured while the median ratio lies "
                                     "within decide_sigmas standard errors of the bar (default: repeats, no more)")
+    threads: int | None = Field(None, ge=1, description="threads of every speed run, float and quantized alike (default: "
+                                "QUANTLOOP_THREADS, else every core)")
 
 
 class GenerationSettings(Strict):

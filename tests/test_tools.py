@@ -143,14 +143,14 @@ def test_a_precision_map_is_judged_by_its_measured_bits(tiny_copy, dataset_dir, 
     assert nominal_bits(gguf_size(q4km), "Q4_K_M") == 4  # llama.cpp's named mixtures keep their name's width
 
 
-def _spec(path, max_ppl=2.0, min_speedup=1.5, chunks=2, max_chunks=None, repeats=3, max_repeats=None):
+def _spec(path, max_ppl=2.0, min_speedup=1.5, chunks=2, max_chunks=None, repeats=3, max_repeats=None, threads=None):
     import yaml
 
     path.write_text(yaml.safe_dump({
         "acceptance": {"max_ppl_increase_pct": max_ppl, "min_speedup": min_speedup, "min_size_ratio": {4: 1.0, 8: 1.0},
                        "no_generation_failures": False},
         "eval": {"context": 64, "chunks": chunks, "max_chunks": max_chunks},
-        "speed": {"prompt_tokens": 16, "gen_tokens": 16, "repeats": repeats, "max_repeats": max_repeats},
+        "speed": {"prompt_tokens": 16, "gen_tokens": 16, "repeats": repeats, "max_repeats": max_repeats, "threads": threads},
         "generation": {"prompts": ["Hello"], "max_new_tokens": 4, "min_new_tokens": 1},
     }))
     return str(path)
@@ -162,7 +162,9 @@ def test_a_model_no_faster_than_its_baseline_fails_the_speed_bar(tiny_copy, data
     same = tmp_path / "same-f16.gguf"
     shutil.copyfile(tiny_copy / "tiny-f16.gguf", same)
     r = validate_quantization(ValidationRequest(quantized=str(same), baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
-                                                spec_file=_spec(tmp_path / "s.yaml"), nominal_bits=16, check_generation=False))
+                                                spec_file=_spec(tmp_path / "s.yaml", threads=3), nominal_bits=16, check_generation=False))
+    # both sides ran with the spec's thread count, as llama-bench itself reports it (not QUANTLOOP_THREADS or the cores)
+    assert r.speed_baseline.threads == r.speed_quantized.threads == 3
     speed = next(c for c in r.criteria if c.name == "speed")
     assert len(r.speedup_tg_pairs) == 3 and r.speedup_tg == pytest.approx(float(np.median(r.speedup_tg_pairs)))
     assert 0.6 < r.speedup_tg < 1.4 and not speed.passed and not r.passed

@@ -12,10 +12,9 @@ from quantloop.agents.state import CheckpointScore, PipelineState, PlannedAttemp
 from quantloop.data.datasets import read_split
 from quantloop.errors import InputError
 from quantloop.eval.perplexity import make_chunks
-from quantloop.eval.runtimes import default_threads
 from quantloop.eval.session import open_runner, perplexity
 from quantloop.eval.size import gguf_size, hf_size
-from quantloop.eval.speed import measure_speed
+from quantloop.eval.speed import measure_speed, speed_threads
 from quantloop.models.checkpoints import ResolvedModel, load_hf_tokenizer, resolve_model
 from quantloop.specs import load_quality_spec
 
@@ -73,7 +72,7 @@ def score_checkpoint(path: Path, target: str, policy: Policy, spec_file: str, da
     chunks = validation_chunks(Path(dataset_dir), model, runner, quality.eval.context, policy.validation.selection_chunks)
     ppl = perplexity(runner, chunks, desc=f"validation ppl {model.path.name}")
     size = gguf_size(model.gguf) if runtime == "llama.cpp" else hf_size(model.hf_dir)
-    speed = measure_speed([runner.ref], quality.speed, default_threads())[0] if policy.validation.measure_speed else None
+    speed = measure_speed([runner.ref], quality.speed, speed_threads(quality.speed))[0] if policy.validation.measure_speed else None
     return CheckpointScore(name=checkpoint_name(model), path=str(model.path), training_step=training_step(model.path),
                            validation_ppl=ppl, size=size, speed=speed, wall_s=time.perf_counter() - t0)
 

@@ -49,7 +49,8 @@ def _bench_llama_cpp(path: str, prompt_tokens: int, gen_tokens: int, threads: in
     tests = json.loads(proc.stdout)
     seconds = {("pp" if t["n_prompt"] else "tg"): t["avg_ns"] / 1e9 for t in tests}
     child_rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"load_s": None, "pp_s": seconds["pp"], "tg_s": seconds["tg"], "peak_rss_kb": child_rss_kb}
+    return {"load_s": None, "pp_s": seconds["pp"], "tg_s": seconds["tg"], "peak_rss_kb": child_rss_kb,
+            "threads": int(tests[0]["n_threads"])}  # as llama-bench reports it
 
 
 def _bench_transformers(path: str, prompt_tokens: int, gen_tokens: int, threads: int, reps: int = 1) -> dict:
@@ -78,7 +79,14 @@ def _bench_transformers(path: str, prompt_tokens: int, gen_tokens: int, threads:
             out = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
             past = out.past_key_values
         sync(); tg_s = time.perf_counter() - t0
-    return {"load_s": load_s, "pp_s": pp_s, "tg_s": tg_s}
+    return {"load_s": load_s, "pp_s": pp_s, "tg_s": tg_s, "threads": torch.get_num_threads()}
+
+
+def speed_threads(settings: SpeedSettings) -> int:
+    """The thread count of the speed runs: the spec's speed.threads, else QUANTLOOP_THREADS or every core."""
+    from quantloop.eval.runtimes import default_threads
+
+    return settings.threads or default_threads()
 
 
 def measure_runs(refs: list[ModelRef], settings: SpeedSettings, threads: int, rounds: int, progress=None) -> list[list[dict]]:
@@ -96,7 +104,7 @@ def measure_runs(refs: list[ModelRef], settings: SpeedSettings, threads: int, ro
 def speed_report(ref: ModelRef, runs: list[dict], settings: SpeedSettings, threads: int) -> SpeedReport:
     """A model's speed from its runs: the median run's pp and tg rates, the largest peak memory."""
     return SpeedReport(
-        model=ref, threads=threads, prompt_tokens=settings.prompt_tokens, gen_tokens=settings.gen_tokens,
+        model=ref, threads=runs[0].get("threads", threads), prompt_tokens=settings.prompt_tokens, gen_tokens=settings.gen_tokens,
         pp_tokens_per_s=settings.prompt_tokens / float(np.median([r["pp_s"] for r in runs])),
         tg_tokens_per_s=settings.gen_tokens / float(np.median([r["tg_s"] for r in runs])),
         load_s=float(np.median([r["load_s"] for r in runs])) if runs[0]["load_s"] is not None else None,

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from quantloop.data.datasets import dataset_dir_or_default, manifest_digest
 from quantloop.eval.generation import check_generations
-from quantloop.eval.runtimes import default_threads
 from quantloop.eval.session import open_runner, perplexity, split_chunks
 from quantloop.eval.size import gguf_size, hf_size
-from quantloop.eval.speed import measure_speed
+from quantloop.eval.speed import measure_speed, speed_threads
 from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import EvaluateRequest, EvaluationReport
 from quantloop.specs import load_quality_spec
@@ -25,7 +24,7 @@ def evaluate_model(req: EvaluateRequest) -> EvaluationReport:
     ppl = [perplexity(r, chunks, desc=f"perplexity ({r.runtime})") for r in runners]
     gen_runner = runners[-1]  # llama.cpp when the model has a GGUF: the deployment runtime
     gen = check_generations(gen_runner, gen_runner, spec.generation) if req.check_generation else None
-    speed = measure_speed([r.ref for r in runners], spec.speed, default_threads()) if req.measure_speed else []
+    speed = measure_speed([r.ref for r in runners], spec.speed, speed_threads(spec.speed)) if req.measure_speed else []
     size = gguf_size(model.gguf) if model.hf_dir is None else hf_size(model.hf_dir)
     return EvaluationReport(
         reference_note=model.reference_note,

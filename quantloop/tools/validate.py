@@ -8,10 +8,9 @@ from pathlib import Path
 from quantloop.data.datasets import dataset_dir_or_default, manifest_digest, prepared_dataset_dirs
 from quantloop.errors import InputError
 from quantloop.eval.generation import check_generations
-from quantloop.eval.runtimes import default_threads
 from quantloop.eval.session import kl_divergence, open_runner, split_chunks
 from quantloop.eval.size import gguf_size, hf_size, nominal_bits
-from quantloop.eval.speed import median_and_stderr, speed_pairs
+from quantloop.eval.speed import median_and_stderr, speed_pairs, speed_threads
 from quantloop.fileio import write_json_atomic
 from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import (
@@ -151,7 +150,7 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
     speed_b = speed_q = None
     ratios: list[float] = []
     if req.measure_speed:
-        speed_b, speed_q, ratios = speed_pairs(base_runner.ref, quant_runner.ref, spec.speed, default_threads(),
+        speed_b, speed_q, ratios = speed_pairs(base_runner.ref, quant_runner.ref, spec.speed, speed_threads(spec.speed),
                                                spec.acceptance.min_speedup, spec.eval.decide_sigmas)
     # the size bar's denominator is the same on both runtimes: the F16 file of the baseline's weights
     size_b = gguf_size(base.gguf) if base.gguf is not None else hf_size(base.hf_dir)
