@@ -19,9 +19,8 @@ def _req(tiny, dataset_dir, out, **kw):
 
 @pytest.fixture(scope="module")
 def searched(tiny_prepared, dataset_dir, tmp_path_factory):
-    from quantloop.tools.search import search_mixed_precision
-
     from quantloop.schemas import CalibrationSpec
+    from quantloop.tools.search import search_mixed_precision
 
     out = tmp_path_factory.mktemp("search")
     req = _req(tiny_prepared, dataset_dir, out, tracking_uri=f"sqlite:///{out}/mlflow.db",

@@ -115,9 +115,8 @@ def imatrix_header_bytes(imatrix: str | Path) -> int:
             + count("quantize.imatrix.entries_count") + (count("quantize.imatrix.chunks_count") if chunks > 0 else 0))
 
 
-def estimate_bytes(gguf_f16: str | Path, types: dict[str, str], extra_header: int = 0) -> dict:
-    """Bytes and bits per weight of the file llama-quantize writes with these tensor types (`extra_header`: metadata
-    bytes it adds, imatrix_header_bytes of an importance matrix)."""
+def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
+    """Bytes and bits per weight of the file llama-quantize writes with these tensor types."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     meta = read_metadata(gguf_f16)
@@ -129,8 +128,8 @@ def estimate_bytes(gguf_f16: str | Path, types: dict[str, str], extra_header: in
         data += -(-nbytes // align) * align
         n_weights += ne
         rows.append((name, types[name], ne, nbytes))
-    # the header (metadata, tokenizer, tensor infos) keeps its size but for extra_header; general.file_type's value changes
-    total = -(-(meta["header_bytes"] + extra_header) // align) * align + data
+    # the header (metadata, tokenizer, tensor infos) keeps its size; only general.file_type's value changes
+    total = meta["data_offset"] + data
     return {"bytes": total, "tensor_bytes": sum(r[3] for r in rows), "n_weights": n_weights,
             "bits_per_weight": 8 * sum(r[3] for r in rows) / n_weights, "tensors": rows}
 
