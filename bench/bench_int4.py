@@ -1,16 +1,18 @@
 """INT4 on SmolLM2-135M (off-grid twin): every weight at 4 bits, the embedding included, against the F16 GGUF on
-llama.cpp, on the test split of three text domains, in one run.
+llama.cpp, on the test split of four text domains, in one run.
 
-    .venv/bin/python bench/bench_int4.py [--only LABEL ...] [--chunks 16] [--qat-steps 200] [--no-speed]
+    .venv/bin/python bench/bench_int4.py [--only LABEL ...] [--types IQ4_NL] [--chunks 16] [--qat-minutes 20] [--no-speed]
 
-Rows: llama.cpp's own Q4_0 and IQ4_NL with an importance matrix (32 x 512 calibration tokens) and a 4-bit token embedding (--pure, the pure
-4.5-bit files just above the 3.5x bar); GPTQ act-order on the whole-file Q4_0 / IQ4_NL grid (the tied embedding
-optimized as the output projection), pure and with a measured size budget of 3.5x; QAT started from that GPTQ
-(real text and data-free) under the same budget. Calibration draws only from shakespeare's calibration split
-(or, data-free, from the model's own generations); python-docs and bible are domains no calibration saw
-(prepare them with scripts/prepare-domains.sh). Columns: perplexity increase with its standard error, mean KLD,
-same top token, bits per weight, size ratio against the F16 file, token-generation speed ratio (median of
-interleaved llama-bench pairs, first domain only), wall time of the quantization. Writes SLM/reports/bench_int4.json.
+Rows: llama.cpp's own Q4_0 and IQ4_NL with an importance matrix (32 x 512 calibration tokens) and a 4-bit token
+embedding (--pure, the pure 4.5-bit files just above the 3.5x bar); then, for each of --types, GPTQ act-order on
+the whole-file grid (the tied embedding optimized as the output projection), pure and with a measured size budget
+of 3.5x, and QAT started from that GPTQ with learned block scales (real text and data-free) under the same budget,
+each QAT row trained for what --qat-minutes allows (as the default policy's QAT step is). Calibration mixes the
+calibration splits of Shakespeare and python-docs, as the default policy does (or, data-free, the model's own
+generations); bible and linux-docs are domains no calibration saw (prepare them with scripts/prepare-domains.sh).
+Columns: perplexity increase with its standard error, mean KLD, same top token, bits per weight, size ratio against
+the F16 file, token-generation speed ratio (median of interleaved llama-bench pairs, first domain only), wall time
+of the quantization (QAT rows: with the training steps taken). Writes SLM/reports/bench_int4.json.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from quantloop.tools import validate_quantization  # noqa: E402
 from quantloop.tools.validate import ppl_increase_stderr  # noqa: E402
 from quantloop.tools.quantize import quantize_model  # noqa: E402
 
-DOMAINS = ("shakespeare", "python-docs", "bible")
+DOMAINS = ("shakespeare", "python-docs", "bible", "linux-docs")
+MIX = ["python-docs"]  # the default policy's calibration mix
 BAR = 3.5
 
 
@@ -42,26 +45,41 @@ def ppl_se(k: dict) -> float:
     return ppl_increase_stderr(KLDReport.model_validate(k))
 
 
+def qat_record(output_dir: str) -> dict | None:
+    """Steps taken and planned, held-out KL at the start and the end, of a QAT row (its qat_result.json)."""
+    found = sorted(Path(output_dir).rglob("qat_result.json"))
+    if not found:
+        return None
+    r = json.loads(found[0].read_text())
+    t = r.get("timings", {})
+    return {k: r.get(k) for k in ("steps", "planned_steps", "time_limited", "rtn_kl", "final_kl", "kept_start", "curve")} | {
+        "tokens_per_s": t.get("tokens_per_s"), "s_per_step": t.get("s_per_step"), "init_s": t.get("init")}
+
+
+def qat_steps_cell(rec: dict | None) -> str:
+    return "" if not rec else f", {rec['steps']} of {rec['planned_steps']} steps"
+
+
 def whole_file(t: str) -> dict[str, str]:
     return {"embeddings": t, "attention": t, "feed_forward": t}
 
 
-def rows(qat_steps: int) -> list[tuple[str, QuantSpec]]:
-    real, synth = CalibrationSpec(source="dataset"), CalibrationSpec(source="synthetic")
-    qat_real = CalibrationSpec(source="dataset", samples=128, seqlen=256)
+def rows(types: list[str], qat_minutes: float) -> list[tuple[str, QuantSpec]]:
+    real = CalibrationSpec(source="dataset", mix=MIX)
+    qat_real = CalibrationSpec(source="dataset", samples=128, seqlen=256, mix=MIX)
     qat_synth = CalibrationSpec(source="synthetic", samples=128, seqlen=256)
-    out = []
-    for t in ("Q4_0", "IQ4_NL"):
+    out = [(f"llama.cpp {t} + imatrix, 4-bit embedding", QuantSpec(method="gguf", gguf_type=t, layer_types=whole_file(t), imatrix=True,
+                                                                  calibration=CalibrationSpec(samples=32, mix=MIX)))
+           for t in ("Q4_0", "IQ4_NL")]
+    for t in types:
+        qat = dict(method="qat", gguf_type=t, layer_types=whole_file(t), qat_steps=200, qat_init="gptq", qat_max_minutes=qat_minutes,
+                   min_size_ratio=BAR)
         out += [
-            (f"llama.cpp {t} + imatrix, 4-bit embedding", QuantSpec(method="gguf", gguf_type=t, layer_types=whole_file(t), imatrix=True,
-                                                                    calibration=CalibrationSpec(samples=32))),
             (f"GPTQ {t} act-order, whole file", QuantSpec(method="gptq", gguf_type=t, layer_types=whole_file(t), act_order=True, calibration=real)),
             (f"GPTQ {t} act-order, budget {BAR}x", QuantSpec(method="gptq", gguf_type=t, layer_types=whole_file(t), act_order=True,
                                                              min_size_ratio=BAR, calibration=real)),
-            (f"QAT {t} from GPTQ, real text, budget {BAR}x", QuantSpec(method="qat", gguf_type=t, layer_types=whole_file(t), qat_steps=qat_steps,
-                                                                       min_size_ratio=BAR, calibration=qat_real)),
-            (f"QAT {t} from GPTQ, data-free, budget {BAR}x", QuantSpec(method="qat", gguf_type=t, layer_types=whole_file(t), qat_steps=qat_steps,
-                                                                       min_size_ratio=BAR, calibration=qat_synth)),
+            (f"QAT {t} from GPTQ, real text, budget {BAR}x", QuantSpec(**qat, calibration=qat_real)),
+            (f"QAT {t} from GPTQ, data-free, budget {BAR}x", QuantSpec(**qat, calibration=qat_synth)),
         ]
     return out
 
@@ -70,7 +88,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", help="row labels to run (substring match)")
     p.add_argument("--chunks", type=int, default=16, help="test chunks of 512 tokens per domain")
-    p.add_argument("--qat-steps", type=int, default=200)
+    p.add_argument("--types", nargs="+", default=["IQ4_NL"], help="grids of the GPTQ and QAT rows (Q4_0, IQ4_NL)")
+    p.add_argument("--qat-minutes", type=float, default=20, help="time limit of each QAT row (budget, GPTQ start and training)")
     p.add_argument("--no-speed", action="store_true", help="skip the token-generation speed ratio")
     a = p.parse_args()
     domains = [d for d in DOMAINS if (DATASETS_DIR / d / "manifest.json").is_file()]
@@ -82,7 +101,7 @@ def main() -> None:
     t_start = time.perf_counter()
     ran = []
     with tempfile.TemporaryDirectory(dir=SLM_DIR) as tmp:
-        for label, spec in rows(a.qat_steps):
+        for label, spec in rows(a.types, a.qat_minutes):
             if a.only and not any(o.lower() in label.lower() for o in a.only):
                 continue
             out = Path(tmp) / spec.tag()
@@ -102,7 +121,7 @@ def main() -> None:
                 print(f"  {label} [{d}]: ppl {r.kld.ppl_increase_pct:+.2f} % ± {ppl_increase_stderr(r.kld):.2f}, "
                       f"KLD {r.kld.kld_mean:.4f}, size {r.size_ratio:.3f}x", flush=True)
             ran.append(label)
-            results[label] = {"quantization": json.loads(q.model_dump_json()), "validation": by_domain}
+            results[label] = {"quantization": json.loads(q.model_dump_json()), "validation": by_domain, "qat": qat_record(q.output_dir)}
             write_json_atomic(out_json, results)
     table_rows = []
     for label in ran:
@@ -115,7 +134,7 @@ def main() -> None:
                          f"top {100 * k['same_top_rate']:.0f} %")
         tg = first.get("speedup_tg")
         cells += [f"{first['size_quantized']['bits_per_weight']:.3f}", f"{first['size_ratio']:.3f}x" + (" ✓" if first["size_ratio"] >= BAR else ""),
-                  "-" if tg is None else f"{tg:.2f}x ± {first.get('speedup_tg_stderr') or 0:.2f}", f"{q['wall_s']:.0f} s"]
+                  "-" if tg is None else f"{tg:.2f}x ± {first.get('speedup_tg_stderr') or 0:.2f}", f"{q['wall_s']:.0f} s" + qat_steps_cell(x.get("qat"))]
         table_rows.append(cells)
     print()
     print(f"off-grid SmolLM2-135M against its F16 GGUF on llama.cpp; test splits, {a.chunks} x 512 tokens per domain; "
