@@ -87,6 +87,11 @@ def _read_value(f, vtype: int, keep: bool):
     raise ValueError(f"unknown GGUF value type {vtype}")
 
 
+def padded(n: int, alignment: int) -> int:
+    """`n` bytes rounded up to the file's alignment (GGUF pads the header and every tensor's data to it)."""
+    return -(-n // alignment) * alignment
+
+
 def read_metadata(path: str | Path) -> dict:
     """Architecture, file type and tensor table (name, type, elements, bytes) of a GGUF file.
 
@@ -125,7 +130,7 @@ def read_metadata(path: str | Path) -> dict:
             tensors.append((name, qtype.name, n_el, n_el // block * type_size))
         align = fields.get("general.alignment") or 32
         header_bytes = f.tell()
-        data_offset = -(-header_bytes // align) * align
+        data_offset = padded(header_bytes, align)
     return {
         "architecture": fields.get("general.architecture"),
         "name": fields.get("general.name"),

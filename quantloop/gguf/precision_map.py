@@ -18,7 +18,7 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.gguf.block_types import check_type, stored_type
-from quantloop.gguf.llamacpp import read_metadata
+from quantloop.gguf.llamacpp import padded, read_metadata
 from quantloop.gguf.tensor_names import ATTENTION, FEED_FORWARD
 
 # GGUF tensor-name patterns of each layer type (llama.cpp's names, any architecture it converts)
@@ -125,7 +125,7 @@ def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
     for name, _, ne, _ in meta["tensors"]:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[types[name]]]
         nbytes = ne // block * size
-        data += -(-nbytes // align) * align
+        data += padded(nbytes, align)
         n_weights += ne
         rows.append((name, types[name], ne, nbytes))
     # the header (metadata, tokenizer, tensor infos) keeps its size; only general.file_type's value changes

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.gguf import blocks as gguf_blocks
+from quantloop.gguf.llamacpp import padded
 
 BLOCK32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
@@ -97,7 +98,7 @@ def tensor_bytes(n_weights: int, type_name: str, alignment: int) -> int:
 
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
     n = n_weights // block * size
-    return -(-n // alignment) * alignment
+    return padded(n, alignment)
 
 
 def _hf_name(gguf_name: str, gguf_arch: str = "llama") -> tuple[str, int, str]:
@@ -146,8 +147,7 @@ def model_tensors(gguf: str | Path, candidates: tuple[str, ...] | None = None) -
 def genome_bytes(mt: ModelTensors, genome: dict[str, str], extra_header: int = 0) -> int:
     """Exact bytes of the GGUF file llama-quantize writes for this genome (tensor -> type); `extra_header`: the
     metadata an importance matrix adds (quantloop.gguf.precision_map.imatrix_header_bytes)."""
-    pad = lambda n: -(-n // mt.alignment) * mt.alignment  # noqa: E731
-    header = pad(mt.header_bytes + extra_header) - pad(mt.header_bytes)
+    header = padded(mt.header_bytes + extra_header, mt.alignment) - padded(mt.header_bytes, mt.alignment)
     return mt.fixed_bytes + header + sum(tensor_bytes(t.n_weights, genome[t.name], mt.alignment) for t in mt.tensors)
 
 
