@@ -99,12 +99,13 @@ def main() -> None:
     out_json = SLM_DIR / "reports" / "bench_int4.json"
     results = json.loads(out_json.read_text()) if a.only and out_json.is_file() else {}
     t_start = time.perf_counter()
+    all_rows = rows(a.types, a.qat_minutes)
     ran = []
     with tempfile.TemporaryDirectory(dir=SLM_DIR) as tmp:
-        for label, spec in rows(a.types, a.qat_minutes):
+        for i, (label, spec) in enumerate(all_rows):
             if a.only and not any(o.lower() in label.lower() for o in a.only):
                 continue
-            out = Path(tmp) / spec.tag()
+            out = Path(tmp) / f"{i:02d}-{spec.tag()}"  # two rows can share a tag (llama.cpp's mixes of Q4_0 and IQ4_NL)
             try:
                 q = quantize_model(OFFGRID_MODEL_DIR, out, spec)
             except Exception as e:  # noqa: BLE001 — a row that cannot run says why; the others still run
@@ -124,10 +125,11 @@ def main() -> None:
             results[label] = {"quantization": json.loads(q.model_dump_json()), "validation": by_domain, "qat": qat_record(q.output_dir)}
             write_json_atomic(out_json, results)
     table_rows = []
-    for label in ran:
+    # with --only, the rows of earlier runs in the report join the table (marked), in the bench's order
+    for label in [r for r, _ in all_rows if "validation" in results.get(r, {})]:
         x = results[label]
         q, first = x["quantization"], x["validation"][domains[0]]
-        cells = [label]
+        cells = [label + ("" if label in ran else " (earlier run)")]
         for d in domains:
             k = x["validation"][d]["kld"]
             cells.append(f"{k['ppl_increase_pct']:+.2f} ± {ppl_se(k):.2f} %, KLD {k['kld_mean']:.3f}, "
