@@ -52,8 +52,8 @@ def qat_record(output_dir: str) -> dict | None:
         return None
     r = json.loads(found[0].read_text())
     t = r.get("timings", {})
-    return {k: r.get(k) for k in ("steps", "planned_steps", "time_limited", "rtn_kl", "final_kl", "kept_start", "curve")} | {
-        "tokens_per_s": t.get("tokens_per_s"), "s_per_step": t.get("s_per_step"), "init_s": t.get("init")}
+    return ({k: r.get(k) for k in ("steps", "planned_steps", "time_limited", "rtn_kl", "final_kl", "kept_start", "curve")}
+            | {k: t.get(k) for k in ("init_s", "tokens_per_s", "s_per_step")})
 
 
 def qat_steps_cell(rec: dict | None) -> str:
