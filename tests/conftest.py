@@ -4,12 +4,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR  # noqa: E402
+from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR  # noqa: E402 (after the test environment is set)
 
 DATASET_DIR = DATASETS_DIR / "shakespeare"
 

@@ -99,12 +99,6 @@ def check_autoround_settings(hf_dir: Path, spec, fmt: str = "auto_round") -> dic
 # --------------------------------------------------------------------------- quantize
 
 
-def _set_env() -> None:
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(k, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list[int]],
                        iters: int | None = None, fmt: str = "auto_round", device: str | None = None) -> Path:
     """Quantize the float HF checkpoint `hf_dir` with AutoRound; return what a runtime loads.
@@ -162,7 +156,6 @@ def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list
 
 def run_autoround(job: dict) -> None:
     """One AutoRound quantize_and_save into job["stage"], seeded (job: see quantize_autoround and run_in_child)."""
-    _set_env()
     import random
 
     import numpy as np

@@ -25,10 +25,6 @@ def set_env() -> None:
     workers = os.environ.get("GPTQMODEL_CPU_WORKERS", "")
     if not workers.isdigit() or int(workers) < MIN_CPU_WORKERS:
         os.environ["GPTQMODEL_CPU_WORKERS"] = str(MIN_CPU_WORKERS)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def safetensors_header(path: Path) -> dict:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from quantloop.errors import InputError, run_command  # noqa: E402
-from quantloop.paths import (  # noqa: E402
+from quantloop.errors import InputError, run_command
+from quantloop.paths import (
     CHECKPOINTS_DIR,
     DATASETS_DIR,
     DEFAULT_MODEL_DIR,

@@ -7,7 +7,6 @@ runs it on its own.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import sys
 import time
@@ -15,12 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from quantloop.errors import InputError  # noqa: E402
-from quantloop.paths import (  # noqa: E402
+from quantloop.errors import InputError
+from quantloop.paths import (
     DEFAULT_MODEL_DIR,
     OFFGRID_MODEL_DIR,
     QUANTIZED_DIR,

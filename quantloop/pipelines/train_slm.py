@@ -20,7 +20,6 @@ The command line is in quantloop/pipelines/train_command.py.
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import sys
@@ -29,12 +28,9 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from quantloop.errors import InputError  # noqa: E402
-from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR  # noqa: E402
+from quantloop.errors import InputError
+from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR
 
 # LlamaConfig kwargs per size; vocab_size comes from the tokenizer (49152 for SmolLM2), so with tied
 # embeddings the embedding dominates the parameter count. Widths are multiples of 32 (GGUF Q4_0/Q8_0
