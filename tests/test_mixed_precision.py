@@ -57,7 +57,7 @@ def test_estimate_matches_the_file_llama_quantize_writes(tiny_prepared, tmp_path
 
     r = quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="gguf", preset="arch-default", layer_types={"feed_forward": "Q5_1"},
                                                                gguf_tensor_types={r"blk\.1\.attn_v": "Q8_0"}))
-    written = {t[0]: t[1] for t in read_metadata(r.model_path)["tensors"]}
+    written = {t.name: t.type for t in read_metadata(r.model_path).tensors}
     assert written == planned
     assert abs(r.bytes_on_disk - est["bytes"]) <= 0.01 * r.bytes_on_disk
     assert r.bytes_on_disk == est["bytes"]  # measured: exact

@@ -217,7 +217,7 @@ def test_quantize_model_qat_data_free_is_deterministic(tiny_prepared, tmp_path):
     assert [t.name for t in ta] == [t.name for t in tb]
     assert all(x.tensor_type == y.tensor_type and np.array_equal(x.data, y.data) for x, y in zip(ta, tb))
     assert a.calibration_manifest_sha256 == b.calibration_manifest_sha256 and len(a.calibration_manifest_sha256) == 64
-    assert read_metadata(a.model_path)["file_type"] == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+    assert read_metadata(a.model_path).file_type == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
     saved = json.loads((tmp_path / "a" / "quantization_config.json").read_text())["quantloop"]
     assert saved["spec"]["method"] == "qat" and saved["spec"]["calibration"]["source"] == "synthetic"
     assert json.loads((tmp_path / "a" / "qat_result.json").read_text())["steps"] == 3

@@ -65,7 +65,7 @@ def test_gguf_with_imatrix_and_tensor_type_overrides(tiny_prepared, tmp_path, da
     spec = QuantSpec(method="gguf", gguf_type="Q4_0", imatrix=True, gguf_tensor_types={"attn_v": "q8_0"},
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=4, seqlen=256))
     r = quantize_model(tiny_prepared, tmp_path / "q", spec)
-    types = {name: t for name, t, _, _ in read_metadata(r.model_path)["tensors"]}
+    types = {t.name: t.type for t in read_metadata(r.model_path).tensors}
     assert types["blk.0.attn_v.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"
     assert r.calibration_manifest_sha256 and not (tmp_path / "q" / "imatrix.gguf").exists()
 

@@ -30,7 +30,7 @@ def test_map_written_file_matches_estimate_and_types(tiny_prepared, tmp_path, cy
     fields, back = read_map(y, mt)
     assert back == genome and json.loads(j.read_text())["gguf_tensor_types"] == yaml.safe_load(y.read_text())["gguf_tensor_types"]
     q = quantize_model(tiny_prepared, tmp_path / "out", QuantSpec(**fields))
-    written = {n: t for n, t, _, _ in read_metadata(q.model_path)["tensors"]}
+    written = {t.name: t.type for t in read_metadata(q.model_path).tensors}
     assert all(written[n] == t for n, t in genome.items())
     assert (tmp_path / "out").exists() and q.bytes_on_disk == genome_bytes(mt, genome)
 

@@ -158,9 +158,9 @@ class QuantizationAgent:
             return f"size budget cannot be met: {e.problem}"
         if types is None or not record.get("forced"):
             return None
-        rows = [r for r in estimate_bytes(base.gguf, types)["tensors"] if GGUF_LINEAR.match(r[0])]
-        linear_bits = 8 * sum(r[3] for r in rows) / sum(r[2] for r in rows)
-        bits = judged_bits({r[1] for r in rows}, linear_bits, planned.spec.gguf_type)  # as validation will judge the file
+        rows = [r for r in estimate_bytes(base.gguf, types)["tensors"] if GGUF_LINEAR.match(r.name)]
+        linear_bits = 8 * sum(r.n_bytes for r in rows) / sum(r.n_elements for r in rows)
+        bits = judged_bits({r.type for r in rows}, linear_bits, planned.spec.gguf_type)  # as validation will judge the file
         need = required_size_ratio(load_quality_spec(state.acceptance_spec).acceptance, bits)
         ratio = record["f16_bytes"] / record["bytes"]
         if ratio >= need * 0.99:

@@ -71,7 +71,7 @@ def budget_bpw(settings: SearchStep, acceptance_spec: str | Path, checkpoint: st
     if gguf is None:
         raise InputError(Path(checkpoint), "a search step without max_bpw needs the model's F16 GGUF", "run `quantloop prepare` on it")
     ratio = required_size_ratio(load_quality_spec(acceptance_spec).acceptance, 4)
-    header = read_metadata(gguf)["data_offset"]
+    header = read_metadata(gguf).data_offset
     return math.floor(8000 * (gguf.stat().st_size / ratio - header) / model_tensors(gguf).n_weights) / 1000  # down: within the bar
 
 

@@ -93,11 +93,11 @@ class LlamaCppRunner:
         except (ValueError, RuntimeError) as e:
             raise InputError(
                 self.gguf,
-                f"llama.cpp cannot load this model (architecture '{meta['architecture']}'): {str(e)[:120]}",
+                f"llama.cpp cannot load this model (architecture '{meta.architecture}'): {str(e)[:120]}",
                 "use a GGUF of an architecture llama.cpp supports",
             ) from None
         self.n_ctx = n_ctx
-        self.ref = ModelRef(path=str(self.gguf), runtime="llama.cpp", format=f"gguf:{file_type_name(meta['file_type']) or 'unknown'}")
+        self.ref = ModelRef(path=str(self.gguf), runtime="llama.cpp", format=f"gguf:{file_type_name(meta.file_type) or 'unknown'}")
         self.n_vocab = int(self.llm.n_vocab())
         self.eos = {int(self.llm.token_eos())}
 

@@ -17,16 +17,16 @@ def gguf_size(path: str | Path) -> SizeReport:
     from quantloop.gguf.llamacpp import read_metadata
 
     path = Path(path)
-    tensors = read_metadata(path)["tensors"]
-    n = sum(t[2] for t in tensors)
-    b = sum(t[3] for t in tensors)
-    lin = [t for t in tensors if GGUF_LINEAR.match(t[0])]
-    ln, lb = sum(t[2] for t in lin), sum(t[3] for t in lin)
+    tensors = read_metadata(path).tensors
+    n = sum(t.n_elements for t in tensors)
+    b = sum(t.n_bytes for t in tensors)
+    lin = [t for t in tensors if GGUF_LINEAR.match(t.name)]
+    ln, lb = sum(t.n_elements for t in lin), sum(t.n_bytes for t in lin)
     types, linear_types = Counter(), Counter()
-    for name, typ, ne, _ in tensors:
-        types[typ] += ne
-    for name, typ, ne, _ in lin:
-        linear_types[typ] += ne
+    for t in tensors:
+        types[t.type] += t.n_elements
+    for t in lin:
+        linear_types[t.type] += t.n_elements
     return SizeReport(
         path=str(path), bytes_on_disk=path.stat().st_size, n_weights=n, bits_per_weight=8 * b / n,
         n_linear_weights=ln, linear_bits_per_weight=8 * lb / ln if ln else 0.0, tensor_types=dict(types),

@@ -196,7 +196,7 @@ def check_gguf_architecture(path: Path) -> str:
     """The GGUF's general.architecture; InputError when the bundled llama.cpp does not know it."""
     from quantloop.gguf.llamacpp import read_metadata
 
-    arch = read_metadata(path).get("architecture")
+    arch = read_metadata(path).architecture
     if arch not in llama_cpp_loads():
         raise InputError(path, f"llama.cpp cannot load GGUF architecture '{arch}'",
                          f"pass a GGUF of an architecture llama.cpp supports, e.g. {', '.join(a.gguf_arch for a in ARCHITECTURES)}")

@@ -146,8 +146,7 @@ def planned_export_types(f16_gguf: str | Path, type_name: str, embedding_type: s
     meta = read_metadata(f16_gguf)
     rules = [(re.compile(p), t.upper()) for p, t in (tensor_types or {}).items()]
     out = {}
-    for name, *_ in meta["tensors"]:
-        dims = meta["shapes"][name]
+    for name, dims in meta.shapes.items():
         emb = llama_embedding_type(type_name, dims[0]) if embedding_type == "auto" else embedding_type
         target = _target_type(name, len(dims), type_name, emb, rules)
         out[name] = "F32" if target is None else stored_type(target, dims[0])

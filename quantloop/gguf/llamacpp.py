@@ -12,7 +12,9 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from quantloop.errors import InputError
 from quantloop.paths import CACHE_DIR
@@ -92,7 +94,32 @@ def padded(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
 
-def read_metadata(path: str | Path) -> dict:
+class GGUFTensor(NamedTuple):
+    """One row of a GGUF file's tensor table. The names are gguf-py's (ReaderTensor), except `type`: the name of
+    its tensor_type ("Q4_K", "F32", ...), not the enum."""
+
+    name: str
+    type: str
+    n_elements: int
+    n_bytes: int  # the tensor's data, without the padding to the file's alignment
+
+
+@dataclass(frozen=True)
+class GGUFMetadata:
+    """What read_metadata reads from a GGUF file's header."""
+
+    architecture: str | None  # general.architecture
+    name: str | None  # general.name
+    file_type: int | None  # general.file_type, a gguf.LlamaFileType value (file_type_name names it)
+    tensors: list[GGUFTensor]  # in file order
+    shapes: dict[str, tuple[int, ...]]  # name -> dims, innermost (row length) first
+    offsets: dict[str, int]  # name -> offset of its data from data_offset
+    data_offset: int  # bytes before the tensor data (header, metadata, tensor infos, padding)
+    header_bytes: int  # the same without the padding
+    alignment: int
+
+
+def read_metadata(path: str | Path) -> GGUFMetadata:
     """Architecture, file type and tensor table (name, type, elements, bytes) of a GGUF file.
 
     Reads the header only. gguf-py's GGUFReader parses every tokenizer array into
@@ -127,21 +154,15 @@ def read_metadata(path: str | Path) -> dict:
             n_el = 1
             for d in dims:
                 n_el *= d
-            tensors.append((name, qtype.name, n_el, n_el // block * type_size))
+            tensors.append(GGUFTensor(name, qtype.name, n_el, n_el // block * type_size))
         align = fields.get("general.alignment") or 32
         header_bytes = f.tell()
         data_offset = padded(header_bytes, align)
-    return {
-        "architecture": fields.get("general.architecture"),
-        "name": fields.get("general.name"),
-        "file_type": fields.get("general.file_type"),
-        "tensors": tensors,
-        "shapes": shapes,  # name -> dims, innermost (row length) first
-        "offsets": offsets,  # name -> offset of its data from data_offset
-        "data_offset": data_offset,  # bytes before the tensor data (header, metadata, tensor infos, padding)
-        "header_bytes": header_bytes,  # the same without the padding
-        "alignment": align,
-    }
+    return GGUFMetadata(
+        architecture=fields.get("general.architecture"), name=fields.get("general.name"),
+        file_type=fields.get("general.file_type"), tensors=tensors, shapes=shapes, offsets=offsets,
+        data_offset=data_offset, header_bytes=header_bytes, alignment=align,
+    )
 
 
 def file_type_name(file_type: int | None) -> str | None:

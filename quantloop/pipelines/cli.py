@@ -141,9 +141,9 @@ def cmd_estimate(a) -> int:
     base, _, types = plan_mixed_file(model.gguf, a.type, a.preset, parse_layer_types(a.layer_type), parse_tensor_types(a.tensor_type))
     e = estimate_bytes(model.gguf, types)
     groups: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    for name, t, ne, nbytes in e["tensors"]:
-        g = groups[(layer_type_of(name), t)]
-        g[0], g[1], g[2] = g[0] + 1, g[1] + ne, g[2] + nbytes
+    for t in e["tensors"]:
+        g = groups[(layer_type_of(t.name), t.type)]
+        g[0], g[1], g[2] = g[0] + 1, g[1] + t.n_elements, g[2] + t.n_bytes
     print(table(["layer type", "GGUF type", "tensors", "weights", "bytes", "bits/weight"],
                 [[lt, t, n, f"{ne:,}", mib(b), f"{8 * b / ne:.3f}"] for (lt, t), (n, ne, b) in sorted(groups.items())]))
     print(f"file: {e['bytes']:,} bytes ({mib(e['bytes'])}), {e['bits_per_weight']:.3f} bits per weight over {e['n_weights']:,} weights "
@@ -193,7 +193,7 @@ def default_group_size(a) -> int:
     if model.gguf is None:
         return 128
     meta = read_metadata(model.gguf)
-    widths = {meta["shapes"][name][0] for name, *_ in meta["tensors"] if name.startswith("blk.") and len(meta["shapes"][name]) == 2}
+    widths = {dims[0] for name, dims in meta.shapes.items() if name.startswith("blk.") and len(dims) == 2}
     return next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 32)
 
 

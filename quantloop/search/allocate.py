@@ -100,7 +100,7 @@ def budget_bytes_for_bpw(mt: ModelTensors, bpw: float) -> int:
     """The file bytes at `bpw` bits per weight (quantloop's definition: tensor data over all weights) plus the header."""
     from quantloop.gguf.llamacpp import read_metadata
 
-    header = read_metadata(mt.gguf)["data_offset"]
+    header = read_metadata(mt.gguf).data_offset
     return int(header + bpw * mt.n_weights / 8)
 
 

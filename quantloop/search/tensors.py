@@ -118,18 +118,18 @@ def _model_tensors(gguf: str, mtime: float, candidates: tuple[str, ...] | None) 
     from quantloop.gguf.llamacpp import read_metadata
 
     meta = read_metadata(gguf)
-    align = meta["alignment"]
-    rows, fixed = [], meta["data_offset"]
+    align = meta.alignment
+    rows, fixed = [], meta.data_offset
     n_all = 0
-    for name, typ, ne, _ in meta["tensors"]:
-        n_all += ne
-        dims = meta["shapes"][name]
+    for t in meta.tensors:
+        n_all += t.n_elements
+        dims = meta.shapes[t.name]
         if len(dims) < 2:
-            fixed += tensor_bytes(ne, typ, align)
+            fixed += tensor_bytes(t.n_elements, t.type, align)
             continue
-        hf, layer, module = _hf_name(name, meta["architecture"])
-        rows.append(TensorInfo(name, hf, int(dims[0]), int(ne), layer, module, storable_types(int(dims[0]), candidates)))
-    return ModelTensors(Path(gguf), tuple(rows), fixed, n_all, align, meta["header_bytes"])
+        hf, layer, module = _hf_name(t.name, meta.architecture)
+        rows.append(TensorInfo(t.name, hf, int(dims[0]), int(t.n_elements), layer, module, storable_types(int(dims[0]), candidates)))
+    return ModelTensors(Path(gguf), tuple(rows), fixed, n_all, align, meta.header_bytes)
 
 
 def model_tensors(gguf: str | Path, candidates: tuple[str, ...] | None = None) -> ModelTensors:
@@ -162,7 +162,7 @@ def full_types(mt: ModelTensors, genome: dict[str, str]) -> dict[str, str]:
     """Type of every tensor of the file: the genome for 2-D tensors, the F16 file's own type for the rest."""
     from quantloop.gguf.llamacpp import read_metadata
 
-    out = {name: typ for name, typ, _, _ in read_metadata(mt.gguf)["tensors"]}
+    out = {t.name: t.type for t in read_metadata(mt.gguf).tensors}
     out.update(genome)
     return out
 
