@@ -134,8 +134,8 @@ def policy_step_grids(model_dir: Path, step_name: str, data_free: bool):
     model = resolve_model(model_dir)
     if spec.min_size_ratio:
         spec, record = fit_to_budget(model, spec)
-        print(f"size budget: {record.get('bytes', record.get('planned_bytes')):,} bytes, "
-              f"{len(record.get('downgrades', []))} downgrades", flush=True)
+        print(f"size budget: {record.bytes if record.bytes is not None else record.planned_bytes:,} bytes, "
+              f"{len(record.downgrades)} downgrades", flush=True)
     base, rules, _, embedding_type = plan_precision_map(model.gguf, spec)
     return base, embedding_type, rules, spec.calibration
 

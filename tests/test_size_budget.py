@@ -19,7 +19,8 @@ def test_downgrades_take_the_least_kld_per_byte_until_the_file_fits():
             row("b", "Q4_0", 100, 0.010), row("b", "Q3_K", 80, 0.014),   # +0.004 for 20 bytes: 0.0002 per byte
             row("c", "Q4_0", 100, 0.010), row("c", "Q3_K", 80, 0.020), row("c", "Q2_K", 60, 0.034)]  # 0.0005, then 0.0007 per byte
     out, taken = downgrades(dict(types), rows, budget=1000 - 30, size=1000)
-    assert [(t["unit"], t["to"]) for t in taken] == [("b", "Q3_K"), ("c", "Q3_K")]
+    assert [(t.unit, t.to_type) for t in taken] == [("b", "Q3_K"), ("c", "Q3_K")]
+    assert taken[0].from_type == "Q4_0" and taken[0].bytes_saved == 20 and taken[0].kld_added == pytest.approx(0.004)
     assert out == {"a.weight": "Q4_0", "b.weight": "Q3_K", "c.weight": "Q3_K"}
     out, taken = downgrades(dict(types), rows, budget=1000 - 60, size=1000)  # c goes on down to Q2_K before a moves
     assert out == {"a.weight": "Q4_0", "b.weight": "Q3_K", "c.weight": "Q2_K"} and len(taken) == 3
@@ -117,9 +118,10 @@ def test_a_budget_that_leaves_one_plan_is_decided_before_any_measurement(referen
     forced = spec.model_copy(update={"min_size_ratio": f16.stat().st_size / (floor_bytes + 1)})
 
     types, record = plan_without_measuring(f16, forced)
-    assert types == floor and record["forced"] and record["bytes"] == floor_bytes
+    assert types == floor and record.forced and record.bytes == floor_bytes
+    assert all(d.forced and d.to_type == "Q2_K" for d in record.downgrades)
     new, record = fit_to_budget(resolve_model(model), forced)
-    assert "sensitivity_cache" not in record  # nothing measured
+    assert record.sensitivity_cache is None  # nothing measured
     assert {r: t for r, t in new.gguf_tensor_types.items() if "ffn_down" in r} == {
         r"^blk\.0\.ffn_down\.weight$": "Q2_K", r"^blk\.1\.ffn_down\.weight$": "Q2_K"}
     with pytest.raises(InputError, match="the smallest file these types allow"):

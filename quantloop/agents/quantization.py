@@ -156,18 +156,18 @@ class QuantizationAgent:
             types, record = plan_without_measuring(base.gguf, planned.spec)
         except InputError as e:
             return f"size budget cannot be met: {e.problem}"
-        if types is None or not record.get("forced"):
+        if types is None or not record.forced:
             return None
         rows = [r for r in estimate_bytes(base.gguf, types)["tensors"] if GGUF_LINEAR.match(r.name)]
         linear_bits = 8 * sum(r.n_bytes for r in rows) / sum(r.n_elements for r in rows)
         bits = judged_bits({r.type for r in rows}, linear_bits, planned.spec.gguf_type)  # as validation will judge the file
         need = required_size_ratio(load_quality_spec(state.acceptance_spec).acceptance, bits)
-        ratio = record["f16_bytes"] / record["bytes"]
+        ratio = record.f16_bytes / record.bytes
         if ratio >= need * 0.99:
             return None
         return (f"size {ratio:.2f}x (needs >= {need}x at {bits} bits), known before quantizing: the {planned.spec.min_size_ratio}x "
-                f"budget leaves one plan, every one of the {len(record['downgrades'])} tensors that can go below 4 bits at its "
-                f"smallest type ({record['bytes']:,} bytes, {linear_bits:.2f} bits per linear weight, judged at {bits} bits)")
+                f"budget leaves one plan, every one of the {len(record.downgrades)} tensors that can go below 4 bits at its "
+                f"smallest type ({record.bytes:,} bytes, {linear_bits:.2f} bits per linear weight, judged at {bits} bits)")
 
     @staticmethod
     def size_precheck(planned: PlannedAttempt, state: PipelineState) -> str | None:

@@ -12,12 +12,38 @@ of 256: SmolLM2's 1536-wide ffn_down). The result is the attempt's spec with one
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.search.schemas import SensitivityRequest, SensitivityRow, TextSpec
 
 LOWER_TYPES = ("Q3_K", "Q2_K")  # below 4 bits: the types a budget may spend on the least sensitive tensors
+
+
+@dataclass(frozen=True)
+class Downgrade:
+    """One unit (a sensitivity unit, or one tensor when the plan is forced) taken below its planned type."""
+
+    unit: str
+    from_type: str
+    to_type: str
+    bytes_saved: int | None = None  # measured downgrades: the bytes it saves and the KL divergence it adds
+    kld_added: float | None = None
+    forced: bool = False  # the only plan that fits: nothing measured
+
+
+@dataclass(frozen=True)
+class BudgetRecord:
+    """What a size budget decided for one attempt."""
+
+    budget_bytes: int  # the F16 GGUF's bytes / min_size_ratio
+    f16_bytes: int
+    planned_bytes: int  # the file the planned types write
+    downgrades: list[Downgrade] = field(default_factory=list)
+    bytes: int | None = None  # the file the fitted types write; None while a choice is left to measure
+    forced: bool = False  # only one plan fits (every tensor that can go lower at its smallest type)
+    sensitivity_cache: str | None = None  # the measured sensitivity's cache file, when one was measured
 
 
 def planned_types(gguf: Path, spec) -> dict[str, str]:
@@ -36,7 +62,7 @@ def file_bytes(gguf: Path, types: dict[str, str]) -> int:
     return estimate_bytes(gguf, types)["bytes"]
 
 
-def downgrades(types: dict[str, str], rows: list[SensitivityRow], budget: int, size: int) -> tuple[dict[str, str], list[dict]]:
+def downgrades(types: dict[str, str], rows: list[SensitivityRow], budget: int, size: int) -> tuple[dict[str, str], list[Downgrade]]:
     """Take the cheapest downgrade (KLD added per byte saved) until `size` fits the budget; (types, steps taken)."""
     by_unit: dict[str, dict[str, SensitivityRow]] = {}
     for r in rows:
@@ -60,14 +86,14 @@ def downgrades(types: dict[str, str], rows: list[SensitivityRow], budget: int, s
         _, unit, t, saved = best
         for name in by_unit[unit][t].tensors:
             types[name] = t
-        taken.append({"unit": unit, "from": current[unit], "to": t, "bytes_saved": saved,
-                      "kld_added": by_unit[unit][t].kld - by_unit[unit][current[unit]].kld})
+        taken.append(Downgrade(unit, current[unit], t, bytes_saved=saved,
+                               kld_added=by_unit[unit][t].kld - by_unit[unit][current[unit]].kld))
         current[unit] = t
         size -= saved
     return types, taken
 
 
-def plan_without_measuring(gguf: Path, spec) -> tuple[dict[str, str] | None, dict]:
+def plan_without_measuring(gguf: Path, spec) -> tuple[dict[str, str] | None, BudgetRecord]:
     """(types, record) when no measurement can change the budget's plan: the planned file already fits, or only
     one plan fits (every tensor that can go lower must go to its smallest type, and raising any one of them breaks
     the budget); (None, record) when there is a choice to measure. One error line, before any measurement, when
@@ -76,7 +102,7 @@ def plan_without_measuring(gguf: Path, spec) -> tuple[dict[str, str] | None, dic
     return (types if decided else None), record
 
 
-def budget_plan(gguf: Path, spec) -> tuple[dict[str, str], dict, bool]:
+def budget_plan(gguf: Path, spec) -> tuple[dict[str, str], BudgetRecord, bool]:
     """(types, record, decided): plan_without_measuring's answer, with the planned types when not decided."""
     from quantloop.search.tensors import model_tensors, tensor_bytes
 
@@ -84,9 +110,9 @@ def budget_plan(gguf: Path, spec) -> tuple[dict[str, str], dict, bool]:
     budget = int(f16_bytes / spec.min_size_ratio)
     types = planned_types(gguf, spec)
     size = file_bytes(gguf, types)
-    record = {"budget_bytes": budget, "f16_bytes": f16_bytes, "planned_bytes": size, "downgrades": []}
+    record = BudgetRecord(budget_bytes=budget, f16_bytes=f16_bytes, planned_bytes=size)
     if size <= budget:
-        return types, record | {"bytes": size}, True
+        return types, replace(record, bytes=size), True
     mt = model_tensors(gguf, tuple(sorted({t for t in types.values() if t not in ("F32", "F16")} | set(LOWER_TYPES))))
     # each tensor that can go lower: its planned type, then the lower types its rows hold, largest first
     ladders = {t.name: [types[t.name]] + [x for x in LOWER_TYPES if x in t.types] for t in mt.tensors
@@ -100,13 +126,13 @@ def budget_plan(gguf: Path, spec) -> tuple[dict[str, str], dict, bool]:
     slack = budget - floor_size
     if all(tensor_bytes(info[n].n_weights, steps[-2], mt.alignment) - tensor_bytes(info[n].n_weights, steps[-1], mt.alignment)
            > slack for n, steps in ladders.items()):
-        taken = [{"unit": n, "from": types[n], "to": steps[-1], "forced": True} for n, steps in ladders.items()]
-        return floor, record | {"bytes": floor_size, "downgrades": taken, "forced": True}, True
+        taken = [Downgrade(n, types[n], steps[-1], forced=True) for n, steps in ladders.items()]
+        return floor, replace(record, bytes=floor_size, downgrades=taken, forced=True), True
     return types, record, False
 
 
 def fit_to_budget(model, spec, progress=None):
-    """(spec, record): the attempt's spec with one type per tensor so that its file is at least spec.min_size_ratio
+    """(spec, BudgetRecord): the attempt's spec with one type per tensor so that its file is at least spec.min_size_ratio
     times smaller than the F16 GGUF, and what was decided. Unchanged when the planned file already fits."""
     from tqdm import tqdm
 
@@ -117,8 +143,8 @@ def fit_to_budget(model, spec, progress=None):
     gguf = model.gguf
     types, record, decided = budget_plan(gguf, spec)
     if decided:
-        return (spec if not record["downgrades"] else with_types(spec, types)), record
-    budget, f16_bytes, size = record["budget_bytes"], record["f16_bytes"], record["planned_bytes"]
+        return (spec if not record.downgrades else with_types(spec, types)), record
+    budget, f16_bytes, size = record.budget_bytes, record.f16_bytes, record.planned_bytes
     if spec.calibration.source == "synthetic":  # data-free: no dataset is read, for the budget either
         text = [TextSpec(source="synthetic", chunks=4, seqlen=256)]
     else:
@@ -144,7 +170,7 @@ def fit_to_budget(model, spec, progress=None):
     if size > budget:
         raise InputError(None, f"the smallest file these types allow is {size:,} bytes, over the budget of {budget:,} "
                          f"(F16 {f16_bytes:,} / {spec.min_size_ratio})", "lower min_size_ratio or allow smaller types")
-    return with_types(spec, types), record | {"bytes": size, "downgrades": taken, "sensitivity_cache": sens.cache_file}
+    return with_types(spec, types), replace(record, bytes=size, downgrades=taken, sensitivity_cache=sens.cache_file)
 
 
 def with_types(spec, types: dict[str, str]):

@@ -42,9 +42,9 @@ def apply_size_budget(model, spec: QuantSpec) -> tuple[QuantSpec, list[str]]:
         raise InputError(model.path, "a size budget needs the model's F16 GGUF", "run `quantloop prepare` on it first")
     print(f"size budget: the whole file at least {spec.min_size_ratio}x smaller than the F16 GGUF", flush=True)
     fitted, record = fit_to_budget(model, spec)
-    moved = ", ".join(f"{d['unit']} {d['to']}" for d in record["downgrades"]) or "none needed"
-    return fitted, [f"size budget {spec.min_size_ratio}x of {record['f16_bytes']:,} bytes = {record['budget_bytes']:,}: "
-                    f"planned {record['planned_bytes']:,}, fitted {record['bytes']:,} (estimate); below the planned types "
+    moved = ", ".join(f"{d.unit} {d.to_type}" for d in record.downgrades) or "none needed"
+    return fitted, [f"size budget {spec.min_size_ratio}x of {record.f16_bytes:,} bytes = {record.budget_bytes:,}: "
+                    f"planned {record.planned_bytes:,}, fitted {record.bytes:,} (estimate); below the planned types "
                     f"(least measured KLD per byte): {moved}"]
 
 
