@@ -64,15 +64,51 @@ def disk_full(folder: str | Path, needed_bytes: int) -> OSError | None:
     return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free:,} bytes free, about {needed_bytes:,} needed)", str(folder))
 
 
+# The optional parts of quantloop, each a pip extra (pyproject.toml): the import packages it brings -> its name.
+# A base `pip install quantloop` leaves them out; a command that needs one says which extra to install.
+OPTIONAL_IMPORTS = {
+    "gptqmodel": "gptq",
+    "auto_round": "autoround",
+    "optuna": "search",
+    "pulp": "search",
+    "psycopg2": "postgres",
+    "mcp": "mcp",
+    "mcp_types": "mcp",
+    "anyio": "mcp",
+    "uvicorn": "mcp",
+    "langchain_core": "langchain",
+}
+
+
+def missing_extra(e: BaseException) -> InputError | None:
+    """The InputError naming the pip extra to install when `e` is the failed import of an optional part that is
+    not installed (or an ImportError a library raised from it, as optuna does for a database driver), else None:
+    any other error, or a module missing inside an installed library."""
+    while isinstance(e, ImportError):
+        package = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
+        if package in OPTIONAL_IMPORTS:
+            extra = OPTIONAL_IMPORTS[package]
+            return InputError(package, f"not installed; it comes with quantloop's optional part '{extra}'",
+                              f"pip install 'quantloop[{extra}]'")
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def run_command(args) -> int:
     """Run a parsed command (args.func): bad input or a failure of the machine is one line on stderr and exit
-    code 2, Ctrl-C exit code 130. Every entry point (quantloop, python -m quantloop.serve, ...) goes through it."""
+    code 2, and so is an optional part that is not installed (the line names its pip extra); Ctrl-C exit code 130.
+    Every entry point (quantloop, python -m quantloop.serve, ...) goes through it."""
     import sys
 
     try:
         return args.func(args)
     except InputError as e:
         print(f"quantloop: error: {e.line()}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional part that a base install leaves out: the extra to install
+        if (missing := missing_extra(e)) is None:
+            raise
+        print(f"quantloop: error: {missing.line()}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine, not the model: read-only, full disk, permissions, missing folders
         print(f"quantloop: error: {os_error_line(e)}", file=sys.stderr)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quantloop.errors import InputError
+from quantloop.errors import InputError, missing_extra
 
 DIRECTIONS = ["minimize", "minimize", "maximize"]  # mean KLD, file bytes, tg tokens/s
 OBJECTIVES = ["kld_mean", "bytes", "tg_tokens_per_s"]
@@ -61,7 +61,7 @@ def open_storage(url: str, heartbeat: bool = True):
             return _rdb(url, heartbeat)
         except Exception as e:  # sqlalchemy / driver errors: bad host, no server, refused, bad credentials
             msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise InputError(None, f"cannot open the optuna storage '{safe}': {msg}",
+            raise missing_extra(e) or InputError(None, f"cannot open the optuna storage '{safe}': {msg}",
                              "check that the server runs and the URL (user, host, port, database) is right") from None
     path = Path(url)
     if path.is_dir() or not path.parent.is_dir():
