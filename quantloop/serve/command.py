@@ -25,13 +25,16 @@ def cmd_mcp(a) -> int:
 
 
 def add_mcp_command(subparsers) -> argparse.ArgumentParser:
+    from quantloop.tools.catalog import TOOLS  # the tools the server serves: the help names them from there
+
+    names = ", ".join(t.name for t in TOOLS)
     s = subparsers.add_parser(
-        "mcp", help="serve the tools (quantize_model, validate_quantization, compare_outputs, evaluate_model, estimate) over MCP",
+        "mcp", help=f"serve the tools ({names}) over MCP",
         description="An MCP server (the official Python SDK) with quantloop's tools, their pydantic models as input and "
                     "output schemas. Speaks stdio by default (for an MCP client that starts it as a subprocess); --http PORT "
                     "serves streamable HTTP at http://127.0.0.1:PORT/mcp instead. Every path a call names must lie under "
                     "the data folder (--root; relative paths are taken from it); long calls send progress notifications.",
-        epilog="Models and text are local only; nothing is fetched from a model hub.")
+        epilog=f"Tools: {names}. Models and text are local only; nothing is fetched from a model hub.")
     s.add_argument("--root", default=str(SLM_DIR), metavar="DIR", help=f"data folder the tools may read and write (default: {SLM_DIR})")
     s.add_argument("--http", type=int, metavar="PORT", help="serve streamable HTTP on 127.0.0.1:PORT instead of stdio")
     s.set_defaults(func=cmd_mcp)

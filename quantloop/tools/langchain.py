@@ -45,8 +45,7 @@ def as_langchain_tool(entry: ToolEntry):
 
 
 def as_langchain_tools(names: list[str] | None = None) -> list:
-    """LangChain StructuredTools for quantize_model, validate_quantization, compare_outputs, evaluate_model and
-    estimate (or the ones named)."""
+    """LangChain StructuredTools for every tool of quantloop.tools.catalog.TOOLS, in its order (or the ones named)."""
     unknown = set(names or ()) - {t.name for t in TOOLS}
     if unknown:
         raise InputError(None, f"unknown tool(s): {', '.join(sorted(unknown))}", f"use {', '.join(t.name for t in TOOLS)}")
