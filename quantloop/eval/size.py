@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from quantloop.gguf.tensor_names import GGUF_LINEAR, HF_LINEAR
 from quantloop.schemas import SizeReport
@@ -34,7 +35,16 @@ def gguf_size(path: str | Path) -> SizeReport:
     )
 
 
-def _safetensors_table(path: Path) -> list[tuple[str, str, int, int]]:
+class SafetensorsTensor(NamedTuple):
+    """One entry of a .safetensors file's header."""
+
+    name: str
+    dtype: str  # safetensors' dtype name: F32, BF16, I32, ...
+    n_elements: int
+    n_bytes: int
+
+
+def _safetensors_table(path: Path) -> list[SafetensorsTensor]:
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
@@ -45,7 +55,7 @@ def _safetensors_table(path: Path) -> list[tuple[str, str, int, int]]:
         ne = 1
         for d in v["shape"]:
             ne *= d
-        rows.append((name, v["dtype"], ne, v["data_offsets"][1] - v["data_offsets"][0]))
+        rows.append(SafetensorsTensor(name, v["dtype"], ne, v["data_offsets"][1] - v["data_offsets"][0]))
     return rows
 
 
@@ -53,13 +63,13 @@ def hf_size(hf_dir: str | Path) -> SizeReport:
     """Float checkpoints: weights = tensor elements. Files other than *.gguf count toward the bytes on disk."""
     hf_dir = Path(hf_dir)
     rows = [r for f in sorted(hf_dir.glob("*.safetensors")) for r in _safetensors_table(f)]
-    n = sum(r[2] for r in rows)
-    b = sum(r[3] for r in rows)
-    lin = [r for r in rows if HF_LINEAR.search(r[0])]
-    ln, lb = sum(r[2] for r in lin), sum(r[3] for r in lin)
+    n = sum(r.n_elements for r in rows)
+    b = sum(r.n_bytes for r in rows)
+    lin = [r for r in rows if HF_LINEAR.search(r.name)]
+    ln, lb = sum(r.n_elements for r in lin), sum(r.n_bytes for r in lin)
     types = Counter()
-    for _, dt, ne, _ in rows:
-        types[dt] += ne
+    for r in rows:
+        types[r.dtype] += r.n_elements
     on_disk = sum(p.stat().st_size for p in hf_dir.iterdir() if p.is_file() and p.suffix != ".gguf")
     return SizeReport(
         path=str(hf_dir), bytes_on_disk=on_disk, n_weights=n, bits_per_weight=8 * b / n if n else 0.0,
