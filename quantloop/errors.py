@@ -94,6 +94,16 @@ def missing_extra(e: BaseException) -> InputError | None:
     return None
 
 
+def require_optional(module: str) -> None:
+    """Raise missing_extra's InputError when the optional `module` is not installed: for code that imports it only
+    in a child process, whose failure would otherwise come back as that process's last line."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        err = ModuleNotFoundError(f"No module named '{module}'", name=module)
+        raise missing_extra(err) or err
+
+
 def run_command(args) -> int:
     """Run a parsed command (args.func): bad input or a failure of the machine is one line on stderr and exit
     code 2, and so is an optional part that is not installed (the line names its pip extra); Ctrl-C exit code 130.

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 from packaging.requirements import Requirement
 
-from quantloop.errors import OPTIONAL_IMPORTS, InputError, missing_extra, run_command
+from quantloop.errors import OPTIONAL_IMPORTS, InputError, missing_extra, require_optional, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "quantloop"
@@ -31,7 +31,7 @@ SOURCES = ["pyproject.toml", "README.md", "quantloop", "specs"]  # what the buil
 RUNTIME_ONLY = {
     "accelerate": "transformers loads models through it (device_map, low_cpu_mem_usage)",
     "sentencepiece": "transformers and llama.cpp's converter read SentencePiece tokenizers with it",
-    "psycopg2-binary": "SQLAlchemy's driver behind optuna's postgresql:// storage (extra postgres)",
+    "psycopg2-binary": "SQLAlchemy's driver behind optuna's postgresql+psycopg2:// storage (extra postgres)",
 }
 # Used by quantloop/ but not declared: data packages scripts/setup.sh installs itself.
 NOT_DECLARED = {
@@ -205,6 +205,14 @@ def test_a_missing_optional_part_is_one_line_naming_its_extra(capsys):
 
     with pytest.raises(ModuleNotFoundError):  # not an optional part: the traceback, as before
         run_command(SimpleNamespace(func=needs_something_else))
+
+    require_optional("optuna")  # installed here
+    with pytest.MonkeyPatch.context() as mp:  # nothing found, as in a base install
+        mp.setattr("importlib.util.find_spec", lambda name, *a: None)
+        with pytest.raises(InputError, match=r"pip install 'quantloop\[search\]'"):
+            require_optional("optuna")
+        with pytest.raises(ModuleNotFoundError):
+            require_optional("no_such_module")
 
 
 @pytest.mark.parametrize("extra, hidden, argv", [
