@@ -26,26 +26,26 @@ from quantloop.errors import InputError  # noqa: E402
 from quantloop.fileio import write_json_atomic  # noqa: E402
 from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR, OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E402
 from quantloop.pipelines.report_format import table  # noqa: E402
-from quantloop.schemas import CalibrationSpec, QuantSpec, ValidationRequest  # noqa: E402
+from quantloop.schemas import CalibrationSpec, quant_spec, ValidationRequest  # noqa: E402
 from quantloop.tools import validate_quantization  # noqa: E402
 from quantloop.tools.quantize import quantize_model  # noqa: E402
 
 CAL = CalibrationSpec(samples=128, seqlen=256)  # the policy's INT4 step
 ROWS = [
-    ("GGUF Q8_0", QuantSpec(method="gguf", gguf_type="Q8_0")),
-    ("GGUF Q6_K", QuantSpec(method="gguf", gguf_type="Q6_K")),
-    ("GGUF Q5_K_M", QuantSpec(method="gguf", gguf_type="Q5_K_M")),
-    ("GGUF Q4_K_M", QuantSpec(method="gguf", gguf_type="Q4_K_M")),
-    ("GGUF Q4_K_M + imatrix", QuantSpec(method="gguf", gguf_type="Q4_K_M", imatrix=True, calibration=CalibrationSpec(samples=32))),
-    ("GGUF Q4_0", QuantSpec(method="gguf", gguf_type="Q4_0")),
-    ("RTN-4 g32 -> GGUF Q4_0", QuantSpec(method="rtn", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0")),
-    ("RTN-4 g32 asym -> GGUF Q4_1", QuantSpec(method="rtn", bits=4, group_size=32, symmetric=False, gguf_type="Q4_1")),
-    ("RTN-4 g128", QuantSpec(method="rtn", bits=4, group_size=128, symmetric=True)),
-    ("GPTQ-4 g128", QuantSpec(method="gptq", bits=4, group_size=128, calibration=CAL)),
-    ("AWQ-4 g128", QuantSpec(method="awq", bits=4, group_size=128, calibration=CAL)),
-    ("GPTQ-4 g32 -> GGUF Q4_0", QuantSpec(method="gptq", bits=4, group_size=32, gguf_type="Q4_0", calibration=CAL)),
-    ("GPTQ-8 g32 -> GGUF Q8_0", QuantSpec(method="gptq", bits=8, group_size=32, gguf_type="Q8_0", calibration=CAL)),
-    ("AutoRound gguf:q4_k_m", QuantSpec(method="autoround", bits=4, gguf_type="Q4_K_M", calibration=CAL)),
+    ("GGUF Q8_0", quant_spec(method="gguf", gguf_type="Q8_0")),
+    ("GGUF Q6_K", quant_spec(method="gguf", gguf_type="Q6_K")),
+    ("GGUF Q5_K_M", quant_spec(method="gguf", gguf_type="Q5_K_M")),
+    ("GGUF Q4_K_M", quant_spec(method="gguf", gguf_type="Q4_K_M")),
+    ("GGUF Q4_K_M + imatrix", quant_spec(method="gguf", gguf_type="Q4_K_M", imatrix=True, calibration=CalibrationSpec(samples=32))),
+    ("GGUF Q4_0", quant_spec(method="gguf", gguf_type="Q4_0")),
+    ("RTN-4 g32 -> GGUF Q4_0", quant_spec(method="rtn", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0")),
+    ("RTN-4 g32 asym -> GGUF Q4_1", quant_spec(method="rtn", bits=4, group_size=32, symmetric=False, gguf_type="Q4_1")),
+    ("RTN-4 g128", quant_spec(method="rtn", bits=4, group_size=128, symmetric=True)),
+    ("GPTQ-4 g128", quant_spec(method="gptq", bits=4, group_size=128, calibration=CAL)),
+    ("AWQ-4 g128", quant_spec(method="awq", bits=4, group_size=128, calibration=CAL)),
+    ("GPTQ-4 g32 -> GGUF Q4_0", quant_spec(method="gptq", bits=4, group_size=32, gguf_type="Q4_0", calibration=CAL)),
+    ("GPTQ-8 g32 -> GGUF Q8_0", quant_spec(method="gptq", bits=8, group_size=32, gguf_type="Q8_0", calibration=CAL)),
+    ("AutoRound gguf:q4_k_m", quant_spec(method="autoround", bits=4, gguf_type="Q4_K_M", calibration=CAL)),
 ]
 MODELS = {"offgrid": ("off-grid twin", OFFGRID_MODEL_DIR), "reference": ("reference (on a Q4_1 grid)", DEFAULT_MODEL_DIR)}
 
@@ -70,7 +70,7 @@ def main() -> None:
                 try:
                     q = quantize_model(model_dir, out, spec)
                     r = validate_quantization(ValidationRequest(quantized=str(out), baseline=str(model_dir), dataset_dir=str(dataset),
-                                                                chunks=a.chunks, measure_speed=not a.no_speed, nominal_bits=None if spec.method in ("gguf", "autoround", "qat") else spec.bits,
+                                                                chunks=a.chunks, measure_speed=not a.no_speed, nominal_bits=None if spec.type_sets_bits else spec.bits,
                                                                 report_path=str(Path(tmp) / f"{key}-{spec.tag()}.json")))
                 except (InputError, ImportError) as e:
                     msg = e.line() if isinstance(e, InputError) else str(e)

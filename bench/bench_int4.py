@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quantloop.fileio import write_json_atomic  # noqa: E402
 from quantloop.paths import DATASETS_DIR, OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E402
 from quantloop.pipelines.report_format import table  # noqa: E402
-from quantloop.schemas import CalibrationSpec, KLDReport, QuantSpec, ValidationRequest  # noqa: E402
+from quantloop.schemas import CalibrationSpec, KLDReport, QuantSpec, quant_spec, ValidationRequest  # noqa: E402
 from quantloop.tools import validate_quantization  # noqa: E402
 from quantloop.tools.validate import ppl_increase_stderr  # noqa: E402
 from quantloop.tools.quantize import quantize_model  # noqa: E402
@@ -68,18 +68,18 @@ def rows(types: list[str], qat_minutes: float) -> list[tuple[str, QuantSpec]]:
     real = CalibrationSpec(source="dataset", mix=MIX)
     qat_real = CalibrationSpec(source="dataset", samples=128, seqlen=256, mix=MIX)
     qat_synth = CalibrationSpec(source="synthetic", samples=128, seqlen=256)
-    out = [(f"llama.cpp {t} + imatrix, 4-bit embedding", QuantSpec(method="gguf", gguf_type=t, layer_types=whole_file(t), imatrix=True,
+    out = [(f"llama.cpp {t} + imatrix, 4-bit embedding", quant_spec(method="gguf", gguf_type=t, layer_types=whole_file(t), imatrix=True,
                                                                   calibration=CalibrationSpec(samples=32, mix=MIX)))
            for t in ("Q4_0", "IQ4_NL")]
     for t in types:
         qat = dict(method="qat", gguf_type=t, layer_types=whole_file(t), qat_steps=200, qat_init="gptq", qat_max_minutes=qat_minutes,
                    min_size_ratio=BAR)
         out += [
-            (f"GPTQ {t} act-order, whole file", QuantSpec(method="gptq", gguf_type=t, layer_types=whole_file(t), act_order=True, calibration=real)),
-            (f"GPTQ {t} act-order, budget {BAR}x", QuantSpec(method="gptq", gguf_type=t, layer_types=whole_file(t), act_order=True,
+            (f"GPTQ {t} act-order, whole file", quant_spec(method="gptq", gguf_type=t, layer_types=whole_file(t), act_order=True, calibration=real)),
+            (f"GPTQ {t} act-order, budget {BAR}x", quant_spec(method="gptq", gguf_type=t, layer_types=whole_file(t), act_order=True,
                                                              min_size_ratio=BAR, calibration=real)),
-            (f"QAT {t} from GPTQ, real text, budget {BAR}x", QuantSpec(**qat, calibration=qat_real)),
-            (f"QAT {t} from GPTQ, data-free, budget {BAR}x", QuantSpec(**qat, calibration=qat_synth)),
+            (f"QAT {t} from GPTQ, real text, budget {BAR}x", quant_spec(**qat, calibration=qat_real)),
+            (f"QAT {t} from GPTQ, data-free, budget {BAR}x", quant_spec(**qat, calibration=qat_synth)),
         ]
     return out
 

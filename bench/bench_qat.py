@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quantloop.fileio import write_json_atomic  # noqa: E402
 from quantloop.paths import DATASETS_DIR, OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E402
 from quantloop.pipelines.report_format import table  # noqa: E402
-from quantloop.schemas import CalibrationSpec, QuantSpec, ValidationRequest  # noqa: E402
+from quantloop.schemas import CalibrationSpec, QuantSpec, quant_spec, ValidationRequest  # noqa: E402
 from quantloop.tools import validate_quantization  # noqa: E402
 from quantloop.tools.quantize import quantize_model  # noqa: E402
 
@@ -41,26 +41,26 @@ def rows(steps: int, samples: int, seqlen: int) -> list[tuple[str, str | None, Q
     # GPTQ (one pass, no training): the usual 128 sequences of 512 tokens
     gptq_real, gptq_synth = CalibrationSpec(source="dataset"), CalibrationSpec(source="synthetic")
     return [
-        ("Q4_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q4_0")),
-        ("Q4_0 QAT, data-free", "Q4_0 round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=synth)),
-        ("Q4_0 QAT, real text", "Q4_0 round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=real)),
+        ("Q4_0 round-to-nearest", None, quant_spec(method="gguf", gguf_type="Q4_0")),
+        ("Q4_0 QAT, data-free", "Q4_0 round-to-nearest", quant_spec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=synth)),
+        ("Q4_0 QAT, real text", "Q4_0 round-to-nearest", quant_spec(method="qat", gguf_type="Q4_0", qat_steps=steps, calibration=real)),
         ("Q4_0 GPTQModel g32, real text", "Q4_0 round-to-nearest",
-         QuantSpec(method="gptq", bits=4, group_size=32, gguf_type="Q4_0", calibration=gptq_real)),
+         quant_spec(method="gptq", bits=4, group_size=32, gguf_type="Q4_0", calibration=gptq_real)),
         ("Q4_0 GPTQ act-order, real text", "Q4_0 round-to-nearest",
-         QuantSpec(method="gptq", gguf_type="Q4_0", act_order=True, calibration=gptq_real)),
-        ("Q4_K round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q8_0", layer_types=UNIFORM_Q4_K)),
-        ("Q4_K QAT, data-free", "Q4_K round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_K", qat_steps=steps, calibration=synth)),
-        ("Q4_K QAT, real text", "Q4_K round-to-nearest", QuantSpec(method="qat", gguf_type="Q4_K", qat_steps=steps, calibration=real)),
-        ("Q4_K GPTQ, data-free", "Q4_K round-to-nearest", QuantSpec(method="gptq", gguf_type="Q4_K", calibration=gptq_synth)),
-        ("Q4_K GPTQ, real text", "Q4_K round-to-nearest", QuantSpec(method="gptq", gguf_type="Q4_K", calibration=gptq_real)),
+         quant_spec(method="gptq", gguf_type="Q4_0", act_order=True, calibration=gptq_real)),
+        ("Q4_K round-to-nearest", None, quant_spec(method="gguf", gguf_type="Q8_0", layer_types=UNIFORM_Q4_K)),
+        ("Q4_K QAT, data-free", "Q4_K round-to-nearest", quant_spec(method="qat", gguf_type="Q4_K", qat_steps=steps, calibration=synth)),
+        ("Q4_K QAT, real text", "Q4_K round-to-nearest", quant_spec(method="qat", gguf_type="Q4_K", qat_steps=steps, calibration=real)),
+        ("Q4_K GPTQ, data-free", "Q4_K round-to-nearest", quant_spec(method="gptq", gguf_type="Q4_K", calibration=gptq_synth)),
+        ("Q4_K GPTQ, real text", "Q4_K round-to-nearest", quant_spec(method="gptq", gguf_type="Q4_K", calibration=gptq_real)),
         ("Q4_K GPTQ act-order, real text", "Q4_K round-to-nearest",
-         QuantSpec(method="gptq", gguf_type="Q4_K", act_order=True, calibration=gptq_real)),
-        ("mixed arch-default (RTN)", None, QuantSpec(method="gguf", preset="arch-default")),
+         quant_spec(method="gptq", gguf_type="Q4_K", act_order=True, calibration=gptq_real)),
+        ("mixed arch-default (RTN)", None, quant_spec(method="gguf", preset="arch-default")),
         ("mixed arch-default GPTQ, real text", "mixed arch-default (RTN)",
-         QuantSpec(method="gptq", preset="arch-default", calibration=gptq_real)),
+         quant_spec(method="gptq", preset="arch-default", calibration=gptq_real)),
         ("mixed arch-default GPTQ act-order, real text", "mixed arch-default (RTN)",
-         QuantSpec(method="gptq", preset="arch-default", act_order=True, calibration=gptq_real)),
-        ("Q8_0 round-to-nearest", None, QuantSpec(method="gguf", gguf_type="Q8_0")),
+         quant_spec(method="gptq", preset="arch-default", act_order=True, calibration=gptq_real)),
+        ("Q8_0 round-to-nearest", None, quant_spec(method="gguf", gguf_type="Q8_0")),
     ]
 
 
@@ -89,7 +89,7 @@ def main() -> None:
             r = validate_quantization(ValidationRequest(quantized=q.model_path, baseline=str(OFFGRID_MODEL_DIR), dataset_dir=str(dataset),
                                                         chunks=a.chunks, measure_speed=a.speed, nominal_bits=None,
                                                         report_path=str(Path(tmp) / f"{spec.tag()}.json")))
-            qat = json.loads((out / "qat_result.json").read_text()) if spec.method == "qat" else None
+            qat = json.loads((out / "qat_result.json").read_text()) if spec.trains else None
             ran.append(label)
             results[label] = {"rtn": rtn_label, "quantization": json.loads(q.model_dump_json()),
                               "validation": json.loads(r.model_dump_json()), "qat": qat}

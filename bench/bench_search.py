@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quantloop.fileio import write_json_atomic  # noqa: E402
 from quantloop.paths import DATASETS_DIR, OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E402
 from quantloop.pipelines.report_format import table  # noqa: E402
-from quantloop.schemas import CalibrationSpec, QuantSpec  # noqa: E402
+from quantloop.schemas import CalibrationSpec, QuantSpec, quant_spec  # noqa: E402
 from quantloop.search.schemas import SearchRequest, TextSpec  # noqa: E402
 
 # 4.49 bits per weight is the INT4 size bar (F16 file / 3.5); with SmolLM2's 576-wide rows no GGUF type below 4.5 bits
@@ -43,9 +43,9 @@ def mixes(types: str, imatrix_types: str, imat: CalibrationSpec) -> list[tuple[s
     """llama.cpp's fixed mixes, each without and (for imatrix_types) with an importance matrix."""
     out = []
     for t in filter(None, types.split(",")):
-        out.append((f"llama.cpp {t}", QuantSpec(method="gguf", gguf_type=t)))
+        out.append((f"llama.cpp {t}", quant_spec(method="gguf", gguf_type=t)))
         if t in imatrix_types.split(","):
-            out.append((f"llama.cpp {t} + imatrix", QuantSpec(method="gguf", gguf_type=t, imatrix=True, calibration=imat)))
+            out.append((f"llama.cpp {t} + imatrix", quant_spec(method="gguf", gguf_type=t, imatrix=True, calibration=imat)))
     return out
 
 
@@ -148,7 +148,7 @@ def main() -> None:
         t = study.trials[n]
         path = maps.get(n) or str(write_map(_genome(t, units), out / "maps" / f"trial-{n}", imatrix=req.imatrix)[1])
         fields = {k: v for k, v in yaml.safe_load(Path(path).read_text()).items() if k != "quantloop_search"}
-        q = quantize_model(OFFGRID_MODEL_DIR, out / "eval" / f"trial-{n}", QuantSpec(**fields), overwrite=True)
+        q = quantize_model(OFFGRID_MODEL_DIR, out / "eval" / f"trial-{n}", quant_spec(**fields), overwrite=True)
         origin = str(t.user_attrs.get("origin", "nsga2"))
         seed = origin.startswith(("greedy", "ilp"))
         kind = "+".join(k for k, on in (("front", n in front), (origin.split("@")[0], seed)) if on)

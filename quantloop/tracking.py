@@ -145,7 +145,7 @@ class Tracker:
         if q is not None:
             params |= {f"spec.{k}": v for k, v in flatten(q.spec.model_dump(mode="json")).items()}
             cal = q.spec.calibration
-            uses_calibration = q.spec.method in ("gptq", "awq", "autoround")
+            uses_calibration = q.spec.uses_calibration()
             params |= {"calibration.source": f"{cal.source}:{'+'.join([cal.dataset_dir or 'default', *cal.mix])}:{cal.split}" if uses_calibration else "none",
                        "calibration.size": f"{cal.samples}x{cal.seqlen} tokens" if uses_calibration else "0",
                        "calibration.manifest_sha256": q.calibration_manifest_sha256 or "",

@@ -9,7 +9,7 @@ import pytest
 
 from quantloop.backends.base import Backend, BackendOutput, Needs, backend_for, register, unregister
 from quantloop.errors import InputError
-from quantloop.schemas import CalibrationSpec, QuantSpec
+from quantloop.schemas import CalibrationSpec, quant_spec
 from quantloop.tools.quantize import quantize_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def toy():
 
 
 def test_a_registered_backend_runs_behind_quantize_model(toy, tiny_prepared, tmp_path, dataset_dir):
-    spec = QuantSpec(method="rtn", seed=4242, calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=3, seqlen=32))
+    spec = quant_spec(method="rtn", seed=4242, calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=3, seqlen=32))
     assert backend_for(spec) is toy
     assert type(backend_for(spec.model_copy(update={"seed": 0}))).__name__ == "RTNBackend"  # others still reach RTN
     result = quantize_model(tiny_prepared, tmp_path / "toy", spec)
@@ -86,7 +86,7 @@ def test_a_registered_backend_runs_behind_quantize_model(toy, tiny_prepared, tmp
 def test_a_backend_refusal_or_broken_promise_leaves_nothing(toy, tiny_prepared, tmp_path, dataset_dir):
     calib = CalibrationSpec(dataset_dir=str(dataset_dir), samples=2, seqlen=32)
     with pytest.raises(InputError, match="toy refuses 3 bits"):
-        quantize_model(tiny_prepared, tmp_path / "three", QuantSpec(method="rtn", seed=4242, bits=3, calibration=calib))
+        quantize_model(tiny_prepared, tmp_path / "three", quant_spec(method="rtn", seed=4242, bits=3, calibration=calib))
     with pytest.raises(RuntimeError, match="planned Q4_0"):  # the file holds F16 where the toy promised Q4_0
-        quantize_model(tiny_prepared, tmp_path / "five", QuantSpec(method="rtn", seed=4242, bits=5, calibration=calib))
+        quantize_model(tiny_prepared, tmp_path / "five", quant_spec(method="rtn", seed=4242, bits=5, calibration=calib))
     assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from quantloop.errors import InputError
-from quantloop.schemas import QuantSpec
+from quantloop.schemas import quant_spec
 
 needs_autoround = pytest.mark.skipif(importlib.util.find_spec("auto_round") is None,
                                      reason="auto-round is not installed (pip install auto-round==0.15.1)")
@@ -54,7 +54,7 @@ def quantized(tmp_path_factory, tiny_hf, calibration):
     def get(gguf_type: str, run: int = 0) -> Path:
         key = (gguf_type, run)
         if key not in done:
-            spec = QuantSpec(method="autoround", gguf_type=gguf_type, seed=0)
+            spec = quant_spec(method="autoround", gguf_type=gguf_type, seed=0)
             done[key] = quantize_autoround(tiny_hf, root / f"{gguf_type}-{run}", spec, calibration)
         return done[key]
 
@@ -119,7 +119,7 @@ def test_refuses_unknown_gguf_type(tiny_hf, tmp_path, calibration):
     from quantloop.backends.autoround import quantize_autoround
 
     with pytest.raises(InputError, match="cannot export GGUF type"):
-        quantize_autoround(tiny_hf, tmp_path / "out", QuantSpec(method="autoround", gguf_type="IQ2_XXS"), calibration)
+        quantize_autoround(tiny_hf, tmp_path / "out", quant_spec(method="autoround", gguf_type="IQ2_XXS"), calibration)
     assert not (tmp_path / "out").exists()
 
 
@@ -128,20 +128,20 @@ def test_refuses_bad_settings(tiny_hf, tmp_path, calibration):
 
     out = tmp_path / "out"
     with pytest.raises(InputError, match="group size 48"):
-        quantize_autoround(tiny_hf, out, QuantSpec(method="autoround", group_size=48), calibration)
+        quantize_autoround(tiny_hf, out, quant_spec(method="autoround", group_size=48), calibration)
     with pytest.raises(InputError, match="does not divide"):
-        quantize_autoround(tiny_hf, out, QuantSpec(method="autoround", group_size=128), calibration)  # hidden 64
+        quantize_autoround(tiny_hf, out, quant_spec(method="autoround", group_size=128), calibration)  # hidden 64
     with pytest.raises(InputError, match="bits"):
-        quantize_autoround(tiny_hf, out, QuantSpec(method="autoround", bits=5, group_size=32), calibration)
+        quantize_autoround(tiny_hf, out, quant_spec(method="autoround", bits=5, group_size=32), calibration)
     with pytest.raises(InputError, match="not 'autoround'"):
-        quantize_autoround(tiny_hf, out, QuantSpec(method="gptq", gguf_type="Q4_0"), calibration)
+        quantize_autoround(tiny_hf, out, quant_spec(method="gptq", gguf_type="Q4_0"), calibration)
     with pytest.raises(InputError, match="calibration is empty"):
-        quantize_autoround(tiny_hf, out, QuantSpec(method="autoround", gguf_type="Q4_0"), [])
+        quantize_autoround(tiny_hf, out, quant_spec(method="autoround", gguf_type="Q4_0"), [])
     with pytest.raises(InputError, match="token ids outside"):
-        quantize_autoround(tiny_hf, out, QuantSpec(method="autoround", gguf_type="Q4_0"), [[0, 10**6]])
+        quantize_autoround(tiny_hf, out, quant_spec(method="autoround", gguf_type="Q4_0"), [[0, 10**6]])
     with pytest.raises(InputError, match="no config.json"):
-        quantize_autoround(tmp_path, out, QuantSpec(method="autoround", gguf_type="Q4_0"), calibration)
+        quantize_autoround(tmp_path, out, quant_spec(method="autoround", gguf_type="Q4_0"), calibration)
     out.mkdir()
     (out / "x").write_text("x")
     with pytest.raises(InputError, match="not empty"):
-        quantize_autoround(tiny_hf, out, QuantSpec(method="autoround", gguf_type="Q4_0"), calibration)
+        quantize_autoround(tiny_hf, out, quant_spec(method="autoround", gguf_type="Q4_0"), calibration)

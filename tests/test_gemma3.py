@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from quantloop.paths import CACHE_DIR
-from quantloop.schemas import QuantSpec
+from quantloop.schemas import quant_spec
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_llama_cpp_q8_0_validates_on_gemma3(gemma3, tmp_path, dataset_dir):
     from quantloop.tools.quantize import quantize_model
     from quantloop.tools.validate import validate_quantization
 
-    q = quantize_model(gemma3, tmp_path / "q8", QuantSpec(method="gguf", gguf_type="Q8_0"))
+    q = quantize_model(gemma3, tmp_path / "q8", quant_spec(method="gguf", gguf_type="Q8_0"))
     t0 = time.perf_counter()
     report = validate_quantization(ValidationRequest(quantized=q.model_path, baseline=str(gemma3), dataset_dir=str(dataset_dir),
                                                      chunks=2, measure_speed=False, check_generation=False))
@@ -63,7 +63,7 @@ def test_rtn_q8_0_exports_gemma3_exactly(gemma3, tmp_path):
     from quantloop.tools.quantize import quantize_model
 
     t0 = time.perf_counter()
-    r = quantize_model(gemma3, tmp_path / "rtn", QuantSpec(method="rtn", bits=8, group_size=32, symmetric=True, gguf_type="Q8_0"))
+    r = quantize_model(gemma3, tmp_path / "rtn", quant_spec(method="rtn", bits=8, group_size=32, symmetric=True, gguf_type="Q8_0"))
     print(f"gemma3-270m RTN Q8_0: {time.perf_counter() - t0:.0f} s, {r.bytes_on_disk:,} bytes; {r.notes[0]}")
     assert "exact export: 127 quantized tensors" in r.notes[0] and "126 of them the quantizer's own" in r.notes[0]
     runner = LlamaCppRunner(r.model_path, n_ctx=64)

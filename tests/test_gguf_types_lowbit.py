@@ -166,11 +166,11 @@ def test_gptq_export_reads_back_and_runs_in_llama_cpp(request, dataset_dir, tmp_
     from safetensors.numpy import load_file
     from transformers import LlamaForCausalLM
 
-    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.schemas import CalibrationSpec, quant_spec
     from quantloop.tools.quantize import quantize_model
 
     model = request.getfixturevalue("wide_prepared" if gb.TYPES[type_name].kquant else "tiny_copy")
-    spec = QuantSpec(method="gptq", gguf_type=type_name, calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=64))
+    spec = quant_spec(method="gptq", gguf_type=type_name, calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=64))
     assert spec.gptq_on_gguf_grid()
     r = quantize_model(model, tmp_path / "q", spec)
     assert r.format == f"gguf:{type_name}"

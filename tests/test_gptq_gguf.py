@@ -72,11 +72,11 @@ def test_gptq_with_the_arch_default_preset_writes_the_planned_mixed_file(referen
 
     from quantloop.eval.runtimes import LlamaCppRunner
     from quantloop.gguf.precision_map import plan_mixed_file
-    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.schemas import CalibrationSpec, quant_spec
     from quantloop.tools.quantize import quantize_model
 
     model = prepare_wide_llama(tmp_path, reference_dir, layers=2)
-    spec = QuantSpec(method="gptq", preset="arch-default",
+    spec = quant_spec(method="gptq", preset="arch-default",
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=64))
     r = quantize_model(model, tmp_path / "q", spec)
     assert r.format == "gguf:mixed-arch-default" and spec.tag() == "gptq-arch-default"
@@ -115,13 +115,15 @@ def test_export_refuses_blocks_that_do_not_hold_the_checkpoint_weights(tiny_copy
 
 
 def test_which_gptq_runs_on_the_gguf_grid():
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
 
-    plain = QuantSpec(method="gptq", bits=4, group_size=32, gguf_type="Q4_0")  # GPTQModel's layout is Q4_0 already
+    plain = quant_spec(method="gptq", bits=4, group_size=32, gguf_type="Q4_0")  # GPTQModel's layout is Q4_0 already
     assert not plain.gptq_on_gguf_grid() and plain.tag() == "gptq-w4g32"
-    for spec, tag in [(QuantSpec(method="gptq", gguf_type="Q4_K"), "gptq-q4_k"),
-                      (QuantSpec(method="gptq", gguf_type="Q4_0", act_order=True), "gptq-q4_0-act"),
-                      (QuantSpec(method="gptq", preset="arch-default"), "gptq-arch-default"),
-                      (QuantSpec(method="gptq", layer_types={"attention": "Q4_K"}), "gptq-mix")]:
+    for spec, tag in [(quant_spec(method="gptq", gguf_type="Q4_K"), "gptq-q4_k"),
+                      (quant_spec(method="gptq", gguf_type="Q4_0", act_order=True), "gptq-q4_0-act"),
+                      (quant_spec(method="gptq", preset="arch-default"), "gptq-arch-default"),
+                      (quant_spec(method="gptq", layer_types={"attention": "Q4_K"}), "gptq-mix")]:
         assert spec.gptq_on_gguf_grid() and spec.tag() == tag
-    assert not QuantSpec(method="awq", gguf_type="Q4_K").gptq_on_gguf_grid()
+    from quantloop.backends.base import backend_for
+
+    assert type(backend_for(quant_spec(method="awq", gguf_type="Q4_K"))).__name__ == "GPTQModelBackend"

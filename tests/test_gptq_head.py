@@ -73,10 +73,10 @@ def test_whole_file_4bit_gptq_export_carries_the_head_codes(tiny_copy, dataset_d
     from safetensors.numpy import load_file
 
     from quantloop.eval.runtimes import LlamaCppRunner
-    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.schemas import CalibrationSpec, quant_spec
     from quantloop.tools.quantize import quantize_model
 
-    spec = QuantSpec(method="gptq", gguf_type="Q4_0",
+    spec = quant_spec(method="gptq", gguf_type="Q4_0",
                      layer_types={"embeddings": "Q4_0", "attention": "Q4_0", "feed_forward": "Q4_0"},
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=64))
     r = quantize_model(tiny_copy, tmp_path / "q", spec)

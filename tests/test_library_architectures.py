@@ -13,7 +13,7 @@ from test_model_architectures import ARCHS, check_quantized_run, hf_logits, llam
 
 from cli_helpers import assert_one_line_error, run_cli
 from quantloop.gguf.architectures import ARCHITECTURES, of_config
-from quantloop.schemas import CalibrationSpec, QuantSpec
+from quantloop.schemas import CalibrationSpec, quant_spec
 
 needs = {lib: pytest.mark.skipif(importlib.util.find_spec(lib) is None, reason=f"{lib} is not installed")
          for lib in ("gptqmodel", "auto_round")}
@@ -72,7 +72,7 @@ def quantize_with_gptqmodel(arch, wide, tmp_path, dataset_dir, method):
 
     ckpt = wide(arch)
     gguf_type = {"gptq": "Q4_0", "awq": "Q4_1"}[method]
-    spec = QuantSpec(method=method, bits=4, group_size=32, symmetric=method == "gptq", gguf_type=gguf_type,
+    spec = quant_spec(method=method, bits=4, group_size=32, symmetric=method == "gptq", gguf_type=gguf_type,
                      calibration=calibration(dataset_dir))
     result = quantize_model(ckpt, tmp_path / method, spec)
     assert result.format == f"gguf:{gguf_type}" and "gptqmodel" in result.libraries
@@ -106,11 +106,11 @@ def test_autoround_gguf_runs_on_llama_cpp_close_to_transformers(arch, wide, tmp_
     from quantloop.tools.quantize import quantize_model
 
     ckpt = wide(arch)
-    result = quantize_model(ckpt, tmp_path / "ar", QuantSpec(method="autoround", gguf_type="Q4_0", calibration=calibration(dataset_dir)))
+    result = quantize_model(ckpt, tmp_path / "ar", quant_spec(method="autoround", gguf_type="Q4_0", calibration=calibration(dataset_dir)))
     types = {t.name: t.tensor_type.name for t in GGUFReader(result.model_path).tensors}
     linears = {n: t for n, t in types.items() if n.startswith("blk.") and t != "F32"}
     assert set(linears.values()) == {"Q4_0"} and len(linears) % len(ARCH_OF[arch].linears) == 0, linears
-    plain = quantize_model(ckpt, tmp_path / "q4", QuantSpec(method="gguf", gguf_type="Q4_0"))
+    plain = quantize_model(ckpt, tmp_path / "q4", quant_spec(method="gguf", gguf_type="Q4_0"))
     ids = text_ids(ckpt)
     ref = hf_logits(ckpt, ids)
     ar, rtn = (relative_error(ref, llama_logits(r.model_path, ids)) for r in (result, plain))

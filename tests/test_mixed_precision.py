@@ -13,7 +13,7 @@ from quantloop.gguf.precision_map import (
     tensor_rules,
 )
 from quantloop.pipelines.cli import main
-from quantloop.schemas import QuantSpec
+from quantloop.schemas import quant_spec
 from quantloop.tools.quantize import quantize_model
 
 
@@ -55,7 +55,7 @@ def test_estimate_matches_the_file_llama_quantize_writes(tiny_prepared, tmp_path
     assert planned["blk.0.ffn_up.weight"] == "Q5_1" and planned["token_embd.weight"] == "Q8_0"
     assert planned["blk.0.attn_norm.weight"] == "F32"
 
-    r = quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="gguf", preset="arch-default", layer_types={"feed_forward": "Q5_1"},
+    r = quantize_model(tiny_prepared, tmp_path / "q", quant_spec(method="gguf", preset="arch-default", layer_types={"feed_forward": "Q5_1"},
                                                                gguf_tensor_types={r"blk\.1\.attn_v": "Q8_0"}))
     written = {t.name: t.type for t in read_metadata(r.model_path).tensors}
     assert written == planned

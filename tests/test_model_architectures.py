@@ -12,7 +12,7 @@ import torch
 from cli_helpers import assert_one_line_error, run_cli
 from quantloop.errors import InputError
 from quantloop.gguf.architectures import ARCHITECTURES, STEPS, check_config, of_config
-from quantloop.schemas import CalibrationSpec, QuantSpec
+from quantloop.schemas import CalibrationSpec, quant_spec
 
 VOCAB = 49152
 SHAPES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -178,7 +178,7 @@ def test_rtn_exports_exactly_and_runs_on_llama_cpp(arch, prepared, tmp_path):
     from quantloop.tools.quantize import quantize_model
 
     ckpt = prepared(arch)
-    spec = QuantSpec(method="rtn", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0")
+    spec = quant_spec(method="rtn", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0")
     check_quantized_run(arch, ckpt, quantize_model(ckpt, tmp_path / "rtn", spec))
 
 
@@ -188,7 +188,7 @@ def test_gptq_on_the_grid_exports_exactly_and_runs_on_llama_cpp(arch, prepared, 
     from quantloop.tools.quantize import quantize_model
 
     ckpt = prepared(arch)
-    spec = QuantSpec(method="gptq", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0", act_order=True,
+    spec = quant_spec(method="gptq", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0", act_order=True,
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=4, seqlen=64))
     result = quantize_model(ckpt, tmp_path / "gptq", spec)
     assert result.format == "gguf:Q4_0"
@@ -201,7 +201,7 @@ def test_qat_exports_exactly_and_runs_on_llama_cpp(arch, prepared, tmp_path):
     from quantloop.tools.quantize import quantize_model
 
     ckpt = prepared(arch)
-    spec = QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=3, calibration=CalibrationSpec(source="synthetic", samples=6, seqlen=32))
+    spec = quant_spec(method="qat", gguf_type="Q4_0", qat_steps=3, calibration=CalibrationSpec(source="synthetic", samples=6, seqlen=32))
     check_quantized_run(arch, ckpt, quantize_model(ckpt, tmp_path / "qat", spec))
 
 
@@ -210,7 +210,7 @@ def test_llama_cpp_types_run(arch, prepared, tmp_path):
     from quantloop.tools.quantize import quantize_model
 
     ckpt = prepared(arch)
-    result = quantize_model(ckpt, tmp_path / "q8", QuantSpec(method="gguf", gguf_type="Q8_0"))
+    result = quantize_model(ckpt, tmp_path / "q8", quant_spec(method="gguf", gguf_type="Q8_0"))
     ids = text_ids(ckpt)
     ref, q8 = hf_logits(ckpt, ids), llama_logits(result.model_path, ids)
     assert np.abs(q8 - ref).max() < 0.05 * np.abs(ref).max()

@@ -18,7 +18,7 @@ from quantloop.agents.policy import load_policy
 from quantloop.errors import InputError
 from quantloop.pipelines.cli import main as run_main
 from quantloop.pipelines.run import run_pipeline
-from quantloop.schemas import QuantSpec
+from quantloop.schemas import quant_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -427,9 +427,9 @@ def test_spec_fields_a_backend_does_not_apply_are_refused(tiny_prepared, tmp_pat
     from quantloop.tools.quantize import quantize_model
 
     with pytest.raises(InputError, match="does not apply per-module 'overrides'"):
-        quantize_model(tiny_prepared, tmp_path / "o", QuantSpec(method="rtn", group_size=32, overrides={"q_proj": {"bits": 8}}))
+        quantize_model(tiny_prepared, tmp_path / "o", quant_spec(method="rtn", group_size=32, overrides={"q_proj": {"bits": 8}}))
     with pytest.raises(InputError, match="does not apply 'skip_modules'"):
-        quantize_model(tiny_prepared, tmp_path / "s", QuantSpec(method="gguf", gguf_type="Q8_0", skip_modules=["model.layers.0"]))
+        quantize_model(tiny_prepared, tmp_path / "s", quant_spec(method="gguf", gguf_type="Q8_0", skip_modules=["model.layers.0"]))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -204,10 +204,10 @@ def test_quantize_model_qat_data_free_is_deterministic(tiny_prepared, tmp_path):
     import json
 
     from quantloop.gguf.llamacpp import read_metadata
-    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.schemas import CalibrationSpec, quant_spec
     from quantloop.tools.quantize import quantize_model
 
-    spec = QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=3, calibration=CalibrationSpec(source="synthetic", samples=6, seqlen=32))
+    spec = quant_spec(method="qat", gguf_type="Q4_0", qat_steps=3, calibration=CalibrationSpec(source="synthetic", samples=6, seqlen=32))
     a = quantize_model(tiny_prepared, tmp_path / "a", spec)
     b = quantize_model(tiny_prepared, tmp_path / "b", spec)
     assert a.format == "gguf:Q4_0" and a.model_path.endswith(".gguf") and "-synth" in spec.tag()
@@ -287,11 +287,11 @@ def test_qat_with_the_arch_default_preset_writes_the_planned_mixed_file(referenc
     from safetensors.numpy import load_file
 
     from quantloop.gguf.precision_map import estimate_bytes, plan_mixed_file
-    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.schemas import CalibrationSpec, quant_spec
     from quantloop.tools.quantize import quantize_model
 
     model = prepare_wide_llama(tmp_path, reference_dir, layers=1)
-    spec = QuantSpec(method="qat", preset="arch-default", qat_steps=2,
+    spec = quant_spec(method="qat", preset="arch-default", qat_steps=2,
                      calibration=CalibrationSpec(source="synthetic", samples=6, seqlen=16))
     r = quantize_model(model, tmp_path / "q", spec)
     assert r.format == "gguf:mixed-arch-default" and spec.tag() == "qat-arch-default-s2-synth"
@@ -313,11 +313,11 @@ def test_qat_with_the_arch_default_preset_writes_the_planned_mixed_file(referenc
 
 
 def test_qat_preset_naming_a_missing_layer_type_is_an_input_error(tiny_prepared, tmp_path):
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.tools.quantize import quantize_model
 
     with pytest.raises(InputError, match="layer type 'output'"):
-        quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="qat", layer_types={"output": "Q8_0"}, qat_steps=1))
+        quantize_model(tiny_prepared, tmp_path / "q", quant_spec(method="qat", layer_types={"output": "Q8_0"}, qat_steps=1))
     assert not (tmp_path / "q").exists()
 
 
@@ -328,11 +328,11 @@ def test_quantize_model_qat_from_gptq_starts_at_gptqs_solution(tiny_prepared, tm
 
     from gguf import GGUFReader
 
-    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.schemas import CalibrationSpec, quant_spec
     from quantloop.tools.quantize import quantize_model
 
     cal = CalibrationSpec(samples=8, seqlen=32)
-    rounded = QuantSpec(method="qat", gguf_type="Q4_0", qat_steps=0, calibration=cal)
+    rounded = quant_spec(method="qat", gguf_type="Q4_0", qat_steps=0, calibration=cal)
     from_gptq = rounded.model_copy(update={"qat_init": "gptq"})
     assert from_gptq.tag() == "qat-q4_0-s0-from-gptq" and rounded.tag() == "qat-q4_0-s0"
     a = quantize_model(tiny_prepared, tmp_path / "a", rounded)

@@ -12,7 +12,7 @@ from quantloop.agents.state import PipelineState
 from quantloop.backends.qat import QATConfig
 from quantloop.backends.qat_schedule import StepPlan, fit_counts
 from quantloop.errors import InputError
-from quantloop.schemas import CalibrationSpec, QuantSpec
+from quantloop.schemas import CalibrationSpec, quant_spec
 
 
 def test_fit_counts_keeps_each_share_and_the_order():
@@ -89,7 +89,7 @@ def test_a_bad_time_limit_is_an_input_error():
     with pytest.raises(InputError, match="time limit"):
         _check(QATConfig(max_s=0))
     with pytest.raises(ValueError):
-        QuantSpec(method="qat", gguf_type="Q4_0", qat_max_minutes=-1)
+        quant_spec(method="qat", gguf_type="Q4_0", qat_max_minutes=-1)
 
 
 def test_the_agent_gives_a_qat_step_what_is_left_of_the_run(tmp_path):
@@ -97,11 +97,11 @@ def test_the_agent_gives_a_qat_step_what_is_left_of_the_run(tmp_path):
     policy = policy.model_copy(update={"max_minutes": 30.0, "reserve_minutes": 8.0})
     state = PipelineState(run_id="x", model=str(tmp_path), target="cpu", policy=policy, acceptance_spec="a.yaml",
                           dataset_dir=str(tmp_path), output_root=str(tmp_path), active_s=12 * 60)
-    qat = QuantSpec(method="qat", gguf_type="IQ4_NL", calibration=CalibrationSpec(samples=8, seqlen=32))
+    qat = quant_spec(method="qat", gguf_type="IQ4_NL", calibration=CalibrationSpec(samples=8, seqlen=32))
     assert with_run_time_limit(qat, state).qat_max_minutes == pytest.approx(10.0)  # 30 - 12 - 8
     own = qat.model_copy(update={"qat_max_minutes": 4.0})
     assert with_run_time_limit(own, state).qat_max_minutes == pytest.approx(4.0)
-    gptq = QuantSpec(method="gptq", gguf_type="IQ4_NL", act_order=True)
+    gptq = quant_spec(method="gptq", gguf_type="IQ4_NL", act_order=True)
     assert with_run_time_limit(gptq, state) == gptq
     unbounded = state.model_copy(update={"policy": policy.model_copy(update={"max_minutes": None})})
     assert with_run_time_limit(qat, unbounded).qat_max_minutes is None
@@ -116,7 +116,7 @@ def test_a_step_expected_to_end_past_the_run_budget_is_not_started(tmp_path):
     policy = policy.model_copy(update={"max_minutes": 30.0})
     state = PipelineState(run_id="x", model=str(tmp_path), target="cpu", policy=policy, acceptance_spec="a.yaml",
                           dataset_dir=str(tmp_path), output_root=str(tmp_path), active_s=20 * 60)
-    spec = QuantSpec(method="gguf", gguf_type="Q8_0")
+    spec = quant_spec(method="gguf", gguf_type="Q8_0")
     planned = PlannedAttempt(index=0, step="long", kind="quantize", spec=spec, checkpoint=str(tmp_path / "none"),
                              output_dir=str(tmp_path / "out"), expect_minutes=16)
     attempt = QuantizationAgent().attempt(planned, state)
@@ -129,11 +129,11 @@ def test_the_time_limit_counts_from_the_start_of_the_step():
     from the QAT time limit; other methods are untouched."""
     from quantloop.tools.quantize import time_left_for_training
 
-    qat = QuantSpec(method="qat", gguf_type="IQ4_NL", qat_max_minutes=10.0)
+    qat = quant_spec(method="qat", gguf_type="IQ4_NL", qat_max_minutes=10.0)
     left = time_left_for_training(qat, time.perf_counter() - 120).qat_max_minutes
     assert 7.9 < left < 8.01, left
     assert time_left_for_training(qat, time.perf_counter() - 3600).qat_max_minutes == pytest.approx(0.05)
-    gptq = QuantSpec(method="gptq", gguf_type="IQ4_NL", act_order=True)
+    gptq = quant_spec(method="gptq", gguf_type="IQ4_NL", act_order=True)
     assert time_left_for_training(gptq, time.perf_counter() - 120) == gptq
 
 

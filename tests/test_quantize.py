@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 
 from quantloop.errors import InputError
 from quantloop.models.checkpoints import load_hf_model
-from quantloop.schemas import CalibrationSpec, QuantSpec
+from quantloop.schemas import CalibrationSpec, quant_spec
 from quantloop.tools.quantize import quantize_model
 
 
 def test_rtn_output_reloads_within_a_step_and_is_reproducible(tiny_prepared, tmp_path):
-    spec = QuantSpec(method="rtn", bits=4, group_size=32, symmetric=False)
+    spec = quant_spec(method="rtn", bits=4, group_size=32, symmetric=False)
     r1 = quantize_model(tiny_prepared, tmp_path / "a", spec)
     r2 = quantize_model(tiny_prepared, tmp_path / "b", spec)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
@@ -34,11 +34,11 @@ def test_rtn_output_reloads_within_a_step_and_is_reproducible(tiny_prepared, tmp
 
 
 def test_gguf_method_reports_exact_bits(tiny_prepared, tmp_path):
-    r = quantize_model(tiny_prepared, tmp_path / "q8", QuantSpec(method="gguf", gguf_type="Q8_0"))
+    r = quantize_model(tiny_prepared, tmp_path / "q8", quant_spec(method="gguf", gguf_type="Q8_0"))
     assert r.format == "gguf:Q8_0" and r.model_path.endswith(".gguf")
     assert r.linear_bits_per_weight == pytest.approx(8.5)
     with pytest.raises(InputError, match="output folder exists"):
-        quantize_model(tiny_prepared, tmp_path / "q8", QuantSpec(method="gguf", gguf_type="Q8_0"))
+        quantize_model(tiny_prepared, tmp_path / "q8", quant_spec(method="gguf", gguf_type="Q8_0"))
 
 
 def test_too_small_calibration_set_is_refused(tiny_prepared, tmp_path, dataset_dir):
@@ -53,7 +53,7 @@ def test_too_small_calibration_set_is_refused(tiny_prepared, tmp_path, dataset_d
 
 def test_rtn_bad_group_size_leaves_nothing(tiny_prepared, tmp_path):
     with pytest.raises(InputError, match="group size 48 does not divide"):
-        quantize_model(tiny_prepared, tmp_path / "bad", QuantSpec(method="rtn", bits=4, group_size=48))
+        quantize_model(tiny_prepared, tmp_path / "bad", quant_spec(method="rtn", bits=4, group_size=48))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -62,7 +62,7 @@ def test_gguf_with_imatrix_and_tensor_type_overrides(tiny_prepared, tmp_path, da
 
     if not (tools_dir() / "llama-imatrix").is_file():
         pytest.skip("llama.cpp tools not built: run `make setup`")
-    spec = QuantSpec(method="gguf", gguf_type="Q4_0", imatrix=True, gguf_tensor_types={"attn_v": "q8_0"},
+    spec = quant_spec(method="gguf", gguf_type="Q4_0", imatrix=True, gguf_tensor_types={"attn_v": "q8_0"},
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=4, seqlen=256))
     r = quantize_model(tiny_prepared, tmp_path / "q", spec)
     types = {t.name: t.type for t in read_metadata(r.model_path).tensors}
@@ -82,7 +82,7 @@ def test_importance_matrix_is_computed_once_per_model_and_text(tiny_prepared, tm
     runs = []
     real = gguf_backend.compute_imatrix
     monkeypatch.setattr(gguf_backend, "compute_imatrix", lambda *a, **k: runs.append(a) or real(*a, **k))
-    spec = lambda n: QuantSpec(method="gguf", gguf_type="Q4_0", imatrix=True,  # noqa: E731
+    spec = lambda n: quant_spec(method="gguf", gguf_type="Q4_0", imatrix=True,  # noqa: E731
                                calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=n, seqlen=64))
     first = quantize_model(tiny_prepared, tmp_path / "a", spec(4))
     second = quantize_model(tiny_prepared, tmp_path / "b", spec(4))
@@ -97,7 +97,7 @@ def test_rtn_g32_exports_to_gguf_q4_0_exactly(tiny_prepared, tmp_path):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    r = quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="rtn", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0"))
+    r = quantize_model(tiny_prepared, tmp_path / "q", quant_spec(method="rtn", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0"))
     assert r.format == "gguf:Q4_0" and r.model_path.endswith(".gguf")
     assert r.notes == ["exact export: 15 quantized tensors read back bit for bit, 14 of them the quantizer's own codes and "
                        "scales, 1 rounded by llama.cpp's rules (embeddings)"]
@@ -122,7 +122,7 @@ def test_rtn_g32_exports_to_gguf_q4_0_exactly(tiny_prepared, tmp_path):
     assert {t.name: t.tensor_type.name for t in GGUFReader(r.model_path).tensors} == planned
     assert estimate_bytes(f16, planned)["bytes"] == pytest.approx(Path(r.model_path).stat().st_size, rel=0.01)
     with pytest.raises(InputError, match="no exact GGUF Q4_0 form"):
-        quantize_model(tiny_prepared, tmp_path / "bad", QuantSpec(method="rtn", bits=4, group_size=64, gguf_type="Q4_0"))
+        quantize_model(tiny_prepared, tmp_path / "bad", quant_spec(method="rtn", bits=4, group_size=64, gguf_type="Q4_0"))
 
 
 def test_gptq_g32_exports_its_codes_to_gguf_q4_0(tiny_prepared, tmp_path, dataset_dir):
@@ -132,7 +132,7 @@ def test_gptq_g32_exports_its_codes_to_gguf_q4_0(tiny_prepared, tmp_path, datase
 
     from quantloop.backends.gptq_checkpoint import read_quantized_linear
 
-    spec = QuantSpec(method="gptq", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0",
+    spec = quant_spec(method="gptq", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0",
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=128))
     r = quantize_model(tiny_prepared, tmp_path / "q", spec)
     assert r.format == "gguf:Q4_0" and r.calibration_manifest_sha256
@@ -149,7 +149,7 @@ def test_read_back_refuses_a_file_that_differs_from_the_blocks(tiny_prepared, tm
 
     from quantloop.gguf.export import read_back
 
-    r = quantize_model(tiny_prepared, tmp_path / "q", QuantSpec(method="rtn", bits=8, group_size=32, gguf_type="Q8_0"))
+    r = quantize_model(tiny_prepared, tmp_path / "q", quant_spec(method="rtn", bits=8, group_size=32, gguf_type="Q8_0"))
     raw = {t.name: np.array(t.data) for t in GGUFReader(r.model_path).tensors if t.tensor_type.name == "Q8_0"}
     assert len(read_back(Path(r.model_path), raw)) == len(raw) == 15
     raw["blk.0.ffn_up.weight"].reshape(-1)[5] ^= 1  # one bit of one code
@@ -165,7 +165,7 @@ def test_export_gguf_command_writes_the_rtn_grid_and_refuses_a_wrong_type(tiny_p
 
     from quantloop.pipelines.cli import main
 
-    quantize_model(tiny_prepared, tmp_path / "rtn", QuantSpec(method="rtn", bits=4, group_size=32, symmetric=False))
+    quantize_model(tiny_prepared, tmp_path / "rtn", quant_spec(method="rtn", bits=4, group_size=32, symmetric=False))
     out = tmp_path / "rtn.gguf"
     assert main(["export-gguf", str(tmp_path / "rtn"), "--type", "Q4_1", "--out", str(out)]) == 0
     hf = load_file(tmp_path / "rtn" / "model.safetensors")
@@ -196,7 +196,7 @@ def test_llama_cpp_fallbacks_are_one_note_with_the_full_log(tiny_prepared, tmp_p
     from quantloop.models.checkpoints import resolve_model
 
     LlamaCppRunner(resolve_model(tiny_prepared).gguf)  # a quiet Llama earlier in the process must not silence the log
-    r = quantize_model(tiny_prepared, tmp_path / "q4k", QuantSpec(method="gguf", gguf_type="Q4_K_S"))
+    r = quantize_model(tiny_prepared, tmp_path / "q4k", quant_spec(method="gguf", gguf_type="Q4_K_S"))
     [note] = r.notes
     assert "tensors fell back to another type" in note and "q5_0" in note
     log = (tmp_path / "q4k" / "llama-quantize.log").read_text()

@@ -60,7 +60,7 @@ def test_maps_carry_the_importance_matrix_the_candidates_used(searched, tmp_path
 
     from quantloop.gguf.llamacpp import read_metadata
     from quantloop.models.checkpoints import resolve_model
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.search.precision_maps import spec_fields
     from quantloop.search.tensors import genome_bytes, model_tensors
     from quantloop.tools.quantize import quantize_model
@@ -75,8 +75,8 @@ def test_maps_carry_the_importance_matrix_the_candidates_used(searched, tmp_path
     mt = model_tensors(model.gguf, ("Q4_0", "Q8_0", "F16"))
     genome = {t.name: ("Q4_0" if t.name.startswith("blk.") else "Q8_0") for t in mt.tensors}
     fields = spec_fields(genome, req.imatrix)
-    with_im = quantize_model(req.model, tmp_path / "with", QuantSpec(**fields))
-    without = quantize_model(req.model, tmp_path / "without", QuantSpec(**(fields | {"imatrix": False})))
+    with_im = quantize_model(req.model, tmp_path / "with", quant_spec(**fields))
+    without = quantize_model(req.model, tmp_path / "without", quant_spec(**(fields | {"imatrix": False})))
     a, b = open(with_im.model_path, "rb").read(), open(without.model_path, "rb").read()
     extra = imatrix_extra_header(req.imatrix.model_dump(mode="json"), model)
     assert extra > 0 and len(a) == genome_bytes(mt, genome, extra) and len(b) == genome_bytes(mt, genome)

@@ -19,7 +19,7 @@ def _mt(tiny_prepared, types=None):
 @pytest.mark.parametrize("cycle", [["Q4_0", "Q5_1", "Q8_0", "F16", "Q4_1", "Q5_0"], ["F16", "Q4_0", "Q5_0"]])
 def test_map_written_file_matches_estimate_and_types(tiny_prepared, tmp_path, cycle):
     from quantloop.gguf.llamacpp import read_metadata
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.search.precision_maps import read_map, write_map
     from quantloop.search.tensors import genome_bytes
     from quantloop.tools.quantize import quantize_model
@@ -29,7 +29,7 @@ def test_map_written_file_matches_estimate_and_types(tiny_prepared, tmp_path, cy
     j, y = write_map(genome, tmp_path / "map", {"note": "test"})
     fields, back = read_map(y, mt)
     assert back == genome and json.loads(j.read_text())["gguf_tensor_types"] == yaml.safe_load(y.read_text())["gguf_tensor_types"]
-    q = quantize_model(tiny_prepared, tmp_path / "out", QuantSpec(**fields))
+    q = quantize_model(tiny_prepared, tmp_path / "out", quant_spec(**fields))
     written = {t.name: t.type for t in read_metadata(q.model_path).tensors}
     assert all(written[n] == t for n, t in genome.items())
     assert (tmp_path / "out").exists() and q.bytes_on_disk == genome_bytes(mt, genome)

@@ -199,4 +199,4 @@ def test_every_path_field_of_the_catalog_names_a_string_field_of_its_request():
 
     for entry in TOOLS:
         for field in entry.path_fields:
-            assert leaf_types(entry.request, field.split(".")) == [str], (entry.name, field)
+            assert set(leaf_types(entry.request, field.split("."))) == {str}, (entry.name, field)  # every spec model's

@@ -15,12 +15,12 @@ from quantloop.tools.catalog import TOOLS
 
 
 def test_validate_over_stdio_with_progress(tmp_path, tiny_prepared, dataset_dir):
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.tools.quantize import quantize_model
 
     root = make_root(tmp_path / "root", tiny_prepared, dataset_dir)
     quantize_model(root / "models" / "checkpoints" / "tiny", root / "models" / "quantized" / "tiny_q4_0",
-                   QuantSpec(method="gguf", bits=4, gguf_type="Q4_0"))
+                   quant_spec(method="gguf", bits=4, gguf_type="Q4_0"))
     params = StdioServerParameters(command=sys.executable, args=["-m", "quantloop.serve", "--root", str(root)],
                                    cwd=str(Path(__file__).resolve().parent.parent))
     progress = []

@@ -37,12 +37,11 @@ def test_downgrades_stop_when_nothing_smaller_is_left():
 @pytest.mark.parametrize("method, gguf_type", [("gguf", "Q4_0"), ("rtn", None), ("gptq", None)])
 def test_a_budget_on_a_method_that_cannot_take_it_is_one_error(tiny_copy, tmp_path, method, gguf_type):
     from quantloop.errors import InputError
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.tools.quantize import quantize_model
 
-    spec = QuantSpec(method=method, gguf_type=gguf_type, group_size=32, min_size_ratio=3.5)
     with pytest.raises(InputError, match="min_size_ratio applies to methods gptq and qat"):
-        quantize_model(tiny_copy, tmp_path / "q", spec)
+        quantize_model(tiny_copy, tmp_path / "q", quant_spec(method=method, gguf_type=gguf_type, group_size=32, min_size_ratio=3.5))
     assert not (tmp_path / "q").exists()
 
 
@@ -54,14 +53,14 @@ def test_a_budgeted_gptq_file_meets_the_budget_and_equals_the_estimate(reference
     from gguf import GGUFReader
 
     from quantloop.gguf.precision_map import estimate_bytes
-    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.schemas import CalibrationSpec, quant_spec
     from quantloop.search.budget import file_bytes, planned_types
     from quantloop.tools.quantize import quantize_model
 
     model = prepare_wide_llama(tmp_path, reference_dir, layers=2)
     f16 = next(model.glob("*.gguf"))
     whole = {"embeddings": "Q4_0", "attention": "Q4_0", "feed_forward": "Q4_0"}
-    spec = QuantSpec(method="gptq", gguf_type="Q4_0", layer_types=whole,
+    spec = quant_spec(method="gptq", gguf_type="Q4_0", layer_types=whole,
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=4, seqlen=64))
     pure = file_bytes(f16, planned_types(f16, spec))
     ratio = f16.stat().st_size / (pure - 40_000)  # about 40 kB under the pure 4.5-bit file
@@ -103,14 +102,14 @@ def test_a_budget_that_leaves_one_plan_is_decided_before_any_measurement(referen
     from quantloop.agents.state import PlannedAttempt
     from quantloop.errors import InputError
     from quantloop.models.checkpoints import resolve_model
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.search.budget import file_bytes, fit_to_budget, plan_without_measuring, planned_types
     from quantloop.search.tensors import model_tensors
 
     model = prepare_down_wide_llama(tmp_path, reference_dir)
     f16 = next(model.glob("*.gguf"))
     whole = {"embeddings": "Q4_0", "attention": "Q4_0", "feed_forward": "Q4_0"}
-    spec = QuantSpec(method="gptq", gguf_type="Q4_0", layer_types=whole)
+    spec = quant_spec(method="gptq", gguf_type="Q4_0", layer_types=whole)
     planned = planned_types(f16, spec)
     floor = dict(planned) | {t.name: "Q2_K" for t in model_tensors(f16, ("Q2_K", "Q4_0")).tensors if "Q2_K" in t.types}
     assert sorted(n for n in floor if floor[n] == "Q2_K") == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]

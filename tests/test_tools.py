@@ -98,13 +98,13 @@ def test_generation_failures_the_float_model_shares_are_not_counted(tiny_prepare
     """The random tiny model loops and babbles in float already; its Q8_0 copy is not blamed for that."""
     from quantloop.eval.generation import check_generations
     from quantloop.eval.runtimes import LlamaCppRunner
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.specs import load_quality_spec
     from quantloop.tools.quantize import quantize_model
 
     settings = load_quality_spec().generation
     f = LlamaCppRunner(next(tiny_prepared.glob("*.gguf")), n_ctx=256)
-    q = LlamaCppRunner(quantize_model(tiny_prepared, tmp_path / "q8", QuantSpec(method="gguf", gguf_type="Q8_0")).model_path, n_ctx=256)
+    q = LlamaCppRunner(quantize_model(tiny_prepared, tmp_path / "q8", quant_spec(method="gguf", gguf_type="Q8_0")).model_path, n_ctx=256)
     own = check_generations(f, f, settings)
     judged = check_generations(q, f, settings)
     assert own.failures > 0  # the float model's own report keeps its failures
@@ -130,10 +130,10 @@ def test_size_bar_denominator_is_the_f16_file_on_both_runtimes(tiny_copy, tiny_p
 
 def test_a_precision_map_is_judged_by_its_measured_bits(tiny_copy, dataset_dir, tmp_path):
     from quantloop.eval.size import gguf_size, nominal_bits
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.tools.quantize import quantize_model
 
-    mixed = quantize_model(tiny_copy, tmp_path / "mix", QuantSpec(method="gguf", layer_types={"attention": "Q8_0", "feed_forward": "Q4_0"}))
+    mixed = quantize_model(tiny_copy, tmp_path / "mix", quant_spec(method="gguf", layer_types={"attention": "Q8_0", "feed_forward": "Q4_0"}))
     size = gguf_size(mixed.model_path)
     assert set(size.linear_tensor_types) == {"Q8_0", "Q4_0"} and 5 < size.linear_bits_per_weight < 7
     r = validate_quantization(ValidationRequest(quantized=mixed.model_path, baseline=str(tiny_copy), dataset_dir=str(dataset_dir),

@@ -49,7 +49,7 @@ class PolicyStep(Strict):
             raise ValueError(f"step '{self.name}' of kind {self.kind} takes no 'search' (only kind search does)")
         if self.kind in ("quantize", "qat") and self.spec is None:
             raise ValueError(f"step '{self.name}' of kind {self.kind} needs a 'spec'")
-        if self.spec is not None and (self.kind == "qat") != (self.spec.method == "qat"):
+        if self.spec is not None and (self.kind == "qat") != self.spec.trains:
             raise ValueError(f"step '{self.name}': kind qat goes with method qat (and method qat with kind qat)")
         if self.kind == "next_checkpoint" and self.spec is not None:
             raise ValueError(f"step '{self.name}' of kind next_checkpoint takes no 'spec' (it re-runs 'retry' steps)")
@@ -93,7 +93,7 @@ class Policy(Strict):
             if dup:
                 raise ValueError(f"steps.{target}: step names must be unique, repeated: {', '.join(sorted(dup))}")
             for i, s in enumerate(steps):
-                if target == "cuda" and s.spec is not None and s.spec.method == "gguf":
+                if target == "cuda" and s.spec is not None and s.spec.quantized_by_llama_cpp:
                     raise ValueError(f"steps.cuda.{i}: method gguf runs on llama.cpp, not on the cuda target")
                 if target == "cuda" and s.kind == "search":
                     raise ValueError(f"steps.cuda.{i}: kind search writes GGUF for llama.cpp, not for the cuda target")

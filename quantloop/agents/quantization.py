@@ -64,11 +64,11 @@ def with_run_time_limit(spec: QuantSpec, state: PipelineState) -> QuantSpec:
     """A QAT spec whose training ends by the run's time budget (max_minutes less reserve_minutes, from now), or
     its own qat_max_minutes if that is shorter; other specs, or a run without a budget, as they are."""
     budget = state.policy.max_minutes
-    if spec.method != "qat" or budget is None:
+    if not spec.trains or budget is None:
         return spec
     left = budget - state.active_s / 60 - state.policy.reserve_minutes
-    limit = min(left, spec.qat_max_minutes or left)
-    return spec.model_copy(update={"qat_max_minutes": max(limit, 0.1)})
+    limit = min(left, spec.time_limit() or left)
+    return spec.with_time_limit(max(limit, 0.1))
 
 
 class QuantizationAgent:
@@ -185,9 +185,9 @@ class QuantizationAgent:
         from quantloop.tools.validate import required_size_ratio
 
         spec = planned.spec
-        if spec.method in ("gptq", "qat") and spec.min_size_ratio and spec.gguf_type:
+        if spec.size_budget() and spec.gguf_type:
             return QuantizationAgent.budget_precheck(planned, state)
-        if spec.method not in ("gptq", "rtn", "awq", "qat") or not spec.gguf_type or spec.preset or spec.layer_types:
+        if not spec.exact_export or not spec.gguf_type or spec.has_layer_map():
             return None
         base = resolve_model(planned.checkpoint)
         if base.gguf is None:
@@ -196,7 +196,7 @@ class QuantizationAgent:
         types = planned_export_types(base.gguf, gguf_type)
         predicted = estimate_bytes(base.gguf, types)
         ratio = gguf_size(base.gguf).bytes_on_disk / predicted["bytes"]
-        bits = nominal_bits_of(gguf_type) if spec.method == "qat" else spec.bits
+        bits = nominal_bits_of(gguf_type) if spec.type_sets_bits else spec.bits
         need = required_size_ratio(load_quality_spec(state.acceptance_spec).acceptance, bits)
         if ratio >= need * 0.99:  # the estimate matches the written file within 1 %
             return None

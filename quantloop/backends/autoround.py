@@ -32,7 +32,7 @@ import os
 import shutil
 from pathlib import Path
 
-from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
+from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.data.calibration import check_calibration
 from quantloop.errors import InputError
 from quantloop.fileio import read_hf_config
@@ -66,14 +66,6 @@ def check_autoround_settings(hf_dir: Path, spec, fmt: str = "auto_round") -> dic
     method = getattr(spec, "method", "autoround")
     if method != "autoround":
         raise InputError(None, f"spec.method is {method!r}, not 'autoround'", "set method: autoround")
-    if getattr(spec, "act_order", False):
-        raise InputError(None, "act-order is a GPTQ option; AutoRound has none", "leave act_order off")
-    if getattr(spec, "gguf_tensor_types", None):
-        raise InputError(None, "per-tensor GGUF types are a llama-quantize option, not supported with AutoRound",
-                         "use method 'gguf' for --tensor-type mixes, or drop gguf_tensor_types")
-    if getattr(spec, "overrides", None):
-        raise InputError(None, "per-module overrides are not supported by the AutoRound backend yet",
-                         "drop overrides, or use method gptq/rtn")
     config = read_hf_config(hf_dir)
     if not list(hf_dir.glob("*.safetensors")):
         raise InputError(hf_dir, "no *.safetensors weights", "save the float model with save_pretrained(safe_serialization=True)")
@@ -103,7 +95,8 @@ def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list
                        iters: int | None = None, fmt: str = "auto_round", device: str | None = None) -> Path:
     """Quantize the float HF checkpoint `hf_dir` with AutoRound; return what a runtime loads.
 
-    `spec` is a :class:`quantloop.schemas.QuantSpec` (method "autoround").
+    `spec` is a :class:`quantloop.schemas.AutoRoundSpec` (it has no act-order, tensor types or overrides: a spec
+    that gives them is refused when it is made).
     With `spec.gguf_type` set, the return value is the single GGUF file written
     in `out_dir` (``<hf_dir name>-<TYPE>.gguf``); otherwise `out_dir` itself,
     holding AutoRound's `fmt` checkpoint ("auto_round" or "auto_gptq") and the
@@ -202,12 +195,7 @@ class AutoRoundBackend(Backend):
     """AutoRound (Intel) into a GGUF of a k-quant or legacy type."""
 
     method = "autoround"
-    label = "AutoRound"
-    honours = frozenset({"skip_modules"})
     libraries = ("auto-round", "torch", "transformers")
-
-    def needs(self, spec) -> Needs:
-        return Needs(hf_checkpoint=True, calibration="sequences")
 
     def check(self, job: BackendJob) -> None:
         if not job.spec.gguf_type:

@@ -1,16 +1,19 @@
 """The one shape of every quantizer: what it needs, one `quantize` call, one result, and a registry by method.
 
-A backend is a class with a `method` name (the QuantSpec.method it serves) and three parts:
+A backend is a class with a `method` name (the spec's method it serves) and three parts:
 
     needs(spec)   -> Needs                 a transformers checkpoint? an F16 GGUF? calibration token
                                            sequences, or the calibration text as a file (llama-imatrix)?
+                                           (default: what the spec's own model says, spec.needs())
     check(job)                             refuse, before any slow work, what it cannot do (InputError)
     quantize(job) -> BackendOutput         write the model into job.work_dir, return the file a runtime loads
 
 `quantize_model` (quantloop/tools/quantize.py) resolves the model, checks the needs, gets the calibration
-once, calls the backend and records the result; a new quantizer is one module with one Backend class and one
-line in REGISTRY below. A method served by several backends (GPTQ: GPTQModel's layouts, or quantloop's
-solver on llama.cpp's own grids) lists them in order; the first whose `handles(spec)` is true runs.
+once, calls the backend and records the result. Each method's settings model (quantloop/schemas/quant_spec.py)
+owns its fields and names its backends; REGISTRY below is built from them. A method served by several backends
+(GPTQ: GPTQModel's layouts, or quantloop's solver on llama.cpp's own grids) lists them in order; the first whose
+`handles(spec)` is true runs. A new quantizer outside the package: a Backend subclass whose `settings` is its own
+SpecBase subclass, and register(Backend()).
 """
 
 from __future__ import annotations
@@ -19,26 +22,21 @@ import importlib
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from quantloop.errors import InputError
+from quantloop.schemas.quant_spec import SPEC_MODELS, Needs, SpecBase, method_of, register_spec, unregister_spec
 
-
-@dataclass(frozen=True)
-class Needs:
-    """What a backend needs before it can start."""
-
-    hf_checkpoint: bool = False  # a transformers checkpoint folder (config.json + weights)
-    f16_gguf: bool = False  # the prepared F16/F32 GGUF (quantloop prepare writes it)
-    calibration: str | None = None  # None, "sequences" (token ids) or "text_file" (a file llama-imatrix tokenizes)
+if TYPE_CHECKING:
+    from quantloop.models.checkpoints import ResolvedModel
 
 
 @dataclass
 class BackendJob:
     """Everything a backend gets: the model, the spec, a folder to write into, and the calibration data."""
 
-    model: object  # quantloop.models.checkpoints.ResolvedModel
-    spec: object  # quantloop.schemas.QuantSpec
+    model: ResolvedModel
+    spec: SpecBase  # one of the QuantSpec union's models
     work_dir: Path  # temporary output folder; renamed into place when quantize_model succeeds
     name: str  # the model's name, for file names
     sequences: list[list[int]] | None = None  # calibration token sequences (Needs.calibration == "sequences")
@@ -62,21 +60,15 @@ class Backend:
     """Base class of every quantizer backend (see the module docstring)."""
 
     method: ClassVar[str]
-    label: ClassVar[str] = ""  # the name error messages use (default: the method in capitals)
+    settings: ClassVar[type[SpecBase] | None] = None  # its own settings model, for a method beside the built-in ones
     writer: ClassVar[str] = "the export"  # who wrote the GGUF, for a precision-map mismatch message
     libraries: ClassVar[tuple[str, ...]] = ()  # distributions whose versions the result records
-    honours: ClassVar[frozenset[str]] = frozenset()  # optional QuantSpec fields it applies: "skip_modules", "overrides", "tensor_types"
 
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        if not cls.__dict__.get("label") and "method" in cls.__dict__:
-            cls.label = cls.method.upper()
-
-    def handles(self, spec) -> bool:
+    def handles(self, spec: SpecBase) -> bool:
         return True
 
-    def needs(self, spec) -> Needs:
-        return Needs(hf_checkpoint=True)
+    def needs(self, spec: SpecBase) -> Needs:
+        return spec.needs()
 
     def check(self, job: BackendJob) -> None:
         """Refuse what this backend cannot do, before the slow part. Default: nothing to refuse."""
@@ -94,27 +86,25 @@ class Backend:
         return out
 
 
-# method -> backend classes ("module:Class"), tried in order; imported only when used, so that a command that
-# does not quantize never imports torch or GPTQModel.
-REGISTRY: dict[str, list[str]] = {
-    "gguf": ["quantloop.backends.gguf:LlamaCppBackend"],
-    "rtn": ["quantloop.backends.rtn:RTNBackend"],
-    "gptq": ["quantloop.backends.gptq_gguf:GridGPTQBackend", "quantloop.backends.gptq:GPTQModelBackend"],
-    "awq": ["quantloop.backends.gptq:GPTQModelBackend"],
-    "autoround": ["quantloop.backends.autoround:AutoRoundBackend"],
-    "qat": ["quantloop.backends.qat:QATBackend"],
-}
+# method -> backend classes ("module:Class"), tried in order, as each method's settings model names them; imported
+# only when used, so that a command that does not quantize never imports torch or GPTQModel.
+REGISTRY: dict[str, list[str]] = {method_of(cls): list(cls.backends) for cls in SPEC_MODELS}
 _REGISTERED: dict[str, list[Backend]] = {}
 
 
 def register(backend: Backend) -> Backend:
-    """Add a backend instance for its method (tried before the built-in ones). Returns it."""
+    """Add a backend instance for its method (tried before the built-in ones), and its own settings model if it has
+    one. Returns it."""
+    if backend.settings is not None:
+        register_spec(backend.settings)
     _REGISTERED.setdefault(backend.method, []).insert(0, backend)
     return backend
 
 
 def unregister(backend: Backend) -> None:
     _REGISTERED.get(backend.method, []).remove(backend)
+    if backend.settings is not None and not _REGISTERED[backend.method]:
+        unregister_spec(backend.settings)
 
 
 def _load(ref: str) -> Backend:
@@ -126,7 +116,7 @@ def methods() -> list[str]:
     return sorted(set(REGISTRY) | {m for m, b in _REGISTERED.items() if b})
 
 
-def backend_for(spec) -> Backend:
+def backend_for(spec: SpecBase) -> Backend:
     """The backend that runs this spec: registered ones first, then REGISTRY's, the first that handles it."""
     candidates = list(_REGISTERED.get(spec.method, []))
     for ref in REGISTRY.get(spec.method, []):
@@ -137,7 +127,7 @@ def backend_for(spec) -> Backend:
     raise InputError(None, f"method '{spec.method}' is not available", f"use one of {', '.join(methods())}")
 
 
-def calibration_for(needs: Needs, spec, model, work_dir: Path) -> tuple[list[list[int]] | None, Path | None, str | None]:
+def calibration_for(needs: Needs, spec: SpecBase, model: ResolvedModel, work_dir: Path) -> tuple[list[list[int]] | None, Path | None, str | None]:
     """(token sequences, text file, manifest digest) of the calibration data a backend needs, loaded once."""
     if needs.calibration == "sequences":
         from quantloop.data.calibration import calibration_sequences
@@ -153,28 +143,12 @@ def calibration_for(needs: Needs, spec, model, work_dir: Path) -> tuple[list[lis
     return None, None, None
 
 
-def check_needs(needs: Needs, model, method: str) -> None:
+def check_needs(needs: Needs, model: ResolvedModel, method: str) -> None:
     """One error line when the model lacks what the backend needs."""
     if needs.hf_checkpoint and model.hf_dir is None:
         raise InputError(model.path, f"{method} needs a transformers checkpoint", "pass a prepared checkpoint folder")
     if needs.f16_gguf and model.gguf is None:
         raise InputError(model.path, f"{method} needs an F16/F32 GGUF of the model", "run `quantloop prepare` on it first")
-
-
-DEFAULT_SKIP_MODULES = ["lm_head"]
-
-
-def check_spec_fields(backend: Backend, spec) -> None:
-    """A spec field the backend would not apply is refused with one line, never silently ignored."""
-    if spec.overrides and "overrides" not in backend.honours:
-        raise InputError(None, f"{backend.label} does not apply per-module 'overrides'",
-                         "drop them, or give a precision map (layer_types, --layer-type / --tensor-type) to method gguf, gptq or qat")
-    if spec.gguf_tensor_types and "tensor_types" not in backend.honours:
-        raise InputError(None, f"{backend.label} does not apply per-tensor GGUF types (gguf_tensor_types / --tensor-type)",
-                         "drop them, or use method gguf, gptq or qat, which write GGUF files")
-    if list(spec.skip_modules) != DEFAULT_SKIP_MODULES and "skip_modules" not in backend.honours:
-        raise InputError(None, f"{backend.label} does not apply 'skip_modules' {spec.skip_modules}",
-                         "drop the field, or keep a layer type in float with a precision map (e.g. --layer-type attention=F16)")
 
 
 def save_and_export(model, hf_dir: Path, out_dir: Path, result_name: str, result: dict, gguf_name: str, gguf_type: str,

@@ -7,7 +7,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
+from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.errors import InputError, disk_full
 from quantloop.eval.runtimes import default_threads
 from quantloop.gguf.llamacpp import check_gguf_file, fallback_summary, stderr_to, tool
@@ -127,13 +127,8 @@ class LlamaCppBackend(Backend):
     (+ llama-imatrix) for an importance matrix, per-tensor types or a precision map."""
 
     method = "gguf"
-    label = "llama.cpp quantization"
     writer = "llama-quantize"
-    honours = frozenset({"tensor_types"})
     libraries = ("llama_cpp_python",)
-
-    def needs(self, spec) -> Needs:
-        return Needs(f16_gguf=True, calibration="text_file" if spec.imatrix else None)
 
     def quantize(self, job: BackendJob) -> BackendOutput:
         from quantloop.gguf.precision_map import plan_mixed_file

@@ -55,7 +55,7 @@ import shutil
 import time
 from pathlib import Path
 
-from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs
+from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.backends.gptq_checkpoint import (
     DTYPES,
     safetensors_header,
@@ -291,9 +291,6 @@ class GPTQModelBackend(Backend):
     method = "gptq"
     libraries = ("gptqmodel", "torch", "transformers")
 
-    def needs(self, spec) -> Needs:
-        return Needs(hf_checkpoint=True, calibration="sequences")
-
     def check(self, job: BackendJob) -> None:
         from quantloop.gguf.export import export_exact_gguf
 
@@ -302,7 +299,7 @@ class GPTQModelBackend(Backend):
 
     def quantize(self, job: BackendJob) -> BackendOutput:
         spec = job.spec
-        quantize_gptq(job.model.hf_dir, job.work_dir, spec.bits, spec.group_size, spec.symmetric, spec.act_order, job.sequences,
+        quantize_gptq(job.model.hf_dir, job.work_dir, spec.bits, spec.group_size, spec.symmetric, getattr(spec, "act_order", False), job.sequences,
                       method=spec.method, seed=spec.seed)
         if not spec.gguf_type:
             return BackendOutput(job.work_dir, spec.method)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantloop.backends.base import Backend, BackendJob, BackendOutput, Needs, save_and_export
+from quantloop.backends.base import Backend, BackendJob, BackendOutput, save_and_export
 from quantloop.errors import InputError
 from quantloop.gguf import blocks as gb
 
@@ -305,14 +305,10 @@ class GridGPTQBackend(Backend):
 
     method = "gptq"
     writer = "the GPTQ export"
-    honours = frozenset({"tensor_types"})
     libraries = ("torch", "transformers", "gguf")
 
     def handles(self, spec) -> bool:
         return spec.gptq_on_gguf_grid()
-
-    def needs(self, spec) -> Needs:
-        return Needs(hf_checkpoint=True, f16_gguf=True, calibration="sequences")
 
     def quantize(self, job: BackendJob) -> BackendOutput:
         from quantloop.gguf.export import planned_export_types

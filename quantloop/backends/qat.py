@@ -21,7 +21,6 @@ from quantloop.backends.base import (
     Backend,
     BackendJob,
     BackendOutput,
-    Needs,
     save_and_export,
 )
 from quantloop.backends.qat_teacher import kl_divergence  # noqa: F401
@@ -64,11 +63,7 @@ class QATBackend(Backend):
 
     method = "qat"
     writer = "the QAT export"
-    honours = frozenset({"tensor_types"})
     libraries = ("torch", "transformers", "gguf")
-
-    def needs(self, spec) -> Needs:
-        return Needs(hf_checkpoint=True, f16_gguf=spec.has_precision_map(), calibration="sequences")
 
     def plan(self, job: BackendJob) -> tuple[str, dict[str, str], dict[str, str], str]:
         """(GGUF type, tensor-type rules, planned types, embedding type); the type is checked for QAT."""

@@ -26,9 +26,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from quantloop.errors import InputError
+from quantloop.schemas.quant_spec import METHODS
 
-# quantloop's steps: the quantization methods (QuantSpec.method) and the off-grid twin
-STEPS = ("gguf", "rtn", "gptq", "awq", "autoround", "qat", "offgrid")
+# quantloop's steps: the quantization methods (QuantSpec's) and the off-grid twin
+STEPS = (*METHODS, "offgrid")
 # what a config.json must give for any step to read the model's shapes
 REQUIRED_CONFIG = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 

@@ -184,7 +184,9 @@ def default_group_size(a) -> int:
     the largest of 128, 64, 32 that divides every linear width of the model (128 does not divide SmolLM2's 576)."""
     if a.group_size is not None:
         return a.group_size
-    if a.type or a.method in ("gguf", "qat", "autoround"):
+    from quantloop.schemas import spec_type
+
+    if a.type or spec_type(a.method).gguf_only:
         return 32
     from quantloop.gguf.llamacpp import read_metadata
     from quantloop.models.checkpoints import resolve_model
@@ -199,11 +201,11 @@ def default_group_size(a) -> int:
 
 def cmd_quantize(a) -> int:
     from quantloop.pipelines.report_format import mib, table
-    from quantloop.schemas import CalibrationSpec, QuantSpec
+    from quantloop.schemas import CalibrationSpec, quant_spec
     from quantloop.tools.quantize import default_output_dir, quantize_model
 
-    try:
-        spec = QuantSpec(method=a.method, bits=a.bits, group_size=default_group_size(a), symmetric=not a.asym, act_order=a.act_order,
+    try:  # every option is passed; one another method owns is dropped at its default and refused otherwise
+        spec = quant_spec(method=a.method, bits=a.bits, group_size=default_group_size(a), symmetric=not a.asym, act_order=a.act_order,
                          gguf_type=a.type, imatrix=a.imatrix, gguf_tensor_types=parse_tensor_types(a.tensor_type),
                          preset=a.preset, layer_types=parse_layer_types(a.layer_type),
                          qat_steps=a.qat_steps, qat_init=a.qat_init, qat_max_minutes=a.qat_minutes, min_size_ratio=a.min_size_ratio,
@@ -223,6 +225,8 @@ def cmd_quantize(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from quantloop.schemas import METHODS
+
     p = argparse.ArgumentParser(prog="quantloop", description="Shrink a small language model until it passes its acceptance bar.",
                                 epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -288,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "quantization_config.json (the full spec, library versions, calibration manifest hash).",
                        epilog=EPILOG)
     s.add_argument("model", nargs="?", default=None, help=f"prepared checkpoint (default: {DEFAULT_MODELS_HELP})")
-    s.add_argument("--method", choices=["gguf", "rtn", "gptq", "awq", "autoround", "qat"], default="gguf",
+    s.add_argument("--method", choices=METHODS, default="gguf",
                    help="gguf: llama.cpp's own quantizer; rtn: round-to-nearest; gptq/awq: GPTQModel (gptq with a k-quant --type "
                         "or a --preset/--layer-type map: GPTQ on llama.cpp's exact grids, written into the GGUF code for code); "
                         "autoround: AutoRound to a GGUF type; qat: KL-distillation QAT on a GGUF grid "

@@ -2,7 +2,7 @@
 (method gguf, one anchored --tensor-type rule per tensor, norms F32), written as JSON and YAML; and reading
 such a file back, checked against the model's tensors.
 
-    quantloop quantize MODEL --spec-file map.yaml   (or QuantSpec(**yaml.safe_load(open("map.yaml"))))
+    quantloop quantize MODEL --spec-file map.yaml   (or quant_spec(**yaml.safe_load(open("map.yaml"))))
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Callable
 from pydantic import BaseModel, Field
 
 from quantloop.search.schemas import SearchRequest, SearchResult, SensitivityRequest, SensitivityResult
-from quantloop.schemas import (CompareReport, CompareRequest, EvaluateRequest, EvaluationReport, QuantizationResult, QuantSpec,
+from quantloop.schemas import (METHODS, CompareReport, CompareRequest, EvaluateRequest, EvaluationReport, QuantizationResult, QuantSpec,
                                Strict, ValidationReport, ValidationRequest)
 
 
@@ -140,7 +140,7 @@ class ToolEntry:
 
 
 TOOLS: tuple[ToolEntry, ...] = (
-    ToolEntry("quantize_model", "Quantize a prepared checkpoint with one method (gguf, rtn, gptq, awq, autoround, qat) and write "
+    ToolEntry("quantize_model", f"Quantize a prepared checkpoint with one method ({', '.join(METHODS)}) and write "
               "the model files and quantization_config.json to an output folder. Returns sizes, bits per weight and timings.",
               QuantizeRequest, QuantizationResult, quantize,
               ("checkpoint", "output_dir", "spec.calibration.dataset_dir", "spec.calibration.mix[]"), quantize_writes, read_only=False),

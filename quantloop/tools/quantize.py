@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from quantloop.backends.base import BackendJob, backend_for, calibration_for, check_needs, check_spec_fields
+from quantloop.backends.base import BackendJob, backend_for, calibration_for, check_needs
 from quantloop.errors import InputError
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.fileio import atomic_output, write_json_atomic
@@ -22,12 +22,12 @@ from quantloop.memory import peak_rss_bytes, reset_peak_rss
 from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import QuantizationResult, QuantSpec
 
-def check_architecture(model, method: str) -> None:
+def check_architecture(model, spec: QuantSpec) -> None:
     """Refuse, before any work, an architecture the method cannot handle (the table in quantloop.gguf.architectures);
     llama.cpp's own types need only a GGUF whose architecture llama.cpp loads."""
     if model.hf_dir is not None:
-        check_config(model.hf_dir / "config.json", method)
-    if method == "gguf" and model.gguf is not None:
+        check_config(model.hf_dir / "config.json", spec.method)
+    if spec.quantized_by_llama_cpp and model.gguf is not None:
         check_gguf_architecture(model.gguf)
 
 
@@ -35,9 +35,9 @@ def apply_size_budget(model, spec: QuantSpec) -> tuple[QuantSpec, list[str]]:
     """The spec with one type per tensor that meets spec.min_size_ratio, and one note saying what it cost."""
     from quantloop.search.budget import fit_to_budget
 
-    if spec.method not in ("gptq", "qat") or not spec.gguf_type:
-        raise InputError(None, f"min_size_ratio applies to methods gptq and qat writing a GGUF type, not {spec.method}"
-                         f"{'' if spec.gguf_type else ' without gguf_type'}", "give --method gptq/qat with --type, or drop the budget")
+    if not spec.gguf_type:  # (a method without min_size_ratio is refused when its spec is made)
+        problem, fix = spec.refusal("min_size_ratio", spec.min_size_ratio)
+        raise InputError(None, f"{problem} without gguf_type", fix)
     if model.gguf is None:
         raise InputError(model.path, "a size budget needs the model's F16 GGUF", "run `quantloop prepare` on it first")
     print(f"size budget: the whole file at least {spec.min_size_ratio}x smaller than the F16 GGUF", flush=True)
@@ -52,10 +52,11 @@ def time_left_for_training(spec: QuantSpec, started: float) -> QuantSpec:
     """A QAT spec's time limit counts from the start of quantize_model: the size budget's sensitivity measurement
     and the calibration text are paid from it, and the trainer gets what is left (at least a few seconds, which
     leave it its GPTQ start and no step)."""
-    if spec.method != "qat" or not spec.qat_max_minutes:
+    limit = spec.time_limit()
+    if not limit:
         return spec
     spent = (time.perf_counter() - started) / 60
-    return spec.model_copy(update={"qat_max_minutes": max(spec.qat_max_minutes - spent, 0.05)})
+    return spec.with_time_limit(max(limit - spent, 0.05))
 
 
 def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
@@ -70,17 +71,16 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
     """Resolve the model, check what the backend needs, get the calibration once, run the backend, record."""
     started = time.perf_counter()
     model = resolve_model(checkpoint)
-    check_architecture(model, spec.method)
+    check_architecture(model, spec)
     out = Path(output_dir)
     if out.exists() and not overwrite:
         raise InputError(out, "output folder exists", "pass --overwrite or choose another output folder")
     budget_notes = []
-    if spec.min_size_ratio:  # a size budget: the least sensitive tensors go below the planned types until it fits
+    if spec.size_budget():  # a size budget: the least sensitive tensors go below the planned types until it fits
         spec, budget_notes = apply_size_budget(model, spec)
     backend = backend_for(spec)
-    check_spec_fields(backend, spec)
     needs = backend.needs(spec)
-    check_needs(needs, model, backend.label)
+    check_needs(needs, model, spec.label or spec.method)
     reset_peak_rss()
     t0 = time.perf_counter()
     with atomic_output(out, is_dir=True) as tmp:

@@ -73,7 +73,7 @@ def make_objective(config: dict, worker: dict):
     against the written file, KLD on llama.cpp against the F16 model, llama-bench tg speed."""
     import optuna
 
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.search.measure import summarize, tg_speed
     from quantloop.search.precision_maps import spec_fields
     from quantloop.search.study import param_name, suggest_genome
@@ -101,7 +101,7 @@ def make_objective(config: dict, worker: dict):
                 trial.set_user_attr(k, same[0].user_attrs[k])
             return tuple(same[0].values)
         with tempfile.TemporaryDirectory(dir=work) as d:
-            q = quantize_model(config["model"], Path(d) / "candidate", QuantSpec(**spec_fields(genome, config.get("imatrix"))))
+            q = quantize_model(config["model"], Path(d) / "candidate", quant_spec(**spec_fields(genome, config.get("imatrix"))))
             written = Path(q.model_path).stat().st_size
             if written != nbytes:
                 raise RuntimeError(f"size estimate {nbytes} bytes, file written {written} bytes")
@@ -267,10 +267,10 @@ def member_spec(member: FrontMember):
     """The QuantSpec (method gguf, one type per tensor) of a front member's precision map."""
     import yaml
 
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
 
     fields = {k: v for k, v in yaml.safe_load(Path(member.map_yaml).read_text()).items() if k != "quantloop_search"}
-    return QuantSpec(**fields)
+    return quant_spec(**fields)
 
 
 def spec_for_budget(result_json: str | Path, budget_bpw: float, max_kld: float | None = None):

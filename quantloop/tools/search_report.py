@@ -21,7 +21,7 @@ def _validate(req: SearchRequest, members: list[FrontMember], out_dir: Path) -> 
     import yaml
 
     from quantloop.models.checkpoints import resolve_model
-    from quantloop.schemas import QuantSpec
+    from quantloop.schemas import quant_spec
     from quantloop.search.measure import Baseline, summarize
     from quantloop.tools.quantize import quantize_model
 
@@ -31,7 +31,7 @@ def _validate(req: SearchRequest, members: list[FrontMember], out_dir: Path) -> 
     base = Baseline(model.gguf, model.hf_dir, req.test_text, req.threads)
     for m in members:
         fields = {k: v for k, v in yaml.safe_load(Path(m.map_yaml).read_text()).items() if k != "quantloop_search"}
-        q = quantize_model(req.model, out_dir / "front" / f"trial-{m.trial}", QuantSpec(**fields), overwrite=True)
+        q = quantize_model(req.model, out_dir / "front" / f"trial-{m.trial}", quant_spec(**fields), overwrite=True)
         kld, ppl = summarize(base.kld(Path(q.model_path)))
         m.test_kld_mean, m.test_ppl_increase_pct = kld, ppl
 

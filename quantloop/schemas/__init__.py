@@ -1,6 +1,7 @@
 """Pydantic models shared by tools, agents, reports and the CLI.
 
-Every report quantloop writes is one of these models serialised to JSON.
+Every report quantloop writes is one of these models serialised to JSON. The settings of one quantization
+attempt (QuantSpec, a model per method) live in quant_spec.py, re-exported here.
 """
 
 from __future__ import annotations
@@ -8,15 +9,31 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from quantloop import __version__
+from quantloop.schemas.base import Strict
+from quantloop.schemas.quant_spec import (  # noqa: F401 (the quantization settings, one model per method)
+    METHODS,
+    SPEC_MODELS,
+    AutoRoundSpec,
+    AWQSpec,
+    CalibrationSpec,
+    GGUFSpec,
+    GPTQSpec,
+    Needs,
+    QATSpec,
+    QuantMethod,
+    QuantSpec,
+    RTNSpec,
+    SpecBase,
+    parse_spec,
+    quant_spec,
+    register_spec,
+    spec_type,
+)
 
 Runtime = Literal["transformers", "llama.cpp"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # --------------------------------------------------------------------------- specs
@@ -315,96 +332,6 @@ class EvaluateRequest(Strict):
 
 
 # --------------------------------------------------------------------------- quantization
-
-QuantMethod = Literal["gptq", "awq", "autoround", "rtn", "gguf", "qat"]
-
-
-class CalibrationSpec(Strict):
-    """Where calibration text comes from and how much of it."""
-
-    source: Literal["dataset", "synthetic"] = "dataset"
-    dataset_dir: str | None = Field(None, description="prepared dataset folder (default: SLM/datasets/shakespeare)")
-    mix: list[str] = Field(default_factory=list, description="more prepared datasets (folders, or names under SLM/datasets) "
-                           "whose calibration split is mixed in: the samples are shared equally, in turn, among "
-                           "dataset_dir and these (a Hessian fitted to one domain overfits it)")
-    split: str = "calibration"
-    samples: int = Field(128, ge=1)
-    seqlen: int = Field(512, ge=16)
-    seed: int = 0
-
-
-class QuantSpec(Strict):
-    """One quantization attempt, as the agents and the CLI describe it."""
-
-    method: QuantMethod
-    bits: int = Field(4, ge=2, le=8)
-    group_size: int = Field(128, description="weights per quantization group along the input dimension; -1 = per channel")
-    symmetric: bool = True
-    act_order: bool = False
-    gguf_type: str | None = Field(None, description="llama.cpp type for method 'gguf' (Q4_K_M, Q8_0, ...) or the export target")
-    gguf_tensor_types: dict[str, str] = Field(default_factory=dict, description="methods 'gguf', 'qat' and 'gptq': GGUF type per tensor-name pattern "
-                                              "(llama-quantize --tensor-type; first match wins, before layer types), e.g. {'attn_v': 'q8_0'}")
-    imatrix: bool = Field(False, description="method 'gguf': importance matrix from the calibration text (llama-imatrix)")
-    preset: str | None = Field(None, description="methods 'gguf', 'qat' and 'gptq': mixed-precision preset (quantloop.gguf.precision_map.PRESETS), e.g. arch-default")
-    layer_types: dict[str, str] = Field(default_factory=dict, description="methods 'gguf', 'qat' and 'gptq': GGUF type per layer type, e.g. {'attention': 'Q4_K'}")
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left unquantized")
-    overrides: dict[str, dict] = Field(default_factory=dict, description="per-module overrides: regex -> {bits, group_size, symmetric}")
-    min_size_ratio: float | None = Field(None, gt=1.0, description="methods 'gptq' (GGUF grid) and 'qat': the whole file at least this "
-                                          "many times smaller than the F16 GGUF; the least sensitive tensors (measured KLD per "
-                                          "byte) go below the planned types (Q3_K, Q2_K) until it fits")
-    qat_steps: int = Field(200, ge=0, description="method 'qat': optimizer steps of the KL distillation")
-    qat_init: Literal["teacher", "gptq"] = Field("teacher", description="method 'qat': start from the float weights rounded to "
-                                                 "the grid (teacher) or from act-order GPTQ on the same grid, whose block scales "
-                                                 "the training then learns (gptq)")
-    qat_max_minutes: float | None = Field(None, gt=0, description="method 'qat': time limit of the step up to its export (the "
-                                          "size budget's measurement, the GPTQ start and the training): the planned steps shrink "
-                                          "to fit, at the measured seconds per step")
-    seed: int = 0
-
-    def uses_calibration(self) -> bool:
-        return self.method in ("gptq", "awq", "autoround", "qat") or (self.method == "gguf" and self.imatrix)
-
-    def has_precision_map(self) -> bool:
-        """A mixed-precision map (preset or layer types) rather than one type for every linear."""
-        if self.method == "gguf":  # llama-quantize: --tensor-type alone keeps llama.cpp's own mix around it
-            return bool(self.preset or self.layer_types)
-        return self.method in ("qat", "gptq") and bool(self.preset or self.layer_types or self.gguf_tensor_types)
-
-    def gptq_on_gguf_grid(self) -> bool:
-        """GPTQ by quantloop's own solver on llama.cpp's grids (backends/gptq_gguf.py) rather than GPTQModel's
-        layouts: for a k-quant type or IQ4_NL, a precision map, or act-order into a GGUF type."""
-        return self.method == "gptq" and bool(self.preset or self.layer_types or self.gguf_tensor_types
-                                              or (self.gguf_type and self.act_order)
-                                              or (self.gguf_type or "").upper() in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"))
-
-    def _map_tag(self) -> str:
-        """The precision map in a tag: the preset, 'mix' for layer types alone, '<preset>-mix' for both."""
-        return f"{self.preset or 'mix'}{'-mix' if self.preset and (self.layer_types or self.gguf_tensor_types) else ''}"
-
-    def _budget_tag(self) -> str:
-        return f"-x{self.min_size_ratio:g}" if self.min_size_ratio else ""
-
-    def tag(self) -> str:
-        synth = "-synth" if self.uses_calibration() and self.calibration.source == "synthetic" else ""
-        if self.method == "gguf":
-            mix = f"-{self.preset}" if self.preset else ""
-            mix += "-mix" if self.gguf_tensor_types or self.layer_types else ""
-            if self.preset or self.layer_types:
-                return f"gguf{mix}{'-imat' if self.imatrix else ''}{synth}"
-            return f"gguf-{(self.gguf_type or 'q4_k_m').lower()}{'-imat' if self.imatrix else ''}{mix}{synth}"
-        if self.method == "qat":
-            target = self.gguf_type.lower() if self.gguf_type else f"w{self.bits}{'' if self.symmetric else '-asym'}"
-            if self.has_precision_map():
-                target = self._map_tag()
-            start = "-from-gptq" if self.qat_init == "gptq" else ""
-            limit = f"-m{self.qat_max_minutes:g}" if self.qat_max_minutes else ""
-            return f"qat-{target}-s{self.qat_steps}{limit}{start}{self._budget_tag()}{synth}"
-        if self.gptq_on_gguf_grid():
-            target = self._map_tag() if self.has_precision_map() else self.gguf_type.lower()
-            return f"gptq-{target}{'-act' if self.act_order else ''}{self._budget_tag()}{synth}"
-        g = "pc" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.method}-w{self.bits}{g}{'' if self.symmetric else '-asym'}{synth}"
 
 
 class QuantizationResult(Strict):
