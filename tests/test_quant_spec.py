@@ -161,5 +161,12 @@ def test_a_backend_with_its_own_settings_is_one_class_and_one_registry_line(tiny
             quant_spec(method="copy", imatrix=True)
     finally:
         unregister(backend)
-    with pytest.raises(ValidationError, match="does not match any of the expected tags"):
+    with pytest.raises(ValidationError, match="Input should be 'gguf', 'rtn', 'gptq', 'awq', 'autoround' or 'qat'"):
         quant_spec(method="copy")  # gone with its backend
+
+
+def test_every_registry_entry_loads_a_backend():
+    from quantloop.backends.base import REGISTRY, Backend, _load
+
+    for method, refs in REGISTRY.items():
+        assert refs and all(isinstance(_load(ref), Backend) for ref in refs), method
