@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from quantloop.backends.base import save_and_export  # noqa: E402
-from quantloop.backends.qat import QATConfig, run_qat  # noqa: E402
+from quantloop.backends.qat.backend import QATConfig, run_qat  # noqa: E402
 from quantloop.data.calibration import calibration_sequences  # noqa: E402
 from quantloop.fileio import write_json_atomic  # noqa: E402
 from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer  # noqa: E402

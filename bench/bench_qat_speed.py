@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quantloop.backends.qat import QATConfig, run_qat  # noqa: E402
+from quantloop.backends.qat.backend import QATConfig, run_qat  # noqa: E402
 from quantloop.data.calibration import calibration_sequences  # noqa: E402
 from quantloop.fileio import write_json_atomic  # noqa: E402
 from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer  # noqa: E402

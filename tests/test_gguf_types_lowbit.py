@@ -186,7 +186,7 @@ def test_gptq_export_reads_back_and_runs_in_llama_cpp(request, dataset_dir, tmp_
 def test_qat_export_reads_back_and_runs_in_llama_cpp(request, tmp_path, type_name):
     """QAT on the torch grid (IQ4_NL: the bit-exact fake quantizer, scales not learned; Q2_K: the frozen k-quant grid)
     exports blocks that hold the trained checkpoint bit for bit."""
-    from quantloop.backends.qat import QATConfig, qat_checkpoint
+    from quantloop.backends.qat.backend import QATConfig, qat_checkpoint
 
     model = request.getfixturevalue("wide_prepared" if gb.TYPES[type_name].kquant else "tiny_prepared")
     seqs = torch.randint(0, 49152, (8, 32), generator=torch.Generator().manual_seed(0)).tolist()

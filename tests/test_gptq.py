@@ -59,7 +59,7 @@ def calibration(dataset_dir, reference_dir) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, tiny_gptq_llama, calibration):
     """Quantize on first use, once per (method, bits, group, symmetric, run) for the whole module."""
-    from quantloop.backends.gptq import quantize_gptq
+    from quantloop.backends.gptq.gptqmodel import quantize_gptq
 
     root = tmp_path_factory.mktemp("gptq-out")
     done: dict = {}
@@ -109,7 +109,7 @@ def _check_against_kernel(model, out_dir: Path, names: list[str]) -> None:
     and activations to bfloat16, so agreement is to a few hundredths of a step, not bit-exact."""
     import torch
 
-    from quantloop.backends.gptq_checkpoint import read_quantized_linear
+    from quantloop.backends.gptq.checkpoint import read_quantized_linear
 
     modules = dict(model.model.named_modules())
     for name in names:
@@ -154,7 +154,7 @@ def _fake_checkpoint(root: Path, widths: dict[str, tuple[int, int]]) -> Path:
     ("gptq", 4, 128, False, "does not divide the input width 576"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, method, bits, group, act_order, problem):
-    from quantloop.backends.gptq import quantize_gptq
+    from quantloop.backends.gptq.gptqmodel import quantize_gptq
 
     hf = _fake_checkpoint(tmp_path / "m", {"model.layers.0.mlp.down_proj": (576, 576)})
     with pytest.raises(InputError, match=problem) as e:
@@ -164,7 +164,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, method, bits, group, act_ord
 
 
 def test_bad_calibration_and_output_refused(tmp_path):
-    from quantloop.backends.gptq import quantize_gptq
+    from quantloop.backends.gptq.gptqmodel import quantize_gptq
 
     hf = _fake_checkpoint(tmp_path / "m", {"model.layers.0.mlp.down_proj": (64, 64)})
     with pytest.raises(InputError, match="calibration is empty"):
@@ -188,7 +188,7 @@ def test_bad_calibration_and_output_refused(tmp_path):
 def test_gptq4_g32_reloads_runs_and_stays_within_a_step(tiny_gptq_llama, quantized, calibration):
     import torch
 
-    from quantloop.backends.gptq_checkpoint import (
+    from quantloop.backends.gptq.checkpoint import (
         gptq_logits,
         kernel_names,
         load_gptq,
@@ -225,7 +225,7 @@ def test_gptq4_g32_reloads_runs_and_stays_within_a_step(tiny_gptq_llama, quantiz
 def test_gptq4_asymmetric_zero_points_decode_like_the_kernel(tiny_gptq_llama, quantized):
     import torch
 
-    from quantloop.backends.gptq_checkpoint import (
+    from quantloop.backends.gptq.checkpoint import (
         load_gptq,
         quantized_linear_names,
         read_quantized_linear,
@@ -247,7 +247,7 @@ def test_gptq4_asymmetric_zero_points_decode_like_the_kernel(tiny_gptq_llama, qu
 def test_gptq8_reloads_and_stays_within_a_step(tiny_gptq_llama, quantized, calibration):
     import torch
 
-    from quantloop.backends.gptq_checkpoint import (
+    from quantloop.backends.gptq.checkpoint import (
         gptq_logits,
         load_gptq,
         quantized_linear_names,
@@ -273,7 +273,7 @@ def test_awq4_reloads_and_stays_within_a_step(tiny_gptq_llama, quantized, calibr
     norms, q/k (never clipped) land within half a step; clipped layers mostly within one."""
     import torch
 
-    from quantloop.backends.gptq_checkpoint import (
+    from quantloop.backends.gptq.checkpoint import (
         gptq_logits,
         kernel_names,
         load_gptq,
@@ -322,8 +322,8 @@ def test_same_seed_gives_identical_files(quantized, method, bits, symmetric):
 @needs_gptqmodel
 def test_act_order_permutes_groups(tmp_path, tiny_gptq_llama, calibration):
     """desc_act reorders columns: g_idx is no longer i // group, so no GGUF block type holds it."""
-    from quantloop.backends.gptq import quantize_gptq
-    from quantloop.backends.gptq_checkpoint import read_quantized_linear
+    from quantloop.backends.gptq.gptqmodel import quantize_gptq
+    from quantloop.backends.gptq.checkpoint import read_quantized_linear
 
     out = tmp_path / "ao"
     info = quantize_gptq(tiny_gptq_llama, out, 4, 32, True, True, calibration[:4], seed=0)

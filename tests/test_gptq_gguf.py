@@ -1,4 +1,4 @@
-"""GPTQ onto llama.cpp's exact grids (quantloop.backends.gptq_gguf): every block type, precision maps."""
+"""GPTQ onto llama.cpp's exact grids (quantloop.backends.gptq.grid): every block type, precision maps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import prepare_wide_llama
 
-from quantloop.backends.gptq_gguf import grid_gptq_weight
+from quantloop.backends.gptq.grid import grid_gptq_weight
 from quantloop.gguf import blocks as gb
 
 

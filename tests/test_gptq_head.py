@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import torch
 
-from quantloop.backends.gptq_gguf import grid_gptq_weight, gptq_gguf_model_, head_tensor_name
+from quantloop.backends.gptq.grid import grid_gptq_weight, gptq_gguf_model_, head_tensor_name
 from quantloop.gguf import blocks as gb
 from quantloop.gguf.torch_grid import linear_types
 from quantloop.models.checkpoints import load_hf_model

@@ -38,7 +38,7 @@ def on_grid_logits(ckpt, gguf_type):
     """Logits on transformers of the float model a GPTQModel checkpoint stands for (its blocks, AWQ's norms)."""
     import torch
 
-    from quantloop.backends.gptq_checkpoint import on_grid_model
+    from quantloop.backends.gptq.checkpoint import on_grid_model
 
     def logits(folder, ids):
         model, _ = on_grid_model(folder, ckpt, gguf_type)
@@ -50,7 +50,7 @@ def on_grid_logits(ckpt, gguf_type):
 def check_blocks_read_back(arch, ckpt, folder, gguf_path, gguf_type):
     """Every quantized linear of the checkpoint (Phi-3's defused gate and up joined back) is one tensor of the GGUF,
     of `gguf_type`; the unpermuted ones (up, down) dequantize to exactly the checkpoint's weights."""
-    from quantloop.backends.gptq_checkpoint import table_linears
+    from quantloop.backends.gptq.checkpoint import table_linears
     from quantloop.gguf.tensor_names import gguf_tensor_name
 
     entry = ARCH_OF[arch]

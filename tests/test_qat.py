@@ -1,4 +1,4 @@
-"""QAT onto the exact GGUF grid (quantloop.backends.qat) and LLM-QAT synthetic data (quantloop.data.synthetic)."""
+"""QAT onto the exact GGUF grid (quantloop.backends.qat.backend) and LLM-QAT synthetic data (quantloop.data.synthetic)."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import llama_cpp_logits_match, prepare_wide_llama
 
-from quantloop.backends.qat import QATConfig, kl_divergence
+from quantloop.backends.qat.backend import QATConfig, kl_divergence
 from quantloop.gguf.torch_grid import QAT_TYPES, check_grid_model, check_grid_type, fake_quantize_torch, ste_fake_quantize
 from quantloop.errors import InputError
 from quantloop.gguf import blocks as gb
@@ -159,7 +159,7 @@ def test_short_qat_lowers_kl_and_exports_exactly(tiny_prepared, tmp_path):
     from gguf import GGMLQuantizationType, GGUFReader
     from safetensors.numpy import load_file
 
-    from quantloop.backends.qat import qat_checkpoint
+    from quantloop.backends.qat.backend import qat_checkpoint
     from quantloop.data.synthetic import generate_synthetic
     from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
@@ -252,7 +252,7 @@ def test_kquant_qat_exports_llama_cpp_rounding_exactly(reference_dir, tmp_path):
     from safetensors.numpy import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from quantloop.backends.qat import qat_checkpoint
+    from quantloop.backends.qat.backend import qat_checkpoint
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantloop.backends.qat_teacher import TeacherCache, kl_divergence, topk_kl
+from quantloop.backends.qat.teacher import TeacherCache, kl_divergence, topk_kl
 from quantloop.errors import InputError
 from quantloop.gguf import blocks as gb
 from quantloop.gguf.learned_scales import LEVELS_TYPES, LearnedScales, type_levels
@@ -102,8 +102,8 @@ def _calibration(n=10, length=24):
 def test_tied_embedding_is_trained_on_its_grid_by_lookup_and_head(tiny_prepared):
     """Q4_0 embedding: the lookup and the head use one fake-quantized matrix (the head's gradient reaches rows of tokens
     absent from the batch), and after QAT the embedding's grid values differ from llama.cpp's rounding of the float ones."""
-    from quantloop.backends.qat import QATConfig, run_qat
-    from quantloop.backends.qat_grid import wrap_student
+    from quantloop.backends.qat.backend import QATConfig, run_qat
+    from quantloop.backends.qat.grid import wrap_student
     from quantloop.models.checkpoints import load_hf_model
 
     teacher = load_hf_model(tiny_prepared)
@@ -140,7 +140,7 @@ def test_learned_scale_qat_export_reads_back_bit_for_bit(tiny_prepared, tmp_path
     import gguf
 
     from quantloop.backends.base import save_and_export
-    from quantloop.backends.qat import QATConfig, run_qat
+    from quantloop.backends.qat.backend import QATConfig, run_qat
     from quantloop.models.checkpoints import load_hf_model
 
     teacher = load_hf_model(tiny_prepared)
@@ -165,8 +165,8 @@ def test_learned_scale_qat_export_reads_back_bit_for_bit(tiny_prepared, tmp_path
 
 def test_gptq_start_is_gptqs_solution(tiny_prepared):
     """init gptq with no steps: the student is act-order GPTQ's weights on the grid, and closer to the teacher than RTN."""
-    from quantloop.backends.gptq_gguf import gptq_gguf_model_
-    from quantloop.backends.qat import QATConfig, run_qat
+    from quantloop.backends.gptq.grid import gptq_gguf_model_
+    from quantloop.backends.qat.backend import QATConfig, run_qat
     from quantloop.gguf.torch_grid import linear_types
     from quantloop.models.checkpoints import load_hf_model
 
@@ -183,7 +183,7 @@ def test_gptq_start_is_gptqs_solution(tiny_prepared):
 
 
 def test_bad_qat_settings_are_input_errors(tiny_prepared):
-    from quantloop.backends.qat import QATConfig, run_qat
+    from quantloop.backends.qat.backend import QATConfig, run_qat
     from quantloop.models.checkpoints import load_hf_model
 
     teacher = load_hf_model(tiny_prepared)

@@ -1,4 +1,4 @@
-"""A QAT step that trains for the time it is given: the plan of steps shrinks to a deadline (qat_schedule), the
+"""A QAT step that trains for the time it is given: the plan of steps shrinks to a deadline (backends/qat/schedule.py), the
 trainer stops on time with its global fine-tune, and the agent gives a QAT step what is left of the run's budget."""
 
 import json
@@ -9,8 +9,8 @@ import pytest
 from quantloop.agents.policy import load_policy
 from quantloop.agents.quantization import with_run_time_limit
 from quantloop.agents.state import PipelineState
-from quantloop.backends.qat import QATConfig
-from quantloop.backends.qat_schedule import StepPlan, fit_counts
+from quantloop.backends.qat.backend import QATConfig
+from quantloop.backends.qat.schedule import StepPlan, fit_counts
 from quantloop.errors import InputError
 from quantloop.schemas import CalibrationSpec, quant_spec
 
@@ -65,7 +65,7 @@ def test_step_plan_past_its_deadline_takes_no_step():
 def test_qat_stops_at_its_time_limit_with_a_global_fine_tune(tiny_prepared, tmp_path):
     """1000 planned steps on the tiny model with an 8 s limit (room for its set-up on a busy machine): far fewer steps, the result says the limit cut
     them, the global fine-tune ran, and the call returns soon after the limit."""
-    from quantloop.backends.qat import qat_checkpoint
+    from quantloop.backends.qat.backend import qat_checkpoint
     from quantloop.data.synthetic import generate_synthetic
     from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
@@ -84,7 +84,7 @@ def test_qat_stops_at_its_time_limit_with_a_global_fine_tune(tiny_prepared, tmp_
 
 
 def test_a_bad_time_limit_is_an_input_error():
-    from quantloop.backends.qat_train import _check
+    from quantloop.backends.qat.train import _check
 
     with pytest.raises(InputError, match="time limit"):
         _check(QATConfig(max_s=0))
@@ -140,7 +140,7 @@ def test_the_time_limit_counts_from_the_start_of_the_step():
 def test_qat_that_ends_worse_than_it_started_keeps_its_starting_weights(tiny_prepared):
     """A learning rate far too large wrecks the student in a few steps: the trainer returns its starting weights
     (their held-out KL, not the wrecked one) and says so; a learning rate of 0 changes nothing and keeps nothing."""
-    from quantloop.backends.qat_train import run_qat
+    from quantloop.backends.qat.train import run_qat
     from quantloop.data.synthetic import generate_synthetic
     from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 

@@ -130,7 +130,7 @@ def test_gptq_g32_exports_its_codes_to_gguf_q4_0(tiny_prepared, tmp_path, datase
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from quantloop.backends.gptq_checkpoint import read_quantized_linear
+    from quantloop.backends.gptq.checkpoint import read_quantized_linear
 
     spec = quant_spec(method="gptq", bits=4, group_size=32, symmetric=True, gguf_type="Q4_0",
                      calibration=CalibrationSpec(dataset_dir=str(dataset_dir), samples=8, seqlen=128))

@@ -238,15 +238,15 @@ class GPTQSpec(BudgetedSpec):
     """GPTQ: GPTQModel's layouts, or quantloop's solver on llama.cpp's grids."""
 
     label: ClassVar[str] = "GPTQ"
-    backends: ClassVar[tuple[str, ...]] = ("quantloop.backends.gptq_gguf:GridGPTQBackend",
-                                           "quantloop.backends.gptq:GPTQModelBackend")
+    backends: ClassVar[tuple[str, ...]] = ("quantloop.backends.gptq.grid:GridGPTQBackend",
+                                           "quantloop.backends.gptq.gptqmodel:GPTQModelBackend")
     exact_export: ClassVar[bool] = True
 
     method: Literal["gptq"] = "gptq"
     act_order: bool = False
 
     def gptq_on_gguf_grid(self) -> bool:
-        """GPTQ by quantloop's own solver on llama.cpp's grids (backends/gptq_gguf.py) rather than GPTQModel's
+        """GPTQ by quantloop's own solver on llama.cpp's grids (backends/gptq/grid.py) rather than GPTQModel's
         layouts: for a k-quant type or IQ4_NL, a precision map, or act-order into a GGUF type."""
         return bool(self.has_precision_map() or (self.gguf_type and self.act_order)
                     or (self.gguf_type or "").upper() in GRID_ONLY_TYPES)
@@ -265,7 +265,7 @@ class AWQSpec(SpecBase):
     """AWQ by GPTQModel."""
 
     label: ClassVar[str] = "AWQ"
-    backends: ClassVar[tuple[str, ...]] = ("quantloop.backends.gptq:GPTQModelBackend",)
+    backends: ClassVar[tuple[str, ...]] = ("quantloop.backends.gptq.gptqmodel:GPTQModelBackend",)
     exact_export: ClassVar[bool] = True
 
     method: Literal["awq"] = "awq"
@@ -293,7 +293,7 @@ class QATSpec(BudgetedSpec):
     """Quantization-aware training by KL distillation onto a GGUF type's grid (or a precision map's grids)."""
 
     label: ClassVar[str] = "QAT"
-    backends: ClassVar[tuple[str, ...]] = ("quantloop.backends.qat:QATBackend",)
+    backends: ClassVar[tuple[str, ...]] = ("quantloop.backends.qat.backend:QATBackend",)
     gguf_only: ClassVar[bool] = True
     exact_export: ClassVar[bool] = True
     type_sets_bits: ClassVar[bool] = True

@@ -3,7 +3,7 @@
 The student is a copy of the float teacher whose q/k/v/o/gate/up/down linear weights (and a block-typed token
 embedding / output head) pass through a fake quantizer equal bit for bit to what the GGUF will hold
 (quantloop.gguf.torch_grid, quantloop.gguf.learned_scales), trained with a straight-through estimator by KL
-distillation (qat_train); at export the trained codes and scales are written block for block, so the GGUF holds
+distillation (train.py); at export the trained codes and scales are written block for block, so the GGUF holds
 exactly what was trained. K-quants: each layer's sub-block grid is frozen from llama.cpp's rounding when the layer
 is switched on; at the end every weight is re-rounded by llama.cpp's k-quant rounding (what the GGUF holds) and the
 final KL is measured after that. Rows a super-block does not divide use llama.cpp's fallback type, as llama-quantize
@@ -23,8 +23,8 @@ from quantloop.backends.base import (
     BackendOutput,
     save_and_export,
 )
-from quantloop.backends.qat_teacher import kl_divergence  # noqa: F401
-from quantloop.backends.qat_train import QATConfig, QATResult, run_qat  # noqa: F401
+from quantloop.backends.qat.teacher import kl_divergence  # noqa: F401
+from quantloop.backends.qat.train import QATConfig, QATResult, run_qat  # noqa: F401
 from quantloop.gguf.torch_grid import check_grid_model, check_grid_type
 
 

@@ -6,7 +6,7 @@ Protocol (seed 002): the student starts from the teacher's weights, or from GPTQ
 everything else; each decoder layer's sensitivity (KL with only that layer quantized) orders the layers,
 which are quantized in groups, a few steps per stage, a stage stopping early when the held-out KL rises past a
 threshold; then a global fine-tune. Loss: T^2 * KL(teacher || student) on the logits (the teacher's top-k
-log-probabilities cached per sequence, see qat_teacher). Level types (Q4_0, Q5_0, Q8_0, IQ4_NL) learn their
+log-probabilities cached per sequence, see teacher.py). Level types (Q4_0, Q5_0, Q8_0, IQ4_NL) learn their
 fp16 block scales (learned_scales) with their own learning rate.
 
 Public: QATConfig, QATResult, run_qat.
@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quantloop.backends.qat_grid import (
+from quantloop.backends.qat.grid import (
     GridWeight,
     grid_copy,
     unwrap_student,
     wrap_student,
 )
-from quantloop.backends.qat_schedule import StepPlan
-from quantloop.backends.qat_teacher import (
+from quantloop.backends.qat.schedule import StepPlan
+from quantloop.backends.qat.teacher import (
     TeacherCache,
     full_logits,
     kl_divergence,
@@ -74,7 +74,7 @@ class QATConfig:
     curve_every: int = 0  # record the held-out KL every this many steps (0: never)
     keep_better_start: bool = True  # training that ends above the starting held-out KL returns the starting weights
     snapshot_steps: tuple[int, ...] = ()  # steps after which run_qat's `snapshot` receives a copy of the student on its grid
-    max_s: float | None = None  # time limit of run_qat (start, sensitivity, training): the steps shrink to fit (qat_schedule)
+    max_s: float | None = None  # time limit of run_qat (start, sensitivity, training): the steps shrink to fit (schedule.py)
 
 
 @dataclass
@@ -139,7 +139,7 @@ def _gptq_start(student, train: torch.Tensor, cfg: QATConfig, gguf_type: str, em
     included) onto the embedding's grid when that is a block type, in place, as the GPTQ step does; returns GGUF
     name -> GPTQ's block scales for the level types (the others start from GPTQ's weights and take llama.cpp's
     grid of them)."""
-    from quantloop.backends.gptq_gguf import gptq_gguf_model_
+    from quantloop.backends.gptq.grid import gptq_gguf_model_
     from quantloop.gguf.block_types import FLOAT_TYPES
     from quantloop.gguf.learned_scales import has_levels
     from quantloop.gguf.torch_grid import linear_types

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 from quantloop.backends.base import Backend, BackendJob, BackendOutput
-from quantloop.backends.gptq_checkpoint import (
+from quantloop.backends.gptq.checkpoint import (
     DTYPES,
     safetensors_header,
     set_env,
@@ -303,7 +303,7 @@ class GPTQModelBackend(Backend):
                       method=spec.method, seed=spec.seed)
         if not spec.gguf_type:
             return BackendOutput(job.work_dir, spec.method)
-        from quantloop.backends.gptq_checkpoint import export_gptq_to_gguf
+        from quantloop.backends.gptq.checkpoint import export_gptq_to_gguf
 
         from quantloop.gguf.export import export_note
 
