@@ -114,3 +114,12 @@ def llama_cpp_logits_match(hf_dir: Path, gguf_path: Path, text: str, top1: float
     assert rel <= 0.01, rel
     assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= top1
     return rel
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_prepared, dataset_dir) -> Path:
+    """A finished `quantloop run` on the tiny model and its MLflow store (report_helpers.finished_run_folder), made once
+    per session for the run report and MLflow UI tests."""
+    from report_helpers import finished_run_folder
+
+    return finished_run_folder(tmp_path_factory.getbasetemp(), tiny_prepared, dataset_dir)

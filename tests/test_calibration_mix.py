@@ -8,6 +8,7 @@ from quantloop.data.calibration import calibration_sequences, calibration_text_f
 from quantloop.data.datasets import manifest_digest, prepare_text
 from quantloop.errors import InputError
 from quantloop.schemas import CalibrationSpec, ValidationRequest
+from spec_helpers import validation_spec
 
 
 class WordTokenizer:
@@ -90,7 +91,6 @@ def test_a_held_out_domain_is_measured_and_judged_by_the_perplexity_bar(tiny_cop
     that only the held-out text misses fails the whole validation."""
     from quantloop.backends.gguf import quantize_gguf
     from quantloop.tools.validate import validate_quantization
-    from tests.test_tools import _spec
 
     prepare_text(corpus(tmp_path / "words", "the function returns a list of values when called with arguments"), "words",
                  tmp_path / "datasets")
@@ -104,7 +104,7 @@ def test_a_held_out_domain_is_measured_and_judged_by_the_perplexity_bar(tiny_cop
     def run(max_ppl, name):
         return validate_quantization(ValidationRequest(
             quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(main), held_out=[str(held)], chunks=2,
-            spec_file=_spec(tmp_path / name, max_ppl=max_ppl), measure_speed=False, check_generation=False))
+            spec_file=validation_spec(tmp_path / name, max_ppl=max_ppl), measure_speed=False, check_generation=False))
 
     r = run(1000.0, "loose.yaml")
     assert set(r.held_out_kld) == {"plays"}

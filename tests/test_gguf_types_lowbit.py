@@ -6,11 +6,11 @@ import subprocess
 import gguf.quants
 import numpy as np
 import pytest
-import test_gguf_blocks as ref
 import torch
 from conftest import llama_cpp_logits_match
 from gguf import GGMLQuantizationType, GGUFReader
 
+import gguf_block_helpers as ref
 from quantloop.gguf import blocks as gb
 from quantloop.gguf.torch_grid import fake_quantize_torch, ste_fake_quantize
 

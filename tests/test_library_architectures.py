@@ -1,6 +1,6 @@
 """The library quantizers on every architecture in the table: GPTQ and AWQ through GPTQModel (exported code for code
 to Q4_0 / Q4_1) and AutoRound (which writes its GGUF itself), on tiny random Llama, Qwen2, Qwen3, Gemma 3 and Phi-3
-models 128 wide (k/v get 64 outputs, the multiple GPTQModel's AWQ needs), built as in test_model_architectures.
+models 128 wide (k/v get 64 outputs, the multiple GPTQModel's AWQ needs), built by model_arch_helpers.
 A step the table refuses on an architecture (AWQ on Gemma 3 and Phi-3) is refused in one line before any work."""
 
 import importlib.util
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from test_model_architectures import ARCHS, check_quantized_run, hf_logits, llama_logits, text_ids, tiny_models
 
 from cli_helpers import assert_one_line_error, run_cli
+from model_arch_helpers import ARCHS, check_quantized_run, hf_logits, llama_logits, text_ids, tiny_models
 from quantloop.gguf.architectures import ARCHITECTURES, of_config
 from quantloop.schemas import CalibrationSpec, quant_spec
 

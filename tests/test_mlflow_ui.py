@@ -12,14 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_report import RUN_ID, finished_run_folder, open_browser, tracking_uri  # noqa: E402  (tests/ is on sys.path)
 
 from quantloop.tracking import pipeline_run_records
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_prepared, dataset_dir) -> Path:
-    return finished_run_folder(tmp_path_factory.getbasetemp(), tiny_prepared, dataset_dir)
+from report_helpers import RUN_ID, open_browser, tracking_uri
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline_helpers import run_tiny, tiny_policy
 from quantloop.agents.policy import load_policy
 from quantloop.errors import InputError
 from quantloop.pipelines.cli import main as run_main
@@ -21,29 +22,6 @@ from quantloop.pipelines.run import run_pipeline
 from quantloop.schemas import quant_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_acceptance(path: Path, max_ppl_pct: float = 0.1, size_ratio: float = 1.0) -> Path:
-    """Measurement settings small enough for a 2-layer model; Q4_0 loses ~0.3 % PPL on it, Q8_0 ~0.01 %."""
-    path.write_text(yaml.safe_dump({
-        "acceptance": {"max_ppl_increase_pct": max_ppl_pct, "min_speedup": 1e-6,  # speed on a 2-layer model is noise; the criterion is exercised, not meaningful
-                       "min_size_ratio": {2: size_ratio, 4: size_ratio, 5: size_ratio, 8: size_ratio}, "no_generation_failures": False},
-        "eval": {"context": 64, "chunks": 2},
-        "speed": {"prompt_tokens": 8, "gen_tokens": 4, "repeats": 1},
-        "generation": {"prompts": ["Hello there"], "max_new_tokens": 4, "min_new_tokens": 1},
-    }))
-    return path
-
-
-def tiny_policy(tmp_path: Path, steps: list[dict], measure_speed: bool = True, **acceptance) -> Path:
-    tiny_acceptance(tmp_path / "acceptance.yaml", **acceptance)
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump({
-        "target": "cpu", "acceptance_spec": "acceptance.yaml",
-        "validation": {"chunks": 2, "measure_speed": measure_speed, "selection_chunks": 1},
-        "steps": {"cpu": steps},
-    }))
-    return path
 
 
 def gguf_step(name: str, gguf_type: str, bits: int) -> dict:
@@ -140,11 +118,6 @@ def test_unreachable_tracking_server_fails_before_any_work(tiny_prepared, datase
 
 
 # ------------------------------------------------------------------------- the loop, in process
-
-
-def run_tiny(tmp_path, model, dataset_dir, policy, run_id="r1", **kw):
-    return run_pipeline(model, policy, run_id=run_id, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", dataset_dir=dataset_dir,
-                        output_root=tmp_path / "quantized", state_db=tmp_path / "state.sqlite", **kw)
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline_helpers import run_tiny, tiny_policy
 from quantloop.agents.policy import load_policy
 from quantloop.errors import InputError
-from tests.test_pipeline import tiny_policy
 
 SEARCH_STEP = {"name": "searched", "kind": "search"}
 Q8_STEP = {"name": "int8", "spec": {"method": "gguf", "bits": 8, "gguf_type": "Q8_0"}}
@@ -138,8 +138,6 @@ def test_a_budget_below_every_member_skips_the_step_with_the_smallest_members_bi
 
 def test_a_run_validates_the_searched_map_accepts_it_and_resumes_without_redoing_it(finished_search, tiny_prepared, dataset_dir,
                                                                                   tmp_path):
-    from tests.test_pipeline import run_tiny
-
     result_json, front = finished_search
     policy = tiny_policy(tmp_path, [{**SEARCH_STEP, "search": {"result": str(result_json), "max_bpw": 16.0}}, Q8_STEP])
     state = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy)

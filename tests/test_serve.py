@@ -2,37 +2,16 @@
 calls on the tiny Llama, progress notifications, and every kind of bad call answered as a tool error."""
 
 import json
-import shutil
 from pathlib import Path
 
 import anyio
 import pytest
-import yaml
 from mcp import Client
 
 from quantloop.schemas import QuantizationResult, ValidationReport, ValidationRequest
 from quantloop.serve.mcp_server import build_server
 from quantloop.tools.catalog import TOOLS, QuantizeRequest
-
-
-def tiny_spec(path: Path) -> Path:
-    """Measurement settings small enough for a 2-layer model."""
-    path.write_text(yaml.safe_dump({
-        "acceptance": {"max_ppl_increase_pct": 2.0, "min_speedup": 1e-6, "min_size_ratio": {4: 1.0, 8: 1.0},
-                       "no_generation_failures": False},
-        "eval": {"context": 64, "chunks": 2},
-        "speed": {"prompt_tokens": 8, "gen_tokens": 4, "repeats": 1},
-        "generation": {"prompts": ["Hello there"], "max_new_tokens": 4, "min_new_tokens": 1},
-    }))
-    return path
-
-
-def make_root(root: Path, tiny_prepared: Path, dataset_dir: Path) -> Path:
-    """A data folder laid out like SLM/: the tiny model, the dataset and an acceptance spec."""
-    shutil.copytree(tiny_prepared, root / "models" / "checkpoints" / "tiny")
-    shutil.copytree(dataset_dir, root / "datasets" / "shakespeare")
-    tiny_spec(root / "acceptance.yaml")
-    return root
+from serve_helpers import make_root
 
 
 @pytest.fixture(scope="module")

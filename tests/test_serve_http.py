@@ -10,9 +10,9 @@ from pathlib import Path
 
 import anyio
 from mcp import Client
-from test_serve import make_root  # noqa: E402  (tests/ is on sys.path, as for cli_helpers)
 
 from quantloop.tools.catalog import TOOLS
+from serve_helpers import make_root
 
 ROOT = Path(__file__).resolve().parent.parent
 

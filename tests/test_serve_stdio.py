@@ -8,10 +8,10 @@ from pathlib import Path
 import anyio
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
-from test_serve import make_root  # noqa: E402  (tests/ is on sys.path, as for cli_helpers)
 
 from quantloop.schemas import ValidationReport
 from quantloop.tools.catalog import TOOLS
+from serve_helpers import make_root
 
 
 def test_validate_over_stdio_with_progress(tmp_path, tiny_prepared, dataset_dir):

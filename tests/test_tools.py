@@ -12,6 +12,7 @@ from quantloop.eval.session import perplexity, split_chunks
 from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import CompareRequest, EvaluateRequest, ValidationRequest
 from quantloop.tools import compare_outputs, evaluate_model, validate_quantization
+from spec_helpers import validation_spec
 
 
 def test_prepared_checkpoint_loads_offline_and_matches_its_gguf(tiny_prepared, dataset_dir):
@@ -143,26 +144,13 @@ def test_a_precision_map_is_judged_by_its_measured_bits(tiny_copy, dataset_dir, 
     assert nominal_bits(gguf_size(q4km), "Q4_K_M") == 4  # llama.cpp's named mixtures keep their name's width
 
 
-def _spec(path, max_ppl=2.0, min_speedup=1.5, chunks=2, max_chunks=None, repeats=3, max_repeats=None, threads=None):
-    import yaml
-
-    path.write_text(yaml.safe_dump({
-        "acceptance": {"max_ppl_increase_pct": max_ppl, "min_speedup": min_speedup, "min_size_ratio": {4: 1.0, 8: 1.0},
-                       "no_generation_failures": False},
-        "eval": {"context": 64, "chunks": chunks, "max_chunks": max_chunks},
-        "speed": {"prompt_tokens": 16, "gen_tokens": 16, "repeats": repeats, "max_repeats": max_repeats, "threads": threads},
-        "generation": {"prompts": ["Hello"], "max_new_tokens": 4, "min_new_tokens": 1},
-    }))
-    return str(path)
-
-
 def test_a_model_no_faster_than_its_baseline_fails_the_speed_bar(tiny_copy, dataset_dir, tmp_path):
     import shutil
 
     same = tmp_path / "same-f16.gguf"
     shutil.copyfile(tiny_copy / "tiny-f16.gguf", same)
     r = validate_quantization(ValidationRequest(quantized=str(same), baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
-                                                spec_file=_spec(tmp_path / "s.yaml", threads=3), nominal_bits=16, check_generation=False))
+                                                spec_file=validation_spec(tmp_path / "s.yaml", threads=3), nominal_bits=16, check_generation=False))
     # both sides ran with the spec's thread count, as llama-bench itself reports it (not QUANTLOOP_THREADS or the cores)
     assert r.speed_baseline.threads == r.speed_quantized.threads == 3
     speed = next(c for c in r.criteria if c.name == "speed")
@@ -174,11 +162,11 @@ def test_a_model_no_faster_than_its_baseline_fails_the_speed_bar(tiny_copy, data
 def test_a_perplexity_increase_within_its_noise_of_the_bar_is_measured_again(tiny_copy, dataset_dir, tmp_path):
     q = quantize_gguf(tiny_copy / "tiny-f16.gguf", tmp_path / "tiny-q4_0.gguf", "Q4_0")
     first = validate_quantization(ValidationRequest(quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
-                                                    spec_file=_spec(tmp_path / "a.yaml"), measure_speed=False, check_generation=False))
+                                                    spec_file=validation_spec(tmp_path / "a.yaml"), measure_speed=False, check_generation=False))
     assert first.kld.tokens == 2 * 31  # 2 chunks of 64, each scoring its second half
     bar = first.kld.ppl_increase_pct  # a bar exactly at the measured value: within the noise by construction
     again = validate_quantization(ValidationRequest(quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
-                                                    spec_file=_spec(tmp_path / "b.yaml", max_ppl=bar, max_chunks=8),
+                                                    spec_file=validation_spec(tmp_path / "b.yaml", max_ppl=bar, max_chunks=8),
                                                     measure_speed=False, check_generation=False))
     assert again.kld.tokens in (4 * 31, 8 * 31)  # doubled (twice at most: max_chunks 8) before the verdict
     ppl = next(c for c in again.criteria if c.name == "perplexity")
@@ -191,7 +179,7 @@ def test_a_bar_met_only_within_the_noise_is_not_shown_and_fails(tiny_copy, datas
 
     def ppl_criterion(max_ppl, name):
         r = validate_quantization(ValidationRequest(quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
-                                                    spec_file=_spec(tmp_path / name, max_ppl=max_ppl), measure_speed=False,
+                                                    spec_file=validation_spec(tmp_path / name, max_ppl=max_ppl), measure_speed=False,
                                                     check_generation=False))
         return r.kld, next(c for c in r.criteria if c.name == "perplexity")
 
