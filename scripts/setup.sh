@@ -29,7 +29,26 @@ TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-bench)
 
 stamp_value=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 stamp_file="$VENV/.quantloop-setup"
-tools_built() { for t in "${TOOLS[@]}"; do [[ -x "$LLAMA_BIN/$t" ]] || return 1; done; [[ -f "$LLAMA_BIN/libllama.so" ]]; }
+# A CPU may list AMX (amx_tile) while the kernel or hypervisor does not let a process run tile instructions: a
+# -march=native build then dies with SIGILL / SIGSEGV in llama.cpp's AMX weight repacking (Q4_0, Q8_0) on the first
+# decode. A 10-line probe runs one tile instruction; where it fails, llama.cpp is built without AMX.
+native_cflags() {
+  grep -qw amx_tile /proc/cpuinfo 2>/dev/null || return 0
+  local dir; dir=$(mktemp -d)
+  printf '%s\n' '#include <immintrin.h>' '#include <sys/syscall.h>' '#include <unistd.h>' \
+    'int main(void) {' '  if (syscall(SYS_arch_prctl, 0x1023, 18)) return 1;  /* ARCH_REQ_XCOMP_PERM, XTILEDATA */' \
+    '  unsigned char cfg[64] = {1}; cfg[16] = 4; cfg[48] = 1;  /* palette 1, tile 0: 1 row of 4 bytes */' \
+    '  _tile_loadconfig(cfg); _tile_zero(0); _tile_release(); return 0; }' > "$dir/amx.c"
+  if ! { cc -O1 -mamx-tile "$dir/amx.c" -o "$dir/amx" && "$dir/amx"; } >/dev/null 2>&1; then
+    echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  fi
+  rm -rf "$dir"
+}
+CFLAGS_NATIVE=$(native_cflags)
+tools_built() {
+  for t in "${TOOLS[@]}"; do [[ -x "$LLAMA_BIN/$t" ]] || return 1; done
+  [[ -f "$LLAMA_BIN/libllama.so" && "$(cat "$LLAMA_BUILD/.quantloop-cflags" 2>/dev/null)" == "$CFLAGS_NATIVE" ]]
+}
 if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp_value" && -f "$LLAMA_SRC/.complete" ]] && tools_built; then
   exit 0
 fi
@@ -65,12 +84,16 @@ if [[ ! -f "$LLAMA_SRC/.complete" ]]; then
 fi
 if ! tools_built; then
   step "compiling llama.cpp once: ${TOOLS[*]} and libllama (about 10 minutes on 2 cores; cached afterwards)"
+  [[ -n "$CFLAGS_NATIVE" ]] && log "  this CPU lists AMX but cannot run it: building without AMX ($CFLAGS_NATIVE)"
+  rm -f "$LLAMA_BUILD/CMakeCache.txt"
   generator=(); command -v ninja >/dev/null && generator=(-G Ninja)
   cmake -S "$LLAMA_SRC" -B "$LLAMA_BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    -DCMAKE_C_FLAGS="$CFLAGS_NATIVE" -DCMAKE_CXX_FLAGS="$CFLAGS_NATIVE" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON \
     > "$CACHE/llama-tools-build.log" 2>&1
   cmake --build "$LLAMA_BUILD" -j"$(nproc)" --target llama "${TOOLS[@]}" >> "$CACHE/llama-tools-build.log" 2>&1 \
     || { echo "[setup] llama.cpp build failed, see $CACHE/llama-tools-build.log"; exit 1; }
+  echo "$CFLAGS_NATIVE" > "$LLAMA_BUILD/.quantloop-cflags"
   took
 fi
 
