@@ -80,7 +80,7 @@ def test_maps_carry_the_importance_matrix_the_candidates_used(searched, tmp_path
     a, b = open(with_im.model_path, "rb").read(), open(without.model_path, "rb").read()
     extra = imatrix_extra_header(req.imatrix.model_dump(mode="json"), model)
     assert extra > 0 and len(a) == genome_bytes(mt, genome, extra) and len(b) == genome_bytes(mt, genome)
-    oa, ob = read_metadata(with_im.model_path)["data_offset"], read_metadata(without.model_path)["data_offset"]
+    oa, ob = read_metadata(with_im.model_path).data_offset, read_metadata(without.model_path).data_offset
     assert len(a) - oa == len(b) - ob and a[oa:] != b[ob:]
     assert b"quantize.imatrix.file" in a[:oa] and b"quantize.imatrix.file" not in b[:ob]
 
