@@ -109,7 +109,7 @@ class SpecBase(Strict):
     @classmethod
     def refusal(cls, name: str, value) -> tuple[str, str]:
         """(problem, fix) for a field of another method given to this one."""
-        method, label = get_args(cls.model_fields["method"].annotation)[0], cls.label
+        method, label = method_of(cls), cls.label
         owners, mapped = spoken(methods_with(name)), spoken(methods_with("layer_types"))
         messages = {
             "overrides": (f"{label} does not apply per-module 'overrides'",
