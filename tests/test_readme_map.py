@@ -117,6 +117,20 @@ def test_every_relative_link_points_at_a_file():
     assert not broken, "relative links to missing files:\n" + "\n".join(broken)
 
 
+SOURCE_PATH = re.compile(r"`((?:quantloop|backends|gguf|search|eval|tools|agents|pipelines|models|data|serve|report)/[\w/.-]*)`")
+
+
+def test_every_source_path_named_exists():
+    """A module that moves (backends/qat.py -> backends/qat/) cannot leave the README or docs/ naming its old path."""
+    missing = []
+    for md in markdown_files():
+        for named in SOURCE_PATH.findall(md.read_text(encoding="utf-8")):
+            rel = named if named.startswith("quantloop/") else f"quantloop/{named}"
+            if not (ROOT / rel.rstrip("/")).exists():
+                missing.append(f"{md.relative_to(ROOT)}: {named}")
+    assert not missing, "paths in the docs that do not exist:\n" + "\n".join(missing)
+
+
 def test_every_docs_page_is_linked_from_the_readme():
     pages = sorted(DOCS.glob("*.md"))
     assert pages, "docs/ has no pages"
