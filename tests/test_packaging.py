@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 from packaging.requirements import Requirement
 
+from quantloop.agents.quantization import unavailable_reason
 from quantloop.errors import OPTIONAL_IMPORTS, InputError, missing_extra, require_optional, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,14 +220,31 @@ def test_a_missing_optional_part_is_one_line_naming_its_extra(capsys):
     ("mcp", ["mcp", "mcp_types", "uvicorn"], ["mcp", "--root", "{tmp}"]),
     ("search", ["optuna", "pulp"], ["search-worker", "--storage", "{tmp}/search.journal", "--study", "s"]),
     ("postgres", ["psycopg2"], ["search-worker", "--storage", "postgresql+psycopg2://quantloop@127.0.0.1:9/none", "--study", "s"]),
+    # AutoRound runs in a child process: its backend's check names the extra before any work
+    ("autoround", ["auto_round"], ["quantize", "{model}", "--method", "autoround", "--type", "Q4_0", "--out", "{tmp}/out"]),
 ])
-def test_a_command_without_its_extra_says_which_to_install(tmp_path, extra, hidden, argv):
+def test_a_command_without_its_extra_says_which_to_install(request, tmp_path, extra, hidden, argv):
     """The command line as a base install runs it: the optional packages hidden (None in sys.modules makes their
     import fail as if they were not installed)."""
     code = ("import sys; sys.modules.update(dict.fromkeys(%r)); from quantloop.pipelines.cli import main; "
             "sys.exit(main(sys.argv[1:]))" % (hidden,))
-    r = subprocess.run([sys.executable, "-c", code, *(a.replace("{tmp}", str(tmp_path)) for a in argv)],
+    model = request.getfixturevalue("tiny_prepared") if "{model}" in argv else None
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(model)) for a in argv]
+    r = subprocess.run([sys.executable, "-c", code, *argv],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("quantloop: error: ")]  # beside a library's warnings
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"pip install 'quantloop[{extra}]'" in errors[0], errors[0]
+
+
+def test_a_policy_step_whose_quantizer_is_not_installed_is_skipped_naming_its_extra():
+    """The agent records such a step as skipped ('not available: ...') with the pip extra to install, whether the
+    import failed in this process or the backend's check found the library missing (AutoRound's child process)."""
+    imported = unavailable_reason(ModuleNotFoundError("No module named 'gptqmodel'", name="gptqmodel"))
+    assert imported.startswith("not available: ") and "pip install 'quantloop[gptq]'" in imported
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("importlib.util.find_spec", lambda name, *a: None)
+        with pytest.raises(InputError) as checked:
+            require_optional("auto_round")
+    assert "pip install 'quantloop[autoround]'" in unavailable_reason(checked.value)
+    assert unavailable_reason(RuntimeError("a crash inside an installed library")) is None

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
-from quantloop.errors import InputError, crash_line
+from quantloop.errors import InputError, crash_line, missing_extra
 from quantloop.fileio import write_text_atomic
 from quantloop.schemas import CompareRequest, QuantSpec, ValidationReport, ValidationRequest
 
@@ -42,8 +42,9 @@ def unavailable_reason(err: BaseException) -> str | None:
     """The one-line reason when the quantizer itself is not installed or not supported here, else None (a crash
     inside an installed library is a failure, not 'not available')."""
     if isinstance(err, ImportError) and (err.name or "").split(".")[0] in OPTIONAL_QUANTIZERS:
-        return f"not available: {err}"
-    if isinstance(err, InputError) and "not available" in err.problem:
+        extra = missing_extra(err)  # the pip extra that brings it, when it is one of quantloop's optional parts
+        return f"not available: {extra.line() if extra else err}"
+    if isinstance(err, InputError) and ("not available" in err.problem or "optional part" in err.problem):
         return f"not available: {err.line()}"
     return None
 

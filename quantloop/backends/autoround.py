@@ -34,7 +34,7 @@ from pathlib import Path
 
 from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.data.calibration import check_calibration
-from quantloop.errors import InputError
+from quantloop.errors import InputError, require_optional
 from quantloop.fileio import read_hf_config
 
 AUTOROUND_VERSION = "0.15.1"
@@ -198,6 +198,7 @@ class AutoRoundBackend(Backend):
     libraries = ("auto-round", "torch", "transformers")
 
     def check(self, job: BackendJob) -> None:
+        require_optional("auto_round")  # AutoRound runs in a child process: say which extra is missing here
         if not job.spec.gguf_type:
             raise InputError(None, "AutoRound is offered with GGUF output only", "set a GGUF type, e.g. --type Q4_K_M")
 
