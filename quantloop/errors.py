@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
+import importlib.util
+import os
+import shutil
+import sys
 from pathlib import Path
 
 
@@ -52,9 +57,6 @@ def os_error_line(e: OSError) -> str:
 def disk_full(folder: str | Path, needed_bytes: int) -> OSError | None:
     """An ENOSPC OSError naming `folder` when it has less than `needed_bytes` free, else None (for tools that fail
     without saying why, such as llama.cpp writing a GGUF)."""
-    import os
-    import shutil
-
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -97,8 +99,6 @@ def missing_extra(e: BaseException) -> InputError | None:
 def require_optional(module: str) -> None:
     """Raise missing_extra's InputError when the optional `module` is not installed: for code that imports it only
     in a child process, whose failure would otherwise come back as that process's last line."""
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         err = ModuleNotFoundError(f"No module named '{module}'", name=module)
         raise missing_extra(err) or err
@@ -108,8 +108,6 @@ def run_command(args) -> int:
     """Run a parsed command (args.func): bad input or a failure of the machine is one line on stderr and exit
     code 2, and so is an optional part that is not installed (the line names its pip extra); Ctrl-C exit code 130.
     Every entry point (quantloop, python -m quantloop.serve, ...) goes through it."""
-    import sys
-
     try:
         return args.func(args)
     except InputError as e:
@@ -130,9 +128,6 @@ def run_command(args) -> int:
 
 def single_command_main(add_command, name: str, argv: list[str] | None = None) -> int:
     """`python -m <package> ...` for one subcommand: the same parser and errors as `quantloop <name> ...`."""
-    import argparse
-    import sys
-
     parser = argparse.ArgumentParser(prog="quantloop")
     add_command(parser.add_subparsers(dest="command", required=True))
     return run_command(parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)]))

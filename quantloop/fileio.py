@@ -4,6 +4,7 @@ and the cheap integrity checks of a transformers checkpoint folder."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -65,8 +66,6 @@ def atomic_output(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -96,7 +95,7 @@ def check_hf_dir(hf_dir: Path) -> None:
     weights = sorted(hf_dir.glob("*.safetensors")) + sorted(hf_dir.glob("pytorch_model*.bin"))
     if not weights:
         raise InputError(hf_dir, "no weights (*.safetensors or pytorch_model*.bin)", "save the model with save_pretrained")
-    from safetensors import safe_open
+    from safetensors import safe_open  # deferred: safetensors
 
     for w in weights:
         if w.suffix != ".safetensors":

@@ -8,10 +8,11 @@ resumed run adds to its own records instead of duplicating them.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import sqlite3
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -87,7 +88,7 @@ def flatten(data, prefix: str = "") -> dict[str, object]:
 
 class Tracker:
     def __init__(self, uri: str):
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # deferred: mlflow
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -182,9 +183,7 @@ class Tracker:
             self.client.log_artifact(rid, str(p), "model")
 
     def _log(self, rid: str, params: dict | None = None, metrics: dict | None = None) -> None:
-        import time
-
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param  # deferred: mlflow
 
         now = int(time.time() * 1000)
         p = [Param(k[:250], v[:6000]) for k, v in (params or {}).items()]
@@ -199,7 +198,7 @@ class Tracker:
 
     def register(self, name: str, attempt_run_id: str, model_path: str, description: str, tags: dict[str, str]) -> str:
         """Register the accepted model; returns 'name/version'. Idempotent per attempt run."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # deferred: mlflow
 
         try:
             self.client.create_registered_model(name, description="quantized models accepted by quantloop")
@@ -227,7 +226,7 @@ def _run_record(run) -> dict:
 def pipeline_run_records(uri: str, run_id: str) -> dict:
     """The MLflow records of pipeline run `run_id`: {'parent': record, 'attempts': [record, ...]} (attempts in order),
     each record {run_id, status, start_ms, tags, params, metrics}. Opens an existing store only; never creates one."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred: mlflow
 
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
@@ -246,7 +245,7 @@ def pipeline_run_records(uri: str, run_id: str) -> dict:
 def read_artifact_text(uri: str, mlflow_run_id: str, path: str) -> str | None:
     """The text of one artifact of a run, or None when the run has no such artifact."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred: mlflow
 
     client = MlflowClient(tracking_uri=uri)
     parent = str(Path(path).parent) if "/" in path else None
@@ -258,7 +257,7 @@ def read_artifact_text(uri: str, mlflow_run_id: str, path: str) -> str | None:
 
 def log_report_artifacts(uri: str, mlflow_run_id: str, files: list[Path], artifact_path: str = "report") -> None:
     """Attach the run report (HTML, Markdown, plot PNGs) to a run; a file logged again replaces the earlier copy."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred: mlflow
 
     client = MlflowClient(tracking_uri=uri)
     for f in files:

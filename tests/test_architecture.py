@@ -90,3 +90,37 @@ def test_a_backend_refusal_or_broken_promise_leaves_nothing(toy, tiny_prepared, 
     with pytest.raises(RuntimeError, match="planned Q4_0"):  # the file holds F16 where the toy promised Q4_0
         quantize_model(tiny_prepared, tmp_path / "five", quant_spec(method="rtn", seed=4242, bits=5, calibration=calib))
     assert list(tmp_path.iterdir()) == []
+
+
+def _import_placement():
+    spec = importlib.util.spec_from_file_location("import_placement", ROOT / "scripts" / "import_placement.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_function_level_import_only_defers_a_heavy_library_and_says_which():
+    assert _import_placement().misplaced() == []
+
+
+def test_the_placement_checker_finds_light_and_unexplained_function_imports(tmp_path):
+    pkg = tmp_path / "quantloop"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "light.py").write_text("import json\n")
+    (pkg / "trainer.py").write_text("import torch\n")
+    (pkg / "user.py").write_text(
+        "def f():\n"
+        "    import json\n"
+        "    from quantloop.light import json as j\n"
+        "    from quantloop.trainer import torch  # deferred: torch\n"
+        "    from quantloop.trainer import torch as t\n"
+        "    return __import__('os')\n")
+    ip = _import_placement()
+    ip.ROOT = pkg
+    found = ip.misplaced()
+    assert len(found) == 4, found
+    assert "user.py:2: `import json` defers no heavy library" in found[0]
+    assert "user.py:3:" in found[1] and "defers no heavy library" in found[1]
+    assert "user.py:5:" in found[2] and "defers torch: say so" in found[2]
+    assert "__import__()" in found[3]

@@ -7,10 +7,22 @@ import shutil
 import time
 from pathlib import Path
 
+from quantloop.agents.search_step import search_attempt
 from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
 from quantloop.errors import InputError, crash_line, missing_extra
+from quantloop.eval.size import gguf_size, judged_bits
 from quantloop.fileio import write_text_atomic
+from quantloop.gguf.export import planned_export_types
+from quantloop.gguf.llamacpp import nominal_bits_of
+from quantloop.gguf.precision_map import estimate_bytes
+from quantloop.gguf.tensor_names import GGUF_LINEAR
+from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import CompareRequest, QuantSpec, ValidationReport, ValidationRequest
+from quantloop.search.budget import plan_without_measuring
+from quantloop.specs import load_quality_spec
+from quantloop.tools.compare import compare_outputs
+from quantloop.tools.quantize import quantize_model
+from quantloop.tools.validate import required_size_ratio, validate_quantization
 
 GENERATIONS_NAME = "generations.md"
 
@@ -82,8 +94,6 @@ class QuantizationAgent:
         return {"attempts": state.attempts + [self.attempt(planned, state)], "next_index": state.next_index + 1}
 
     def attempt(self, planned: PlannedAttempt, state: PipelineState) -> Attempt:
-        from quantloop.tools.quantize import quantize_model
-
         if planned.skip:
             return skipped(planned, planned.skip)
         if planned.kind == "next_checkpoint":
@@ -97,7 +107,6 @@ class QuantizationAgent:
             return skipped(planned, f"the step takes about {planned.expect_minutes:g} min and the run has spent "
                                     f"{state.active_s / 60:.1f} of its {budget:g} min; raise max_minutes in the policy to try it")
         if planned.kind == "search" and planned.spec is None:  # the searched map becomes the spec, then as a quantize step
-            from quantloop.agents.search_step import search_attempt
             return search_attempt(planned, state, self.attempt, skipped)
         if state.policy.validation.precheck_size and (too_big := self.size_precheck(planned, state)):
             return skipped(planned, too_big)
@@ -142,14 +151,6 @@ class QuantizationAgent:
         """Why a step with a size budget cannot pass on size, when its file is known before any work: the budget
         leaves no choice (every tensor that can go lower must go to its smallest type), and the file that writes is
         judged at the bit width of its linear weights (rounded down), whose bar it misses; or nothing fits at all."""
-        from quantloop.eval.size import judged_bits
-        from quantloop.gguf.precision_map import estimate_bytes
-        from quantloop.gguf.tensor_names import GGUF_LINEAR
-        from quantloop.models.checkpoints import resolve_model
-        from quantloop.search.budget import plan_without_measuring
-        from quantloop.specs import load_quality_spec
-        from quantloop.tools.validate import required_size_ratio
-
         base = resolve_model(planned.checkpoint)
         if base.gguf is None:
             return None
@@ -177,14 +178,6 @@ class QuantizationAgent:
         Exact GGUF exports (GPTQ, RTN, AWQ, QAT with a gguf_type) write a layout fixed by the type alone, so
         mixed_precision.estimate_bytes gives their size exactly; an optimizer changes codes, never bytes.
         llama-quantize's own mixtures (Q4_K_M, ...) are decided inside llama.cpp and are not predicted."""
-        from quantloop.eval.size import gguf_size
-        from quantloop.gguf.export import planned_export_types
-        from quantloop.gguf.llamacpp import nominal_bits_of
-        from quantloop.gguf.precision_map import estimate_bytes
-        from quantloop.models.checkpoints import resolve_model
-        from quantloop.specs import load_quality_spec
-        from quantloop.tools.validate import required_size_ratio
-
         spec = planned.spec
         if spec.size_budget() and spec.gguf_type:
             return QuantizationAgent.budget_precheck(planned, state)
@@ -207,8 +200,6 @@ class QuantizationAgent:
 
     @staticmethod
     def validate(model_path: str, planned: PlannedAttempt, state: PipelineState) -> ValidationReport:
-        from quantloop.tools.validate import validate_quantization
-
         v = state.policy.validation
         return validate_quantization(ValidationRequest(
             quantized=model_path, baseline=planned.checkpoint,
@@ -223,8 +214,6 @@ class QuantizationAgent:
     def compare(model_path: str, planned: PlannedAttempt, state: PipelineState) -> str | None:
         if not state.policy.validation.compare_generations:
             return None
-        from quantloop.specs import load_quality_spec
-        from quantloop.tools.compare import compare_outputs
 
         quality = load_quality_spec(state.acceptance_spec)
         r = compare_outputs(CompareRequest(model_a=planned.checkpoint, model_b=model_path, spec_file=state.acceptance_spec,

@@ -17,8 +17,24 @@ from typing import Callable, Literal
 
 from pydantic import Field
 
+from quantloop.data.datasets import prepared_dataset_dirs
 from quantloop.errors import InputError, crash_line
+from quantloop.gguf.llamacpp import read_metadata
+from quantloop.models.checkpoints import resolve_model
+from quantloop.paths import PROJECT_ROOT
 from quantloop.schemas import Strict
+from quantloop.search.schemas import SearchRequest, SearchResult, TextSpec
+from quantloop.search.study import open_storage, study_exists
+from quantloop.search.tensors import model_tensors
+from quantloop.specs import load_quality_spec
+from quantloop.tools.search import (
+    best_precision_map_for_budget,
+    imatrix_calibration,
+    member_kld,
+    member_spec,
+    search_mixed_precision,
+)
+from quantloop.tools.validate import required_size_ratio
 
 SEARCH_STUDY = "policy-search"
 RESULT_NAME = "search_result.json"
@@ -61,11 +77,6 @@ def budget_bpw(settings: SearchStep, acceptance_spec: str | Path, checkpoint: st
     at 3.5x, not 16 / 3.5)."""
     if settings.max_bpw is not None:
         return settings.max_bpw
-    from quantloop.gguf.llamacpp import read_metadata
-    from quantloop.models.checkpoints import resolve_model
-    from quantloop.search.tensors import model_tensors
-    from quantloop.specs import load_quality_spec
-    from quantloop.tools.validate import required_size_ratio
 
     gguf = resolve_model(checkpoint).gguf
     if gguf is None:
@@ -77,19 +88,12 @@ def budget_bpw(settings: SearchStep, acceptance_spec: str | Path, checkpoint: st
 
 def existing_result(settings: SearchStep) -> Path | None:
     """The step's result file where it exists (relative: the working folder first, then the repository root)."""
-    from quantloop.paths import PROJECT_ROOT
-
     if settings.result is None:
         return None
     return next((p for p in (Path(settings.result), PROJECT_ROOT / settings.result) if p.is_file()), None)
 
 
 def search_request(settings: SearchStep, checkpoint: str, dataset_dir: str, budget: float, out_dir: Path):
-    from quantloop.data.datasets import prepared_dataset_dirs
-    from quantloop.search.schemas import SearchRequest, TextSpec
-    from quantloop.search.study import open_storage, study_exists
-    from quantloop.tools.search import imatrix_calibration
-
     dirs = prepared_dataset_dirs(settings.text) if settings.text else [Path(dataset_dir)]
 
     def texts(split: str) -> list[TextSpec]:
@@ -117,15 +121,12 @@ def finished_search(settings: SearchStep, planned, dataset_dir: str, budget: flo
     own = out_dir / RESULT_NAME
     missing = f"{settings.result} not found: " if settings.result else ""
     if not own.is_file():
-        from quantloop.tools.search import search_mixed_precision
 
         own = Path(search_mixed_precision(search_request(settings, planned.checkpoint, dataset_dir, budget, out_dir)).result_json)
     return own, f"{missing}searched {settings.trials} trials, result {own}"
 
 
 def no_fit_reason(result_json: Path, budget: float, max_kld: float | None) -> str:
-    from quantloop.search.schemas import SearchResult
-
     front = SearchResult.model_validate_json(result_json.read_text()).front
     kld = f" and a mean KLD of at most {max_kld:g}" if max_kld is not None else ""
     if not front:
@@ -136,8 +137,6 @@ def no_fit_reason(result_json: Path, budget: float, max_kld: float | None) -> st
 
 
 def member_note(member, found: str) -> str:
-    from quantloop.tools.search import member_kld
-
     kld = member_kld(member)
     return (f"front member trial {member.trial} ({member.origin}, {member.measured.bits_per_weight:.3f} bits per weight, "
             f"mean KLD {kld:.4f}), map {member.map_yaml}; {found}")
@@ -155,8 +154,6 @@ def search_attempt(planned, state, quantize: Callable, skip: Callable):
     from the step's result, or from a short search run now, and quantize to it with `quantize` (the QuantizationAgent's
     attempt, given the planned attempt with the map as its spec), or `skip` it with the reason. The note names the
     front member. (The agent passes both in: this module is imported by policy.py and imports no agent.)"""
-    from quantloop.tools.search import best_precision_map_for_budget, member_spec
-
     settings = search_settings(state.policy, planned.step)
     t0 = time.perf_counter()
     try:

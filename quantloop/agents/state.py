@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+import quantloop.agents.policy as policy_mod
+import quantloop.schemas as schemas_mod
 from quantloop.agents.policy import Policy, StepKind, Target
 from quantloop.schemas import (
     CriterionResult,
@@ -101,13 +105,8 @@ class PipelineState(BaseModel):
 
 def serialisable_types() -> list[tuple[str, str]]:
     """(module, class) of every pydantic model the checkpointer may store, for LangGraph's msgpack allowlist."""
-    import inspect
-
-    import quantloop.agents.policy as policy_mod
-    import quantloop.schemas as schemas_mod
-
     out = []
-    for mod in (schemas_mod, policy_mod, __import__(__name__, fromlist=["_"])):
+    for mod in (schemas_mod, policy_mod, sys.modules[__name__]):
         for name, obj in vars(mod).items():
             if inspect.isclass(obj) and issubclass(obj, BaseModel) and obj.__module__ == mod.__name__:
                 out.append((mod.__name__, name))

@@ -28,14 +28,21 @@ Calibration is always the caller's token ids, handed to AutoRound as a list of
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
 
 from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.data.calibration import check_calibration
 from quantloop.errors import InputError, require_optional
 from quantloop.fileio import read_hf_config
+from quantloop.gguf.llamacpp import source_dir
 
 AUTOROUND_VERSION = "0.15.1"
 # Sign-gradient iterations: 0 (optimized RTN + importance matrix) for GGUF, AutoRound's default otherwise.
@@ -149,12 +156,9 @@ def quantize_autoround(hf_dir: Path, out_dir: Path, spec, calibration: list[list
 
 def run_autoround(job: dict) -> None:
     """One AutoRound quantize_and_save into job["stage"], seeded (job: see quantize_autoround and run_in_child)."""
-    import random
-
-    import numpy as np
-    import torch
-    from auto_round import AutoRound
-    from transformers import AutoTokenizer
+    import torch  # deferred: torch
+    from auto_round import AutoRound  # deferred: auto_round
+    from transformers import AutoTokenizer  # deferred: transformers
 
     seed, calib = job["seed"], job["calibration"]
     device = job["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,12 +178,6 @@ def run_in_child(job: dict) -> None:
     imports llama.cpp conversion modules (its own copy) that need a gguf-py as new as theirs: under PyPI's gguf
     0.19 its qwen and gemma modules fail to import (gguf.MODEL_ARCH.DFLASH, GEMMA4_ASSISTANT), which refused
     Qwen2, Qwen3 and Gemma 3. The bundled llama.cpp's gguf-py is the one quantloop's own converter runs with."""
-    import json
-    import subprocess
-    import sys
-
-    from quantloop.gguf.llamacpp import source_dir
-
     job_file = Path(job["stage"]).parent / ".autoround-job.json"
     job_file.write_text(json.dumps(job))
     path = os.pathsep.join(p for p in (str(source_dir() / "gguf-py"), os.environ.get("PYTHONPATH")) if p)

@@ -19,12 +19,16 @@ SpecBase subclass, and register(Backend()).
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from quantloop.data.calibration import calibration_sequences, calibration_text_file
 from quantloop.errors import InputError
+from quantloop.gguf.export import export_hf_to_gguf
+from quantloop.models.checkpoints import load_hf_tokenizer, save_tokenizer
 from quantloop.schemas.quant_spec import SPEC_MODELS, Needs, SpecBase, method_of, register_spec, unregister_spec
 
 if TYPE_CHECKING:
@@ -130,13 +134,10 @@ def backend_for(spec: SpecBase) -> Backend:
 def calibration_for(needs: Needs, spec: SpecBase, model: ResolvedModel, work_dir: Path) -> tuple[list[list[int]] | None, Path | None, str | None]:
     """(token sequences, text file, manifest digest) of the calibration data a backend needs, loaded once."""
     if needs.calibration == "sequences":
-        from quantloop.data.calibration import calibration_sequences
-        from quantloop.models.checkpoints import load_hf_tokenizer
 
         seqs, digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir), model.hf_dir)
         return seqs, None, digest
     if needs.calibration == "text_file":
-        from quantloop.data.calibration import calibration_text_file
 
         path, digest = calibration_text_file(spec.calibration, model.hf_dir, work_dir)
         return None, path, digest
@@ -156,11 +157,6 @@ def save_and_export(model, hf_dir: Path, out_dir: Path, result_name: str, result
     """The end of a torch quantizer (QAT, GPTQ on the grid): save the float checkpoint whose weights sit on the grid and
     its tokenizer into out_dir, export it with the quantizer's blocks, and write `result` plus the export's counts to
     out_dir/result_name. Returns the GGUF."""
-    import json
-
-    from quantloop.gguf.export import export_hf_to_gguf
-    from quantloop.models.checkpoints import save_tokenizer
-
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu").float().save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(hf_dir, out_dir)

@@ -4,28 +4,30 @@ library inside llama-cpp-python, on an F16/F32 GGUF."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import subprocess
 from pathlib import Path
+
+from gguf import LlamaFileType
 
 from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.errors import InputError, disk_full
 from quantloop.eval.runtimes import default_threads
-from quantloop.gguf.llamacpp import check_gguf_file, fallback_summary, stderr_to, tool
+from quantloop.gguf.llamacpp import check_gguf_file, fallback_summary, llama_cpp_version, stderr_to, tool
+from quantloop.gguf.precision_map import plan_mixed_file
+from quantloop.paths import CACHE_DIR
 
 LOG_NAME = "llama-quantize.log"  # llama.cpp's output while quantizing, kept beside the file it wrote
 
 
 def gguf_types() -> list[str]:
     """Every llama.cpp file type name ('Q4_K_M', 'Q8_0', ...) this gguf-py knows."""
-    from gguf import LlamaFileType
-
     return [t.name.removeprefix("MOSTLY_") for t in LlamaFileType if t.name.startswith("MOSTLY_") and "GUESSED" not in t.name]
 
 
 def _run(cmd: list[str], what: str, where: Path, log: Path | None = None, needed: int = 0) -> None:
     """Run a llama.cpp tool; its output goes to `log`; a failure is one line (ENOSPC when the disk is full)."""
-    import subprocess
-
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if log is not None:
         with open(log, "a") as f:
@@ -54,11 +56,6 @@ def cached_imatrix(model_gguf: Path, text_file: Path, chunks: int, context: int)
     """The importance matrix of `model_gguf` over `text_file`, computed once: kept under the cache folder, keyed
     by the model file, the text's bytes, the windows and the llama.cpp version (a search quantizes dozens of
     candidates with the same matrix; an equal request reuses it)."""
-    import hashlib
-
-    from quantloop.gguf.llamacpp import llama_cpp_version
-    from quantloop.paths import CACHE_DIR
-
     st = model_gguf.stat()
     h = hashlib.sha256(f"{model_gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{chunks}x{context}:{llama_cpp_version()}".encode())
     h.update(text_file.read_bytes())
@@ -95,8 +92,7 @@ def quantize_gguf_tool(src: Path, dst: Path, type_name: str, imatrix: Path | Non
 def quantize_gguf(src: str | Path, dst: str | Path, type_name: str, threads: int | None = None) -> Path:
     """Quantize `src` to `type_name` with the llama.cpp library in llama-cpp-python (no tools needed);
     written to a temporary file and renamed to `dst`."""
-    import llama_cpp
-    from gguf import LlamaFileType
+    import llama_cpp  # deferred: llama_cpp
 
     src, dst = check_gguf_file(src), Path(dst)
     key = "MOSTLY_" + type_name.upper()
@@ -131,8 +127,6 @@ class LlamaCppBackend(Backend):
     libraries = ("llama_cpp_python",)
 
     def quantize(self, job: BackendJob) -> BackendOutput:
-        from quantloop.gguf.precision_map import plan_mixed_file
-
         spec, src = job.spec, job.model.gguf
         gguf_type = (spec.gguf_type or "Q4_K_M").upper()
         dst = job.work_dir / job.gguf_name(spec.tag().removeprefix("gguf-"))

@@ -23,8 +23,10 @@ import torch
 
 from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.errors import InputError
+from quantloop.gguf import blocks as gb
 from quantloop.gguf.export import export_exact_gguf, export_note
-from quantloop.gguf.tensor_names import linear_modules
+from quantloop.gguf.tensor_names import gguf_tensor_name, linear_modules
+from quantloop.models.checkpoints import load_hf_model, save_tokenizer
 
 
 def check_rtn_settings(width: int, bits: int, group_size: int, where: str | None = None) -> None:
@@ -70,9 +72,6 @@ def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bo
 def rtn_quantize_model_(model, bits: int, group_size: int, symmetric: bool, gguf_type: str | None = None) -> dict:
     """Fake-quantize every q/k/v/o/gate/up/down linear weight in place. Returns the module names it changed, or,
     with a block-32 `gguf_type` (group 32), the blocks the GGUF holds: GGUF name -> (type, QuantBlocks)."""
-    from quantloop.gguf import blocks as gb
-    from quantloop.gguf.tensor_names import gguf_tensor_name
-
     linears = linear_modules(model)
     if not linears:
         raise InputError(None, "model has no q/k/v/o/gate/up/down_proj linear layers", "RTN supports Llama-style models")
@@ -96,8 +95,6 @@ def rtn_quantize_model_(model, bits: int, group_size: int, symmetric: bool, gguf
 def quantize_rtn_checkpoint(hf_dir, out_dir, spec) -> Path:
     """RTN of a float checkpoint into out_dir: a float32 transformers checkpoint whose
     linear weights lie on the RTN grid (dense: it runs at float speed on transformers)."""
-    from quantloop.models.checkpoints import load_hf_model, save_tokenizer
-
     model = load_hf_model(Path(hf_dir))
     torch.manual_seed(spec.seed)
     blocks = rtn_quantize_model_(model, spec.bits, spec.group_size, spec.symmetric, (spec.gguf_type or "").upper() or None)

@@ -9,20 +9,27 @@ cached under ~/.cache/quantloop/synthetic; the sha256 of the token ids identifie
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from quantloop.data.datasets import dataset_dir_or_default, manifest_digest, named_dataset_dir, read_split
+import numpy as np
+
+from quantloop.data.datasets import (
+    dataset_dir_or_default,
+    load_manifest,
+    manifest_digest,
+    named_dataset_dir,
+    read_split,
+)
+from quantloop.data.synthetic import _ids_sha256, cached_synthetic
 from quantloop.errors import InputError
+from quantloop.models.checkpoints import load_hf_tokenizer
+from quantloop.paths import CACHE_DIR
 from quantloop.schemas import CalibrationSpec
 
 
 def synthetic_sequences(spec: CalibrationSpec, model_dir: Path | None) -> tuple[list[list[int]], str]:
     """`spec.samples` sequences the float checkpoint `model_dir` generates itself, and their sha256."""
-    import numpy as np
-
-    from quantloop.data.synthetic import _ids_sha256, cached_synthetic
-    from quantloop.paths import CACHE_DIR
-
     if model_dir is None:
         raise InputError(None, "synthetic calibration needs the float transformers checkpoint that writes it",
                          "pass a prepared checkpoint folder")
@@ -64,8 +71,6 @@ def in_turn(lists: list[list]) -> list:
 
 def mixed_digest(dirs: list[Path]) -> str:
     """One dataset's manifest digest, or for a mix the sha256 of its datasets' digests in order."""
-    import hashlib
-
     digests = [manifest_digest(d) for d in dirs]
     return digests[0] if len(digests) == 1 else hashlib.sha256("+".join(digests).encode()).hexdigest()[:16]
 
@@ -122,10 +127,7 @@ def text_pieces(text: str, chars: int) -> list[str]:
 def calibration_text_file(calib, hf_dir: Path | None, work_dir: Path) -> tuple[Path, str]:
     """The calibration text as a file (llama-imatrix tokenizes it itself): the dataset split, checked against
     its manifest, or the synthetic sequences decoded to text (written into work_dir)."""
-    from quantloop.data.datasets import load_manifest
-
     if calib.source == "synthetic":
-        from quantloop.models.checkpoints import load_hf_tokenizer
 
         seqs, digest = synthetic_sequences(calib, hf_dir)
         tok = load_hf_tokenizer(hf_dir)

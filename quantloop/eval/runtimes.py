@@ -16,6 +16,7 @@ import numpy as np
 
 from quantloop.errors import InputError
 from quantloop.gguf.llamacpp import file_type_name, read_metadata
+from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 from quantloop.schemas import ModelRef
 
 
@@ -27,9 +28,8 @@ class TransformersRunner:
     runtime = "transformers"
 
     def __init__(self, hf_dir: str | Path, device: str | None = None, threads: int | None = None):
-        import torch
+        import torch  # deferred: torch
 
-        from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
         torch.set_num_threads(threads or default_threads())
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +53,7 @@ class TransformersRunner:
 
     def logits(self, ids, start: int = 0) -> np.ndarray:
         """Logits at positions start..len(ids)-1 (the output head runs only there)."""
-        import torch
+        import torch  # deferred: torch
 
         x = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None]
         with torch.no_grad():
@@ -61,7 +61,7 @@ class TransformersRunner:
         return out.float().cpu().numpy()[:, : self.n_vocab]
 
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        import torch
+        import torch  # deferred: torch
 
         x = torch.as_tensor([prompt_ids], device=self.device)
         with torch.no_grad():
@@ -80,7 +80,7 @@ class LlamaCppRunner:
     runtime = "llama.cpp"
 
     def __init__(self, gguf: str | Path, n_ctx: int = 512, threads: int | None = None):
-        from llama_cpp import Llama
+        from llama_cpp import Llama  # deferred: llama_cpp
 
         self.gguf = Path(gguf)
         meta = read_metadata(self.gguf)

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+from quantloop.gguf.llamacpp import nominal_bits_of, read_metadata
 from quantloop.gguf.tensor_names import GGUF_LINEAR, HF_LINEAR
 from quantloop.schemas import SizeReport
 
@@ -15,8 +16,6 @@ DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32,
 
 
 def gguf_size(path: str | Path) -> SizeReport:
-    from quantloop.gguf.llamacpp import read_metadata
-
     path = Path(path)
     tensors = read_metadata(path).tensors
     n = sum(t.n_elements for t in tensors)
@@ -86,8 +85,6 @@ def nominal_bits(size: SizeReport, file_type: str | None) -> int | None:
 
 def judged_bits(linear_types: set[str], linear_bits_per_weight: float, file_type: str | None) -> int | None:
     """nominal_bits from the linear weights' types and bits per weight (known before a file is written, too)."""
-    from quantloop.gguf.llamacpp import nominal_bits_of
-
     named_mixture = bool(file_type) and file_type.upper().endswith(("_S", "_M", "_L", "_XS", "_XXS"))
     if len(linear_types) > 1 and not named_mixture:
         return int(linear_bits_per_weight)

@@ -20,13 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from quantloop.eval.runtimes import default_threads
+from quantloop.gguf.llamacpp import tool
 from quantloop.memory import peak_rss_bytes
+from quantloop.models.checkpoints import load_hf_model
 from quantloop.schemas import ModelRef, SpeedReport, SpeedSettings
 
 
@@ -36,10 +42,6 @@ def _ids(n: int, n_vocab: int) -> list[int]:
 
 def _bench_llama_cpp(path: str, prompt_tokens: int, gen_tokens: int, threads: int, reps: int = 1) -> dict:
     """One llama-bench run (a warm-up, then `reps` timed passes of each test, averaged) of one model."""
-    import resource
-
-    from quantloop.gguf.llamacpp import tool
-
     cmd = [str(tool("llama-bench")), "-m", path, "-p", str(prompt_tokens), "-n", str(gen_tokens), "-r", str(reps),
            "-t", str(threads), "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -54,14 +56,13 @@ def _bench_llama_cpp(path: str, prompt_tokens: int, gen_tokens: int, threads: in
 
 
 def _bench_transformers(path: str, prompt_tokens: int, gen_tokens: int, threads: int, reps: int = 1) -> dict:
-    import torch
+    import torch  # deferred: torch
 
-    from quantloop.models.checkpoints import load_hf_model
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_hf_model(__import__("pathlib").Path(path), device=device)
+    model = load_hf_model(Path(path), device=device)
     load_s = time.perf_counter() - t0
     ids = torch.tensor([_ids(prompt_tokens + gen_tokens, model.config.vocab_size)], device=device)
 
@@ -84,8 +85,6 @@ def _bench_transformers(path: str, prompt_tokens: int, gen_tokens: int, threads:
 
 def speed_threads(settings: SpeedSettings) -> int:
     """The thread count of the speed runs: the spec's speed.threads, else QUANTLOOP_THREADS or every core."""
-    from quantloop.eval.runtimes import default_threads
-
     return settings.threads or default_threads()
 
 
@@ -133,8 +132,6 @@ def median_and_stderr(values: list[float]) -> tuple[float, float]:
 def speed_pairs(base: ModelRef, quant: ModelRef, settings: SpeedSettings, threads: int, bar: float,
                 decide_sigmas: float) -> tuple[SpeedReport, SpeedReport, list[float]]:
     """Interleaved pairs until the median ratio is decide_sigmas standard errors from `bar`, or max_repeats pairs."""
-    from tqdm import tqdm
-
     cap = max(settings.max_repeats or settings.repeats, settings.repeats)
     with tqdm(total=cap, desc="speed pairs", unit="pair", leave=False) as bar_:
         runs = measure_runs([base, quant], settings, threads, settings.repeats, bar_)

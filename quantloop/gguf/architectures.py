@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from gguf.constants import MODEL_ARCH_NAMES
+
 from quantloop.errors import InputError
+from quantloop.gguf.llamacpp import read_metadata, source_dir
 from quantloop.schemas.quant_spec import METHODS
 
 # quantloop's steps: the quantization methods (QuantSpec's) and the off-grid twin
@@ -166,8 +169,6 @@ def check_config(config_path: Path, step: str) -> Architecture | None:
 @lru_cache(maxsize=1)
 def llama_cpp_converts() -> frozenset[str]:
     """The transformers classes the bundled convert_hf_to_gguf.py registers (read from its sources)."""
-    from quantloop.gguf.llamacpp import source_dir
-
     src = source_dir()
     names: set[str] = set()
     for f in [src / "convert_hf_to_gguf.py", *sorted((src / "conversion").glob("*.py"))]:
@@ -178,8 +179,6 @@ def llama_cpp_converts() -> frozenset[str]:
 
 def llama_cpp_loads() -> frozenset[str]:
     """GGUF architecture names (general.architecture) the llama.cpp build's gguf-py knows."""
-    from gguf.constants import MODEL_ARCH_NAMES
-
     return frozenset(MODEL_ARCH_NAMES.values())
 
 
@@ -195,8 +194,6 @@ def steps_line_for(hf_class: str | None = None, gguf_arch: str | None = None) ->
 
 def check_gguf_architecture(path: Path) -> str:
     """The GGUF's general.architecture; InputError when the bundled llama.cpp does not know it."""
-    from quantloop.gguf.llamacpp import read_metadata
-
     arch = read_metadata(path).architecture
     if arch not in llama_cpp_loads():
         raise InputError(path, f"llama.cpp cannot load GGUF architecture '{arch}'",

@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from gguf import GGMLQuantizationType
+
+from quantloop.errors import InputError
 
 QK = 32  # block-32 types
 QK_K = 256  # k-quant super-blocks
@@ -78,8 +81,6 @@ def block_type(type_name: str) -> BlockType:
 
 def qtype(type_name: str):
     """The gguf-py GGMLQuantizationType of a type name."""
-    from gguf import GGMLQuantizationType
-
     return GGMLQuantizationType[block_type(type_name).name]
 
 
@@ -115,8 +116,6 @@ FLOAT_TYPES = ("F32", "F16")
 
 def check_type(t: str, where: str, floats: bool = True) -> str:
     """A GGUF type name quantloop can write exactly (upper case), or InputError naming `where`."""
-    from quantloop.errors import InputError
-
     t = str(t).upper()
     if t in TYPES or (floats and t in FLOAT_TYPES):
         return t

@@ -14,12 +14,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from quantloop.errors import InputError
-from quantloop.fileio import atomic_output
+from quantloop.fileio import atomic_output, check_hf_dir
 from quantloop.gguf import blocks as gguf_blocks
 from quantloop.gguf.block_types import FLOAT_TYPES, check_type, stored_type
+from quantloop.gguf.llamacpp import convert_hf_to_gguf, read_metadata
 from quantloop.gguf.tensor_names import EMBEDDINGS, GGUF_LINEAR
 
 # general.file_type for a file of mostly one block type (k-quants: llama.cpp's "S" mixes are the closest)
@@ -58,8 +60,6 @@ def export_hf_to_gguf(
     bit; a difference refuses the file. `report`, when given, receives the counts: quantized tensors read back,
     how many carried the quantizer's own blocks, how many were fitted or rounded here.
     """
-    import gguf
-
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     type_name = check_type(type_name, "export type", floats=False)
     if embedding_type != "auto":
@@ -72,8 +72,6 @@ def export_hf_to_gguf(
             raise InputError(None, f"tensor type pattern '{pattern}' is not a regular expression ({e})", "use e.g. 'ffn_down'") from None
     if out_file.exists() and not overwrite:
         raise InputError(out_file, "output file exists", "choose another path or pass overwrite")
-    from quantloop.fileio import check_hf_dir
-    from quantloop.gguf.llamacpp import convert_hf_to_gguf
 
     if not hf_dir.is_dir():
         raise InputError(hf_dir, "not a folder", "pass an HF checkpoint folder")
@@ -119,8 +117,6 @@ def export_hf_to_gguf(
 def read_back(path: Path, expected: dict[str, np.ndarray]) -> list[str]:
     """Read the written GGUF with gguf-py and compare each quantized tensor's bytes with what was packed for it;
     RuntimeError naming the first that differs. Returns the names checked."""
-    import gguf
-
     reader = gguf.GGUFReader(path)
     found = {t.name: t for t in reader.tensors}
     for name, data in expected.items():
@@ -141,8 +137,6 @@ def planned_export_types(f16_gguf: str | Path, type_name: str, embedding_type: s
                          tensor_types: dict[str, str] | None = None) -> dict[str, str]:
     """The type export_hf_to_gguf gives every tensor of the model whose F16/F32 GGUF is `f16_gguf`
     (for mixed_precision.estimate_bytes: the exact size of an export before anything is quantized)."""
-    from quantloop.gguf.llamacpp import read_metadata
-
     meta = read_metadata(f16_gguf)
     rules = [(re.compile(p), t.upper()) for p, t in (tensor_types or {}).items()]
     out = {}

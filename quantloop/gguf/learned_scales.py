@@ -14,7 +14,11 @@ Public: LEVELS_TYPES, has_levels, type_levels, LearnedScales.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from quantloop.gguf import blocks as gb
+from quantloop.gguf.block_types import QK, TYPES
 
 BLOCK = 32
 
@@ -25,8 +29,6 @@ _UNIFORM = {"Q4_0": (tuple(range(-8, 8)), 0), "Q5_0": (tuple(range(-16, 16)), 0)
 
 
 def _levels(gguf_type: str) -> tuple[tuple, int] | None:
-    from quantloop.gguf.block_types import QK, TYPES
-
     t = str(gguf_type).upper()
     if t in _UNIFORM:
         return _UNIFORM[t]
@@ -119,8 +121,6 @@ class LearnedScales(torch.nn.Module):
     def from_weight(cls, w: torch.Tensor, gguf_type: str) -> LearnedScales:
         """Start from llama.cpp's own scales for w where quantloop's grid module rounds the type (Q4_0: d =
         x[argmax|x|] / -8), else from the block's largest magnitude on the type's extreme level."""
-        from quantloop.gguf import blocks as gb
-
         t = str(gguf_type).upper()
         if t in gb.TYPES:
             qb = gb.quantize_blocks(w.detach().float().cpu().numpy(), t)
@@ -145,8 +145,6 @@ class LearnedScales(torch.nn.Module):
     @torch.no_grad()
     def blocks(self, w: torch.Tensor):
         """(codes, fp16 scales) as the GGUF stores them: codes (rows, cols) int, scales (rows, cols // 32) float16."""
-        import numpy as np
-
         d16 = _fp16(self.scales().float())
         lv = _level_of(_scaled(w, d16), self.levels, self.mids)
         idx = torch.searchsorted(self.levels, lv.reshape(-1).contiguous()).reshape(w.shape)  # lv is one of the levels

@@ -8,13 +8,18 @@ library compiled into llama-cpp-python (llama_model_quantize).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import struct
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from quantloop.errors import InputError
 from quantloop.paths import CACHE_DIR
@@ -23,7 +28,7 @@ GGUF_MAGIC = b"GGUF"
 
 
 def llama_cpp_version() -> str:
-    import llama_cpp
+    import llama_cpp  # deferred: llama_cpp
 
     return llama_cpp.__version__
 
@@ -71,8 +76,6 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 
 def _read_value(f, vtype: int, keep: bool):
     """One GGUF metadata value; arrays are skipped (returned as None) unless `keep`."""
-    import struct
-
     if vtype in _SCALAR:
         fmt = _SCALAR[vtype]
         return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
@@ -125,10 +128,6 @@ def read_metadata(path: str | Path) -> GGUFMetadata:
     Reads the header only. gguf-py's GGUFReader parses every tokenizer array into
     numpy views, which takes seconds; this skips arrays. Tested against GGUFReader.
     """
-    import struct
-
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ValueError("bad magic")
@@ -166,8 +165,6 @@ def read_metadata(path: str | Path) -> GGUFMetadata:
 
 
 def file_type_name(file_type: int | None) -> str | None:
-    from gguf import LlamaFileType
-
     if file_type is None:
         return None
     try:
@@ -210,10 +207,9 @@ def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Pa
 def stderr_to(log_file: Path):
     """Send what the process writes to standard error (llama.cpp's C logging on file descriptor 2, and Python's
 sys.stderr, through which llama-cpp-python relays it) into `log_file` meanwhile."""
-    import logging
-
-    from llama_cpp._logger import logger  # llama-cpp-python drops llama.cpp's messages below its level, which
-                                          # any Llama(verbose=False) sets to ERROR for the whole process
+    # llama-cpp-python drops llama.cpp's messages below its level, which any
+    # Llama(verbose=False) sets to ERROR for the whole process
+    from llama_cpp._logger import logger  # deferred: llama_cpp
     level = logger.level
     logger.setLevel(logging.DEBUG)
     sys.stderr.flush()
@@ -236,8 +232,6 @@ CONVERTED = re.compile(r"converting to (\w+)")
 def fallback_summary(log_text: str) -> str | None:
     """One line for llama.cpp's quantization log ('14 of 20 tensors fell back ...; written as 12 q5_0, 2 q5_1'),
     or None when no tensor fell back."""
-    from collections import Counter
-
     m = FALLBACK.search(log_text)
     if not m:
         return None

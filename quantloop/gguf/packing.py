@@ -3,7 +3,9 @@ pack_from_codes for GPTQ-style integer codes."""
 
 from __future__ import annotations
 
+import gguf.quants
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 
 from quantloop.gguf.block_types import (
     QK,
@@ -120,8 +122,6 @@ def _pack_low_k(codes, scales, mins, d, dmin, bt) -> np.ndarray:
 
 def unpack(raw: np.ndarray, type_name: str) -> QuantBlocks:
     """Raw GGUF bytes (rows, bytes_per_row) -> QuantBlocks; the inverse of `pack`."""
-    from gguf import GGML_QUANT_SIZES
-
     bt = block_type(type_name)
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     block, size = GGML_QUANT_SIZES[qtype(bt.name)]
@@ -173,8 +173,6 @@ def unpack(raw: np.ndarray, type_name: str) -> QuantBlocks:
 
 def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
     """Raw bytes -> float32 weight, by gguf-py's reference dequantizer (dequantize_row_* in ggml-quants.c)."""
-    import gguf.quants
-
     return gguf.quants.dequantize(np.ascontiguousarray(raw, dtype=np.uint8), qtype(type_name))
 
 

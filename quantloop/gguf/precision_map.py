@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import TypedDict
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
 from quantloop.errors import InputError
 from quantloop.gguf.block_types import check_type, stored_type
 from quantloop.gguf.llamacpp import GGUFTensor, padded, read_metadata
@@ -104,8 +106,6 @@ def imatrix_header_bytes(imatrix: str | Path) -> int:
     """Bytes llama-quantize adds to the file's metadata when given this importance matrix (tools/quantize: the
     quantize.imatrix.file and .dataset strings, cut to 127 bytes, and the entries and chunks counts as u32): the
     same for every file quantized with it, whatever the types."""
-    from gguf import GGUFReader
-
     r = GGUFReader(str(imatrix))
     field = r.fields.get("imatrix.datasets")
     datasets = field.contents() if field is not None else []
@@ -128,8 +128,6 @@ class SizeEstimate(TypedDict):
 
 def estimate_bytes(gguf_f16: str | Path, types: dict[str, str]) -> SizeEstimate:
     """Bytes and bits per weight of the file llama-quantize writes with these tensor types."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     meta = read_metadata(gguf_f16)
     align = meta.alignment
     data, n_weights, rows = 0, 0, []

@@ -3,6 +3,7 @@ numpy ports for the block-32 types, ports here for the k-quants."""
 
 from __future__ import annotations
 
+import gguf.quants
 import numpy as np
 
 from quantloop.gguf.block_types import (
@@ -41,7 +42,6 @@ def quantize_blocks(w: np.ndarray, type_name: str) -> QuantBlocks:
     if low is not None:
         return _concat([low(c) for c in _row_chunks(w)])
     if not bt.kquant:
-        import gguf.quants
 
         qb = unpack(gguf.quants.quantize(w, qtype(bt.name)), bt.name)
         return _c_signed_zeros(qb, w.reshape(-1, QK), bt)

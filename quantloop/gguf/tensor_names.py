@@ -36,7 +36,7 @@ def gguf_tensor_name(hf_name: str) -> str:
 def linear_modules(model) -> list[tuple[str, object]]:
     """(name, nn.Linear) of every quantized decoder-layer projection of a transformers model: the linears its
     architecture's table entry names (any known architecture's names when the config names none in the table)."""
-    import torch
+    import torch  # deferred: torch
 
     arch = of_config(getattr(model, "config", None) or {})
     leaves = {m.rsplit(".", 1)[-1] for m in arch.linears} if arch else set(LINEAR_NAMES)

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 
 from quantloop.errors import InputError
+from quantloop.gguf import blocks as gb
+from quantloop.gguf.block_types import GROUP_MAX_EPS, KVALUES_IQ4NL
+from quantloop.gguf.blocks import fallback_type, gguf_type_for_layout
 from quantloop.gguf.tensor_names import gguf_tensor_name, linear_modules
 
 BLOCK = 32
@@ -36,7 +40,6 @@ def check_grid_type(gguf_type: str | None = None, bits: int | None = None, symme
     if gguf_type is None:
         if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
             raise InputError(None, f"{who} bits must be an integer from 2 to 8, not {bits!r}", "use 4, 5 or 8")
-        from quantloop.gguf.blocks import gguf_type_for_layout
 
         t = gguf_type_for_layout(bits, BLOCK, symmetric)
         if t is None:
@@ -52,8 +55,6 @@ def check_grid_type(gguf_type: str | None = None, bits: int | None = None, symme
 
 def layer_type(gguf_type: str, width: int) -> str:
     """The type a linear of input width `width` gets: k-quants fall back where 256 does not divide the rows."""
-    from quantloop.gguf.blocks import fallback_type
-
     return fallback_type(gguf_type, width) if gguf_type in KQUANTS else gguf_type
 
 
@@ -63,10 +64,6 @@ def kquant_grid(w: torch.Tensor, gguf_type: str) -> tuple[torch.Tensor, torch.Te
     Q4_K/Q5_K: sub-blocks of 32, step = d * scale, offset = dmin * min (float32, as dequantize_row_q4_K).
     Q2_K: the same on sub-blocks of 16 (q from 0 to 3).
     Q6_K, Q3_K: sub-blocks of 16, step = d * scale, no offset (q from -32 to 31, -4 to 3)."""
-    import numpy as np
-
-    from quantloop.gguf import blocks as gb
-
     rows, cols = w.shape
     qb = gb.quantize_blocks(w.detach().float().cpu().numpy(), gguf_type)
     ns = gb.QK_K // gb.block_type(gguf_type).sub
@@ -148,8 +145,6 @@ def _seqsum(t: torch.Tensor) -> torch.Tensor:
 
 def _iq4_nl(x: torch.Tensor) -> torch.Tensor:
     """IQ4_NL blocks (..., 32) as quantize_iq4_nl rounds them (rounding_lowbit.quantize_iq4_nl), dequantized."""
-    from quantloop.gguf.block_types import GROUP_MAX_EPS, KVALUES_IQ4NL
-
     levels = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=x.device)
     f32 = lambda v: torch.full((), v, dtype=torch.float32, device=x.device)  # noqa: E731
 

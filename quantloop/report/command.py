@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from quantloop.report import write_run_report
+
 
 def cmd_report(a) -> int:
-    from quantloop.report import write_run_report
-
     paths = write_run_report(a.run_id, a.tracking_uri, a.out, log_to_mlflow=not a.no_mlflow)
     print(f"report: {paths.html}")
     print(f"markdown: {paths.markdown}")

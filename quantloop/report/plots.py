@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantloop.report.records import AttemptRow, RunRecord
+from quantloop.tools.validate import required_size_ratio
 
 MIB = 2**20
 SIZE_BAR_COLOURS = ("#9a6700", "#8250df", "#bf3989", "#57606a")
@@ -32,7 +33,6 @@ def size_bars(record: RunRecord) -> list[tuple[float, str]]:
     base = record.baseline.bytes_on_disk
     if not base:
         return []
-    from quantloop.tools.validate import required_size_ratio
 
     widths = sorted({a.nominal_bits for a in measured(record) if a.nominal_bits})
     return [(base / required_size_ratio(record.acceptance, b) / MIB, f"size bar at {b} bits ({required_size_ratio(record.acceptance, b)}x)")
@@ -40,10 +40,10 @@ def size_bars(record: RunRecord) -> list[tuple[float, str]]:
 
 
 def scatter_plot(record: RunRecord, value, error, ylabel: str, title: str, bar: float | None, bar_label: str, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib
 
     rows = [a for a in measured(record) if value(a) is not None]
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)

@@ -12,6 +12,7 @@ F16 is treated as lossless (KLD 0).
 from __future__ import annotations
 
 from quantloop.errors import InputError
+from quantloop.gguf.llamacpp import read_metadata
 from quantloop.search.schemas import Allocation, SensitivityRow
 from quantloop.search.tensors import FLOAT16, ModelTensors, genome_bits_per_weight, genome_bytes, tensor_bytes
 
@@ -79,7 +80,7 @@ def greedy(mt: ModelTensors, rows: list[SensitivityRow], budget_bytes: int) -> A
 
 
 def ilp(mt: ModelTensors, rows: list[SensitivityRow], budget_bytes: int, time_limit_s: int = 60) -> Allocation:
-    import pulp
+    import pulp  # deferred: pulp
 
     options, members = unit_options(mt, rows), unit_members(rows)
     check_budget(mt, options, budget_bytes)
@@ -98,8 +99,6 @@ def ilp(mt: ModelTensors, rows: list[SensitivityRow], budget_bytes: int, time_li
 
 def budget_bytes_for_bpw(mt: ModelTensors, bpw: float) -> int:
     """The file bytes at `bpw` bits per weight (quantloop's definition: tensor data over all weights) plus the header."""
-    from quantloop.gguf.llamacpp import read_metadata
-
     header = read_metadata(mt.gguf).data_offset
     return int(header + bpw * mt.n_weights / 8)
 

@@ -15,8 +15,15 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tqdm import tqdm
+
+from quantloop.data.calibration import calibration_dirs, shares
 from quantloop.errors import InputError
+from quantloop.gguf.export import planned_export_types
+from quantloop.gguf.precision_map import estimate_bytes, plan_precision_map
 from quantloop.search.schemas import SensitivityRequest, SensitivityRow, TextSpec
+from quantloop.search.sensitivity import measure_sensitivity, units_of
+from quantloop.search.tensors import model_tensors, tensor_bytes
 
 LOWER_TYPES = ("Q3_K", "Q2_K")  # below 4 bits: the types a budget may spend on the least sensitive tensors
 
@@ -48,17 +55,12 @@ class BudgetRecord:
 
 def planned_types(gguf: Path, spec) -> dict[str, str]:
     """The type every tensor of the attempt's file gets, before any budget."""
-    from quantloop.gguf.export import planned_export_types
-    from quantloop.gguf.precision_map import plan_precision_map
-
     if spec.has_precision_map():
         return plan_precision_map(gguf, spec)[2]
     return planned_export_types(gguf, spec.gguf_type.upper())
 
 
 def file_bytes(gguf: Path, types: dict[str, str]) -> int:
-    from quantloop.gguf.precision_map import estimate_bytes
-
     return estimate_bytes(gguf, types)["bytes"]
 
 
@@ -104,8 +106,6 @@ def plan_without_measuring(gguf: Path, spec) -> tuple[dict[str, str] | None, Bud
 
 def budget_plan(gguf: Path, spec) -> tuple[dict[str, str], BudgetRecord, bool]:
     """(types, record, decided): plan_without_measuring's answer, with the planned types when not decided."""
-    from quantloop.search.tensors import model_tensors, tensor_bytes
-
     f16_bytes = gguf.stat().st_size
     budget = int(f16_bytes / spec.min_size_ratio)
     types = planned_types(gguf, spec)
@@ -134,12 +134,6 @@ def budget_plan(gguf: Path, spec) -> tuple[dict[str, str], BudgetRecord, bool]:
 def fit_to_budget(model, spec, progress=None):
     """(spec, BudgetRecord): the attempt's spec with one type per tensor so that its file is at least spec.min_size_ratio
     times smaller than the F16 GGUF, and what was decided. Unchanged when the planned file already fits."""
-    from tqdm import tqdm
-
-    from quantloop.data.calibration import calibration_dirs, shares
-    from quantloop.search.sensitivity import measure_sensitivity, units_of
-    from quantloop.search.tensors import model_tensors
-
     gguf = model.gguf
     types, record, decided = budget_plan(gguf, spec)
     if decided:

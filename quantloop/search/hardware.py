@@ -39,7 +39,7 @@ def check_target(target: str) -> str:
     if target not in valid:
         raise InputError(None, f"unknown target '{target}'", f"valid targets: {', '.join(valid)}")
     if target == "cuda":
-        import torch
+        import torch  # deferred: torch
 
         if not torch.cuda.is_available():
             raise InputError(None, "target 'cuda' needs a GPU, and this machine has none", "use --target cpu or an estimated edge target")

@@ -11,18 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
+from quantloop.eval.kld import KLDAccumulator
+from quantloop.eval.perplexity import first_scored, log_softmax
+from quantloop.eval.runtimes import LlamaCppRunner, default_threads
+from quantloop.gguf.llamacpp import tool
+from quantloop.models.checkpoints import load_hf_tokenizer
 from quantloop.search.schemas import TextSpec
+from quantloop.search.sensitivity import text_chunks
 
 
 class Baseline:
     """The F16 GGUF's log-probabilities on every domain's windows, computed once per process."""
 
     def __init__(self, f16_gguf: Path, tokenizer_dir: Path, text: list[TextSpec], threads: int | None = None):
-        from quantloop.eval.perplexity import first_scored, log_softmax
-        from quantloop.eval.runtimes import LlamaCppRunner
-        from quantloop.models.checkpoints import load_hf_tokenizer
-        from quantloop.search.sensitivity import text_chunks
-
         tok = load_hf_tokenizer(tokenizer_dir)
         self.threads = threads
         self.n_ctx = max(s.seqlen for s in text)
@@ -39,10 +40,6 @@ class Baseline:
 
     def kld(self, gguf: Path) -> dict[str, dict[str, float]]:
         """Per domain: mean KLD and perplexity increase (%) of `gguf` against the F16 model."""
-        from quantloop.eval.kld import KLDAccumulator
-        from quantloop.eval.perplexity import first_scored, log_softmax
-        from quantloop.eval.runtimes import LlamaCppRunner
-
         runner = LlamaCppRunner(gguf, n_ctx=self.n_ctx, threads=self.threads)
         out = {}
         try:
@@ -67,9 +64,6 @@ def summarize(by_domain: dict[str, dict[str, float]]) -> tuple[float, float]:
 
 def tg_speed(gguf: Path, tokens: int = 32, repeats: int = 2, threads: int | None = None) -> float:
     """Token-generation speed (tokens/s, batch 1) of llama-bench on `gguf`; the best of `repeats` runs."""
-    from quantloop.eval.runtimes import default_threads
-    from quantloop.gguf.llamacpp import tool
-
     cmd = [str(tool("llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(tokens), "-r", "1",
            "-t", str(threads or default_threads()), "-o", "json"]
     best = 0.0

@@ -4,6 +4,9 @@ baselines marked, and the bits of one precision map (layer x module)."""
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +17,15 @@ GROUP_ORDER = ["attn", "ffn", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_ou
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib
 
     return plt
 
 
 def _save(fig, path: Path) -> Path:
-    import os
-    import tempfile
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
@@ -87,8 +87,6 @@ def front_plot(points: list[dict], front: list[dict], marks: list[dict], path: P
 
 def bits_heatmap(genome: dict[str, str], bits_of: dict[str, float], path: Path, title: str = "") -> Path:
     """Bits per weight of every linear of one precision map: layer x module."""
-    import re
-
     plt = _plt()
     mods = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
     layers = sorted({int(m.group(1)) for n in genome if (m := re.match(r"blk\.(\d+)\.", n))})

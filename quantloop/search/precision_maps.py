@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
 from quantloop.errors import InputError
 from quantloop.fileio import write_text_atomic
 from quantloop.search.tensors import ModelTensors, check_genome
@@ -38,8 +40,6 @@ def spec_fields(genome: dict[str, str], imatrix=None) -> dict:
 def write_map(genome: dict[str, str], stem: Path, info: dict | None = None, imatrix=None) -> tuple[Path, Path]:
     """stem.json and stem.yaml (both atomic): the QuantSpec fields, plus a 'measured' block that QuantSpec ignores
     when read through read_map."""
-    import yaml
-
     doc = spec_fields(genome, imatrix)
     if info:
         doc = {**doc, "quantloop_search": info}
@@ -61,8 +61,6 @@ def genome_of_fields(fields: dict, where: Path | str | None) -> dict[str, str]:
 
 def read_map(path: str | Path, mt: ModelTensors) -> tuple[dict, dict[str, str]]:
     """(QuantSpec fields, genome) of a JSON/YAML precision map, every tensor checked against the model."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such precision-map file", "give a .json or .yaml written by `quantloop search`")

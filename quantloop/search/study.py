@@ -15,10 +15,16 @@ toward the number of trials.
 
 from __future__ import annotations
 
+import inspect
 import json
+import random
+import time
+import warnings
 from pathlib import Path
 
 from quantloop.errors import InputError, missing_extra
+from quantloop.models.checkpoints import resolve_model
+from quantloop.search.tensors import genome_bits_per_weight, model_tensors
 
 DIRECTIONS = ["minimize", "minimize", "maximize"]  # mean KLD, file bytes, tg tokens/s
 OBJECTIVES = ["kld_mean", "bytes", "tg_tokens_per_s"]
@@ -31,18 +37,17 @@ PRUNED_PER_TRIAL = 20  # a worker gives up after this many pruned proposals per 
 
 
 def _retry_callback():
-    import optuna
+    import optuna  # deferred: optuna
 
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
     return cls(max_retry=3)
 
 
 def _rdb(url: str, heartbeat: bool):
-    import optuna
+    import optuna  # deferred: optuna
 
     kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
     if heartbeat:
-        import inspect
 
         key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
                else "failed_trial_callback")
@@ -53,7 +58,7 @@ def _rdb(url: str, heartbeat: bool):
 def open_storage(url: str, heartbeat: bool = True):
     """An optuna storage from a URL (postgresql://, mysql://, sqlite:///) or a journal file path. A storage that
     cannot be opened is an InputError naming it."""
-    import optuna
+    import optuna  # deferred: optuna
 
     if "://" in url:
         safe = url.split("@")[-1] if "@" in url else url
@@ -66,7 +71,7 @@ def open_storage(url: str, heartbeat: bool = True):
     path = Path(url)
     if path.is_dir() or not path.parent.is_dir():
         raise InputError(path, "cannot open as an optuna journal file", "give a file path in an existing folder")
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileBackend  # deferred: optuna
 
     try:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
@@ -79,7 +84,7 @@ def study_exists(storage, name: str) -> bool:
 
 
 def make_sampler(kind: str, population: int, seed: int):
-    import optuna
+    import optuna  # deferred: optuna
 
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
@@ -99,7 +104,7 @@ def make_sampler(kind: str, population: int, seed: int):
 
 def create_study(storage, name: str, config: dict, resume: bool):
     """Create the study (and store the request in it), or load it with resume=True."""
-    import optuna
+    import optuna  # deferred: optuna
 
     exists = study_exists(storage, name)
     if exists and not resume:
@@ -117,7 +122,6 @@ def create_study(storage, name: str, config: dict, resume: bool):
         return study, False
     study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS, sampler=sampler)
     study.set_user_attr(CONFIG_ATTR, json.dumps(config))
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -126,7 +130,7 @@ def create_study(storage, name: str, config: dict, resume: bool):
 
 
 def load_study(storage, name: str):
-    import optuna
+    import optuna  # deferred: optuna
 
     if not study_exists(storage, name):
         raise InputError(None, f"no search named '{name}' in this storage", "start it with `quantloop search` first")
@@ -146,9 +150,7 @@ def fill_first_generation(study, config: dict, mt=None) -> list[dict[str, str]]:
     """Once, before any trial ran: queue mutations of the queued seeds until the first generation (the population)
     is full, so that it is the seeds and their neighbours instead of uniform random maps. A mutant moves 1 to
     MUTANT_UNITS units one type up or down; mutants above max_bpw, or equal to a queued map, are not queued."""
-    import random
-
-    import optuna
+    import optuna  # deferred: optuna
 
     trials = study.get_trials(deepcopy=False)
     if study.user_attrs.get(FILLED_ATTR) or any(t.state != optuna.trial.TrialState.WAITING for t in trials):
@@ -160,8 +162,6 @@ def fill_first_generation(study, config: dict, mt=None) -> list[dict[str, str]]:
     if not seeds or not movable:
         return []
     if mt is None and config.get("max_bpw"):
-        from quantloop.models.checkpoints import resolve_model
-        from quantloop.search.tensors import model_tensors
 
         mt = model_tensors(resolve_model(config["model"]).gguf, tuple(config["types"]) + ("F16",))
     rng, queued, out = random.Random(config["seed"]), [p for p, _ in seeds], []
@@ -183,8 +183,6 @@ def fill_first_generation(study, config: dict, mt=None) -> list[dict[str, str]]:
 
 
 def _bpw(mt, params: dict[str, str], units) -> float:
-    from quantloop.search.tensors import genome_bits_per_weight
-
     return genome_bits_per_weight(mt, {n: params[param_name(u)] for u, (ts, _) in units.items() for n in ts})
 
 
@@ -207,7 +205,7 @@ def enqueue_seed(study, choice: dict[str, str], origin: str) -> None:
 
 
 def finished(study) -> list:
-    import optuna
+    import optuna  # deferred: optuna
 
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
 
@@ -216,8 +214,8 @@ def run_trials(study, objective, total: int) -> int:
     """Run trials until the study holds `total` measured (complete) trials; pruned proposals (above the size cap)
     cost no measurement and do not count, up to PRUNED_PER_TRIAL of them per trial still to run. Returns how many
     trials ran here."""
-    import optuna
-    from optuna.study import MaxTrialsCallback
+    import optuna  # deferred: optuna
+    from optuna.study import MaxTrialsCallback  # deferred: optuna
 
     states = (optuna.trial.TrialState.COMPLETE,)
     done_before = len(study.get_trials(deepcopy=False, states=states))
@@ -238,10 +236,8 @@ def run_trials(study, objective, total: int) -> int:
 def rerun_orphans(study, objective, count) -> None:
     """With a heartbeat storage: once the study is full, wait out the grace period of any trial still running,
     fail the ones whose worker died (the retry callback queues a copy of each) and run those copies here."""
-    import time
-
-    import optuna
-    from optuna.storages import fail_stale_trials
+    import optuna  # deferred: optuna
+    from optuna.storages import fail_stale_trials  # deferred: optuna
 
     storage = study._storage
     if not getattr(storage, "heartbeat_interval", None):

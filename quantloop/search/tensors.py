@@ -14,9 +14,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from quantloop.errors import InputError
 from quantloop.gguf import blocks as gguf_blocks
-from quantloop.gguf.llamacpp import padded
+from quantloop.gguf.architectures import SUPPORTED, of_gguf_arch
+from quantloop.gguf.llamacpp import padded, read_metadata
+from quantloop.gguf.precision_map import estimate_bytes
 
 BLOCK32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
@@ -24,8 +28,6 @@ FLOAT16 = "F16"
 
 def hf_names(gguf_arch: str) -> dict[str, str]:
     """GGUF tensor name (middle part) -> transformers module in a decoder layer, from the architecture table."""
-    from quantloop.gguf.architectures import SUPPORTED, of_gguf_arch
-
     arch = of_gguf_arch(gguf_arch)
     if arch is None:
         raise InputError(None, f"GGUF architecture '{gguf_arch}' has no transformers names in quantloop's table",
@@ -86,16 +88,12 @@ def storable_types(width: int, candidates: tuple[str, ...] | None = None) -> tup
 
 
 def bytes_per_weight(type_name: str) -> float:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
     return size / block
 
 
 def tensor_bytes(n_weights: int, type_name: str, alignment: int) -> int:
     """Bytes one tensor takes in the file (data padded to the alignment), as llama-quantize writes it."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
     n = n_weights // block * size
     return padded(n, alignment)
@@ -115,8 +113,6 @@ def _hf_name(gguf_name: str, gguf_arch: str = "llama") -> tuple[str, int, str]:
 
 @lru_cache(maxsize=8)
 def _model_tensors(gguf: str, mtime: float, candidates: tuple[str, ...] | None) -> ModelTensors:
-    from quantloop.gguf.llamacpp import read_metadata
-
     meta = read_metadata(gguf)
     align = meta.alignment
     rows, fixed = [], meta.data_offset
@@ -153,15 +149,11 @@ def genome_bytes(mt: ModelTensors, genome: dict[str, str], extra_header: int = 0
 
 def genome_bits_per_weight(mt: ModelTensors, genome: dict[str, str]) -> float:
     """Bits per weight as quantloop reports it everywhere: 8 x tensor data bytes / all weights."""
-    from quantloop.gguf.precision_map import estimate_bytes
-
     return estimate_bytes(mt.gguf, full_types(mt, genome))["bits_per_weight"]
 
 
 def full_types(mt: ModelTensors, genome: dict[str, str]) -> dict[str, str]:
     """Type of every tensor of the file: the genome for 2-D tensors, the F16 file's own type for the rest."""
-    from quantloop.gguf.llamacpp import read_metadata
-
     out = {t.name: t.type for t in read_metadata(mt.gguf).tensors}
     out.update(genome)
     return out

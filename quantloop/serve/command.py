@@ -7,13 +7,14 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.paths import SLM_DIR
+from quantloop.tools.catalog import TOOLS
 
 
 def cmd_mcp(a) -> int:
     root = Path(a.root).resolve()
     if not root.is_dir():
         raise InputError(root, "data folder not found", "run `quantloop prepare` first, or pass --root DIR")
-    from quantloop.serve.mcp_server import serve_http, serve_stdio
+    from quantloop.serve.mcp_server import serve_http, serve_stdio  # deferred: anyio, mcp_types
 
     if a.http is None:
         serve_stdio(root)
@@ -25,8 +26,6 @@ def cmd_mcp(a) -> int:
 
 
 def add_mcp_command(subparsers) -> argparse.ArgumentParser:
-    from quantloop.tools.catalog import TOOLS  # the tools the server serves: the help names them from there
-
     names = ", ".join(t.name for t in TOOLS)
     s = subparsers.add_parser(
         "mcp", help=f"serve the tools ({names}) over MCP",

@@ -108,7 +108,7 @@ async def call_tool(ctx, params: types.CallToolRequestParams, root: Path, locks:
 
 def build_server(root: str | Path):
     """The MCP server over the data folder `root` (every path a call names must lie under it)."""
-    from mcp.server import Server
+    from mcp.server import Server  # deferred: mcp
 
     root = Path(root).resolve()
     locks = OutputLocks()
@@ -127,7 +127,7 @@ def build_server(root: str | Path):
 
 
 def serve_stdio(root: str | Path) -> None:
-    from mcp.server.stdio import stdio_server
+    from mcp.server.stdio import stdio_server  # deferred: mcp
 
     server = build_server(root)
 
@@ -140,7 +140,7 @@ def serve_stdio(root: str | Path) -> None:
 
 def serve_http(root: str | Path, port: int, host: str = "127.0.0.1") -> None:
     """Streamable HTTP at http://127.0.0.1:PORT/mcp (loopback only)."""
-    import uvicorn
+    import uvicorn  # deferred: uvicorn
 
     app = build_server(root).streamable_http_app(host=host)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import time
 
+from tqdm import tqdm
+
 
 def live_progress_bars() -> list[str]:
     """'desc n/total unit' of every progress bar open in this process, oldest first."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return []
     with tqdm.get_lock():
         bars = list(getattr(tqdm, "_instances", ()))
     out = []

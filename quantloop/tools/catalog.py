@@ -13,9 +13,28 @@ from typing import Callable
 
 from pydantic import BaseModel, Field
 
+from quantloop.errors import InputError
+from quantloop.gguf.precision_map import estimate_bytes, layer_type_of, plan_mixed_file
+from quantloop.models.checkpoints import resolve_model
+from quantloop.schemas import (
+    METHODS,
+    CompareReport,
+    CompareRequest,
+    EvaluateRequest,
+    EvaluationReport,
+    QuantizationResult,
+    QuantSpec,
+    Strict,
+    ValidationReport,
+    ValidationRequest,
+)
 from quantloop.search.schemas import SearchRequest, SearchResult, SensitivityRequest, SensitivityResult
-from quantloop.schemas import (METHODS, CompareReport, CompareRequest, EvaluateRequest, EvaluationReport, QuantizationResult, QuantSpec,
-                               Strict, ValidationReport, ValidationRequest)
+from quantloop.tools.compare import compare_outputs
+from quantloop.tools.evaluate import evaluate_model
+from quantloop.tools.quantize import default_output_dir, quantize_model
+from quantloop.tools.search import search_mixed_precision
+from quantloop.tools.sensitivity import measure_sensitivity
+from quantloop.tools.validate import validate_quantization
 
 
 class QuantizeRequest(Strict):
@@ -56,17 +75,11 @@ class EstimateReport(Strict):
 
 
 def quantize(req: QuantizeRequest) -> QuantizationResult:
-    from quantloop.tools.quantize import default_output_dir, quantize_model
-
     out = req.output_dir or default_output_dir(req.checkpoint, req.spec)
     return quantize_model(req.checkpoint, out, req.spec, overwrite=req.overwrite)
 
 
 def estimate(req: EstimateRequest) -> EstimateReport:
-    from quantloop.errors import InputError
-    from quantloop.gguf.precision_map import estimate_bytes, layer_type_of, plan_mixed_file
-    from quantloop.models.checkpoints import resolve_model
-
     model = resolve_model(req.model)
     if model.gguf is None:
         raise InputError(model.path, "no F16/F32 GGUF to estimate from", "run `quantloop prepare` on it first")
@@ -83,26 +96,18 @@ def estimate(req: EstimateRequest) -> EstimateReport:
 
 
 def validate(req: ValidationRequest) -> ValidationReport:
-    from quantloop.tools.validate import validate_quantization
-
     return validate_quantization(req)
 
 
 def compare(req: CompareRequest) -> CompareReport:
-    from quantloop.tools.compare import compare_outputs
-
     return compare_outputs(req)
 
 
 def evaluate(req: EvaluateRequest) -> EvaluationReport:
-    from quantloop.tools.evaluate import evaluate_model
-
     return evaluate_model(req)
 
 
 def quantize_writes(req: QuantizeRequest) -> Path:
-    from quantloop.tools.quantize import default_output_dir
-
     return Path(req.output_dir) if req.output_dir else default_output_dir(req.checkpoint, req.spec)
 
 
@@ -114,14 +119,10 @@ def validate_writes(req: ValidationRequest) -> Path:
 
 
 def sensitivity(req):
-    from quantloop.tools.sensitivity import measure_sensitivity
-
     return measure_sensitivity(req)
 
 
 def search(req):
-    from quantloop.tools.search import search_mixed_precision
-
     return search_mixed_precision(req)
 
 

@@ -26,7 +26,7 @@ def run_entry(entry: ToolEntry, arguments: dict) -> BaseModel:
 
 
 def as_langchain_tool(entry: ToolEntry):
-    from langchain_core.tools import StructuredTool, ToolException
+    from langchain_core.tools import StructuredTool, ToolException  # deferred: langchain_core
 
     def call(**arguments):
         try:

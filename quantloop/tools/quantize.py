@@ -20,7 +20,10 @@ from quantloop.gguf.architectures import check_config, check_gguf_architecture
 from quantloop.gguf.precision_map import check_written_types
 from quantloop.memory import peak_rss_bytes, reset_peak_rss
 from quantloop.models.checkpoints import resolve_model
+from quantloop.paths import QUANTIZED_DIR
 from quantloop.schemas import QuantizationResult, QuantSpec
+from quantloop.search.budget import fit_to_budget
+
 
 def check_architecture(model, spec: QuantSpec) -> None:
     """Refuse, before any work, an architecture the method cannot handle (the table in quantloop.gguf.architectures);
@@ -33,8 +36,6 @@ def check_architecture(model, spec: QuantSpec) -> None:
 
 def apply_size_budget(model, spec: QuantSpec) -> tuple[QuantSpec, list[str]]:
     """The spec with one type per tensor that meets spec.min_size_ratio, and one note saying what it cost."""
-    from quantloop.search.budget import fit_to_budget
-
     if not spec.gguf_type:  # (a method without min_size_ratio is refused when its spec is made)
         problem, fix = spec.refusal("min_size_ratio", spec.min_size_ratio)
         raise InputError(None, f"{problem} without gguf_type", fix)
@@ -60,8 +61,6 @@ def time_left_for_training(spec: QuantSpec, started: float) -> QuantSpec:
 
 
 def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
-    from quantloop.paths import QUANTIZED_DIR
-
     m = resolve_model(checkpoint)
     name = m.manifest.name if m.manifest else m.path.stem
     return QUANTIZED_DIR / f"{name}_{spec.tag()}"

@@ -13,17 +13,46 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
+from quantloop.backends.gguf import cached_imatrix
+from quantloop.data.calibration import calibration_text_file
 from quantloop.errors import InputError
-from quantloop.search.allocate import unit_table
-from quantloop.search.schemas import (Allocation, FrontMember, SearchRequest, SearchResult,
-                                      SensitivityRequest, SensitivityResult)
+from quantloop.gguf.precision_map import imatrix_header_bytes
+from quantloop.models.checkpoints import resolve_model
+from quantloop.schemas import CalibrationSpec, quant_spec
+from quantloop.search.allocate import budget_bytes_for_bpw, check_budget, greedy, ilp, unit_options, unit_table
+from quantloop.search.hardware import check_target
+from quantloop.search.measure import Baseline, summarize, tg_speed
+from quantloop.search.precision_maps import read_map, spec_fields
+from quantloop.search.schemas import (
+    Allocation,
+    FrontMember,
+    SearchRequest,
+    SearchResult,
+    SensitivityRequest,
+    SensitivityResult,
+    TextSpec,
+)
+from quantloop.search.study import (
+    create_study,
+    enqueue_seed,
+    finished,
+    load_study,
+    open_storage,
+    param_name,
+    run_trials,
+    suggest_genome,
+)
+from quantloop.search.tensors import genome_bits_per_weight, genome_bytes, model_tensors, smallest_genome
+from quantloop.tools.quantize import quantize_model
+from quantloop.tools.search_report import report_search
+from quantloop.tools.sensitivity import measure_sensitivity
 
 
 def imatrix_calibration(text: list, samples: int = 32, seqlen: int = 256):
     """The calibration text of the candidates' importance matrix: the calibration split of the search's domains,
     `samples` windows shared among them in turn (or the model's own generations when the text is synthetic)."""
-    from quantloop.schemas import CalibrationSpec
-
     dirs = [t.dataset_dir for t in text if t.source == "dataset"]
     if not dirs:
         return CalibrationSpec(source="synthetic", samples=samples, seqlen=seqlen)
@@ -35,10 +64,6 @@ def imatrix_extra_header(imatrix: dict | None, model) -> int:
     here once, then cached; the backend reuses it), so that the size estimate stays exact."""
     if not imatrix:
         return 0
-    from quantloop.backends.gguf import cached_imatrix
-    from quantloop.data.calibration import calibration_text_file
-    from quantloop.gguf.precision_map import imatrix_header_bytes
-    from quantloop.schemas import CalibrationSpec
 
     calib = CalibrationSpec(**imatrix)
     with tempfile.TemporaryDirectory() as d:
@@ -47,16 +72,12 @@ def imatrix_extra_header(imatrix: dict | None, model) -> int:
 
 
 def sensitivity_for(req: SearchRequest, out_dir: Path) -> SensitivityResult:
-    from quantloop.tools.sensitivity import measure_sensitivity
-
     return measure_sensitivity(SensitivityRequest(model=req.model, text=req.sensitivity_text, types=req.types,
                                                   granularity=req.granularity, heatmap_png=str(out_dir / "sensitivity_heatmap.png"),
                                                   threads=req.threads))
 
 
 def baselines(mt, sens: SensitivityResult, budgets_bpw: list[float]) -> list[Allocation]:
-    from quantloop.search.allocate import budget_bytes_for_bpw, greedy, ilp
-
     out = []
     for bpw in budgets_bpw:
         b = budget_bytes_for_bpw(mt, bpw)
@@ -71,14 +92,8 @@ def _choice(alloc: Allocation, units) -> dict[str, str]:
 def make_objective(config: dict, worker: dict):
     """The measured objective of one trial: quantize_model with the trial's precision map, exact bytes checked
     against the written file, KLD on llama.cpp against the F16 model, llama-bench tg speed."""
-    import optuna
+    import optuna  # deferred: optuna
 
-    from quantloop.schemas import quant_spec
-    from quantloop.search.measure import summarize, tg_speed
-    from quantloop.search.precision_maps import spec_fields
-    from quantloop.search.study import param_name, suggest_genome
-    from quantloop.search.tensors import genome_bits_per_weight, genome_bytes
-    from quantloop.tools.quantize import quantize_model
 
     mt, units, baseline, extra_header = worker["mt"], worker["units"], worker["baseline"], worker["extra_header"]
     work = Path(config["out_dir"]) / ".trials"
@@ -117,11 +132,6 @@ def make_objective(config: dict, worker: dict):
 
 
 def _worker_state(config: dict) -> dict:
-    from quantloop.models.checkpoints import resolve_model
-    from quantloop.search.measure import Baseline
-    from quantloop.search.schemas import TextSpec
-    from quantloop.search.tensors import model_tensors
-
     model = resolve_model(config["model"])
     mt = model_tensors(model.gguf, tuple(config["types"]) + ("F16",))
     units = {u: (ts, tuple(types)) for u, (ts, types) in config["units"].items()}
@@ -131,8 +141,6 @@ def _worker_state(config: dict) -> dict:
 
 def run_search_worker(storage_url: str, study_name: str) -> int:
     """Join the search `study_name` in the storage and run trials until it holds its number of trials."""
-    from quantloop.search.study import load_study, open_storage, run_trials
-
     study, config = load_study(open_storage(storage_url), study_name)
     return run_trials(study, make_objective(config, _worker_state(config)), config["trials"])
 
@@ -140,7 +148,7 @@ def run_search_worker(storage_url: str, study_name: str) -> int:
 def fail_dead_local_trials(study) -> list[int]:
     """A journal file has no heartbeat: on resume, fail (and queue again) the running trials of workers on this
     host whose process is gone."""
-    import optuna
+    import optuna  # deferred: optuna
 
     host, failed = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -162,12 +170,6 @@ def _spawn_workers(storage_url: str, study: str, n: int) -> None:
 
 
 def search_mixed_precision(req: SearchRequest, progress=None) -> SearchResult:
-    from quantloop.models.checkpoints import resolve_model
-    from quantloop.search.allocate import budget_bytes_for_bpw, check_budget, unit_options
-    from quantloop.search.hardware import check_target
-    from quantloop.search.study import create_study, enqueue_seed, finished, open_storage
-    from quantloop.search.tensors import model_tensors
-
     t0 = time.perf_counter()
     check_target(req.target)
     out_dir = Path(req.out_dir)
@@ -201,16 +203,12 @@ def search_mixed_precision(req: SearchRequest, progress=None) -> SearchResult:
         run_search_worker(storage_url, req.study)
     elif req.workers > 1:
         _spawn_workers(storage_url, req.study, req.workers)
-    from quantloop.tools.search_report import report_search
 
     return report_search(req, study, storage_url, mt, sens, allocs, before, out_dir, t0)
 
 
 def read_seed_maps(req: SearchRequest, mt) -> list[tuple[str, dict[str, str]]]:
     """Every --seed-map, checked against the model (names, types it can hold) before anything runs."""
-    from quantloop.search.precision_maps import read_map
-    from quantloop.search.tensors import model_tensors
-
     full = model_tensors(mt.gguf)
     out = []
     for p in req.seed_maps:
@@ -234,11 +232,8 @@ def map_choice(genome: dict[str, str], units, where) -> dict[str, str]:
 
 
 def check_budgets(mt, req: SearchRequest) -> int:
-    from quantloop.search.tensors import genome_bytes, smallest_genome
-
     smallest = genome_bytes(mt, smallest_genome(mt))
     if req.max_bpw is not None:
-        from quantloop.search.allocate import budget_bytes_for_bpw
 
         if budget_bytes_for_bpw(mt, req.max_bpw) < smallest:
             raise InputError(None, f"--max-bpw {req.max_bpw} is below the smallest possible file ({smallest:,} bytes)",
@@ -265,10 +260,6 @@ def member_kld(member: FrontMember) -> float:
 
 def member_spec(member: FrontMember):
     """The QuantSpec (method gguf, one type per tensor) of a front member's precision map."""
-    import yaml
-
-    from quantloop.schemas import quant_spec
-
     fields = {k: v for k, v in yaml.safe_load(Path(member.map_yaml).read_text()).items() if k != "quantloop_search"}
     return quant_spec(**fields)
 

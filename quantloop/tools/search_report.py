@@ -3,28 +3,33 @@ test split (quantize_model, then KLD against the F16 model on llama.cpp), the pi
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import yaml
+
 from quantloop.fileio import write_json_atomic
+from quantloop.models.checkpoints import resolve_model
+from quantloop.schemas import quant_spec
+from quantloop.search.allocate import unit_table
+from quantloop.search.hardware import estimated_fields
+from quantloop.search.measure import Baseline, summarize
+from quantloop.search.plots import bits_heatmap, front_plot
+from quantloop.search.precision_maps import write_map
 from quantloop.search.schemas import CandidateMeasurement, FrontMember, SearchRequest, SearchResult
+from quantloop.search.study import front_2d, param_name, pareto_front
+from quantloop.search.tensors import BLOCK32, FLOAT16, KQUANTS, bytes_per_weight
+from quantloop.tools.quantize import quantize_model
+from quantloop.tracking import Tracker, flatten
 
 
 def _genome(trial, units) -> dict[str, str]:
-    from quantloop.search.study import param_name
-
     return {n: trial.params[param_name(u)] for u, (ts, _) in units.items() for n in ts}
 
 
 def _validate(req: SearchRequest, members: list[FrontMember], out_dir: Path) -> None:
     """Quantize each member with quantize_model from its YAML map and measure it on the test split."""
-    import yaml
-
-    from quantloop.models.checkpoints import resolve_model
-    from quantloop.schemas import quant_spec
-    from quantloop.search.measure import Baseline, summarize
-    from quantloop.tools.quantize import quantize_model
-
     if not members or not req.test_text:
         return
     model = resolve_model(req.model)
@@ -37,14 +42,8 @@ def _validate(req: SearchRequest, members: list[FrontMember], out_dir: Path) -> 
 
 
 def report_search(req: SearchRequest, study, storage_url: str, mt, sens, allocs, before: set[int], out_dir: Path, t0: float) -> SearchResult:
-    import optuna
+    import optuna  # deferred: optuna
 
-    from quantloop.search.hardware import estimated_fields
-    from quantloop.search.plots import bits_heatmap, front_plot
-    from quantloop.search.precision_maps import write_map
-    from quantloop.search.study import front_2d, pareto_front
-    from quantloop.search.tensors import BLOCK32, FLOAT16, KQUANTS, bytes_per_weight
-    from quantloop.search.allocate import unit_table
 
     units = unit_table(sens, mt)
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if "measured" in t.user_attrs]
@@ -88,16 +87,12 @@ def report_search(req: SearchRequest, study, storage_url: str, mt, sens, allocs,
 
 def req_marks(req: SearchRequest) -> list[dict]:
     """Extra points (llama.cpp's fixed mixes) a caller measured and left in out_dir/marks.json."""
-    import json
-
     p = Path(req.out_dir) / "marks.json"
     return json.loads(p.read_text()) if p.is_file() else []
 
 
 def log_to_mlflow(req: SearchRequest, result: SearchResult, extra_files: list) -> str:
     """One parent run per search, one nested run per front member, the pictures and the result as artifacts."""
-    from quantloop.tracking import Tracker, flatten
-
     tr = Tracker(req.tracking_uri)
     parent = tr.client.create_run(tr.experiment_id, run_name=f"search-{req.study}", tags={"quantloop.kind": "search"})
     pid = parent.info.run_id

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.fileio import read_hf_config
+from quantloop.gguf import blocks as gb
+from quantloop.gguf.architectures import of_config
+from quantloop.gguf.export import export_hf_to_gguf
+from quantloop.gguf.tensor_names import gguf_tensor_name
+from quantloop.models.checkpoints import load_hf_model, save_tokenizer
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -59,8 +65,8 @@ def load_gptq(out_dir: Path, dtype: str | None = "float16"):
     if not (out_dir / "quantize_config.json").is_file() and "quantization_config" not in read_hf_config(out_dir):
         raise InputError(out_dir, "not a GPTQ/AWQ checkpoint (no quantize_config.json)", "quantize it first")
     set_env()
-    import torch
-    from gptqmodel import GPTQModel
+    import torch  # deferred: torch
+    from gptqmodel import GPTQModel  # deferred: gptqmodel
 
     if dtype is not None and dtype not in DTYPES:
         raise InputError(None, f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
@@ -72,7 +78,7 @@ def load_gptq(out_dir: Path, dtype: str | None = "float16"):
 
 def gptq_logits(model, ids: list[int]):
     """Float32 logits [len(ids), vocab] of a loaded GPTQ/AWQ model for one token-id sequence."""
-    import torch
+    import torch  # deferred: torch
 
     hf = getattr(model, "model", model)
     with torch.inference_mode():
@@ -82,7 +88,7 @@ def gptq_logits(model, ids: list[int]):
 
 def kernel_names(model) -> list[str]:
     """Class names of the quantized linear kernels a loaded model runs (e.g. ['TorchAtenLinear'])."""
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear  # deferred: gptqmodel
 
     hf = getattr(model, "model", model)
     return sorted({type(m).__name__ for m in hf.modules() if isinstance(m, BaseQuantLinear)})
@@ -108,7 +114,7 @@ class QuantizedLinear:
     @property
     def trivial_groups(self) -> bool:
         """True when input column i is in group i // group_size (no act-order permutation)."""
-        import torch
+        import torch  # deferred: torch
 
         gs = self.group_size if self.group_size > 0 else self.codes.shape[1]
         return bool(torch.equal(self.g_idx, torch.arange(self.codes.shape[1], dtype=torch.int32) // gs))
@@ -123,7 +129,7 @@ class QuantizedLinear:
 
 def _unpack_words(words, bits: int, axis: int):
     """Unpack int32 words holding 32/bits fields each (field j at bits [bits*j, bits*(j+1))) along `axis` (0 or 1)."""
-    import torch
+    import torch  # deferred: torch
 
     per = 32 // bits
     w = words.to(torch.int64) & 0xFFFFFFFF
@@ -159,8 +165,8 @@ def read_quantized_linear(out_dir: Path, name: str) -> QuantizedLinear:
     `name` is the module path, e.g. "model.layers.0.self_attn.q_proj".
     Supports GPTQ ("gptq" v1 format) and AWQ ("gemm" format) at 2, 4 or 8 bits.
     """
-    import torch
-    from safetensors import safe_open
+    import torch  # deferred: torch
+    from safetensors import safe_open  # deferred: safetensors
 
     out_dir = Path(out_dir)
     qc = _quant_config(out_dir)
@@ -213,7 +219,7 @@ def read_quantized_linear(out_dir: Path, name: str) -> QuantizedLinear:
 def join_rows(name: str, parts: list[QuantizedLinear]) -> QuantizedLinear:
     """One linear from the parts GPTQModel defused it into (Phi-3's gate_up_proj -> gate_proj, up_proj): their
     output rows stacked in order, each row keeping its own codes, scales and zero points."""
-    import torch
+    import torch  # deferred: torch
 
     first = parts[0]
     if any(not torch.equal(p.g_idx, first.g_idx) for p in parts):
@@ -226,8 +232,6 @@ def join_rows(name: str, parts: list[QuantizedLinear]) -> QuantizedLinear:
 def table_linears(gptq_dir: Path, arch) -> list[QuantizedLinear]:
     """Every quantized linear of a checkpoint under the architecture table's names: the parts of a linear GPTQModel
     defused (arch.defused) joined back into it."""
-    import re
-
     defused = {part: (fused, parts) for fused, parts in (arch.defused if arch else ()) for part in parts}
     out, joined = [], set()
     for name in quantized_linear_names(gptq_dir):
@@ -244,8 +248,8 @@ def changed_float_tensors(gptq_dir: Path, float_dir: Path) -> dict:
     """The unquantized tensors the quantizer rewrote: AWQ folds its input scales into the norm before q/k/v and
     gate/up (norm / s, W * s). The checkpoint stores every float tensor in float16; one that is not the float
     model's own tensor rounded to float16 was changed, and the checkpoint's is the model's."""
-    import torch
-    from safetensors import safe_open
+    import torch  # deferred: torch
+    from safetensors import safe_open  # deferred: safetensors
 
     def tensors(folder: Path) -> dict:
         out = {}
@@ -264,12 +268,8 @@ def on_grid_model(gptq_dir: Path, float_dir: Path, gguf_type: str):
     linear's codes and scales packed into blocks (a zero point becomes Q4_1/Q5_1's fp16 offset m = -scale * zero,
     the one rounding on the way) and the weight set to what they dequantize to; the tensors the quantizer rewrote
     (AWQ's norms) from the checkpoint. Returns (model, {GGUF tensor name: (gguf_type, QuantBlocks)})."""
-    import torch
+    import torch  # deferred: torch
 
-    from quantloop.gguf import blocks as gb
-    from quantloop.gguf.architectures import of_config
-    from quantloop.gguf.tensor_names import gguf_tensor_name
-    from quantloop.models.checkpoints import load_hf_model
 
     model = load_hf_model(Path(float_dir))
     params = dict(model.named_parameters())
@@ -291,9 +291,6 @@ def export_gptq_to_gguf(gptq_dir: Path, float_dir: Path, out_file: Path, gguf_ty
     """Write the codes and scales of a GPTQModel checkpoint into a GGUF of `gguf_type` as they are (packed by
     pack_from_codes, see on_grid_model), or refuse. The float checkpoint the converter reads holds exactly what the
     blocks dequantize to."""
-    from quantloop.gguf.export import export_hf_to_gguf
-    from quantloop.models.checkpoints import save_tokenizer
-
     model, blocks = on_grid_model(gptq_dir, float_dir, gguf_type)
     with tempfile.TemporaryDirectory(dir=Path(out_file).parent, prefix=".gptq-float-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -55,9 +55,12 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from quantloop.backends.base import Backend, BackendJob, BackendOutput
 from quantloop.backends.gptq.checkpoint import (
     DTYPES,
+    export_gptq_to_gguf,
     safetensors_header,
     set_env,
     weight_files,
@@ -65,6 +68,7 @@ from quantloop.backends.gptq.checkpoint import (
 from quantloop.data.calibration import check_calibration
 from quantloop.errors import InputError
 from quantloop.fileio import read_hf_config
+from quantloop.gguf.export import export_exact_gguf, export_note
 from quantloop.memory import peak_rss_bytes, reset_peak_rss
 
 GPTQMODEL_VERSION = "7.6.0"
@@ -126,7 +130,7 @@ def check_gptq_settings(hf_dir: Path, method: str, bits: int, group_size: int, s
 
 
 def supported_architectures() -> list[str]:
-    from gptqmodel.models.auto import SUPPORTED_MODELS
+    from gptqmodel.models.auto import SUPPORTED_MODELS  # deferred: gptqmodel
 
     return sorted(SUPPORTED_MODELS)
 
@@ -136,8 +140,8 @@ def supported_architectures() -> list[str]:
 
 def _cast_unquantized(out_dir: Path, dtype: str) -> None:
     """Rewrite float tensors that are not GPTQ/AWQ buffers (embeddings, norms) in `dtype`; scales stay float16."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    import torch  # deferred: torch
+    from safetensors.torch import load_file, save_file  # deferred: safetensors
 
     target = getattr(torch, dtype)
     quant_suffixes = (".scales",)
@@ -194,12 +198,11 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
         raise InputError(out_dir, "output folder exists and is not empty", "pass a new folder")
 
     set_env()
-    import gptqmodel
-    import numpy as np
-    import torch
-    from gptqmodel import BACKEND, GPTQModel
-    from gptqmodel.models.auto import SUPPORTED_MODELS
-    from gptqmodel.quantization.config import AWQConfig, GPTQConfig
+    import gptqmodel  # deferred: gptqmodel
+    import torch  # deferred: torch
+    from gptqmodel import BACKEND, GPTQModel  # deferred: gptqmodel
+    from gptqmodel.models.auto import SUPPORTED_MODELS  # deferred: gptqmodel
+    from gptqmodel.quantization.config import AWQConfig, GPTQConfig  # deferred: gptqmodel
 
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODELS:
@@ -252,7 +255,7 @@ def quantize_gptq(hf_dir: Path, out_dir: Path, bits: int, group_size: int, symme
         raise
 
     qc = json.loads((out_dir / "quantize_config.json").read_text())
-    import transformers
+    import transformers  # deferred: transformers
 
     return {
         "library": "gptqmodel",
@@ -292,8 +295,6 @@ class GPTQModelBackend(Backend):
     libraries = ("gptqmodel", "torch", "transformers")
 
     def check(self, job: BackendJob) -> None:
-        from quantloop.gguf.export import export_exact_gguf
-
         if job.spec.gguf_type:
             export_exact_gguf(None, None, job.spec)  # a layout no GGUF block holds is refused before the slow part
 
@@ -303,9 +304,7 @@ class GPTQModelBackend(Backend):
                       method=spec.method, seed=spec.seed)
         if not spec.gguf_type:
             return BackendOutput(job.work_dir, spec.method)
-        from quantloop.backends.gptq.checkpoint import export_gptq_to_gguf
 
-        from quantloop.gguf.export import export_note
 
         exported: dict = {}
         path = export_gptq_to_gguf(job.work_dir, job.model.hf_dir, job.work_dir / job.gguf_name(), spec.gguf_type.upper(), exported)

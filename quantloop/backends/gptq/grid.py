@@ -28,10 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from quantloop.backends.base import Backend, BackendJob, BackendOutput, save_and_export
 from quantloop.errors import InputError
 from quantloop.gguf import blocks as gb
+from quantloop.gguf.block_types import FLOAT_TYPES
+from quantloop.gguf.export import export_note, llama_embedding_type, planned_export_types
+from quantloop.gguf.precision_map import plan_precision_map
+from quantloop.gguf.tensor_names import gguf_tensor_name
+from quantloop.gguf.torch_grid import check_grid_model, check_grid_type, layer_type, linear_types
+from quantloop.models.checkpoints import load_hf_model
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, GPTQ's default
 
@@ -94,8 +101,6 @@ def grid_gptq_weight(w: torch.Tensor, H: torch.Tensor, type_name: str, damp: flo
     act_order: columns in order of falling diag(H) (the inputs with the most energy first), with every block's
     grid fixed up front by llama.cpp's rounding of the original weights (GPTQ's "static groups"), so the
     blocks stay contiguous runs of 32 (256) columns that a GGUF can hold."""
-    from quantloop.gguf.torch_grid import layer_type
-
     W = w.detach().float().clone()
     cols = W.shape[1]
     t = layer_type(type_name, cols)
@@ -187,10 +192,6 @@ def gptq_gguf_model_(model, sequences, linear_types: dict[str, str], batch_size:
     """GPTQ in place of every linear named in `linear_types` (module name -> GGUF type), layer by layer, then,
     when `head_type` is a GGUF type, of the output projection (the tied token embedding or lm_head) onto it.
     Fills `blocks` (llama.cpp tensor name -> (type, QuantBlocks)) when given; returns timings and settings."""
-    from tqdm import tqdm
-
-    from quantloop.gguf.tensor_names import gguf_tensor_name
-
     blocks = {} if blocks is None else blocks
 
     ids = torch.tensor(sequences, dtype=torch.long)
@@ -268,13 +269,6 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
     checkpoint, weights on the grid, tokenizer, gptq_result.json) and out_dir/<name>.gguf; returns the GGUF.
     gptq_head: the output projection (a tied embedding included) is GPTQ'd onto the embedding's type too, with
     the Hessian of the final normed hidden states; otherwise the export rounds it as llama-quantize would."""
-    from quantloop.gguf.torch_grid import (
-        check_grid_model,
-        check_grid_type,
-        linear_types,
-    )
-    from quantloop.models.checkpoints import load_hf_model
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     base_type = check_grid_type(base_type, who="GPTQ on the grid")
     model = load_hf_model(hf_dir)
@@ -293,9 +287,6 @@ def gptq_gguf_checkpoint(hf_dir, out_dir, base_type: str, sequences, tensor_type
 def head_grid_type(base_type: str, embedding_type: str, width: int) -> str | None:
     """The grid the output projection is GPTQ'd onto: the embedding type the export plans (auto: llama-quantize's
     choice), or None when it stays in float."""
-    from quantloop.gguf.block_types import FLOAT_TYPES
-    from quantloop.gguf.export import llama_embedding_type
-
     t = llama_embedding_type(base_type, width) if embedding_type == "auto" else embedding_type.upper()
     return None if t in FLOAT_TYPES else t
 
@@ -311,9 +302,6 @@ class GridGPTQBackend(Backend):
         return spec.gptq_on_gguf_grid()
 
     def quantize(self, job: BackendJob) -> BackendOutput:
-        from quantloop.gguf.export import planned_export_types
-        from quantloop.gguf.precision_map import plan_precision_map
-
         spec = job.spec
         if spec.has_precision_map():
             base, rules, planned, embedding_type = plan_precision_map(job.model.gguf, spec)
@@ -322,7 +310,6 @@ class GridGPTQBackend(Backend):
             planned = planned_export_types(job.model.gguf, base)
         path = gptq_gguf_checkpoint(job.model.hf_dir, job.work_dir, base, job.sequences, tensor_types=rules,
                                     embedding_type=embedding_type, gguf_name=job.gguf_name(), act_order=spec.act_order)
-        from quantloop.gguf.export import export_note
 
         exported = json.loads((job.work_dir / "gptq_result.json").read_text())["export"]
         return BackendOutput(path, f"gguf:mixed-{spec.preset or 'custom'}" if spec.has_precision_map() else f"gguf:{base}", planned,

@@ -15,6 +15,7 @@ Public: kl_divergence, QATConfig, QATResult, run_qat, qat_checkpoint, QATBackend
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from quantloop.backends.base import (
@@ -25,7 +26,10 @@ from quantloop.backends.base import (
 )
 from quantloop.backends.qat.teacher import kl_divergence  # noqa: F401
 from quantloop.backends.qat.train import QATConfig, QATResult, run_qat  # noqa: F401
+from quantloop.gguf.export import export_note
+from quantloop.gguf.precision_map import plan_precision_map
 from quantloop.gguf.torch_grid import check_grid_model, check_grid_type
+from quantloop.models.checkpoints import load_hf_model
 
 
 def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200, seed: int = 0,
@@ -33,9 +37,6 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
                    tensor_types: dict[str, str] | None = None, embedding_type: str = "auto") -> Path:
     """QAT of the float checkpoint hf_dir for `gguf_type`; writes out_dir (float32 HF checkpoint, weights on
     the grid, plus tokenizer and qat_result.json) and out_dir/<name>-<type>.gguf; returns the GGUF path."""
-
-    from quantloop.models.checkpoints import load_hf_model
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     gguf_type = check_grid_type(gguf_type)
     cfg = dataclasses.replace(config or QATConfig(), gguf_type=gguf_type, steps=int(steps), seed=int(seed),
@@ -67,8 +68,6 @@ class QATBackend(Backend):
 
     def plan(self, job: BackendJob) -> tuple[str, dict[str, str], dict[str, str], str]:
         """(GGUF type, tensor-type rules, planned types, embedding type); the type is checked for QAT."""
-        from quantloop.gguf.precision_map import plan_precision_map
-
         spec = job.spec
         if not spec.has_precision_map():
             return check_grid_type(spec.gguf_type, spec.bits, spec.symmetric), {}, {}, "auto"
@@ -83,9 +82,7 @@ class QATBackend(Backend):
         gguf_type, rules, planned, embedding_type = self.plan(job)
         path = qat_checkpoint(job.model.hf_dir, job.work_dir, gguf_type, job.sequences, steps=spec.qat_steps, seed=spec.seed,
                               config=qat_config(spec), gguf_name=job.gguf_name(), tensor_types=rules, embedding_type=embedding_type)
-        import json
 
-        from quantloop.gguf.export import export_note
 
         result = json.loads((job.work_dir / "qat_result.json").read_text())
         notes = [export_note(result["export"])]

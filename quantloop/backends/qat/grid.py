@@ -15,10 +15,13 @@ Public: GridWeight, FakeQuantLinear, wrap_student, unwrap_student, grid_copy.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from quantloop.gguf import blocks as gb
 from quantloop.gguf.learned_scales import LearnedScales, has_levels
 from quantloop.gguf.tensor_names import gguf_tensor_name, linear_modules
 from quantloop.gguf.torch_grid import (
@@ -70,7 +73,6 @@ class GridWeight(torch.nn.Module):
         if self.scales is not None:
             return self.scales.quantized(w)
         if self.gguf_type in KQUANTS:
-            from quantloop.gguf import blocks as gb
 
             return torch.from_numpy(gb.fake_quantize(w.detach().float().cpu().numpy(), self.gguf_type)).to(w.device, w.dtype)
         return fake_quantize_torch(w, self.gguf_type)
@@ -78,8 +80,6 @@ class GridWeight(torch.nn.Module):
     @torch.no_grad()
     def blocks(self):
         """(type, QuantBlocks) the GGUF holds for this weight, in the checkpoint's row order."""
-        from quantloop.gguf import blocks as gb
-
         if self.scales is not None:
             codes, d = self.scales.blocks(self.weight)
             return self.gguf_type, gb.QuantBlocks(codes, d, None)
@@ -177,8 +177,6 @@ def wrap_student(model, gguf_type: str, tensor_types: dict[str, str] | None = No
 def grid_copy(model):
     """A copy of a wrapped student as the GGUF would hold it now (plain modules, weights on the grid) and its blocks;
     the student itself is left as it is."""
-    import copy
-
     for m in model.modules():
         if isinstance(m, FakeQuantEmbedding):
             m.current = None  # a tensor of the last forward pass's graph, which cannot be copied

@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from quantloop.backends.gptq.grid import gptq_gguf_model_
 from quantloop.backends.qat.grid import (
     GridWeight,
     grid_copy,
@@ -38,7 +40,11 @@ from quantloop.backends.qat.teacher import (
     topk_kl,
 )
 from quantloop.errors import InputError
-from quantloop.gguf.torch_grid import check_grid_model, check_grid_type
+from quantloop.eval.runtimes import default_threads
+from quantloop.gguf.block_types import FLOAT_TYPES
+from quantloop.gguf.export import llama_embedding_type
+from quantloop.gguf.learned_scales import has_levels
+from quantloop.gguf.torch_grid import check_grid_model, check_grid_type, linear_types
 
 INITS = ("teacher", "gptq")
 
@@ -139,11 +145,6 @@ def _gptq_start(student, train: torch.Tensor, cfg: QATConfig, gguf_type: str, em
     included) onto the embedding's grid when that is a block type, in place, as the GPTQ step does; returns GGUF
     name -> GPTQ's block scales for the level types (the others start from GPTQ's weights and take llama.cpp's
     grid of them)."""
-    from quantloop.backends.gptq.grid import gptq_gguf_model_
-    from quantloop.gguf.block_types import FLOAT_TYPES
-    from quantloop.gguf.learned_scales import has_levels
-    from quantloop.gguf.torch_grid import linear_types
-
     blocks: dict = {}
     gptq_gguf_model_(student, train.tolist(), linear_types(student, gguf_type, cfg.tensor_types), batch_size=cfg.batch_size,
                      act_order=True, progress=cfg.progress, blocks=blocks,
@@ -160,8 +161,6 @@ def run_qat(teacher, sequences, config: QATConfig | None = None, snapshot=None):
     The returned student has plain modules whose weights are exactly on the config's GGUF grids; `blocks` are
     their codes and scales (GGUF tensor name -> (type, QuantBlocks)), which the export writes as they are.
     """
-    from quantloop.eval.runtimes import default_threads
-
     cfg = config or QATConfig()
     gguf_type = check_grid_type(cfg.gguf_type)
     check_grid_model(teacher, gguf_type)
@@ -175,8 +174,6 @@ def run_qat(teacher, sequences, config: QATConfig | None = None, snapshot=None):
 
 
 def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
-    from tqdm.auto import tqdm
-
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     seqs = _as_tensor(sequences)
     n_eval = min(cfg.eval_sequences, max(1, seqs.shape[0] // 4)) if seqs.shape[0] > 1 else 1
@@ -193,7 +190,6 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
     student = copy.deepcopy(teacher)
     emb_type = cfg.embedding_type
     if emb_type == "auto":
-        from quantloop.gguf.export import llama_embedding_type
 
         emb_type = llama_embedding_type(gguf_type, student.get_input_embeddings().weight.shape[1])
     start_scales = _gptq_start(student, train, cfg, gguf_type, emb_type) if cfg.init == "gptq" else None
