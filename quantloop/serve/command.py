@@ -7,7 +7,7 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.paths import SLM_DIR
-from quantloop.tools.catalog import TOOLS
+from quantloop.tools.catalog import tools
 
 
 def cmd_mcp(a) -> int:
@@ -26,7 +26,7 @@ def cmd_mcp(a) -> int:
 
 
 def add_mcp_command(subparsers) -> argparse.ArgumentParser:
-    names = ", ".join(t.name for t in TOOLS)
+    names = ", ".join(t.name for t in tools())
     s = subparsers.add_parser(
         "mcp", help=f"serve the tools ({names}) over MCP",
         description="An MCP server (the official Python SDK) with quantloop's tools, their pydantic models as input and "

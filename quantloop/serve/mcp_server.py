@@ -25,7 +25,7 @@ from quantloop import __version__
 from quantloop.errors import InputError
 from quantloop.serve.confine import OutputLocks, confine_request
 from quantloop.serve.progress import progress_message
-from quantloop.tools.catalog import TOOLS, ToolEntry, tool_entry
+from quantloop.tools.catalog import ToolEntry, tool_entry, tools
 from quantloop.tools.langchain import validation_message
 
 SERVER_NAME = "quantloop"
@@ -77,7 +77,7 @@ async def run_with_progress(ctx, entry: ToolEntry, request):
 async def call_tool(ctx, params: types.CallToolRequestParams, root: Path, locks: OutputLocks) -> types.CallToolResult:
     entry = tool_entry(params.name)
     if entry is None:
-        return tool_error(f"unknown tool '{params.name}'; the tools are {', '.join(t.name for t in TOOLS)}")
+        return tool_error(f"unknown tool '{params.name}'; the tools are {', '.join(t.name for t in tools())}")
     try:
         request = confine_request(entry, entry.request.model_validate(params.arguments or {}), root)
     except ValidationError as e:
@@ -112,10 +112,10 @@ def build_server(root: str | Path):
 
     root = Path(root).resolve()
     locks = OutputLocks()
-    tools = [listed_tool(t) for t in TOOLS]
+    listed = [listed_tool(t) for t in tools()]
 
     async def on_list_tools(ctx, params) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=tools)
+        return types.ListToolsResult(tools=listed)
 
     async def on_call_tool(ctx, params: types.CallToolRequestParams) -> types.CallToolResult:
         return await call_tool(ctx, params, root, locks)

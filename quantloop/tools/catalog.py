@@ -170,5 +170,25 @@ TOOLS: tuple[ToolEntry, ...] = (
 )
 
 
+_REGISTERED: list[ToolEntry] = []
+
+
+def register_tool(entry: ToolEntry) -> ToolEntry:
+    """Serve one more tool (after the built-in TOOLS) over MCP and LangChain. Returns it."""
+    if tool_entry(entry.name):
+        raise InputError(None, f"a tool named '{entry.name}' exists already", "give the new tool another name")
+    _REGISTERED.append(entry)
+    return entry
+
+
+def unregister_tool(entry: ToolEntry) -> None:
+    _REGISTERED.remove(entry)
+
+
+def tools() -> tuple[ToolEntry, ...]:
+    """Every tool an outside agent may call: the built-in TOOLS, then the registered ones."""
+    return TOOLS + tuple(_REGISTERED)
+
+
 def tool_entry(name: str) -> ToolEntry | None:
-    return next((t for t in TOOLS if t.name == name), None)
+    return next((t for t in tools() if t.name == name), None)

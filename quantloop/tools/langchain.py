@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ValidationError
 
 from quantloop.errors import InputError
-from quantloop.tools.catalog import TOOLS, ToolEntry
+from quantloop.tools.catalog import ToolEntry, tools
 
 
 def validation_message(err: ValidationError) -> str:
@@ -45,8 +45,8 @@ def as_langchain_tool(entry: ToolEntry):
 
 
 def as_langchain_tools(names: list[str] | None = None) -> list:
-    """LangChain StructuredTools for every tool of quantloop.tools.catalog.TOOLS, in its order (or the ones named)."""
-    unknown = set(names or ()) - {t.name for t in TOOLS}
+    """LangChain StructuredTools for every tool of quantloop.tools.catalog.tools(), in its order (or the ones named)."""
+    unknown = set(names or ()) - {t.name for t in tools()}
     if unknown:
-        raise InputError(None, f"unknown tool(s): {', '.join(sorted(unknown))}", f"use {', '.join(t.name for t in TOOLS)}")
-    return [as_langchain_tool(t) for t in TOOLS if names is None or t.name in names]
+        raise InputError(None, f"unknown tool(s): {', '.join(sorted(unknown))}", f"use {', '.join(t.name for t in tools())}")
+    return [as_langchain_tool(t) for t in tools() if names is None or t.name in names]
