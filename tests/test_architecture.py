@@ -1,25 +1,20 @@
 """The code's shape: packages import only downwards, and a quantizer is one class behind one interface."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 from quantloop.backends.base import Backend, BackendOutput, Needs, backend_for, register, unregister
 from quantloop.errors import InputError
 from quantloop.schemas import CalibrationSpec, quant_spec
 from quantloop.tools.quantize import quantize_model
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _import_graph():
-    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/import_graph.py")
 
 
 def test_packages_import_only_downwards_and_form_no_cycle():
@@ -93,10 +88,7 @@ def test_a_backend_refusal_or_broken_promise_leaves_nothing(toy, tiny_prepared, 
 
 
 def _import_placement():
-    spec = importlib.util.spec_from_file_location("import_placement", ROOT / "scripts" / "import_placement.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/import_placement.py")
 
 
 def test_a_function_level_import_only_defers_a_heavy_library_and_says_which():

@@ -1,26 +1,21 @@
 """The tools as LangChain tools, and the example agent (LangChain's create_agent with a scripted chat model)
 making real tool calls on the tiny Llama."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 from gguf import GGUFReader
 from langchain_core.messages import AIMessage, ToolMessage
+from script_helpers import load_script
+from spec_helpers import tiny_spec
 
 from quantloop.schemas import CompareReport, QuantizationResult, ValidationReport
 from quantloop.tools import as_langchain_tools
 from quantloop.tools.catalog import TOOLS, EstimateReport
-from spec_helpers import tiny_spec
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("langchain_agent", ROOT / "examples" / "langchain_agent.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/langchain_agent.py")
 
 
 def test_langchain_tools_use_the_tools_own_pydantic_models():
