@@ -33,7 +33,7 @@ from quantloop.paths import DATASETS_DIR, OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E4
 from quantloop.pipelines.report_format import table  # noqa: E402
 from quantloop.schemas import CalibrationSpec, KLDReport, QuantSpec, quant_spec, ValidationRequest  # noqa: E402
 from quantloop.tools import validate_quantization  # noqa: E402
-from quantloop.tools.validate import ppl_increase_stderr  # noqa: E402
+from quantloop.eval.criteria.perplexity import ppl_increase_stderr  # noqa: E402
 from quantloop.tools.quantize import quantize_model  # noqa: E402
 
 DOMAINS = ("shakespeare", "python-docs", "bible", "linux-docs")

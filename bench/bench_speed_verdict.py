@@ -31,7 +31,7 @@ from quantloop.paths import DEFAULT_MODEL_DIR, SLM_DIR  # noqa: E402
 from quantloop.pipelines.report_format import table  # noqa: E402
 from quantloop.schemas import ModelRef, SpeedSettings  # noqa: E402
 from quantloop.specs import load_quality_spec  # noqa: E402
-from quantloop.tools.validate import how_close, shown  # noqa: E402
+from quantloop.eval.criteria.base import how_close, shown  # noqa: E402
 
 
 def old_ratio(base: ModelRef, quant: ModelRef, threads: int) -> float:

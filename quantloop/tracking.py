@@ -129,8 +129,9 @@ class Tracker:
 
     # ------------------------------------------------------------------ attempts
 
-    def log_attempt(self, parent_id: str, run_id: str, attempt, log_model_max_mib: float) -> str:
-        """One nested run per attempt; an earlier, unfinished record of the same attempt is replaced."""
+    def log_attempt(self, parent_id: str, run_id: str, attempt, log_model_max_mib: float, extra_params: dict | None = None) -> str:
+        """One nested run per attempt; an earlier, unfinished record of the same attempt is replaced. `extra_params`:
+        what the acceptance criteria add (their numbers are in attempt.metrics already)."""
         found = self._find(f"tags.`{RUN_TAG}` = '{run_id}' and tags.`{ATTEMPT_TAG}` = '{attempt.index}'")
         if found is not None:
             if found.info.status == "FINISHED":
@@ -153,6 +154,7 @@ class Tracker:
                        "format": q.format, "model_path": q.model_path}
         if attempt.note:
             params["note"] = attempt.note[:6000]
+        params |= extra_params or {}
         metrics = dict(attempt.metrics)
         if q is not None:
             metrics |= {"quantize.wall_s": q.wall_s, "quantize.peak_rss_bytes": q.peak_rss_bytes, "quantize.bytes_on_disk": q.bytes_on_disk}

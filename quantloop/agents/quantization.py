@@ -10,6 +10,7 @@ from pathlib import Path
 from quantloop.agents.search_step import search_attempt
 from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
 from quantloop.errors import InputError, crash_line, missing_extra
+from quantloop.eval.criteria.size import required_size_ratio
 from quantloop.eval.size import gguf_size, judged_bits
 from quantloop.fileio import write_text_atomic
 from quantloop.gguf.export import planned_export_types
@@ -22,7 +23,7 @@ from quantloop.search.budget import plan_without_measuring
 from quantloop.specs import load_quality_spec
 from quantloop.tools.compare import compare_outputs
 from quantloop.tools.quantize import quantize_model
-from quantloop.tools.validate import required_size_ratio, validate_quantization
+from quantloop.tools.validate import validate_quantization
 
 GENERATIONS_NAME = "generations.md"
 

@@ -5,19 +5,14 @@ exhausted, reject and recommend what a person should try."""
 from __future__ import annotations
 
 from quantloop.agents.state import Attempt, PipelineState
+from quantloop.eval.criteria.base import criterion_for, tips
 from quantloop.schemas import CriterionResult
 
 
 def describe_failure(c: CriterionResult) -> str:
     if c.measured is None:
         return f"{c.name} not measured (needs {c.threshold})"
-    if c.name.split(":")[0] == "perplexity":  # "perplexity:bible" is the same bar on a held-out domain
-        return f"{c.name.replace(':', ' on ')} {c.measured:+.2f} % (needs {c.threshold})"
-    if c.name in ("speed", "size"):
-        return f"{c.name} {c.measured:.2f}x (needs {c.threshold})"
-    if c.name == "generation":
-        return f"generation {int(c.measured)} failure(s) ({c.detail})"
-    return f"{c.name} {c.detail} (needs {c.threshold})"
+    return criterion_for(c.name).describe_failure(c)
 
 
 def failing_measurements(attempt: Attempt) -> str:
@@ -34,17 +29,8 @@ def recommendation(attempts: list[Attempt]) -> str:
         return ("No step could run (" + "; ".join(f"{a.step}: {a.note}" for a in attempts if a.note)[:600] +
                 "); install or build the missing quantizers, or add steps that are available to the policy." + crash_tip)
     failed = {c.name.split(":")[0] for a in measured for c in a.criteria if not c.passed}
-    tips = []
-    if "perplexity" in failed:
-        tips.append("perplexity is the binding limit: try QAT, mixed precision (keep attention or the most sensitive layers at 8 bits), "
-                    "more or more representative calibration text, or an earlier/later training checkpoint")
-    if "speed" in failed:
-        tips.append("speed falls short: measure on the deployment hardware, or use a lower-bit format with fast kernels on that target")
-    if "size" in failed:
-        tips.append("size falls short: quantize the embeddings and output layer too, or choose a lower-bit type")
-    if "generation" in failed:
-        tips.append("generations fail the checks: read the side-by-side generations and review the prompts and limits in the acceptance spec")
-    return ("; ".join(tips) + "." if tips else "Review the attempts' reports.") + crash_tip
+    what = tips(failed)  # one per failing criterion, in the registry's order
+    return ("; ".join(what) + "." if what else "Review the attempts' reports.") + crash_tip
 
 
 class ReviewerAgent:

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from quantloop.data.datasets import prepared_dataset_dirs
 from quantloop.errors import InputError, crash_line
+from quantloop.eval.criteria.size import required_size_ratio
 from quantloop.gguf.llamacpp import read_metadata
 from quantloop.models.checkpoints import resolve_model
 from quantloop.paths import PROJECT_ROOT
@@ -34,7 +35,6 @@ from quantloop.tools.search import (
     member_spec,
     search_mixed_precision,
 )
-from quantloop.tools.validate import required_size_ratio
 
 SEARCH_STUDY = "policy-search"
 RESULT_NAME = "search_result.json"

@@ -30,6 +30,7 @@ from quantloop.agents.evaluation import EvaluationAgent
 from quantloop.agents.quantization import QuantizationAgent
 from quantloop.agents.reviewer import ReviewerAgent
 from quantloop.agents.state import PipelineState, serialisable_types
+from quantloop.eval.criteria.base import result_params, summary_fields
 from quantloop.fileio import write_json_atomic
 from quantloop.specs import load_quality_spec
 from quantloop.tracking import Tracker
@@ -58,8 +59,7 @@ def summary(state: PipelineState) -> dict:
             "index": a.index, "step": a.step, "kind": a.kind, "method": a.method, "bits": a.bits, "checkpoint": a.checkpoint,
             "status": a.status, "verdict": a.verdict, "reason": a.reason, "output_dir": a.output_dir, "report": a.report_path,
             "format": a.quantization.format if a.quantization else None,
-            "ppl_increase_pct": m.get("kld.ppl_increase_pct"), "kld_mean": m.get("kld.kld_mean"),
-            "speedup_tg": m.get("speedup_tg"), "size_ratio": m.get("size_ratio"),
+            **summary_fields(m),  # each criterion's fields, in the registry's order
             "bits_per_weight": a.quantization.bits_per_weight if a.quantization else None,
             "quantize_wall_s": a.quantization.wall_s if a.quantization else None, "attempt_wall_s": a.wall_s,
             "mlflow_run_id": a.mlflow_run_id,
@@ -87,7 +87,8 @@ def build_graph(tracker: Tracker, state_db: Path):
     def track(state: PipelineState) -> dict:
         attempts = list(state.attempts)
         a = attempts[-1]
-        rid = tracker.log_attempt(state.mlflow_parent_run_id, state.run_id, a, state.policy.log_model_max_mib)
+        rid = tracker.log_attempt(state.mlflow_parent_run_id, state.run_id, a, state.policy.log_model_max_mib,
+                                  result_params(a.criteria))
         attempts[-1] = a.model_copy(update={"mlflow_run_id": rid})
         return {"attempts": attempts}
 

@@ -19,6 +19,7 @@ from quantloop.agents.policy import load_policy
 from quantloop.agents.state import PipelineState
 from quantloop.data.datasets import dataset_dir_or_default, prepared_dataset_dirs
 from quantloop.errors import InputError
+from quantloop.eval.criteria.base import bar_text, row_cells
 from quantloop.fileio import sha256_file
 from quantloop.paths import (
     DEFAULT_MODEL_DIR,
@@ -129,19 +130,19 @@ def fmt(v, pattern: str, none: str = "-") -> str:
 
 
 def attempt_cells(a) -> list[str]:
-    m = a.metrics
-    return [str(a.index), a.step, a.method or "-", fmt(a.bits, "{}"), fmt(m.get("kld.ppl_increase_pct"), "{:+.2f} %"),
-            fmt(m.get("kld.kld_mean"), "{:.4f}"), fmt(m.get("speedup_tg"), "{:.2f}x"), fmt(m.get("size_ratio"), "{:.2f}x"),
-            a.verdict or a.status]
+    return ([str(a.index), a.step, a.method or "-", fmt(a.bits, "{}")] + [c.text for c in row_cells(a.metrics, "line")]
+            + [a.verdict or a.status])
 
 
-HEADERS = ["#", "step", "method", "bits", "ppl Δ", "KLD", "speed", "size", "verdict"]
+def headers() -> list[str]:
+    """The attempt table's columns: the attempt, each criterion's cells (in the registry's order), the verdict."""
+    return ["#", "step", "method", "bits", *(c.header for c in row_cells({}, "line")), "verdict"]
 
 
 def print_attempt(a, resumed: bool = False) -> None:
-    c = attempt_cells(a)
     done = " (done before the restart)" if resumed else ""
-    print(f"[{c[0]}] {c[1]}  {c[2]} {c[3]}-bit  ppl {c[4]}  KLD {c[5]}  speed {c[6]}  size {c[7]}  -> {c[8]}{done}: {a.reason}",
+    measured = "".join(f"  {c.word} {c.text}" for c in row_cells(a.metrics, "line"))
+    print(f"[{a.index}] {a.step}  {a.method or '-'} {fmt(a.bits, '{}')}-bit{measured}  -> {a.verdict or a.status}{done}: {a.reason}",
           flush=True)
 
 
@@ -179,10 +180,8 @@ def cmd_run(a) -> int:
         best = state.candidates[0]
         print(f"checkpoint: {best.path} (validation PPL {best.validation_ppl.ppl:.4f}"
               f"{'; best of ' + str(len(state.candidates)) if len(state.candidates) > 1 else ''})")
-    print(f"acceptance ({state.acceptance_spec}): PPL increase < {acc.max_ppl_increase_pct} %, speed >= {acc.min_speedup}x, "
-          f"size >= {', '.join(f'{v}x at {k} bits' for k, v in acc.min_size_ratio.items())}, "
-          f"no generation failures: {acc.no_generation_failures}; target: {state.target}")
-    print(table(HEADERS, [attempt_cells(x) for x in state.attempts]))
+    print(f"acceptance ({state.acceptance_spec}): {bar_text(acc, 'line')}; target: {state.target}")
+    print(table(headers(), [attempt_cells(x) for x in state.attempts]))
     print()
     if state.decision == "accepted":
         x = state.attempts[state.accepted_index]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantloop.eval.criteria.size import required_size_ratio
 from quantloop.report.records import AttemptRow, RunRecord
-from quantloop.tools.validate import required_size_ratio
 
 MIB = 2**20
 SIZE_BAR_COLOURS = ("#9a6700", "#8250df", "#bf3989", "#57606a")

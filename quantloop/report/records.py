@@ -4,10 +4,11 @@ one nested run per attempt (the spec as params, the validation report as metrics
 from __future__ import annotations
 
 import json
-import math
 
 from pydantic import BaseModel, Field
 
+from quantloop.eval.criteria.base import number
+from quantloop.eval.criteria.perplexity import ppl_increase_stderr_pct
 from quantloop.schemas import AcceptanceCriteria
 from quantloop.tracking import pipeline_run_records, read_artifact_text, resolve_tracking_uri
 
@@ -25,13 +26,13 @@ class AttemptRow(BaseModel):
     ppl_increase_stderr_pct: float | None = Field(None, description="one standard error of the increase, from ln(PPL ratio)'s")
     kld_mean: float | None = None
     kld_mean_stderr: float | None = None
-    held_out_ppl_increase_pct: dict[str, float] = Field(default_factory=dict, description="the same on each held-out test split")
     speedup_tg: float | None = None
     size_ratio: float | None = None
     verdict: str = ""
     reason: str = ""
     generations_md: str | None = None
     mlflow_run_id: str
+    metrics: dict[str, float] = Field(default_factory=dict, description="every metric of the attempt's MLflow run (the criteria's cells)")
 
 
 class Baseline(BaseModel):
@@ -60,16 +61,6 @@ class RunRecord(BaseModel):
     attempts: list[AttemptRow]
 
 
-def number(metrics: dict, key: str) -> float | None:
-    v = metrics.get(key)
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-
-def ppl_increase_stderr_pct(metrics: dict) -> float | None:
-    ln, se = number(metrics, "kld.ln_ppl_ratio"), number(metrics, "kld.ln_ppl_ratio_stderr")
-    return None if ln is None or se is None else 100 * math.exp(ln) * se
-
-
 def attempt_row(rec: dict, uri: str) -> AttemptRow:
     m, p, t = rec["metrics"], rec["params"], rec["tags"]
     bits = number(m, "nominal_bits")
@@ -81,12 +72,10 @@ def attempt_row(rec: dict, uri: str) -> AttemptRow:
         bits_per_weight=number(m, "size_quantized.bits_per_weight"), bytes_on_disk=int(size_bytes) if size_bytes else None,
         ppl_increase_pct=number(m, "kld.ppl_increase_pct"), ppl_increase_stderr_pct=ppl_increase_stderr_pct(m),
         kld_mean=number(m, "kld.kld_mean"), kld_mean_stderr=number(m, "kld.kld_mean_stderr"),
-        held_out_ppl_increase_pct={k.split(".")[1]: v for k, v in m.items()
-                                   if k.startswith("held_out_kld.") and k.endswith(".ppl_increase_pct")},
         speedup_tg=number(m, "speedup_tg"), size_ratio=number(m, "size_ratio"),
         verdict=t.get("decision", ""), reason=t.get("reason", "") or p.get("note", ""),
         generations_md=read_artifact_text(uri, rec["run_id"], "generations.md") if t.get("status") == "validated" else None,
-        mlflow_run_id=rec["run_id"])
+        mlflow_run_id=rec["run_id"], metrics=m)
 
 
 def baseline_of(parent: dict, summary: dict, first_validated: dict | None, uri: str) -> Baseline:

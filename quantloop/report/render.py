@@ -7,10 +7,8 @@ import html
 import re
 from pathlib import Path
 
+from quantloop.eval.criteria.base import Cell, bar_text, row_cells
 from quantloop.report.records import AttemptRow, RunRecord
-
-HEADERS = ["#", "step", "method", "format", "bits/weight", "ppl increase", "held-out ppl increase", "mean KLD", "speed", "size",
-           "verdict", "reason"]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 76rem; color: #1f2328; padding: 0 1rem; }
@@ -28,20 +26,19 @@ def fmt(v, pattern: str) -> str:
     return "-" if v is None else pattern.format(v)
 
 
+def row(a: AttemptRow) -> list[Cell]:
+    """One attempt: what it was, each criterion's cells (in the registry's order), the verdict and why."""
+    return [Cell("#", str(a.index), numeric=False), Cell("step", a.step, numeric=False), Cell("method", a.method or "-", numeric=False),
+            Cell("format", a.format or "-", numeric=False), Cell("bits/weight", fmt(a.bits_per_weight, "{:.2f}")),
+            *row_cells(a.metrics, "report"), Cell("verdict", a.verdict or a.status, numeric=False), Cell("reason", a.reason, numeric=False)]
+
+
+def headers() -> list[str]:
+    return [c.header for c in row(AttemptRow(index=0, step="", status="", mlflow_run_id=""))]
+
+
 def attempt_cells(a: AttemptRow) -> list[str]:
-    ppl = "-" if a.ppl_increase_pct is None else (
-        f"{a.ppl_increase_pct:+.2f} %" + (f" ± {a.ppl_increase_stderr_pct:.2f}" if a.ppl_increase_stderr_pct is not None else ""))
-    kld = "-" if a.kld_mean is None else f"{a.kld_mean:.4g}" + (f" ± {a.kld_mean_stderr:.2g}" if a.kld_mean_stderr is not None else "")
-    held = "; ".join(f"{name} {v:+.2f} %" for name, v in sorted(a.held_out_ppl_increase_pct.items())) or "-"
-    return [str(a.index), a.step, a.method or "-", a.format or "-", fmt(a.bits_per_weight, "{:.2f}"), ppl, held, kld,
-            fmt(a.speedup_tg, "{:.2f}x"), fmt(a.size_ratio, "{:.2f}x"), a.verdict or a.status, a.reason]
-
-
-def bar_text(r: RunRecord) -> str:
-    acc = r.acceptance
-    sizes = ", ".join(f"{v}x at {k} bits" for k, v in sorted(acc.min_size_ratio.items()))
-    return (f"perplexity increase < {acc.max_ppl_increase_pct} %, token generation >= {acc.min_speedup}x, size >= {sizes}, "
-            f"no generation failures: {'required' if acc.no_generation_failures else 'not required'}")
+    return [c.text for c in row(a)]
 
 
 def decision_text(r: RunRecord) -> str:
@@ -68,9 +65,10 @@ def md_cell(text: str) -> str:
 
 def markdown_report(r: RunRecord, plots: list[Path]) -> str:
     out = [f"# quantloop run {r.run_id}", "", f"**Decision:** {decision_text(r)}", "",
-           f"Target: {r.target or '-'}. Acceptance bar: {bar_text(r)}.", "", "## Baseline", "", "| | |", "|---|---|"]
+           f"Target: {r.target or '-'}. Acceptance bar: {bar_text(r.acceptance, 'report')}.", "", "## Baseline", "", "| | |", "|---|---|"]
     out += [f"| {md_cell(k)} | {md_cell(v)} |" for k, v in baseline_rows(r)]
-    out += ["", "## Attempts", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    names = headers()
+    out += ["", "## Attempts", "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     out += ["| " + " | ".join(md_cell(c) for c in attempt_cells(a)) + " |" for a in r.attempts]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
@@ -119,19 +117,18 @@ def png_data_uri(path: Path) -> str:
 
 def html_report(r: RunRecord, plots: list[Path]) -> str:
     e = html.escape
-    num = {4, 5, 7, 8, 9}
     rows = []
     for a in r.attempts:
-        cells = "".join(f"<td class='{'num' if i in num else ''}'>{e(c)}</td>" for i, c in enumerate(attempt_cells(a)))
+        cells = "".join(f"<td class='{'num' if c.numeric else ''}'>{e(c.text)}</td>" for c in row(a))
         rows.append(f"<tr class='attempt {e(a.verdict)}' data-index='{a.index}'>{cells}</tr>")
     out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>quantloop run {e(r.run_id)}</title>",
            f"<style>{STYLE}</style></head><body>", f"<h1>quantloop run <code>{e(r.run_id)}</code></h1>",
            f"<p class='decision' id='decision'>{e(decision_text(r))}</p>",
-           f"<p>Target: {e(r.target or '-')}. Acceptance bar: {e(bar_text(r))}.</p>",
+           f"<p>Target: {e(r.target or '-')}. Acceptance bar: {e(bar_text(r.acceptance, 'report'))}.</p>",
            "<h2>Baseline</h2><table id='baseline'><tbody>",
            *(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in baseline_rows(r)),
            "</tbody></table><h2>Attempts</h2><table id='attempts'><thead><tr>",
-           *(f"<th>{e(h)}</th>" for h in HEADERS), "</tr></thead><tbody>", *rows, "</tbody></table>"]
+           *(f"<th>{e(h)}</th>" for h in headers()), "</tr></thead><tbody>", *rows, "</tbody></table>"]
     if plots:
         out.append("<h2>Plots</h2>")
         out += [f"<figure><img alt='{e(p.stem)}' src='{png_data_uri(p)}'><figcaption>{e(p.stem)}</figcaption></figure>" for p in plots]

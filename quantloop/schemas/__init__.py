@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 
 from quantloop import __version__
 from quantloop.schemas.base import Strict
@@ -289,6 +289,16 @@ class ValidationReport(Strict):
     criteria: list[CriterionResult]
     passed: bool
     report_path: str | None = None
+    measurements: dict[str, dict] = Field(default_factory=dict, description="what a criterion beyond the built-in ones measured "
+                                          "itself (its measure()), by its name; written only when there is one")
+
+    @model_serializer(mode="wrap")
+    def _without_empty_measurements(self, handler):
+        """A report without such a measurement reads as it always did (no 'measurements' key)."""
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("measurements"):
+            data.pop("measurements", None)
+        return data
 
 
 class CompareRequest(Strict):

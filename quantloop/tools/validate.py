@@ -7,108 +7,23 @@ from pathlib import Path
 
 from quantloop.data.datasets import dataset_dir_or_default, manifest_digest, prepared_dataset_dirs
 from quantloop.errors import InputError
+from quantloop.eval.criteria.base import MeasureContext, Measurements, criteria, judge
+from quantloop.eval.criteria.perplexity import ppl_increase_stderr
 from quantloop.eval.generation import check_generations
 from quantloop.eval.session import kl_divergence, open_runner, split_chunks
 from quantloop.eval.size import gguf_size, hf_size, nominal_bits
 from quantloop.eval.speed import median_and_stderr, speed_pairs, speed_threads
 from quantloop.fileio import write_json_atomic
 from quantloop.models.checkpoints import resolve_model
-from quantloop.schemas import (
-    AcceptanceCriteria,
-    CriterionResult,
-    ValidationReport,
-    ValidationRequest,
-)
+from quantloop.schemas import ValidationReport, ValidationRequest
 from quantloop.specs import load_quality_spec
 
 REPORT_NAME = "validation_report.json"
 
 
-def required_size_ratio(criteria: AcceptanceCriteria, bits: int) -> float:
-    """The ratio the spec names for these bits; otherwise the INT4 rule scaled to the bit width."""
-    if bits in criteria.min_size_ratio:
-        return criteria.min_size_ratio[bits]
-    ref_bits, ref_ratio = min(criteria.min_size_ratio.items())
-    return round(ref_ratio * ref_bits / bits, 2)
-
-
-def ppl_increase_stderr(kld) -> float:
-    """Standard error of the perplexity increase in percent, from the paired error of ln(PPL ratio)."""
-    return 100 * kld.ppl_ratio * kld.ln_ppl_ratio_stderr if kld.ln_ppl_ratio_stderr > 0 else float("inf")
-
-
 def near_the_bar(kld, spec) -> bool:
     """The perplexity increase lies within decide_sigmas standard errors of its bar."""
     return abs(spec.acceptance.max_ppl_increase_pct - kld.ppl_increase_pct) < spec.eval.decide_sigmas * ppl_increase_stderr(kld)
-
-
-def how_close(margin: float | None) -> str:
-    if margin is None or margin != margin or abs(margin) == float("inf"):
-        return "margin unknown"
-    return f"{'passes' if margin >= 0 else 'fails'} by {abs(margin):.1f} sigma"
-
-
-def shown(margin: float | None, sigmas: float | None) -> tuple[bool, str]:
-    """A bar counts as met only when the measurement clears it by `sigmas` standard errors, after measuring up to the
-    spec's cap: within its own noise of the bar, a claim is not shown, and the verdict is the same on every draw
-    (a ratio sitting on the bar fails every time instead of passing one run in two). (met, note)."""
-    if margin is None or sigmas is None:
-        return True, ""
-    if margin >= sigmas:
-        return True, ""
-    if margin >= 0:
-        return False, f"; not shown: within {sigmas:g} standard errors of the bar"
-    return False, ""
-
-
-def perplexity_criterion(kld, criteria: AcceptanceCriteria, sigmas: float | None, name: str) -> CriterionResult:
-    """The perplexity bar on one text: cleared by `sigmas` standard errors (see shown)."""
-    se = ppl_increase_stderr(kld)
-    below = kld.ppl_increase_pct < criteria.max_ppl_increase_pct
-    if se == float("inf"):  # no paired spread at all (identical outputs): the point estimate is exact
-        se, ppl_margin = 0.0, float("inf") if below else float("-inf")
-    else:
-        ppl_margin = (criteria.max_ppl_increase_pct - kld.ppl_increase_pct) / se
-    ppl_shown, ppl_note = shown(ppl_margin, sigmas)
-    return CriterionResult(
-        name=name, passed=below and ppl_shown, measured=kld.ppl_increase_pct,
-        threshold=f"< {criteria.max_ppl_increase_pct} % increase", margin_sigmas=ppl_margin,
-        detail=f"PPL {kld.ppl_quant:.4f} vs {kld.ppl_base:.4f} ({kld.ppl_increase_pct:+.2f} % ± {se:.2f} %, "
-               f"mean KLD {kld.kld_mean:.4f}, {kld.tokens} tokens; {how_close(ppl_margin)}{ppl_note})",
-    )
-
-
-def judge(report_parts: dict, criteria: AcceptanceCriteria, bits: int | None, sigmas: float | None = None) -> list[CriterionResult]:
-    """Each criterion against its bar; with `sigmas`, the perplexity and speed bars must be cleared by that many
-    standard errors (see shown)."""
-    kld, speedup, size_ratio, gen = report_parts["kld"], report_parts["speedup_tg"], report_parts["size_ratio"], report_parts["generation"]
-    out = [perplexity_criterion(kld, criteria, sigmas, "perplexity")]
-    out += [perplexity_criterion(k, criteria, sigmas, f"perplexity:{name}") for name, k in (report_parts.get("held_out") or {}).items()]
-    if speedup is None:
-        out.append(CriterionResult(name="speed", passed=False, measured=None, threshold=f">= {criteria.min_speedup}x", detail="not measured"))
-    else:
-        se = report_parts.get("speedup_tg_stderr")
-        margin = (speedup - criteria.min_speedup) / se if se and se != float("inf") else None
-        speed_shown, note = shown(margin, sigmas)
-        spread = f" ± {se:.2f} (median of {len(report_parts.get('speedup_tg_pairs') or [])} interleaved pairs; {how_close(margin)}{note})" if margin is not None else ""
-        out.append(CriterionResult(name="speed", passed=speedup >= criteria.min_speedup and speed_shown, measured=speedup,
-                                   threshold=f">= {criteria.min_speedup}x token generation", margin_sigmas=margin,
-                                   detail=f"token generation {speedup:.2f}x{spread} the float baseline on the same runtime"))
-    if bits is None:
-        out.append(CriterionResult(name="size", passed=False, measured=size_ratio, threshold="unknown bit width",
-                                   detail="nominal bit width unknown; pass --bits"))
-    else:
-        need = required_size_ratio(criteria, bits)
-        out.append(CriterionResult(name="size", passed=size_ratio >= need, measured=size_ratio, threshold=f">= {need}x at {bits} bits",
-                                   detail=f"{size_ratio:.2f}x smaller than the float baseline"))
-    if criteria.no_generation_failures:
-        if gen is None:
-            out.append(CriterionResult(name="generation", passed=False, measured=None, threshold="0 failures", detail="not checked"))
-        else:
-            bad = [f"'{s.prompt}': {', '.join(s.failures)}" for s in gen.samples if s.failures]
-            out.append(CriterionResult(name="generation", passed=gen.passed, measured=float(gen.failures), threshold="0 failures",
-                                       detail="; ".join(bad) if bad else f"{len(gen.samples)} prompts, no failure"))
-    return out
 
 
 def measure_domain(dataset_dir: Path, base, base_runner, quant_runner, spec, n_chunks: int):
@@ -162,13 +77,11 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
         size_q = hf_size(quant.hf_dir)
         bits = req.nominal_bits
     median_ratio, ratio_se = median_and_stderr(ratios) if ratios else (None, None)
-    parts = {
-        "kld": kld, "held_out": held_out, "speedup_tg_pairs": ratios,
-        "speedup_tg": median_ratio, "speedup_tg_stderr": ratio_se,
-        "size_ratio": f16_bytes / size_q.bytes_on_disk,
-        "generation": gen,
-    }
-    criteria = judge(parts, spec.acceptance, bits, spec.eval.decide_sigmas)
+    context = MeasureContext(base, quant, base_runner, quant_runner, runtime, spec, dataset_dir)
+    parts = Measurements(kld=kld, held_out=held_out, speedup_tg=median_ratio, speedup_tg_stderr=ratio_se, speedup_tg_pairs=ratios,
+                         size_ratio=f16_bytes / size_q.bytes_on_disk, bits=bits, generation=gen,
+                         own={c.name: own for c in criteria() if (own := c.measure(context)) is not None})
+    results = judge(parts, spec.acceptance, spec.eval.decide_sigmas)
     report_path = Path(req.report_path) if req.report_path else (quant.path if quant.path.is_dir() else quant.path.parent) / REPORT_NAME
     report = ValidationReport(
         reference_note=base.reference_note,
@@ -183,13 +96,14 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
         speed_baseline=speed_b,
         speed_quantized=speed_q,
         speedup_pp=speed_q.pp_tokens_per_s / speed_b.pp_tokens_per_s if speed_q else None,
-        speedup_tg=parts["speedup_tg"], speedup_tg_pairs=ratios, speedup_tg_stderr=ratio_se,
+        speedup_tg=parts.speedup_tg, speedup_tg_pairs=ratios, speedup_tg_stderr=ratio_se,
         size_baseline=size_b,
         size_quantized=size_q,
-        size_ratio=parts["size_ratio"],
+        size_ratio=parts.size_ratio,
         generation=gen,
-        criteria=criteria,
-        passed=all(c.passed for c in criteria),
+        criteria=results,
+        passed=all(c.passed for c in results),
+        measurements={name: own.model_dump(mode="json") for name, own in parts.own.items()},
         report_path=str(report_path),
     )
     write_json_atomic(report_path, report)
