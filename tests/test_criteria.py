@@ -12,8 +12,9 @@ from pydantic import BaseModel
 from pipeline_helpers import run_tiny, tiny_policy
 from quantloop.eval.criteria import base as criteria
 from quantloop.eval.criteria.base import Cell, Criterion, fmt, number
+from quantloop.pipelines.report_format import format_validation
 from quantloop.pipelines.run import headers, print_attempt
-from quantloop.schemas import CriterionResult, ValidationReport
+from quantloop.schemas import AcceptanceCriteria, CriterionResult, ValidationReport
 
 
 class FileKiB(BaseModel):
@@ -63,6 +64,7 @@ def test_registry_lists_the_built_in_criteria_in_order_and_a_registered_one_afte
     with pytest.raises(ValueError, match="named 'toy' is registered already"):
         criteria.register(ToyFileSize())
     assert headers() == ["#", "step", "method", "bits", "ppl Δ", "KLD", "speed", "size", "toy KiB", "verdict"]
+    assert criteria.bar_text(AcceptanceCriteria(), "line").endswith("no generation failures: True, toy file < 1e+09 KiB")
 
 
 def test_a_registered_criterion_shows_in_the_attempt_line_report_mlflow_and_summary(toy, tiny_prepared, dataset_dir, tmp_path, capsys):
@@ -83,6 +85,9 @@ def test_a_registered_criterion_shows_in_the_attempt_line_report_mlflow_and_summ
     earlier = {k: v for k, v in report.items() if k != "measurements"}
     assert json.loads(ValidationReport.model_validate(earlier).model_dump_json()) == earlier
     assert ValidationReport.model_validate(report).measurements == report["measurements"]
+    # `quantloop validate`'s table: a row of its own
+    assert any(x.startswith("toy ") and "pass" in x and "KiB on disk" in x
+               for x in format_validation(ValidationReport.model_validate(report)).splitlines())
 
     # the attempt line: its word and value between the built-in cells and the verdict
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[0] int8-q8_0"))
