@@ -78,7 +78,7 @@ def test_importance_matrix_is_computed_once_per_model_and_text(tiny_prepared, tm
 
     if not (tools_dir() / "llama-imatrix").is_file():
         pytest.skip("llama.cpp tools not built: run `make setup`")
-    monkeypatch.setattr("quantloop.paths.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(gguf_backend, "CACHE_DIR", tmp_path / "cache")  # the folder cached_imatrix writes under
     runs = []
     real = gguf_backend.compute_imatrix
     monkeypatch.setattr(gguf_backend, "compute_imatrix", lambda *a, **k: runs.append(a) or real(*a, **k))
