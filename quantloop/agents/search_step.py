@@ -121,7 +121,6 @@ def finished_search(settings: SearchStep, planned, dataset_dir: str, budget: flo
     own = out_dir / RESULT_NAME
     missing = f"{settings.result} not found: " if settings.result else ""
     if not own.is_file():
-
         own = Path(search_mixed_precision(search_request(settings, planned.checkpoint, dataset_dir, budget, out_dir)).result_json)
     return own, f"{missing}searched {settings.trials} trials, result {own}"
 

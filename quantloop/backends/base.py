@@ -134,11 +134,9 @@ def backend_for(spec: SpecBase) -> Backend:
 def calibration_for(needs: Needs, spec: SpecBase, model: ResolvedModel, work_dir: Path) -> tuple[list[list[int]] | None, Path | None, str | None]:
     """(token sequences, text file, manifest digest) of the calibration data a backend needs, loaded once."""
     if needs.calibration == "sequences":
-
         seqs, digest = calibration_sequences(spec.calibration, load_hf_tokenizer(model.hf_dir), model.hf_dir)
         return seqs, None, digest
     if needs.calibration == "text_file":
-
         path, digest = calibration_text_file(spec.calibration, model.hf_dir, work_dir)
         return None, path, digest
     return None, None, None

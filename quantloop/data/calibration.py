@@ -128,7 +128,6 @@ def calibration_text_file(calib, hf_dir: Path | None, work_dir: Path) -> tuple[P
     """The calibration text as a file (llama-imatrix tokenizes it itself): the dataset split, checked against
     its manifest, or the synthetic sequences decoded to text (written into work_dir)."""
     if calib.source == "synthetic":
-
         seqs, digest = synthetic_sequences(calib, hf_dir)
         tok = load_hf_tokenizer(hf_dir)
         path = work_dir / "synthetic-calibration.txt"

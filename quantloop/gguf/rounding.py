@@ -42,7 +42,6 @@ def quantize_blocks(w: np.ndarray, type_name: str) -> QuantBlocks:
     if low is not None:
         return _concat([low(c) for c in _row_chunks(w)])
     if not bt.kquant:
-
         qb = unpack(gguf.quants.quantize(w, qtype(bt.name)), bt.name)
         return _c_signed_zeros(qb, w.reshape(-1, QK), bt)
     return _concat([_quantize_q6_k(c) if bt.name == "Q6_K" else _quantize_q45_k(c, bt) for c in _row_chunks(w)])

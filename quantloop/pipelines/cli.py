@@ -58,7 +58,6 @@ def cmd_prepare(a) -> int:
     offgrid = None
     want_offgrid = a.offgrid if a.offgrid is not None else a.model is None
     if want_offgrid:
-
         off_name = f"{name}-offgrid"
         print(f"preparing the off-grid twin '{off_name}' (seed {a.offgrid_seed}) ...", file=sys.stderr)
         offgrid = prepare_offgrid(model_dir, CHECKPOINTS_DIR / off_name, seed=a.offgrid_seed, overwrite=a.overwrite)

@@ -323,7 +323,6 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
     if done >= steps:
         print(f"{out}: already trained to step {done} (>= --steps {steps}); nothing to do", file=sys.stderr)
         if stale:
-
             write_json_atomic(out / MANIFEST_NAME, {**old, "checkpoints": records})
         return {**old, "checkpoints": records}
     if stale:

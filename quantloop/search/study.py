@@ -48,7 +48,6 @@ def _rdb(url: str, heartbeat: bool):
 
     kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
     if heartbeat:
-
         key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
                else "failed_trial_callback")
         kwargs[key] = _retry_callback()
@@ -162,7 +161,6 @@ def fill_first_generation(study, config: dict, mt=None) -> list[dict[str, str]]:
     if not seeds or not movable:
         return []
     if mt is None and config.get("max_bpw"):
-
         mt = model_tensors(resolve_model(config["model"]).gguf, tuple(config["types"]) + ("F16",))
     rng, queued, out = random.Random(config["seed"]), [p for p, _ in seeds], []
     for i in range(50 * config["population"]):

@@ -57,7 +57,6 @@ def fill_defaults(entry: ToolEntry, data: dict, root: Path) -> None:
             and entry.request.model_validate(data).spec.uses_calibration()):
         set_dotted(data, "spec.calibration.dataset_dir", str(root / "datasets" / DEFAULT_DATASET))
     if entry.name == "quantize_model" and not data.get("output_dir"):
-
         data["output_dir"] = str(root / "models" / "quantized" / default_output_dir(data["checkpoint"], entry.request.model_validate(data).spec).name)
     if entry.name == "sensitivity" and not data.get("cache_dir"):  # the measurements stay with the data they were made on
         data["cache_dir"] = str(root / "cache" / "sensitivity")

@@ -234,7 +234,6 @@ def map_choice(genome: dict[str, str], units, where) -> dict[str, str]:
 def check_budgets(mt, req: SearchRequest) -> int:
     smallest = genome_bytes(mt, smallest_genome(mt))
     if req.max_bpw is not None:
-
         if budget_bytes_for_bpw(mt, req.max_bpw) < smallest:
             raise InputError(None, f"--max-bpw {req.max_bpw} is below the smallest possible file ({smallest:,} bytes)",
                              "raise it or allow smaller types")

@@ -73,7 +73,6 @@ class GridWeight(torch.nn.Module):
         if self.scales is not None:
             return self.scales.quantized(w)
         if self.gguf_type in KQUANTS:
-
             return torch.from_numpy(gb.fake_quantize(w.detach().float().cpu().numpy(), self.gguf_type)).to(w.device, w.dtype)
         return fake_quantize_torch(w, self.gguf_type)
 

@@ -190,7 +190,6 @@ def _run(teacher, sequences, cfg: QATConfig, gguf_type: str, snapshot):
     student = copy.deepcopy(teacher)
     emb_type = cfg.embedding_type
     if emb_type == "auto":
-
         emb_type = llama_embedding_type(gguf_type, student.get_input_embeddings().weight.shape[1])
     start_scales = _gptq_start(student, train, cfg, gguf_type, emb_type) if cfg.init == "gptq" else None
     timings["init_s"] = round(time.perf_counter() - t0, 2)
