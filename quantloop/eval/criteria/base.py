@@ -143,6 +143,23 @@ class Criterion:
         return f"{c.name} {c.detail} (needs {c.threshold})"
 
 
+class RatioCriterion(Criterion):
+    """A criterion on one measured ratio against the float baseline (`metric`: its key in the attempt's metrics),
+    shown as '1.23x' in a column named after the criterion."""
+
+    metric: ClassVar[str]
+
+    def cells(self, metrics: Mapping[str, float], where: Where) -> list[Cell]:
+        value = metrics.get(self.metric) if where == "line" else number(metrics, self.metric)
+        return [Cell(self.name, fmt(value, "{:.2f}x"))]
+
+    def summary(self, metrics: Mapping[str, float]) -> dict[str, float | None]:
+        return {self.metric: metrics.get(self.metric)}
+
+    def describe_failure(self, c: CriterionResult) -> str:
+        return f"{c.name} {c.measured:.2f}x (needs {c.threshold})"
+
+
 class _Unknown(Criterion):
     """A result whose criterion is not registered (read back from an earlier run): described in general terms."""
 

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from quantloop.eval.criteria.base import Cell, Criterion, Measurements, Where, fmt, number
+from quantloop.eval.criteria.base import Measurements, RatioCriterion, Where
 from quantloop.schemas import AcceptanceCriteria, CriterionResult
 
 
@@ -17,8 +15,9 @@ def required_size_ratio(criteria: AcceptanceCriteria, bits: int) -> float:
     return round(ref_ratio * ref_bits / bits, 2)
 
 
-class Size(Criterion):
+class Size(RatioCriterion):
     name = "size"
+    metric = "size_ratio"
     needs = ("size_ratio", "bits")
     tip = "size falls short: quantize the embeddings and output layer too, or choose a lower-bit type"
 
@@ -30,16 +29,6 @@ class Size(Criterion):
         return [CriterionResult(name=self.name, passed=m.size_ratio >= need, measured=m.size_ratio, threshold=f">= {need}x at {m.bits} bits",
                                 detail=f"{m.size_ratio:.2f}x smaller than the float baseline")]
 
-    def cells(self, metrics: Mapping[str, float], where: Where) -> list[Cell]:
-        value = metrics.get("size_ratio") if where == "line" else number(metrics, "size_ratio")
-        return [Cell("size", fmt(value, "{:.2f}x"))]
-
-    def summary(self, metrics: Mapping[str, float]) -> dict[str, float | None]:
-        return {"size_ratio": metrics.get("size_ratio")}
-
     def bar(self, acceptance: AcceptanceCriteria, where: Where) -> str:
         items = acceptance.min_size_ratio.items()
         return f"size >= {', '.join(f'{v}x at {k} bits' for k, v in (items if where == 'line' else sorted(items)))}"
-
-    def describe_failure(self, c: CriterionResult) -> str:
-        return f"{c.name} {c.measured:.2f}x (needs {c.threshold})"

@@ -3,14 +3,13 @@ with its noise (eval/speed.py measures it)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from quantloop.eval.criteria.base import Cell, Criterion, Measurements, Where, fmt, how_close, number, shown
+from quantloop.eval.criteria.base import Measurements, RatioCriterion, Where, how_close, shown
 from quantloop.schemas import AcceptanceCriteria, CriterionResult
 
 
-class Speed(Criterion):
+class Speed(RatioCriterion):
     name = "speed"
+    metric = "speedup_tg"
     needs = ("speedup_tg", "speedup_tg_stderr", "speedup_tg_pairs")
     tip = "speed falls short: measure on the deployment hardware, or use a lower-bit format with fast kernels on that target"
 
@@ -27,15 +26,5 @@ class Speed(Criterion):
                                 threshold=f">= {need}x token generation", margin_sigmas=margin,
                                 detail=f"token generation {speedup:.2f}x{spread} the float baseline on the same runtime")]
 
-    def cells(self, metrics: Mapping[str, float], where: Where) -> list[Cell]:
-        value = metrics.get("speedup_tg") if where == "line" else number(metrics, "speedup_tg")
-        return [Cell("speed", fmt(value, "{:.2f}x"))]
-
-    def summary(self, metrics: Mapping[str, float]) -> dict[str, float | None]:
-        return {"speedup_tg": metrics.get("speedup_tg")}
-
     def bar(self, acceptance: AcceptanceCriteria, where: Where) -> str:
         return f"{'speed' if where == 'line' else 'token generation'} >= {acceptance.min_speedup}x"
-
-    def describe_failure(self, c: CriterionResult) -> str:
-        return f"{c.name} {c.measured:.2f}x (needs {c.threshold})"
