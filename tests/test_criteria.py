@@ -59,11 +59,11 @@ def toy():
 
 
 def test_registry_lists_the_built_in_criteria_in_order_and_a_registered_one_after_them(toy):
-    assert [c.name for c in criteria.criteria()] == ["perplexity", "speed", "size", "generation", "toy"]
+    assert [c.name for c in criteria.criteria()] == ["perplexity", "speed", "size", "generation", "accuracy", "toy"]
     assert criteria.criterion_for("perplexity:bible").name == "perplexity" and criteria.criterion_for("toy") is toy
     with pytest.raises(ValueError, match="named 'toy' is registered already"):
         criteria.register(ToyFileSize())
-    assert headers() == ["#", "step", "method", "bits", "ppl Δ", "KLD", "speed", "size", "toy KiB", "verdict"]
+    assert headers() == ["#", "step", "method", "bits", "ppl Δ", "KLD", "speed", "size", "acc drop", "toy KiB", "verdict"]
     assert criteria.bar_text(AcceptanceCriteria(), "line").endswith("no generation failures: True, toy file < 1e+09 KiB")
 
 
@@ -91,7 +91,7 @@ def test_a_registered_criterion_shows_in_the_attempt_line_report_mlflow_and_summ
 
     # the attempt line: its word and value between the built-in cells and the verdict
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[0] int8-q8_0"))
-    assert f"  size {a.metrics['size_ratio']:.2f}x  toy {kib:.1f}  -> " in line
+    assert f"  size {a.metrics['size_ratio']:.2f}x  acc -  toy {kib:.1f}  -> " in line
 
     # MLflow: its param, its result and its measurement as metrics
     rec = pipeline_run_records(f"sqlite:///{tmp_path}/mlflow.db", "toy-run")["attempts"][0]
@@ -107,7 +107,7 @@ def test_a_registered_criterion_shows_in_the_attempt_line_report_mlflow_and_summ
     # the run report: a column, its cell, and its bar in words, in Markdown and HTML
     paths = write_run_report("toy-run", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "report")
     md, html = paths.markdown.read_text(), paths.html.read_text()
-    assert "| size | toy KiB | verdict |" in md and f"| {kib:.1f} |" in md and "toy file < 1e+09 KiB" in md
+    assert "| size | accuracy drop | toy KiB | verdict |" in md and f"| {kib:.1f} |" in md and "toy file < 1e+09 KiB" in md
     assert "<th>toy KiB</th>" in html and f"<td class='num'>{kib:.1f}</td>" in html and "toy file &lt; 1e+09 KiB" in html
 
 
@@ -132,4 +132,4 @@ def test_a_failing_registered_criterion_is_named_by_the_reviewer(tiny_toy, tiny_
     a = state.attempts[0]
     assert state.decision == "rejected" and [c.name for c in a.criteria if not c.passed] == ["toy"]
     assert "fails on toy " in a.reason and "KiB on disk (needs < 1 KiB)" in a.reason
-    assert state.recommendation == "the toy bar fails: pick a smaller file."
+    assert state.recommendation == "The bar that bound the last attempt: toy. The toy bar fails: pick a smaller file."

@@ -136,7 +136,7 @@ class QuantizationAgent:
         attempts[-1] = last.model_copy(update={
             "status": "validated", "report_path": report.report_path, "criteria": report.criteria,
             "metrics": flatten_numbers(report.model_dump(mode="json")), "passed": report.passed,
-            "wall_s": last.wall_s + time.perf_counter() - t0})
+            "carried_by": report.carried_by, "wall_s": last.wall_s + time.perf_counter() - t0})
         return {"attempts": attempts}
 
     def compare_last(self, state: PipelineState) -> dict:

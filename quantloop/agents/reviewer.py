@@ -16,7 +16,16 @@ def describe_failure(c: CriterionResult) -> str:
 
 
 def failing_measurements(attempt: Attempt) -> str:
-    return " and ".join(describe_failure(c) for c in attempt.criteria if not c.passed)
+    failing = [c for c in attempt.criteria if not c.passed and c.binding] or [c for c in attempt.criteria if not c.passed]
+    return " and ".join(describe_failure(c) for c in failing)
+
+
+def bound_by(attempts: list[Attempt]) -> list[str]:
+    """The bars that bound: the criteria failing (binding results) on the last measured attempt."""
+    measured = [a for a in attempts if a.status == "validated"]
+    if not measured:
+        return []
+    return list(dict.fromkeys(c.name.split(":")[0] for c in measured[-1].criteria if not c.passed and c.binding))
 
 
 def recommendation(attempts: list[Attempt]) -> str:
@@ -28,9 +37,12 @@ def recommendation(attempts: list[Attempt]) -> str:
     if not measured:
         return ("No step could run (" + "; ".join(f"{a.step}: {a.note}" for a in attempts if a.note)[:600] +
                 "); install or build the missing quantizers, or add steps that are available to the policy." + crash_tip)
-    failed = {c.name.split(":")[0] for a in measured for c in a.criteria if not c.passed}
+    failed = {c.name.split(":")[0] for a in measured for c in a.criteria if not c.passed and c.binding}
     what = tips(failed)  # one per failing criterion, in the registry's order
-    return ("; ".join(what) + "." if what else "Review the attempts' reports.") + crash_tip
+    bound = bound_by(attempts)
+    bars = f"The bar that bound the last attempt: {' and '.join(bound)}. " if bound else ""
+    advice = "; ".join(what) + "." if what else "Review the attempts' reports."
+    return bars + (advice[:1].upper() + advice[1:] if bars else advice) + crash_tip
 
 
 class ReviewerAgent:
@@ -40,7 +52,9 @@ class ReviewerAgent:
         remaining = state.plan[state.next_index:]
         next_step = remaining[0].step if remaining else None
         if last.status == "validated" and last.passed:
-            verdict, reason = "accepted", f"{last.step} passes every acceptance criterion ({self.passing_summary(last)})."
+            every = all(c.passed for c in last.criteria if c.binding)
+            verdict = "accepted"
+            reason = f"{last.step} passes {'every acceptance criterion' if every else 'the acceptance bar'} ({self.passing_summary(last)})."
         elif last.status == "skipped":
             verdict = "skipped"
             reason = f"{last.step} was skipped: {last.note}" + (f"; next: {next_step}." if next_step else "; the plan is exhausted.")
@@ -61,4 +75,11 @@ class ReviewerAgent:
 
     @staticmethod
     def passing_summary(a: Attempt) -> str:
-        return ", ".join(f"{c.name} {c.detail}" for c in a.criteria)
+        """Every result; when the quality bars were measured (acceptance.quality), which of them carried the pass and
+        which failed without deciding it."""
+        text = ", ".join(f"{c.name} {c.detail}" for c in a.criteria if c.passed or not c.binding)
+        if not a.carried_by:
+            return text
+        unused = [c for c in a.criteria if not c.passed and c.binding]
+        return (f"quality carried by {' and '.join(a.carried_by)}; " + text +
+                (f"; not needed under the quality rule: {' and '.join(describe_failure(c) for c in unused)}" if unused else ""))

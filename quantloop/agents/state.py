@@ -66,6 +66,7 @@ class Attempt(Strict):
     criteria: list[CriterionResult] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict, description="every number of the validation report, flattened")
     passed: bool = False
+    carried_by: list[str] = Field(default_factory=list, description="the quality bars a pass rests on (acceptance.quality)")
     wall_s: float = 0.0
     verdict: Verdict | None = None
     reason: str = ""

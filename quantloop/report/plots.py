@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantloop.eval.criteria.accuracy import mean_drop
 from quantloop.eval.criteria.size import required_size_ratio
 from quantloop.report.records import AttemptRow, RunRecord
 
@@ -71,7 +72,8 @@ def scatter_plot(record: RunRecord, value, error, ylabel: str, title: str, bar: 
 
 
 def write_plots(record: RunRecord, out_dir: Path) -> list[Path]:
-    """ppl_vs_size.png and kld_vs_size.png in out_dir (none when no attempt was measured)."""
+    """ppl_vs_size.png and kld_vs_size.png in out_dir, and accuracy_vs_size.png when the attempts' benchmark accuracy
+    was measured (none when no attempt was measured)."""
     if not measured(record):
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,4 +84,7 @@ def write_plots(record: RunRecord, out_dir: Path) -> list[Path]:
                      f"perplexity bar (< {acc.max_ppl_increase_pct} %)", out_dir / "ppl_vs_size.png"),
         scatter_plot(record, lambda a: a.kld_mean, lambda a: a.kld_mean_stderr, "mean KL divergence (nats/token)",
                      f"run {record.run_id}: mean KLD against size", None, "", out_dir / "kld_vs_size.png"),
-    ]
+    ] + ([scatter_plot(record, lambda a: mean_drop(a.metrics)[0], lambda a: mean_drop(a.metrics)[1],
+                       "accuracy drop (points, mean over tasks)", f"run {record.run_id}: benchmark accuracy drop against size",
+                       acc.accuracy.max_drop_pp, f"accuracy bar (< {acc.accuracy.max_drop_pp:g} points)", out_dir / "accuracy_vs_size.png")]
+         if acc.accuracy is not None and any(mean_drop(a.metrics)[0] is not None for a in measured(record)) else [])

@@ -7,7 +7,7 @@ import html
 import re
 from pathlib import Path
 
-from quantloop.eval.criteria.base import Cell, bar_text, row_cells
+from quantloop.eval.criteria.base import Cell, bar_text, row_cells, sections
 from quantloop.report.records import AttemptRow, RunRecord
 
 STYLE = """
@@ -59,6 +59,11 @@ def baseline_rows(r: RunRecord) -> list[tuple[str, str]]:
     return rows
 
 
+def criterion_sections(r: RunRecord):
+    """The criteria's own tables (e.g. benchmark accuracy per task), from the measured attempts."""
+    return sections([(f"{a.index}: {a.step}", a.metrics) for a in r.attempts if a.metrics])
+
+
 def md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -70,6 +75,9 @@ def markdown_report(r: RunRecord, plots: list[Path]) -> str:
     names = headers()
     out += ["", "## Attempts", "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     out += ["| " + " | ".join(md_cell(c) for c in attempt_cells(a)) + " |" for a in r.attempts]
+    for sec in criterion_sections(r):
+        out += ["", f"## {sec.title}", "", sec.note + ".", "", "| " + " | ".join(map(md_cell, sec.headers)) + " |", "|" + "---|" * len(sec.headers)]
+        out += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in sec.rows]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     gens = [a for a in r.attempts if a.generations_md]
@@ -129,6 +137,10 @@ def html_report(r: RunRecord, plots: list[Path]) -> str:
            *(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in baseline_rows(r)),
            "</tbody></table><h2>Attempts</h2><table id='attempts'><thead><tr>",
            *(f"<th>{e(h)}</th>" for h in headers()), "</tr></thead><tbody>", *rows, "</tbody></table>"]
+    for sec in criterion_sections(r):
+        out += [f"<h2>{e(sec.title)}</h2><p>{e(sec.note)}.</p><table class='criterion'><thead><tr>",
+                *(f"<th>{e(h)}</th>" for h in sec.headers), "</tr></thead><tbody>",
+                *("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in sec.rows), "</tbody></table>"]
     if plots:
         out.append("<h2>Plots</h2>")
         out += [f"<figure><img alt='{e(p.stem)}' src='{png_data_uri(p)}'><figcaption>{e(p.stem)}</figcaption></figure>" for p in plots]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import Field, field_validator, model_serializer
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from quantloop import __version__
 from quantloop.schemas.base import Strict
@@ -39,6 +39,22 @@ Runtime = Literal["transformers", "llama.cpp"]
 # --------------------------------------------------------------------------- specs
 
 
+QualityRule = Literal["perplexity", "accuracy", "either", "both"]
+
+
+class AccuracySettings(Strict):
+    """The benchmark accuracy bar: the paired drop of the quantized model against the float baseline on the same items."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["standard", "os"], min_length=1,
+                             description="benchmark tasks or groups (quantloop benchmarks --list)")
+    max_drop_pp: float = Field(2.0, gt=0, description="accuracy drop vs the float baseline, percentage points, on every task")
+    items: int = Field(200, ge=10, description="items scored per task first (the same items for both models)")
+    max_items: int | None = Field(800, ge=10, description="a drop within decide_sigmas standard errors of its bar doubles its "
+                                  "items up to this many before the verdict (default: items, no more)")
+    min_above_chance_pp: float = Field(5.0, ge=0, description="a task the float model does not beat chance on by this many "
+                                       "points (and 2 standard errors) says nothing about degradation: reported, not judged")
+
+
 class AcceptanceCriteria(Strict):
     """The acceptance bar from specs/acceptance.yaml (seed 003)."""
 
@@ -49,6 +65,16 @@ class AcceptanceCriteria(Strict):
         description="float bytes / quantized bytes required for a nominal bit width ('about 4x' at INT4, 'about 2x' at INT8)",
     )
     no_generation_failures: bool = True
+    accuracy: AccuracySettings | None = Field(None, description="the benchmark accuracy bar (quantloop/benchmarks); none: not measured")
+    quality: QualityRule = Field("either", description="which quality bar must hold: perplexity, accuracy, either (seed 003's "
+                                 "'perplexity increase < 2 % OR accuracy drop < 2 points') or both; both are measured and "
+                                 "reported whenever the spec has an accuracy section")
+
+    @model_validator(mode="after")
+    def _rule_has_its_bar(self):
+        if self.quality in ("accuracy", "both") and self.accuracy is None:
+            raise ValueError(f"quality: {self.quality} needs an accuracy section (tasks, max_drop_pp, ...)")
+        return self
 
 
 class EvalSettings(Strict):
@@ -227,6 +253,16 @@ class CriterionResult(Strict):
     threshold: str
     detail: str
     margin_sigmas: float | None = Field(None, description="(measured - bar) / its standard error, signed so that > 0 passes")
+    binding: bool = Field(True, description="whether the result can decide the verdict (false: reported only, e.g. a "
+                          "benchmark the float model does not beat chance on)")
+
+    @model_serializer(mode="wrap")
+    def _binding_only_when_not(self, handler):
+        """A binding result (every one before the accuracy bar) reads as it always did (no 'binding' key)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("binding") is True:
+            data.pop("binding")
+        return data
 
 
 def _now() -> str:
@@ -288,6 +324,7 @@ class ValidationReport(Strict):
     generation: GenerationReport | None
     criteria: list[CriterionResult]
     passed: bool
+    carried_by: list[str] = Field(default_factory=list, description="the quality bars the verdict rests on (acceptance.quality)")
     report_path: str | None = None
     measurements: dict[str, dict] = Field(default_factory=dict, description="what a criterion beyond the built-in ones measured "
                                           "itself (its measure()), by its name; written only when there is one")
@@ -298,6 +335,8 @@ class ValidationReport(Strict):
         data = handler(self)
         if isinstance(data, dict) and not data.get("measurements"):
             data.pop("measurements", None)
+        if isinstance(data, dict) and not data.get("carried_by"):
+            data.pop("carried_by", None)
         return data
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from quantloop.data.datasets import dataset_dir_or_default, manifest_digest, prepared_dataset_dirs
 from quantloop.errors import InputError
-from quantloop.eval.criteria.base import MeasureContext, Measurements, criteria, judge
+from quantloop.eval.criteria.base import MeasureContext, Measurements, criteria, judge, verdict
 from quantloop.eval.criteria.perplexity import ppl_increase_stderr
 from quantloop.eval.generation import check_generations
 from quantloop.eval.session import kl_divergence, open_runner, split_chunks
@@ -82,6 +82,7 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
                          size_ratio=f16_bytes / size_q.bytes_on_disk, bits=bits, generation=gen,
                          own={c.name: own for c in criteria() if (own := c.measure(context)) is not None})
     results = judge(parts, spec.acceptance, spec.eval.decide_sigmas)
+    passed, carried_by = verdict(results, spec.acceptance)
     report_path = Path(req.report_path) if req.report_path else (quant.path if quant.path.is_dir() else quant.path.parent) / REPORT_NAME
     report = ValidationReport(
         reference_note=base.reference_note,
@@ -102,7 +103,8 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
         size_ratio=parts.size_ratio,
         generation=gen,
         criteria=results,
-        passed=all(c.passed for c in results),
+        passed=passed,
+        carried_by=carried_by if spec.acceptance.accuracy is not None else [],
         measurements={name: own.model_dump(mode="json") for name, own in parts.own.items()},
         report_path=str(report_path),
     )

@@ -13,6 +13,7 @@ such as a held-out text domain) and these parts:
                                   `sigmas` (EvalSettings.decide_sigmas) standard errors (see shown)
     cells(metrics, where)         its cells in the attempt line ("line") and the run report's table ("report"), from
                                   the attempt's flattened metrics (the same numbers MLflow holds)
+    section(rows)                 its own table in the run report, from every attempt's metrics (default: none)
     summary(metrics)              its fields in each attempt row of quantization_summary.json
     params(result)                MLflow parameters of the attempt run (its metrics come from the report: every
                                   number under criteria.<name> and measurements.<name>)
@@ -82,6 +83,16 @@ class Cell:
         return self.label or self.header
 
 
+@dataclass(frozen=True)
+class Section:
+    """A criterion's own table in the run report (one row per attempt, columns of its choosing)."""
+
+    title: str
+    note: str
+    headers: list[str]
+    rows: list[list[str]]
+
+
 def how_close(margin: float | None) -> str:
     if margin is None or margin != margin or abs(margin) == float("inf"):
         return "margin unknown"
@@ -117,6 +128,7 @@ class Criterion:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
     tip: ClassVar[str] = ""
+    quality: ClassVar[bool] = False  # a quality bar: acceptance.quality says which of them must hold (see verdict)
 
     def measure(self, ctx: MeasureContext) -> BaseModel | None:
         return None
@@ -129,6 +141,10 @@ class Criterion:
 
     def cells(self, metrics: Mapping[str, float], where: Where) -> list[Cell]:
         return []
+
+    def section(self, rows: list[tuple[str, Mapping[str, float]]]) -> Section | None:
+        """Its own table in the run report from every attempt's (label, metrics) (default: none)."""
+        return None
 
     def summary(self, metrics: Mapping[str, float]) -> dict[str, float | None]:
         return {}
@@ -172,6 +188,7 @@ REGISTRY: list[str] = [
     "quantloop.eval.criteria.speed:Speed",
     "quantloop.eval.criteria.size:Size",
     "quantloop.eval.criteria.generation:Generation",
+    "quantloop.eval.criteria.accuracy:Accuracy",
 ]
 _REGISTERED: list[Criterion] = []
 _LOADED: dict[str, Criterion] = {}
@@ -224,9 +241,33 @@ def judge(m: Measurements, acceptance: AcceptanceCriteria, sigmas: float | None 
     return out
 
 
+def verdict(results: list[CriterionResult], acceptance: AcceptanceCriteria) -> tuple[bool, list[str]]:
+    """(passed, the quality bars it rests on). Every binding result of a criterion that is not a quality bar must pass;
+    of the quality bars (perplexity, accuracy), acceptance.quality says which must hold: one of them ('either', seed
+    003's OR), each ('both'), or a named one. A quality bar holds when it has binding results and all of them pass."""
+    binding = [r for r in results if r.binding]
+    family = {r.name: criterion_for(r.name) for r in binding}
+    others_pass = all(r.passed for r in binding if not family[r.name].quality)
+    asked = [c.name for c in criteria() if c.quality and c.applies(acceptance)]
+    held = [q for q in asked if any(family[r.name].name == q for r in binding)
+            and all(r.passed for r in binding if family[r.name].name == q)]
+    if acceptance.quality == "either":
+        quality_pass, carried = bool(held), held
+    else:
+        carried = asked if acceptance.quality == "both" else [acceptance.quality]
+        quality_pass = all(q in held for q in carried)
+    passed = others_pass and quality_pass
+    return passed, (carried if passed else [])
+
+
 def row_cells(metrics: Mapping[str, float], where: Where) -> list[Cell]:
     """Every criterion's cells for one attempt (with empty metrics: the headers, each cell '-')."""
     return [cell for c in criteria() for cell in c.cells(metrics, where)]
+
+
+def sections(rows: list[tuple[str, Mapping[str, float]]]) -> list[Section]:
+    """The criteria's own tables in the run report."""
+    return [sec for c in criteria() if (sec := c.section(rows)) is not None]
 
 
 def summary_fields(metrics: Mapping[str, float]) -> dict[str, float | None]:

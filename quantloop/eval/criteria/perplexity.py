@@ -45,6 +45,7 @@ def perplexity_criterion(kld: KLDReport, criteria: AcceptanceCriteria, sigmas: f
 class Perplexity(Criterion):
     name = "perplexity"
     needs = ("kld", "held_out")
+    quality = True
     tip = ("perplexity is the binding limit: try QAT, mixed precision (keep attention or the most sensitive layers at 8 bits), "
            "more or more representative calibration text, or an earlier/later training checkpoint")
 
