@@ -10,10 +10,10 @@ import json
 import pytest
 from cli_helpers import assert_one_line_error, run_cli
 
-from quantloop.benchmarks import configs, install
+from quantloop.benchmarks import configs, install, tasks
+from quantloop.benchmarks.catalog import GROUPS, TASKS, expand
 from quantloop.benchmarks.os_items import ManEntry, device_items, man_items, parse_ids, parse_lexgrog
 from quantloop.benchmarks.os_sources import PCI_IDS, SOURCES_DIR, build_pci
-from quantloop.benchmarks.tasks import GROUPS, TASKS, expand
 from quantloop.errors import InputError
 from quantloop.fileio import sha256_file
 
@@ -175,7 +175,41 @@ def test_task_configs_load_through_lm_eval_offline(bench_root, offline):
     assert {m["metric"] for m in cfgs["copa"]["metric_list"]} == {"acc", "acc_norm"}
 
 
+def test_lm_eval_scores_an_installed_task_end_to_end(bench_root, offline):
+    """lm-eval's evaluator on the installed COPA with a model whose log-likelihood is minus the continuation's
+    length (the choice and the space lm-eval puts before it): acc is the share of items whose gold answer is the
+    shorter choice; acc_norm, which divides by the choice's own length, -(n+1)/n, the share whose gold answer is the
+    longer one (ties: the first). Both computed here from the raw arrow rows."""
+    import pyarrow.ipc  # deferred: pyarrow
+    from lm_eval import evaluator  # deferred: lm_eval
+    from lm_eval.api.model import LM  # deferred: lm_eval
+    from lm_eval.tasks import TaskManager  # deferred: lm_eval
+
+    class LengthLM(LM):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return [(-float(len(r.arguments[1])), False) for r in requests]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def generate_until(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    install.install_task("copa")
+    task = TaskManager(include_defaults=False).load([configs.task_configs(["copa"])["copa"]])["tasks"]["copa"]
+    limit = 40
+    r = evaluator.evaluate(LengthLM(), {"copa": task}, limit=limit)["results"]["copa"]
+    with open(bench_root / "copa" / "validation.arrow", "rb") as f:
+        rows = pyarrow.ipc.open_stream(f).read_all().to_pylist()[:limit]
+    shorter = [0 if len(d["choice1"]) <= len(d["choice2"]) else 1 for d in rows]
+    assert r["acc,none"] == pytest.approx(sum(s == d["label"] for s, d in zip(shorter, rows)) / limit)
+    longer = [0 if len(d["choice1"]) >= len(d["choice2"]) else 1 for d in rows]
+    assert r["acc_norm,none"] == pytest.approx(sum(g == d["label"] for g, d in zip(longer, rows)) / limit)
+
+
 def test_registry_groups_and_expand():
+    assert tasks.TASKS is TASKS and tasks.expand is expand and tasks.task_configs is configs.task_configs
+    assert {t.metric for t in TASKS.values()} == {"acc", "acc_norm"}
     assert expand(["standard", "piqa"]) == GROUPS["standard"]
     assert expand("os") == ["os_pci", "os_usb", "os_man"]
     assert len(expand("all")) == len(TASKS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantloop.benchmarks.install import verify_installed
-from quantloop.benchmarks.tasks import TASKS, TaskInfo, expand
+from quantloop.benchmarks.catalog import TASKS, TaskInfo, expand
 
 METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]

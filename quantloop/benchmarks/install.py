@@ -16,7 +16,7 @@ from pathlib import Path
 
 from quantloop.benchmarks.os_items import DEFAULT_SEED
 from quantloop.benchmarks.os_sources import build_man, build_pci, build_usb
-from quantloop.benchmarks.tasks import MMLU_COMPUTING, OLMO_EVAL, TASKS, TaskInfo
+from quantloop.benchmarks.catalog import MMLU_COMPUTING, OLMO_EVAL, TASKS, TaskInfo
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output, sha256_file, write_json_atomic, write_text_atomic
 from quantloop.paths import BENCHMARKS_DIR

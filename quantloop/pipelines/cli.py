@@ -9,7 +9,7 @@ from pathlib import Path
 
 from quantloop.backends.gptq.checkpoint import export_gptq_to_gguf
 from quantloop.benchmarks.install import install_task
-from quantloop.benchmarks.tasks import GROUPS, expand
+from quantloop.benchmarks.catalog import GROUPS, expand
 from quantloop.data.datasets import DEFAULT_DATASET, prepare_text
 from quantloop.errors import InputError, run_command
 from quantloop.fileio import check_hf_dir, write_json_atomic, write_text_atomic
