@@ -1,6 +1,6 @@
 """Issue 33's kill harness: `quantloop run` on the tiny model is killed (SIGKILL, through QUANTLOOP_FAULT, see
 quantloop/faults.py) at every graph node boundary and in the middle of every kind of write, each time resuming
-the same run, which the next point kills again; twice it is interrupted with SIGINT (Ctrl-C) instead. After every
+the same run, which the next point kills again; once it is interrupted with SIGINT (Ctrl-C) instead. After every
 kill and every resume: no half-written file under a final name, no MLflow attempt recorded twice; at the end: the
 decision of an uninterrupted run of the same policy, every attempt recorded once and FINISHED, no temporary left.
 The whole chain shares one prepared model and one SLM folder (about 17 `quantloop run` processes)."""
@@ -24,7 +24,7 @@ STEPS = [{"name": "int4-q4_0", "spec": {"method": "gguf", "bits": 4, "gguf_type"
 KILL_POINTS = ["node:evaluate", "node:quantize", "write:gguf", "node:validate", "write:validation", "node:compare",
                "write:generations", "node:review", "node:track", "mlflow", "write:state", "write:checkpoint",
                "node:finish", "write:summary", "write:report"]
-SIGINT_POINTS = {"write:checkpoint": "write:validation"}  # before this kill point: a Ctrl-C at that one
+SIGINT_POINTS = {"node:finish": "write:validation"}  # before this kill point: a Ctrl-C at that one (attempt 1 validating)
 
 
 def run_cmd(slm: Path, policy: Path, model: Path, dataset: Path, run_id: str, fault: str | None = None, signal_name: str = "KILL"):

@@ -235,7 +235,8 @@ def add_run_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--policy", help="fallback policy YAML (default: specs/policy.yaml)")
     s.add_argument("--target", choices=["cpu", "cuda"], help="deployment target (default: the policy's)")
     s.add_argument("--spec", help="acceptance spec YAML (default: the policy's acceptance_spec, specs/acceptance.yaml)")
-    s.add_argument("--run-id", help="resume this run, or name a new one (default: a new id)")
+    s.add_argument("--run-id", help="resume this run, or name a new one: 1-64 ASCII letters, digits, '-', '_' or '.', starting "
+                                    "with a letter or digit (default: a new id); a live run's id is refused")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///SLM/mlflow.db)")
     s.add_argument("--data-free", action="store_true", help="no calibration text: GPTQ, imatrix and QAT calibrate on text the float model "
                         "generates itself (the test split is still used, only to validate)")
