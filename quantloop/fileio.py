@@ -14,15 +14,31 @@ from typing import Iterator
 
 from pydantic import BaseModel
 
+from quantloop import faults
 from quantloop.errors import InputError
 
+TMP_MARK = ".tmp-"  # a temporary file or folder is .NAME.tmp-PID-RANDOM, next to NAME
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+
+def tmp_prefix(name: str) -> str:
+    """The prefix of a temporary beside `name`: it carries the writer's process id, so sweep_temporaries can tell
+    one a live process is writing from one a killed process left behind."""
+    return f".{name}{TMP_MARK}{os.getpid()}-"
+
+
+def write_text_atomic(path: str | Path, text: str, fault: str = "") -> Path:
+    """Write `text` to a temporary file beside `path` and rename it into place. `fault`: the kind of write, for the
+    fault-injection point write:<fault> (quantloop.faults), reached with half of the text written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path.name))
     try:
         with os.fdopen(fd, "w") as f:
+            if fault:
+                f.write(text[:len(text) // 2])
+                f.flush()
+                faults.point(f"write:{fault}")
+                text = text[len(text) // 2:]
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -32,27 +48,30 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, data: BaseModel | dict | list) -> Path:
+def write_json_atomic(path: str | Path, data: BaseModel | dict | list, fault: str = "") -> Path:
     if isinstance(data, BaseModel):
         text = data.model_dump_json(indent=2)
     else:
         text = json.dumps(data, indent=2)
-    return write_text_atomic(path, text + "\n")
+    return write_text_atomic(path, text + "\n", fault)
 
 
 @contextlib.contextmanager
-def atomic_output(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
+def atomic_output(final: str | Path, is_dir: bool = False, fault: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it into place on success.
 
     On any exception (or Ctrl-C) the temporary path is removed, so no
-    half-written file or folder is ever left under the final name.
+    half-written file or folder is ever left under the final name. `fault`: the kind of write, for the
+    fault-injection point write:<fault>, reached when everything is written and nothing renamed yet.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=tmp_prefix(final.name)))
     target = tmp if is_dir else tmp / final.name
     try:
         yield target
+        if fault:
+            faults.point(f"write:{fault}")
         if is_dir:
             if final.exists():
                 shutil.rmtree(final)
@@ -63,6 +82,48 @@ def atomic_output(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def orphaned(tmp: Path, started_before: float) -> bool:
+    """A temporary whose writer is gone: its process id (in the name) is no live process, or, in the older form
+    without one, it is older than `started_before` (a time.time())."""
+    rest = tmp.name.split(TMP_MARK, 1)[1]
+    pid, sep, _ = rest.partition("-")
+    if sep and pid.isdigit():
+        return int(pid) != os.getpid() and not pid_alive(int(pid))
+    try:
+        return tmp.lstat().st_mtime < started_before
+    except FileNotFoundError:
+        return False
+
+
+def sweep_temporaries(folder: str | Path, started_before: float, recursive: bool = True) -> list[Path]:
+    """Remove the temporaries (.NAME.tmp-*) a killed process left under `folder`; a live process's are kept.
+    Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(f".*{TMP_MARK}*") if recursive else folder.glob(f".*{TMP_MARK}*")
+    removed = []
+    for tmp in sorted(found):
+        if TMP_MARK in tmp.name and orphaned(tmp, started_before):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

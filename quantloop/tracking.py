@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
+from quantloop import faults
 from quantloop.errors import InputError
 from quantloop.paths import SLM_DIR
 
@@ -160,6 +161,7 @@ class Tracker:
             metrics |= {"quantize.wall_s": q.wall_s, "quantize.peak_rss_bytes": q.peak_rss_bytes, "quantize.bytes_on_disk": q.bytes_on_disk}
         metrics["attempt.wall_s"] = attempt.wall_s
         self._log(rid, params={k: str(v) for k, v in params.items()}, metrics=metrics)
+        faults.point("mlflow")  # the kill test's point: a record half-logged, replaced when the run resumes
         if attempt.output_dir:
             out = Path(attempt.output_dir)
             for name in ("quantization_config.json", "validation_report.json", "generations.md"):

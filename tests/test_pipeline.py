@@ -138,10 +138,11 @@ def test_fallback_chain_in_order_with_reasons_and_mlflow_records(tiny_prepared, 
     assert qat.quantization.calibration_manifest_sha256 and "-synth" in qat.output_dir
     assert state.decision == "accepted" and state.accepted_index == 2
 
-    out = tmp_path / "quantized" / "tiny_gguf-q8_0"
+    out = tmp_path / "quantized" / "tiny" / "r1" / "2-tiny_gguf-q8_0"  # the run's own folder, one per attempt
     assert {p.name for p in out.iterdir()} == {"tiny-q8_0.gguf", "quantization_config.json", "validation_report.json", "generations.md",
                                              "llama-quantize.log"}  # llama.cpp's own log of the quantization
-    summary = json.loads((tmp_path / "quantized" / "quantization_summary.json").read_text())
+    summary = json.loads((tmp_path / "quantized" / "tiny" / "r1" / "quantization_summary.json").read_text())
+    assert summary == json.loads((tmp_path / "quantized" / "quantization_summary.json").read_text())["models"]["tiny"]["latest"]
     assert [r["verdict"] for r in summary["attempts"]] == ["fallback", "fallback", "accepted"]
     assert summary["acceptance"]["max_ppl_increase_pct"] == 0.1 and summary["accepted"]["output_dir"] == str(out)
 
@@ -206,7 +207,7 @@ def test_step_that_cannot_meet_the_size_bar_is_skipped_before_quantizing(tiny_pr
     for a in state.attempts[:2]:
         assert a.status == "skipped" and a.output_dir is None and "known before quantizing" in a.reason
         assert "(needs >= 100.0x at 4 bits)" in a.reason and "Q4_0 file is" in a.reason
-    assert not (tmp_path / "quantized" / "tiny_rtn-w4g32").exists()
+    assert not (tmp_path / "quantized" / "tiny" / "r1" / "0-tiny_rtn-w4g32").exists()
     assert state.attempts[2].status == "validated"  # llama-quantize's own types are measured, not predicted
 
 
@@ -229,7 +230,7 @@ def test_best_of_several_checkpoints_and_next_checkpoint_plan(tiny_prepared, dat
     plan = update["plan"]
     assert [(p.step, Path(p.checkpoint).name) for p in plan] == [
         ("int4-q4_0", "step_200"), ("int8-q8_0", "step_200"), ("int8-q8_0@checkpoints-step_100", "step_100")]
-    assert Path(plan[2].output_dir).name == "checkpoints-step_100_gguf-q8_0"
+    assert Path(plan[2].output_dir).name == "2-checkpoints-step_100_gguf-q8_0"
 
 
 # ------------------------------------------------------------------------- a real MLflow server
@@ -296,7 +297,7 @@ def test_killed_run_resumes_after_the_last_completed_attempt(tiny_prepared, data
     cmd = [sys.executable, "-m", "quantloop.pipelines.cli", "run", str(tiny_prepared), "--policy", str(policy),
            "--run-id", "killme", "--dataset", str(dataset_dir)]
     out = slm / "models" / "quantized"
-    first, second = out / "tiny_gguf-q4_0", out / "tiny_gguf-q5_0"
+    first, second = out / "tiny" / "killme" / "0-tiny_gguf-q4_0", out / "tiny" / "killme" / "1-tiny_gguf-q5_0"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -329,8 +330,8 @@ def test_killed_run_resumes_after_the_last_completed_attempt(tiny_prepared, data
     assert (second / "quantization_config.json").stat().st_mtime_ns == q5_stamp
     assert max(p.stat().st_mtime_ns for p in second.glob("*.gguf")) == q5_model_stamp
     assert (second / "validation_report.json").is_file()
-    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
-    summary = json.loads((out / "quantization_summary.json").read_text())
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    summary = json.loads((out / "tiny" / "killme" / "quantization_summary.json").read_text())
     assert [r["step"] for r in summary["attempts"]] == ["int4-q4_0", "int5-q5_0", "int8-q8_0"]
     assert summary["decision"] == "rejected"
 
@@ -419,16 +420,19 @@ def test_a_run_with_the_default_outputs_leaves_git_status_clean(tiny_prepared, d
     done = subprocess.run([sys.executable, "-m", "quantloop.pipelines.cli", "run", str(tiny_prepared), "--policy", str(policy),
                            "--run-id", run_id, "--dataset", str(dataset_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
-    out = ROOT / "SLM" / "models" / "quantized" / "tiny_gguf-q8_0"
+    out = ROOT / "SLM" / "models" / "quantized" / "tiny" / run_id
     try:
         assert done.returncode == 1 and "REJECTED" in done.stdout, done.stdout + done.stderr  # speed not measured: rejected
-        assert (out / "validation_report.json").is_file() and (ROOT / "SLM" / "runs").is_dir()
+        assert (out / "0-tiny_gguf-q8_0" / "validation_report.json").is_file() and (ROOT / "SLM" / "runs").is_dir()
         assert (ROOT / "SLM" / "reports" / run_id / "report.html").is_file()
         after = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "SLM"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout
         assert after == before, after
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        for entry in (ROOT / "SLM" / "models" / "quantized" / ".cache").glob("*/entry.json"):  # its cache entry too
+            if json.loads(entry.read_text())["first_made_for"].startswith(str(out)):
+                shutil.rmtree(entry.parent, ignore_errors=True)
         shutil.rmtree(ROOT / "SLM" / "reports" / run_id, ignore_errors=True)
 
 

@@ -38,7 +38,7 @@ def test_report_files_rows_and_plots(report, finished_run, dataset_dir):
     assert [r.split(" | ")[1] for r in rows] == ["int4-q4_0", "int4-rtn-q4_0", "int8-q8_0"]
     assert [r.split(" | ")[-2] for r in rows] == ["fallback", "skipped", "accepted"]
     assert "int4-rtn-q4_0 was skipped: size" in rows[1] and " | - | - | - | - | " in rows[1]
-    summary = json.loads((finished_run / "quantized" / "quantization_summary.json").read_text())
+    summary = json.loads((finished_run / "quantized" / "tiny" / RUN_ID / "quantization_summary.json").read_text())
     q8 = summary["attempts"][2]
     assert f"{q8['ppl_increase_pct']:+.2f} % ± " in rows[2] and f"{q8['size_ratio']:.2f}x" in rows[2]
     assert "int4-q4_0 fails on perplexity" in rows[0]

@@ -16,6 +16,7 @@ from quantloop.eval.session import open_runner, perplexity
 from quantloop.eval.size import gguf_size, hf_size
 from quantloop.eval.speed import measure_speed, speed_threads
 from quantloop.models.checkpoints import ResolvedModel, load_hf_tokenizer, resolve_model
+from quantloop.names import check_name, under
 from quantloop.specs import load_quality_spec
 
 STEP_DIR = re.compile(r"^step[_-]?(\d+)$")
@@ -77,27 +78,25 @@ def score_checkpoint(path: Path, target: str, policy: Policy, spec_file: str, da
                            validation_ppl=ppl, size=size, speed=speed, wall_s=time.perf_counter() - t0)
 
 
-def output_folder(root: Path, checkpoint: CheckpointScore, step_name: str, kind: str, spec, taken: set[str]) -> str:
+def output_folder(root: Path, index: int, checkpoint: CheckpointScore, step_name: str, kind: str, spec) -> str:
+    """The attempt's own folder in the run's folder: <index>-<checkpoint>_<tag> (the index makes it unique in the run;
+    the run's folder makes it unique among runs, so no run ever writes into another's files)."""
     if kind == "search":  # no spec before the search picks one: the step's own name
         tag = f"search-{step_name.split('@')[0]}"
     else:
         tag = ("qat-" if kind == "qat" else "") + spec.tag()
-    folder = f"{checkpoint.name}_{tag}"
-    if folder in taken:
-        folder = f"{folder}-{step_name}"
-    taken.add(folder)
-    return str(root / folder)
+    name = check_name(checkpoint.name, "checkpoint name", "rename the checkpoint folder")
+    return str(under(root, f"{index}-{name}_{tag}", what="attempt folder"))
 
 
 def build_plan(policy: Policy, ranked: list[CheckpointScore], output_root: Path) -> list[PlannedAttempt]:
     """The policy's steps on the best checkpoint; a next_checkpoint step repeats its `retry` steps on the runner-up."""
     steps = policy.plan_steps()
     plan: list[PlannedAttempt] = []
-    taken: set[str] = set()
 
     def add(step, checkpoint: CheckpointScore | None) -> None:
         writes_files = checkpoint and (step.spec or step.search)
-        out = output_folder(output_root, checkpoint, step.name, step.kind, step.spec, taken) if writes_files else None
+        out = output_folder(output_root, len(plan), checkpoint, step.name, step.kind, step.spec) if writes_files else None
         plan.append(PlannedAttempt(index=len(plan), step=step.name, kind=step.kind, spec=step.spec, skip=step.skip,
                                    expect_minutes=step.expect_minutes, checkpoint=checkpoint.path if checkpoint else "", output_dir=out))
 
@@ -125,5 +124,5 @@ class EvaluationAgent:
             cached = by_path.get(str(path))
             scores.append(cached or score_checkpoint(path, state.target, state.policy, state.acceptance_spec, state.dataset_dir))
         ranked = sorted(scores, key=lambda c: (c.validation_ppl.ppl, -(c.training_step or 0)))
-        plan = state.plan or build_plan(state.policy, ranked, Path(state.output_root))
+        plan = state.plan or build_plan(state.policy, ranked, Path(state.run_dir or state.output_root))
         return {"candidates": ranked, "plan": plan}

@@ -26,6 +26,7 @@ from quantloop.tools.quantize import quantize_model
 from quantloop.tools.validate import validate_quantization
 
 GENERATIONS_NAME = "generations.md"
+CACHE_NAME = ".cache"  # output_root/.cache: the content-addressed quantizer outputs every run reuses (tools/quant_cache.py)
 
 
 def flatten_numbers(data, prefix: str = "") -> dict[str, float]:
@@ -116,7 +117,7 @@ class QuantizationAgent:
         remove_stale_temporaries(out)
         t0 = time.perf_counter()
         try:
-            result = quantize_model(planned.checkpoint, out, spec, overwrite=True)
+            result = quantize_model(planned.checkpoint, out, spec, overwrite=True, cache_dir=Path(state.output_root) / CACHE_NAME)
         except Exception as e:  # noqa: BLE001 — the loop goes on; the attempt records why
             reason = unavailable_reason(e)
             if reason is not None:
@@ -221,5 +222,5 @@ class QuantizationAgent:
                                            max_new_tokens=quality.generation.max_new_tokens))
         path = Path(planned.output_dir) / GENERATIONS_NAME
         write_text_atomic(path, f"# Side-by-side generations: float (A) vs {planned.step} (B)\n\n{r.markdown}"
-                                f"\nidentical outputs: {r.identical_rate:.0%}\n")
+                                f"\nidentical outputs: {r.identical_rate:.0%}\n", fault="generations")
         return str(path)

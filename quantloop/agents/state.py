@@ -82,6 +82,8 @@ class PipelineState(BaseModel):
     acceptance_sha256: str = Field("", description="the acceptance spec's content when the run started; a resume checks it")
     dataset_dir: str
     output_root: str
+    run_dir: str = Field("", description="this run's own output folder, output_root/<model>/<run id>; every attempt's "
+                                         "folder lies in it (empty in a run started before runs had one)")
     candidates: list[CheckpointScore] = Field(default_factory=list, description="ranked, best first")
     plan: list[PlannedAttempt] = Field(default_factory=list)
     next_index: int = 0

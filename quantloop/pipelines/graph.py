@@ -18,7 +18,6 @@ quantizing again.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -29,56 +28,28 @@ from langgraph.graph import END, START, StateGraph
 from quantloop.agents.evaluation import EvaluationAgent
 from quantloop.agents.quantization import QuantizationAgent
 from quantloop.agents.reviewer import ReviewerAgent
+from quantloop import faults
 from quantloop.agents.state import PipelineState, serialisable_types
-from quantloop.eval.criteria.base import result_params, summary_fields
-from quantloop.fileio import write_json_atomic
-from quantloop.specs import load_quality_spec
+from quantloop.eval.criteria.base import result_params
+from quantloop.locks import connect_state_db
+from quantloop.pipelines.summary import SUMMARY_NAME, write_summaries
 from quantloop.tracking import Tracker
 
-SUMMARY_NAME = "quantization_summary.json"
+__all__ = ["SUMMARY_NAME", "build_graph"]
 
 
-def timed(node):
-    """Add the node's own wall time to state.active_s (the run's time summed over resumes)."""
+def timed(name: str, node):
+    """Add the node's own wall time to state.active_s (the run's time summed over resumes); the fault-injection
+    point node:<name> as it starts."""
 
     def run(state: PipelineState) -> dict:
+        faults.point(f"node:{name}")
         t0 = time.perf_counter()
         update = node(state)
         return update | {"active_s": state.active_s + time.perf_counter() - t0}
 
-    run.__name__ = getattr(node, "__name__", type(node).__name__)
+    run.__name__ = name
     return run
-
-
-def summary(state: PipelineState) -> dict:
-    """quantization_summary.json: every attempt of the run side by side, the decision, the acceptance bar."""
-    rows = []
-    for a in state.attempts:
-        m = a.metrics
-        rows.append({
-            "index": a.index, "step": a.step, "kind": a.kind, "method": a.method, "bits": a.bits, "checkpoint": a.checkpoint,
-            "status": a.status, "verdict": a.verdict, "reason": a.reason, "output_dir": a.output_dir, "report": a.report_path,
-            "format": a.quantization.format if a.quantization else None,
-            **summary_fields(m),  # each criterion's fields, in the registry's order
-            "bits_per_weight": a.quantization.bits_per_weight if a.quantization else None,
-            "quantize_wall_s": a.quantization.wall_s if a.quantization else None, "attempt_wall_s": a.wall_s,
-            "mlflow_run_id": a.mlflow_run_id,
-        })
-    accepted = state.attempts[state.accepted_index] if state.accepted_index is not None else None
-    return {
-        "run_id": state.run_id, "model": state.model, "target": state.target, "decision": state.decision,
-        "accepted": {"step": accepted.step, "output_dir": accepted.output_dir, "report": accepted.report_path} if accepted else None,
-        "recommendation": state.recommendation or None,
-        "acceptance": load_quality_spec(state.acceptance_spec).acceptance.model_dump(mode="json"),
-        "acceptance_spec": state.acceptance_spec,
-        "checkpoints": [{"name": c.name, "path": c.path, "training_step": c.training_step, "validation_ppl": c.validation_ppl.ppl, "wall_s": c.wall_s,
-                         "bytes_on_disk": c.size.bytes_on_disk,
-                         "tg_tokens_per_s": c.speed.tg_tokens_per_s if c.speed else None} for c in state.candidates],
-        "attempts": rows,
-        "mlflow": {"parent_run_id": state.mlflow_parent_run_id, "registered_model": state.registered_model},
-        "active_s": round(state.active_s, 2),
-        "time": {k: round(v, 4) for k, v in state.time_breakdown().items()},
-    }
 
 
 def build_graph(tracker: Tracker, state_db: Path):
@@ -101,7 +72,7 @@ def build_graph(tracker: Tracker, state_db: Path):
                                           {"step": a.step, "format": a.quantization.format, "run_id": state.run_id,
                                            "report": a.report_path or ""})
         state = state.model_copy(update={"registered_model": registered})
-        path = write_json_atomic(Path(state.output_root) / SUMMARY_NAME, summary(state))
+        path = write_summaries(state)
         tracker.finish_parent(state.mlflow_parent_run_id, state.decision, state.recommendation,
                               [path, Path(state.acceptance_spec)],
                               {"attempts": len(state.attempts), "accepted": float(state.accepted_index is not None)})
@@ -116,13 +87,13 @@ def build_graph(tracker: Tracker, state_db: Path):
     quantization = QuantizationAgent()
 
     g = StateGraph(PipelineState)
-    g.add_node("evaluate", timed(EvaluationAgent()))
-    g.add_node("quantize", timed(quantization))
-    g.add_node("validate", timed(quantization.validate_last))
-    g.add_node("compare", timed(quantization.compare_last))
-    g.add_node("review", timed(ReviewerAgent()))
-    g.add_node("track", timed(track))
-    g.add_node("finish", timed(finish))
+    g.add_node("evaluate", timed("evaluate", EvaluationAgent()))
+    g.add_node("quantize", timed("quantize", quantization))
+    g.add_node("validate", timed("validate", quantization.validate_last))
+    g.add_node("compare", timed("compare", quantization.compare_last))
+    g.add_node("review", timed("review", ReviewerAgent()))
+    g.add_node("track", timed("track", track))
+    g.add_node("finish", timed("finish", finish))
     g.add_edge(START, "evaluate")
     g.add_edge("evaluate", "quantize")
     g.add_conditional_edges("quantize", after_quantize, {"validate": "validate", "review": "review"})
@@ -132,6 +103,8 @@ def build_graph(tracker: Tracker, state_db: Path):
     g.add_conditional_edges("track", after_track, {"quantize": "quantize", "finish": "finish"})
     g.add_edge("finish", END)
     state_db.parent.mkdir(parents=True, exist_ok=True)
-    saver = SqliteSaver(sqlite3.connect(str(state_db), check_same_thread=False),
-                        serde=JsonPlusSerializer(allowed_msgpack_modules=serialisable_types()))
+    conn = connect_state_db(state_db)
+    if faults.armed("write:state"):  # the kill test's point inside a checkpoint write (its INSERT sent, not committed)
+        conn.set_trace_callback(lambda sql: faults.point("write:state") if sql.lstrip().startswith("INSERT OR REPLACE INTO checkpoints") else None)
+    saver = SqliteSaver(conn, serde=JsonPlusSerializer(allowed_msgpack_modules=serialisable_types()))
     return g.compile(checkpointer=saver)

@@ -20,7 +20,9 @@ from quantloop.agents.state import PipelineState
 from quantloop.data.datasets import dataset_dir_or_default, prepared_dataset_dirs
 from quantloop.errors import InputError
 from quantloop.eval.criteria.base import bar_text, row_cells
-from quantloop.fileio import sha256_file
+from quantloop.fileio import sha256_file, sweep_temporaries
+from quantloop.locks import RunLock
+from quantloop.names import check_name, check_run_id, under
 from quantloop.paths import (
     DEFAULT_MODEL_DIR,
     OFFGRID_MODEL_DIR,
@@ -29,11 +31,12 @@ from quantloop.paths import (
     default_model_dir,
 )
 from quantloop.pipelines.report_format import table
-from quantloop.report import write_run_report
+from quantloop.report import REPORTS_DIR, write_run_report
 from quantloop.specs import load_quality_spec
 from quantloop.tracking import Tracker, check_reachable, resolve_tracking_uri
 
 STATE_DB_NAME = "runs/langgraph_checkpoints.sqlite"
+LOCKS_NAME = "locks"  # beside the state database: one lock file per live run id
 
 
 def new_run_id() -> str:
@@ -56,7 +59,11 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
     """Run (or resume, with the same run_id) the loop. Returns the final PipelineState.
 
     on_attempt(attempt, resumed) after each attempt is reviewed and tracked; on_progress(node, state) after
-    every node, with the whole state (for a line when the next step starts)."""
+    every node, with the whole state (for a line when the next step starts).
+
+    The run id (docs/run-safety.md) is checked first, before anything is read or written; the run holds its
+    run id's lock until it returns, so a second run with the id of a live one is refused."""
+    run_id = check_run_id(run_id) if run_id is not None else new_run_id()
     policy, spec_path = load_policy(policy_file, target)
     if spec_file is not None:  # another acceptance bar; part of the policy, so a resumed run must use it too
         spec_path = Path(spec_file).resolve()
@@ -70,20 +77,33 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
     model_path = Path(model) if model else default_model_dir()
     find_checkpoints(model_path)  # a folder without checkpoints fails here, before anything else
     model_path = model_path.resolve()
+    model_name = check_name(model_path.name if model_path.is_dir() else model_path.stem, "model name",
+                            "rename the model folder: it names the run's output folder")
     dataset = dataset_dir_or_default(str(dataset_dir) if dataset_dir else None).resolve()
     if not (dataset / "manifest.json").is_file():
         raise InputError(dataset, "not a prepared dataset (no manifest.json)", "run `quantloop prepare` first")
     check_policy_texts(policy)
 
 
+    root = Path(output_root or QUANTIZED_DIR).resolve()
+    run_dir = under(root, model_name, run_id, what="run folder")
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)  # fail fast: before any quantization work
-    tracker = Tracker(uri)
+    db = Path(state_db) if state_db else SLM_DIR / STATE_DB_NAME
+    with RunLock(db.parent / LOCKS_NAME, run_id):
+        started = time.time()
+        for folder in (root, REPORTS_DIR, db.parent):  # what killed runs left half-written (a live run's stays)
+            sweep_temporaries(folder, started, recursive=folder == root)
+        return run_graph(Tracker(uri), db, run_id, model_path, policy, spec_path, dataset, root, run_dir, uri,
+                         on_attempt, on_start, on_progress)
 
+
+def run_graph(tracker: Tracker, db: Path, run_id: str, model_path: Path, policy, spec_path: Path, dataset: Path, root: Path,
+              run_dir: Path, uri: str, on_attempt: Callable | None, on_start: Callable | None, on_progress: Callable | None):
+    """Start or resume the graph's thread `run_id` and stream it to the end (the run's lock held by the caller)."""
     from quantloop.pipelines.graph import build_graph  # deferred: langgraph
 
-    run_id = run_id or new_run_id()
-    graph = build_graph(tracker, Path(state_db) if state_db else SLM_DIR / STATE_DB_NAME)
+    graph = build_graph(tracker, db)
     config = {"configurable": {"thread_id": run_id}}
     saved = graph.get_state(config)
     if saved.values:
@@ -106,7 +126,7 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
                                              "steps": ", ".join(s.name for s in policy.plan_steps())})
         inputs = PipelineState(run_id=run_id, model=str(model_path), target=policy.target, policy=policy,
                                acceptance_spec=str(spec_path), acceptance_sha256=sha256_file(spec_path), dataset_dir=str(dataset),
-                               output_root=str(Path(output_root or QUANTIZED_DIR).resolve()),
+                               output_root=str(root), run_dir=str(run_dir),
                                mlflow_parent_run_id=parent, started_unix=time.time())
     if on_start:
         on_start(run_id, uri, resumed=inputs is None)
@@ -215,7 +235,8 @@ def add_run_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--policy", help="fallback policy YAML (default: specs/policy.yaml)")
     s.add_argument("--target", choices=["cpu", "cuda"], help="deployment target (default: the policy's)")
     s.add_argument("--spec", help="acceptance spec YAML (default: the policy's acceptance_spec, specs/acceptance.yaml)")
-    s.add_argument("--run-id", help="resume this run, or name a new one (default: a new id)")
+    s.add_argument("--run-id", help="resume this run, or name a new one: 1-64 ASCII letters, digits, '-', '_' or '.', starting "
+                                    "with a letter or digit (default: a new id); a live run's id is refused")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///SLM/mlflow.db)")
     s.add_argument("--data-free", action="store_true", help="no calibration text: GPTQ, imatrix and QAT calibrate on text the float model "
                         "generates itself (the test split is still used, only to validate)")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output
+from quantloop.names import check_run_id, under
 from quantloop.paths import SLM_DIR
 from quantloop.report.plots import write_plots
 from quantloop.report.records import load_run_record
@@ -39,10 +40,11 @@ def write_run_report(run_id: str, tracking_uri: str | None = None, out_dir: str 
                      log_to_mlflow: bool = True) -> ReportPaths:
     """Write OUT/report.html, OUT/report.md and OUT/plots/*.png (OUT: out_dir, default SLM/reports/RUN_ID) for a run in
     the tracking store, all at once (a temporary folder renamed into place), then attach them to the MLflow parent run."""
+    check_run_id(run_id)
+    final = Path(out_dir) if out_dir else under(REPORTS_DIR, run_id, what="report folder")
     record = load_run_record(run_id, tracking_uri)
-    final = Path(out_dir) if out_dir else REPORTS_DIR / run_id
     try:
-        with atomic_output(final, is_dir=True) as tmp:
+        with atomic_output(final, is_dir=True, fault="report") as tmp:
             plots = write_plots(record, tmp / "plots")
             (tmp / MARKDOWN_NAME).write_text(markdown_report(record, plots), encoding="utf-8")
             (tmp / HTML_NAME).write_text(html_report(record, plots), encoding="utf-8")

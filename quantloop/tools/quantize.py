@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from quantloop import faults
 from quantloop.backends.base import BackendJob, backend_for, calibration_for, check_needs
 from quantloop.errors import InputError
 from quantloop.eval.size import gguf_size, hf_size
@@ -20,9 +21,11 @@ from quantloop.gguf.architectures import check_config, check_gguf_architecture
 from quantloop.gguf.precision_map import check_written_types
 from quantloop.memory import peak_rss_bytes, reset_peak_rss
 from quantloop.models.checkpoints import resolve_model
+from quantloop.names import check_name, under
 from quantloop.paths import QUANTIZED_DIR
 from quantloop.schemas import QuantizationResult, QuantSpec
 from quantloop.search.budget import fit_to_budget
+import quantloop.tools.quant_cache as quant_cache
 
 
 def check_architecture(model, spec: QuantSpec) -> None:
@@ -62,12 +65,21 @@ def time_left_for_training(spec: QuantSpec, started: float) -> QuantSpec:
 
 def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
     m = resolve_model(checkpoint)
-    name = m.manifest.name if m.manifest else m.path.stem
-    return QUANTIZED_DIR / f"{name}_{spec.tag()}"
+    name = check_name(m.manifest.name if m.manifest else m.path.stem, "model name", "rename the model folder, or pass --out")
+    return under(QUANTIZED_DIR, f"{name}_{spec.tag()}", what="output folder")
 
 
-def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSpec, overwrite: bool = False) -> QuantizationResult:
-    """Resolve the model, check what the backend needs, get the calibration once, run the backend, record."""
+def reused_result(entry: dict, key: str) -> tuple[str, str, list[str]]:
+    """(format, model file relative to the folder, notes) of a cache entry, with a note saying it was reused."""
+    note = (f"reused the files of an identical earlier quantization (same model files, spec and calibration text; "
+            f"cache entry {key[:12]}, first made for {entry['first_made_for']})")
+    return entry["format"], entry["model_path"], [*entry["notes"], note]
+
+
+def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSpec, overwrite: bool = False,
+                   cache_dir: str | Path | None = None) -> QuantizationResult:
+    """Resolve the model, check what the backend needs, get the calibration once, run the backend, record.
+    `cache_dir`: reuse (and add to) the content-addressed cache there (quantloop/tools/quant_cache.py)."""
     started = time.perf_counter()
     model = resolve_model(checkpoint)
     check_architecture(model, spec)
@@ -82,22 +94,36 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
     check_needs(needs, model, spec.label or spec.method)
     reset_peak_rss()
     t0 = time.perf_counter()
+    key = entry = None
     with atomic_output(out, is_dir=True) as tmp:
         job = BackendJob(model=model, spec=spec, work_dir=tmp, name=model.manifest.name if model.manifest else model.path.stem)
         backend.check(job)
         job.sequences, job.text_file, calib_digest = calibration_for(needs, spec, model, tmp)
-        job.spec = time_left_for_training(spec, started)
-        output = backend.quantize(job)
-        if output.planned_types:  # a precision map is a promise: every tensor has the type it planned
-            check_written_types(output.model_path, output.planned_types, backend.writer)
-        model_path = Path(output.model_path)
+        if cache_dir is not None:
+            key = quant_cache.cache_key(model, spec, calib_digest)
+            entry = quant_cache.lookup(Path(cache_dir), key)
+        if entry is not None:
+            quant_cache.restore(Path(cache_dir), key, tmp)
+            fmt, rel, notes = reused_result(entry, key)
+            model_path, libraries = tmp / rel, entry["libraries"]
+        else:
+            job.spec = time_left_for_training(spec, started)
+            output = backend.quantize(job)
+            if output.planned_types:  # a precision map is a promise: every tensor has the type it planned
+                check_written_types(output.model_path, output.planned_types, backend.writer)
+            model_path, fmt, notes, libraries = Path(output.model_path), output.format, output.notes, backend.library_versions()
         size = gguf_size(model_path) if model_path.suffix == ".gguf" else hf_size(model_path)
         result = QuantizationResult(
             spec=spec, output_dir=str(out), model_path=str(out / model_path.relative_to(tmp)) if model_path != tmp else str(out),
-            format=output.format, wall_s=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(),
+            format=fmt, wall_s=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(),
             bytes_on_disk=size.bytes_on_disk, bits_per_weight=size.bits_per_weight,
-            linear_bits_per_weight=size.linear_bits_per_weight, libraries=backend.library_versions(),
-            calibration_manifest_sha256=calib_digest, notes=budget_notes + output.notes,
+            linear_bits_per_weight=size.linear_bits_per_weight, libraries=libraries,
+            calibration_manifest_sha256=calib_digest, notes=budget_notes + notes,
         )
         write_json_atomic(tmp / "quantization_config.json", {"quantloop": result.model_dump(), "source": str(model.path)})
+        faults.point("write:gguf" if model_path.suffix == ".gguf" else "write:checkpoint")  # written, not yet in place
+    if key is not None and entry is None:
+        rel = str(Path(result.model_path).relative_to(out)) if Path(result.model_path) != out else ""
+        quant_cache.store(Path(cache_dir), key, out, {"format": fmt, "model_path": rel, "notes": notes, "libraries": libraries,
+                                                      "first_made_for": str(out), "calibration_manifest_sha256": calib_digest})
     return result

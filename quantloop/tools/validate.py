@@ -108,5 +108,5 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
         measurements={name: own.model_dump(mode="json") for name, own in parts.own.items()},
         report_path=str(report_path),
     )
-    write_json_atomic(report_path, report)
+    write_json_atomic(report_path, report, fault="validation")
     return report
