@@ -14,6 +14,7 @@ from quantloop.benchmarks.adapter import LlamaCppScorer, QuantloopLM, continuati
 from quantloop.benchmarks.score import PairedDrop, TaskScore, evaluate_tasks, paired_drop
 from quantloop.errors import InputError
 from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
+from quantloop.models.checkpoints import resolve_model
 
 PAIRS = [
     ("Question: Which is a planet?\nAnswer:", " Mars"),
@@ -114,7 +115,7 @@ def test_paired_drop_and_its_standard_error_on_a_constructed_example():
     assert isinstance(d, PairedDrop)
     assert d.n == 10
     assert d.base == pytest.approx(70.0) and d.quant == pytest.approx(50.0)
-    assert d.drop_pp == pytest.approx(20.0)
+    assert d.drop_pp == pytest.approx(20.0) and d.changed == 4
     assert d.stderr_pp == pytest.approx(100 * math.sqrt(3.6 / 9) / math.sqrt(10))
     assert paired_drop(base, base).drop_pp == 0 and paired_drop(base, base).stderr_pp == 0
 
@@ -139,13 +140,14 @@ def test_evaluate_tasks_fixed_items_and_the_baseline_cache(tiny_prepared, tmp_pa
     monkeypatch.setattr(score_mod, "CACHE_DIR", tmp_path / "cache")
     gguf = next(tiny_prepared.glob("*.gguf"))
     configs = {"tiny_mc": tiny_task(tmp_path)}
-    first = evaluate_tasks(gguf, configs, limit=5)["tiny_mc"]
+    first = evaluate_tasks(gguf, configs, limit=5, model=gguf)["tiny_mc"]
     assert first.items == 5 and len(first.correct) == len(first.correct_norm) == len(first.chosen) == 5
     assert first.doc_ids == score_mod.item_order(12, "tiny_mc")[:5] and first.doc_ids != [0, 1, 2, 3, 4]
     assert first.acc == pytest.approx(np.mean(first.correct)) and not first.cached
     assert len(list((tmp_path / "cache" / "accuracy").glob("tiny_mc-*.json"))) == 1
-    again = evaluate_tasks(gguf, configs, limit=5)["tiny_mc"]
+    again = evaluate_tasks(gguf, configs, limit=5, model=resolve_model(tiny_prepared))["tiny_mc"]
     assert again.cached and again.correct == first.correct and again.doc_ids == first.doc_ids
-    full = evaluate_tasks(gguf, configs, limit=None, cache=False)["tiny_mc"]
+    full = evaluate_tasks(gguf, configs, limit=None)["tiny_mc"]
     assert full.items == 12 and full.doc_ids[:5] == first.doc_ids  # a larger cap extends the same order
-    assert paired_drop(first, again).drop_pp == 0
+    assert paired_drop(first, again).drop_pp == 0 and paired_drop(first, again).changed == 0
+    assert len(list((tmp_path / "cache" / "accuracy").glob("tiny_mc-*.json"))) == 1  # no model given: no cache

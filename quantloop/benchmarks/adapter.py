@@ -29,8 +29,6 @@ from lm_eval.api.model import TemplateLM
 
 from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer
 
-ADAPTER_VERSION = "1"  # bump when scores could change: the float baseline cache is keyed by it
-
 Group = tuple[list[int], list[list[int]]]  # a context's tokens and the continuations scored after it
 
 

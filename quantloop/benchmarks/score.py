@@ -23,17 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lm_eval import evaluator
-from lm_eval.api.model import LM
-from lm_eval.tasks import TaskManager
 from pydantic import BaseModel
 
-from quantloop.benchmarks.adapter import ADAPTER_VERSION, QuantloopLM, open_lm
 from quantloop.errors import InputError
 from quantloop.fileio import sha256_file, write_json_atomic
+from quantloop.models.checkpoints import ResolvedModel
 from quantloop.paths import CACHE_DIR
 
 ORDER_SEED = 1234
+ADAPTER_VERSION = "1"  # bump when scores could change (adapter.py, this module): the cache is keyed by it
 
 
 class TaskScore(BaseModel):
@@ -61,6 +59,7 @@ class PairedDrop(BaseModel):
     drop_pp: float  # base - quant, percentage points (positive: the quantized model got fewer right)
     stderr_pp: float  # standard error of the drop from the per-item differences
     n: int
+    changed: int  # items whose correctness differs between the two
 
 
 def stderr_of_mean(x) -> float:
@@ -83,7 +82,8 @@ def paired_drop(base: TaskScore, quant: TaskScore, metric: str = "acc") -> Paire
         raise InputError(None, f"{base.task}: no per-item {metric}", "use a multiple-choice task that reports acc_norm")
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     return PairedDrop(task=base.task, metric=metric, base=100 * float(np.mean(a)), quant=100 * float(np.mean(b)),
-                      drop_pp=100 * float(d.mean()), stderr_pp=100 * stderr_of_mean(d), n=len(d))
+                      drop_pp=100 * float(d.mean()), stderr_pp=100 * stderr_of_mean(d), n=len(d),
+                      changed=int(np.count_nonzero(d)))
 
 
 def item_order(n_docs: int, task: str) -> list[int]:
@@ -92,9 +92,20 @@ def item_order(n_docs: int, task: str) -> list[int]:
     return [int(i) for i in np.random.default_rng(seed).permutation(n_docs)]
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def model_digest(path: str | Path) -> str:
-    """sha256 of a model file, or of a checkpoint folder's weights and config."""
-    path = Path(path)
+    """sha256 of a model file, or of a checkpoint folder's weights and config (remembered per path, size and time)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _digest(path)
+    return _DIGESTS[key]
+
+
+def _digest(path: Path) -> str:
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
@@ -103,12 +114,14 @@ def model_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def model_path_of(lm) -> Path | None:
-    runner = getattr(lm, "runner", None)
-    for attr in ("gguf", "hf_dir"):
-        if runner is not None and getattr(runner, attr, None) is not None:
-            return Path(getattr(runner, attr))
-    return None
+def model_file_of(model: ResolvedModel | str | Path, runtime: str) -> Path:
+    """The file (or folder) a runtime runs of a model: its GGUF on llama.cpp, its HF folder on transformers."""
+    if isinstance(model, ResolvedModel):
+        path = model.gguf if runtime == "llama.cpp" else model.hf_dir
+        if path is None:
+            raise InputError(model.path, f"has no model for the {runtime} runtime", "prepare it with `quantloop prepare`")
+        return Path(path)
+    return Path(model)
 
 
 def cache_path(digest: str, task: str, config: dict, limit: int | None, runtime: str) -> Path:
@@ -123,27 +136,36 @@ def chosen_of(sample: dict) -> int:
     return int(np.argmax(np.asarray(lls, dtype=float)))
 
 
-def as_lm(model):
-    """An lm-eval LM from what the caller holds: an LM (QuantloopLM, lm-eval's HFLM, ...), an open runner, or the
-    path of a .gguf file or checkpoint folder. Returns (lm, opened_here)."""
-    if isinstance(model, LM):
-        return model, False
-    if hasattr(model, "runtime") and hasattr(model, "tokenize"):
-        return QuantloopLM(model), True
-    path = Path(model)
+def as_lm(runner):
+    """An lm-eval LM from what the caller holds: an LM (QuantloopLM, lm-eval's HFLM, ...), an open runner
+    (LlamaCppRunner, TransformersRunner), or the path of a .gguf file or checkpoint folder. Returns (lm, opened_here)."""
+    from lm_eval.api.model import LM  # deferred: lm_eval
+
+    from quantloop.benchmarks.adapter import QuantloopLM, open_lm  # deferred: lm_eval
+
+    if isinstance(runner, LM):
+        return runner, False
+    if hasattr(runner, "runtime") and hasattr(runner, "tokenize"):
+        return QuantloopLM(runner), True
+    path = Path(runner)
     if not path.exists():
         raise InputError(path, "model not found", "pass a .gguf file, a checkpoint folder or an open runner")
     return open_lm(path), True
 
 
-def evaluate_tasks(model: Any, task_configs: dict[str, dict], limit: int | None = None, cache: bool = True,
-                   runtime: str | None = None) -> dict[str, TaskScore]:
-    """Score `model` (an LM, a LlamaCppRunner / TransformersRunner, or a model path) on each lm-eval task config
-    (name -> config dict) over its first `limit` items of the fixed order (all items when None)."""
-    lm, opened = as_lm(model)
-    runtime = runtime or getattr(getattr(lm, "runner", None), "runtime", type(lm).__name__)
-    path = model_path_of(lm) if cache else None
-    digest = model_digest(path) if path is not None else None
+def evaluate_tasks(runner: Any, task_configs: dict[str, dict], limit: int | None = None,
+                   model: ResolvedModel | str | Path | None = None) -> dict[str, TaskScore]:
+    """Score `runner` (an open LlamaCppRunner / TransformersRunner, an lm-eval LM, or a model path) on each lm-eval
+    task config (name -> config dict) over the first `limit` items of the task's fixed order (all when None).
+
+    `model`: the model the runner runs (a ResolvedModel or its path); when given, each task's score is cached
+    under CACHE_DIR/accuracy by the digest of that model's file for this runtime, and read back next time."""
+    from lm_eval import evaluator  # deferred: lm_eval
+    from lm_eval.tasks import TaskManager  # deferred: lm_eval
+
+    lm, opened = as_lm(runner)
+    runtime = getattr(getattr(lm, "runner", None), "runtime", type(lm).__name__)
+    digest = model_digest(model_file_of(model, runtime)) if model is not None else None
     out: dict[str, TaskScore] = {}
     manager = TaskManager(include_defaults=False)
     try:
@@ -156,8 +178,7 @@ def evaluate_tasks(model: Any, task_configs: dict[str, dict], limit: int | None 
                 except ValueError:
                     pass  # a damaged cache file is scored again and rewritten
             task_dict = manager.load([dict(config, task=name)])
-            task = task_dict["tasks"][name]
-            order = item_order(len(task.eval_docs), name)
+            order = item_order(len(task_dict["tasks"][name].eval_docs), name)
             ids = order[:limit] if limit else order
             t0 = time.perf_counter()
             results = evaluator.evaluate(lm=lm, task_dict=task_dict, samples={name: ids}, bootstrap_iters=0,
