@@ -151,3 +151,16 @@ def test_evaluate_tasks_fixed_items_and_the_baseline_cache(tiny_prepared, tmp_pa
     assert full.items == 12 and full.doc_ids[:5] == first.doc_ids  # a larger cap extends the same order
     assert paired_drop(first, again).drop_pp == 0 and paired_drop(first, again).changed == 0
     assert len(list((tmp_path / "cache" / "accuracy").glob("tiny_mc-*.json"))) == 1  # no model given: no cache
+
+
+def test_agreement_share_and_accuracy_within_its_standard_error():
+    from quantloop.benchmarks.agreement import agreement
+
+    ours = score("t", [1, 0, 1, 1, 0, 1, 0, 1])
+    theirs = score("t", [1, 0, 1, 1, 0, 1, 1, 1]).model_copy(update={"chosen": [0, 0, 0, 0, 0, 0, 2, 0]})
+    ours = ours.model_copy(update={"acc_stderr": float(np.std(ours.correct, ddof=1) / math.sqrt(8))})
+    a = agreement(ours, theirs)
+    assert a.same_answer == pytest.approx(7 / 8)
+    assert a.acc_diff_pp == pytest.approx(-12.5) and a.within_stderr == (12.5 <= 100 * ours.acc_stderr)
+    with pytest.raises(InputError):
+        agreement(ours, score("t", [1, 0, 1]))
