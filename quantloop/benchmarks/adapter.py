@@ -205,6 +205,10 @@ class QuantloopLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.runner.tokenize(string)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        """lm-eval's tokenization of the requests, without its progress bar (quantloop prints a line per task)."""
+        return super().loglikelihood(requests, disable_tqdm=True)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Requests grouped by their context tokens (a question's choices share one), scored group by group."""
         index: dict[tuple[int, ...], int] = {}

@@ -53,6 +53,8 @@ class AccuracySettings(Strict):
                                   "items up to this many before the verdict (default: items, no more)")
     min_above_chance_pp: float = Field(5.0, ge=0, description="a task the float model does not beat chance on by this many "
                                        "points (and 2 standard errors) says nothing about degradation: reported, not judged")
+    measure_all: bool = Field(False, description="measure every task even after one has failed the bar (default: the "
+                              "tasks after a failure cannot change the verdict and are reported as not measured)")
 
 
 class AcceptanceCriteria(Strict):

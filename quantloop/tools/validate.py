@@ -43,6 +43,9 @@ def measure_domain(dataset_dir: Path, base, base_runner, quant_runner, spec, n_c
 
 def validate_quantization(req: ValidationRequest) -> ValidationReport:
     spec = load_quality_spec(req.spec_file)
+    for c in criteria():
+        if c.applies(spec.acceptance):
+            c.check_inputs(spec)
     quant = resolve_model(req.quantized)
     base = resolve_model(req.baseline)
     runtime = "llama.cpp" if quant.gguf is not None else "transformers"

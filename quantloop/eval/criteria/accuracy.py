@@ -9,13 +9,16 @@ perplexity bar, either or both must hold (see base.verdict)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 
 from pydantic import BaseModel, Field
 
+from quantloop.benchmarks.score import TaskScore, evaluate_tasks, paired_drop
+from quantloop.benchmarks.tasks import TASKS, expand, task_configs
 from quantloop.eval.criteria.base import Cell, Criterion, MeasureContext, Measurements, Section, Where, fmt, how_close, number, shown
-from quantloop.schemas import AcceptanceCriteria, AccuracySettings, CriterionResult
+from quantloop.schemas import AcceptanceCriteria, AccuracySettings, CriterionResult, QualitySpec
 
 
 class TaskAccuracy(BaseModel):
@@ -34,8 +37,24 @@ class TaskAccuracy(BaseModel):
 
 
 class AccuracyMeasurement(BaseModel):
-    tasks: dict[str, TaskAccuracy]
+    tasks: dict[str, TaskAccuracy] = Field(description="the measured tasks, in the order they were measured")
+    not_measured: dict[str, str] = Field(default_factory=dict, description="task -> why it was not measured")
     seconds: float
+
+
+def above_chance(score: TaskScore, task: str, settings: AccuracySettings) -> bool:
+    metric, chance = TASKS[task].metric, TASKS[task].chance
+    return getattr(score, metric) - chance >= max(settings.min_above_chance_pp / 100, 2 * getattr(score, f"{metric}_stderr"))
+
+
+def informative_first(base: dict[str, TaskScore]) -> list[str]:
+    """Tasks by how many standard errors the float model sits above chance, most first: a task near chance cannot
+    show a drop, so it is measured last."""
+    def z(task: str) -> float:
+        s, metric = base[task], TASKS[task].metric
+        se = getattr(s, f"{metric}_stderr") or 1e-9
+        return (getattr(s, metric) - TASKS[task].chance) / se
+    return sorted(base, key=z, reverse=True)
 
 
 def near_bar(drop_pp: float, se_pp: float, settings: AccuracySettings, sigmas: float) -> bool:
@@ -45,9 +64,6 @@ def near_bar(drop_pp: float, se_pp: float, settings: AccuracySettings, sigmas: f
 def measure_task(task: str, config: dict, ctx: MeasureContext, settings: AccuracySettings) -> TaskAccuracy:
     """Score `items` items on both models, then twice as many while the drop lies within its noise of the bar, up to
     max_items (the float model's items come from the baseline cache after the first time)."""
-    from quantloop.benchmarks.score import evaluate_tasks, paired_drop  # deferred: lm_eval
-    from quantloop.benchmarks.tasks import TASKS  # deferred: lm_eval
-
     start, metric = time.perf_counter(), TASKS[task].metric
     n, cap = settings.items, max(settings.max_items or settings.items, settings.items)
     while True:
@@ -60,7 +76,9 @@ def measure_task(task: str, config: dict, ctx: MeasureContext, settings: Accurac
     chance = TASKS[task].chance
     base_acc, base_se = getattr(base, metric), getattr(base, f"{metric}_stderr")
     quant_acc, quant_se = getattr(quant, metric), getattr(quant, f"{metric}_stderr")
-    above = base_acc - chance >= max(settings.min_above_chance_pp / 100, 2 * base_se)
+    above = above_chance(base, task, settings)
+    print(f"accuracy {task}: {metric} {100 * quant_acc:.1f} % vs float {100 * base_acc:.1f} % on {drop.n} items, drop "
+          f"{drop.drop_pp:+.2f} ± {drop.stderr_pp:.2f} points ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return TaskAccuracy(metric=metric, items=drop.n, chance=chance, base_acc=base_acc, base_acc_stderr=base_se,
                         quant_acc=quant_acc, quant_acc_stderr=quant_se, drop_pp=drop.drop_pp, drop_stderr_pp=drop.stderr_pp,
                         changed=drop.changed, above_chance=above, seconds=time.perf_counter() - start)
@@ -73,12 +91,13 @@ def task_result(name: str, t: TaskAccuracy, settings: AccuracySettings, sigmas: 
     else:  # the two models answer every item alike: the drop is exact
         margin = float("inf") if below else float("-inf")
     ok, note = shown(margin, sigmas)
+    how = how_close(margin) if t.drop_stderr_pp > 0 else "the same answer on every item"
     chance_note = "" if t.above_chance else f"; the float model is within the noise of chance ({100 * t.chance:.1f} %): reported, not judged"
     return CriterionResult(
         name=name, passed=below and ok, measured=t.drop_pp, threshold=f"< {settings.max_drop_pp:g} points drop",
         margin_sigmas=margin, binding=t.above_chance,
         detail=f"{t.metric} {100 * t.quant_acc:.1f} % vs {100 * t.base_acc:.1f} % ({t.drop_pp:+.2f} ± {t.drop_stderr_pp:.2f} points, "
-               f"{t.items} items, {t.changed} changed; {how_close(margin)}{note}{chance_note})",
+               f"{t.items} items, {t.changed} changed; {how}{note}{chance_note})",
     )
 
 
@@ -116,24 +135,41 @@ class Accuracy(Criterion):
     def applies(self, acceptance: AcceptanceCriteria) -> bool:
         return acceptance.accuracy is not None
 
+    def check_inputs(self, spec: QualitySpec) -> None:
+        if spec.acceptance.accuracy is not None:
+            task_configs(expand(spec.acceptance.accuracy.tasks))  # a missing or corrupted benchmark: InputError
+
     def measure(self, ctx: MeasureContext) -> AccuracyMeasurement | None:
         settings = ctx.spec.acceptance.accuracy
         if settings is None:
             return None
-        from quantloop.benchmarks.tasks import expand, task_configs  # deferred: lm_eval
-
         start = time.perf_counter()
         names = expand(settings.tasks)
         configs = task_configs(names)  # a missing or corrupted benchmark stops here, before any scoring
-        tasks = {name: measure_task(name, configs[name], ctx, settings) for name in names}
-        return AccuracyMeasurement(tasks=tasks, seconds=time.perf_counter() - start)
+        base = {t: evaluate_tasks(ctx.base_runner, {t: configs[t]}, limit=settings.items, model=ctx.baseline)[t] for t in names}
+        tasks: dict[str, TaskAccuracy] = {}
+        skipped: dict[str, str] = {}
+        for name in informative_first(base):
+            if failed := [t for t, r in tasks.items() if r.above_chance and not self.task_passes(r, ctx)]:
+                skipped[name] = f"the accuracy bar already fails on {failed[0]}"
+                continue
+            tasks[name] = measure_task(name, configs[name], ctx, settings)
+        return AccuracyMeasurement(tasks=tasks, not_measured=skipped, seconds=time.perf_counter() - start)
+
+    @staticmethod
+    def task_passes(t: TaskAccuracy, ctx: MeasureContext) -> bool:
+        settings = ctx.spec.acceptance.accuracy
+        return settings.measure_all or task_result("", t, settings, ctx.spec.eval.decide_sigmas).passed
 
     def judge(self, m: Measurements, acceptance: AcceptanceCriteria, sigmas: float | None) -> list[CriterionResult]:
         own = m.own.get(self.name)
         if own is None:
             return [CriterionResult(name=self.name, passed=False, measured=None, threshold=f"< {acceptance.accuracy.max_drop_pp:g} points drop",
                                     detail="not measured")]
-        return [task_result(f"{self.name}:{task}", t, acceptance.accuracy, sigmas) for task, t in own.tasks.items()]
+        bar = f"< {acceptance.accuracy.max_drop_pp:g} points drop"
+        return ([task_result(f"{self.name}:{task}", t, acceptance.accuracy, sigmas) for task, t in own.tasks.items()] +
+                [CriterionResult(name=f"{self.name}:{task}", passed=False, measured=None, threshold=bar, binding=False,
+                                 detail=f"not measured: {why}") for task, why in own.not_measured.items()])
 
     def cells(self, metrics: Mapping[str, float], where: Where) -> list[Cell]:
         mean, se = mean_drop(metrics)

@@ -5,6 +5,7 @@ A criterion is a class with a `name` (its results are called `name`, or `name:<p
 such as a held-out text domain) and these parts:
 
     needs                         the Measurements fields it reads (checked before it judges)
+    check_inputs(spec)            raises InputError when its measurement's inputs are missing, before anything is measured
     measure(ctx) -> model | None  a measurement of its own, made by validate_quantization after the built-in ones and
                                   kept in the report under measurements.<name> (default: none; perplexity, speed,
                                   size and generation read the report's own fields, measured by eval/kld.py, ...)
@@ -129,6 +130,9 @@ class Criterion:
     needs: ClassVar[tuple[str, ...]] = ()
     tip: ClassVar[str] = ""
     quality: ClassVar[bool] = False  # a quality bar: acceptance.quality says which of them must hold (see verdict)
+
+    def check_inputs(self, spec: QualitySpec) -> None:
+        """Raise InputError when what its measurement reads is missing (called before anything is measured)."""
 
     def measure(self, ctx: MeasureContext) -> BaseModel | None:
         return None
