@@ -106,3 +106,35 @@ def test_a_missing_benchmark_is_one_line_and_exit_2_before_any_measurement(tiny_
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "copa" in lines[0] and "quantloop prepare --benchmarks" in lines[0], out.stderr
     assert not (tmp_path / "validation_report.json").exists() and not list(tiny_copy.glob("validation_report.json"))
+
+
+def test_the_evaluation_agent_can_rank_checkpoints_by_benchmark_accuracy(tiny_prepared, reference_dir, dataset_dir, tmp_path):
+    installed()
+    from conftest import build_tiny_llama
+    from quantloop.agents.evaluation import EvaluationAgent
+    from quantloop.agents.policy import load_policy
+    from quantloop.agents.state import PipelineState
+    from quantloop.benchmarks.score import evaluate_tasks
+    from quantloop.benchmarks.tasks import task_configs
+    from quantloop.models.checkpoints import prepare_model
+
+    folder = tmp_path / "checkpoints"
+    prepare_model(build_tiny_llama(tmp_path / "raw1", reference_dir, seed=1), "step_100", folder)
+    prepare_model(build_tiny_llama(tmp_path / "raw2", reference_dir, seed=2), "step_200", folder)
+    (tmp_path / "acceptance.yaml").write_text(accuracy_spec(tmp_path / "a.yaml").read_text())
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({
+        "target": "cpu", "acceptance_spec": "acceptance.yaml",
+        "validation": {"chunks": 2, "measure_speed": False, "selection_chunks": 1, "rank_by": "accuracy",
+                       "rank_tasks": ["copa"], "rank_items": 30},
+        "steps": {"cpu": [{"name": "int8-q8_0", "spec": {"method": "gguf", "bits": 8, "gguf_type": "Q8_0"}}]}}))
+    policy, spec = load_policy(tmp_path / "policy.yaml")
+    state = PipelineState(run_id="x", model=str(folder), target="cpu", policy=policy, acceptance_spec=str(spec),
+                          dataset_dir=str(dataset_dir), output_root=str(tmp_path / "q"))
+    ranked = EvaluationAgent()(state)["candidates"]
+    accuracies = [c.accuracy for c in ranked]
+    assert all(a is not None for a in accuracies) and accuracies == sorted(accuracies, reverse=True)
+    for c in ranked:  # the mean over rank_tasks of copa's acc, on the last 30 items of its order
+        tail = evaluate_tasks(Path(c.path) / f"{Path(c.path).name}-f16.gguf", task_configs(["copa"]), limit=30, from_end=True)["copa"]
+        assert c.accuracy == pytest.approx(tail.acc)
+    head = evaluate_tasks(Path(ranked[0].path) / f"{Path(ranked[0].path).name}-f16.gguf", task_configs(["copa"]), limit=12)["copa"]
+    assert not set(head.doc_ids) & set(tail.doc_ids)  # checkpoint selection never scores the acceptance bar's items

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from quantloop.agents.policy import Policy
 from quantloop.agents.state import CheckpointScore, PipelineState, PlannedAttempt
+from quantloop.benchmarks.score import evaluate_tasks
+from quantloop.benchmarks.tasks import TASKS, expand, task_configs
 from quantloop.data.datasets import read_split
 from quantloop.errors import InputError
 from quantloop.eval.perplexity import make_chunks
@@ -74,8 +76,24 @@ def score_checkpoint(path: Path, target: str, policy: Policy, spec_file: str, da
     ppl = perplexity(runner, chunks, desc=f"validation ppl {model.path.name}")
     size = gguf_size(model.gguf) if runtime == "llama.cpp" else hf_size(model.hf_dir)
     speed = measure_speed([runner.ref], quality.speed, speed_threads(quality.speed))[0] if policy.validation.measure_speed else None
+    accuracy = mean_accuracy(runner, model, policy) if policy.validation.rank_by == "accuracy" else None
     return CheckpointScore(name=checkpoint_name(model), path=str(model.path), training_step=training_step(model.path),
-                           validation_ppl=ppl, size=size, speed=speed, wall_s=time.perf_counter() - t0)
+                           validation_ppl=ppl, size=size, speed=speed, accuracy=accuracy, wall_s=time.perf_counter() - t0)
+
+
+def mean_accuracy(runner, model: ResolvedModel, policy: Policy) -> float:
+    """Mean accuracy (each task's usual metric) over the policy's rank_tasks, on the last rank_items items of each
+    task's fixed order: items the acceptance bar, which scores the first ones, does not look at first."""
+    names = expand(policy.validation.rank_tasks)
+    scores = evaluate_tasks(runner, task_configs(names), limit=policy.validation.rank_items, model=model, from_end=True)
+    return sum(getattr(scores[t], TASKS[t].metric) for t in names) / len(names)
+
+
+def rank_key(policy: Policy):
+    """Best first: lowest validation perplexity, or highest benchmark accuracy (then perplexity); a later step breaks ties."""
+    if policy.validation.rank_by == "accuracy":
+        return lambda c: (-(c.accuracy if c.accuracy is not None else float("-inf")), c.validation_ppl.ppl, -(c.training_step or 0))
+    return lambda c: (c.validation_ppl.ppl, -(c.training_step or 0))
 
 
 def output_folder(root: Path, index: int, checkpoint: CheckpointScore, step_name: str, kind: str, spec) -> str:
@@ -123,6 +141,6 @@ class EvaluationAgent:
         for path in find_checkpoints(state.model):
             cached = by_path.get(str(path))
             scores.append(cached or score_checkpoint(path, state.target, state.policy, state.acceptance_spec, state.dataset_dir))
-        ranked = sorted(scores, key=lambda c: (c.validation_ppl.ppl, -(c.training_step or 0)))
+        ranked = sorted(scores, key=rank_key(state.policy))
         plan = state.plan or build_plan(state.policy, ranked, Path(state.run_dir or state.output_root))
         return {"candidates": ranked, "plan": plan}

@@ -64,6 +64,12 @@ class ValidationSettings(Strict):
     check_generation: bool = True
     compare_generations: bool = Field(True, description="write the side-by-side generations (Markdown) of every attempt")
     selection_chunks: int = Field(4, ge=1, description="validation-split chunks the EvaluationAgent scores per checkpoint")
+    rank_by: Literal["perplexity", "accuracy"] = Field("perplexity", description="how the EvaluationAgent ranks candidate "
+                                                       "checkpoints: validation perplexity, or mean benchmark accuracy")
+    rank_tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"], description="benchmark tasks or groups "
+                                  "rank_by: accuracy scores, on the last rank_items items of each task's fixed order (the "
+                                  "acceptance bar scores the first ones)")
+    rank_items: int = Field(200, ge=10, description="items per task scored per checkpoint when ranking by accuracy")
     held_out: list[str] = Field(default_factory=list, description="more prepared datasets (names under SLM/datasets, or folders) "
                                 "whose test split is scored too, each judged by the perplexity bar: text no calibration drew "
                                 "from, so a quantizer that fits its calibration domain cannot pass on it alone")

@@ -34,6 +34,7 @@ class CheckpointScore(Strict):
     validation_ppl: PerplexityReport
     size: SizeReport
     speed: SpeedReport | None = None
+    accuracy: float | None = Field(None, description="mean benchmark accuracy over the policy's rank_tasks (rank_by: accuracy)")
     wall_s: float = Field(0.0, description="seconds spent scoring it (the evaluation tools)")
 
 

@@ -124,8 +124,9 @@ def model_file_of(model: ResolvedModel | str | Path, runtime: str) -> Path:
     return Path(model)
 
 
-def cache_path(digest: str, task: str, config: dict, limit: int | None, runtime: str) -> Path:
-    key = hashlib.sha256(json.dumps([digest, config, limit, runtime, ADAPTER_VERSION], sort_keys=True, default=str)
+def cache_path(digest: str, task: str, config: dict, limit: int | None, runtime: str, from_end: bool = False) -> Path:
+    key = hashlib.sha256(json.dumps([digest, config, limit, runtime, ADAPTER_VERSION] + (["from_end"] if from_end else []),
+                                    sort_keys=True, default=str)
                          .encode()).hexdigest()[:24]
     return CACHE_DIR / "accuracy" / f"{task}-{key}.json"
 
@@ -154,12 +155,14 @@ def as_lm(runner):
 
 
 def evaluate_tasks(runner: Any, task_configs: dict[str, dict], limit: int | None = None,
-                   model: ResolvedModel | str | Path | None = None) -> dict[str, TaskScore]:
+                   model: ResolvedModel | str | Path | None = None, from_end: bool = False) -> dict[str, TaskScore]:
     """Score `runner` (an open LlamaCppRunner / TransformersRunner, an lm-eval LM, or a model path) on each lm-eval
     task config (name -> config dict) over the first `limit` items of the task's fixed order (all when None).
 
     `model`: the model the runner runs (a ResolvedModel or its path); when given, each task's score is cached
-    under CACHE_DIR/accuracy by the digest of that model's file for this runtime, and read back next time."""
+    under CACHE_DIR/accuracy by the digest of that model's file for this runtime, and read back next time.
+    `from_end`: the last `limit` items of the order instead of the first (disjoint from the acceptance bar's items
+    while both counts together stay within the task: what checkpoint selection scores)."""
     from lm_eval import evaluator  # deferred: lm_eval
     from lm_eval.tasks import TaskManager  # deferred: lm_eval
 
@@ -170,7 +173,7 @@ def evaluate_tasks(runner: Any, task_configs: dict[str, dict], limit: int | None
     manager = TaskManager(include_defaults=False)
     try:
         for name, config in task_configs.items():
-            cfile = cache_path(digest, name, config, limit, runtime) if digest else None
+            cfile = cache_path(digest, name, config, limit, runtime, from_end) if digest else None
             if cfile is not None and cfile.is_file():
                 try:
                     out[name] = TaskScore.model_validate_json(cfile.read_text()).model_copy(update={"cached": True})
@@ -179,7 +182,7 @@ def evaluate_tasks(runner: Any, task_configs: dict[str, dict], limit: int | None
                     pass  # a damaged cache file is scored again and rewritten
             task_dict = manager.load([dict(config, task=name)])
             order = item_order(len(task_dict["tasks"][name].eval_docs), name)
-            ids = order[:limit] if limit else order
+            ids = (order[-limit:] if from_end else order[:limit]) if limit else order
             t0 = time.perf_counter()
             results = evaluator.evaluate(lm=lm, task_dict=task_dict, samples={name: ids}, bootstrap_iters=0,
                                          log_samples=True, verbosity="ERROR")
