@@ -1,10 +1,12 @@
 """The measurement tools end to end on a tiny random Llama (real transformers, real llama.cpp)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from quantloop.backends.gguf import quantize_gguf
 from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
@@ -12,6 +14,8 @@ from quantloop.eval.session import perplexity, split_chunks
 from quantloop.models.checkpoints import resolve_model
 from quantloop.schemas import CompareRequest, EvaluateRequest, ValidationRequest
 from quantloop.tools import compare_outputs, evaluate_model, validate_quantization
+
+ROOT = Path(__file__).resolve().parent.parent
 from spec_helpers import validation_spec
 
 
@@ -38,7 +42,11 @@ def test_same_token_ids_on_both_runtimes(tiny_prepared):
 
 def test_validate_q8_0_writes_a_complete_report(tiny_copy, dataset_dir, tmp_path):
     q = quantize_gguf(tiny_copy / "tiny-f16.gguf", tmp_path / "tiny-q8_0.gguf", "Q8_0")
-    r = validate_quantization(ValidationRequest(quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(dataset_dir), chunks=2))
+    spec = yaml.safe_load((ROOT / "specs" / "acceptance.yaml").read_text())  # the default spec, 10 benchmark items per task
+    spec["acceptance"]["accuracy"] |= {"items": 10, "max_items": 10}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    r = validate_quantization(ValidationRequest(quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(dataset_dir), chunks=2,
+                                                spec_file=str(tmp_path / "spec.yaml")))
     saved = json.loads((tmp_path / "validation_report.json").read_text())
     assert saved["passed"] == r.passed
     assert r.runtime == "llama.cpp" and r.quantized.format == "gguf:Q8_0" and r.baseline.format == "gguf:F16"
@@ -50,7 +58,10 @@ def test_validate_q8_0_writes_a_complete_report(tiny_copy, dataset_dir, tmp_path
     assert r.size_ratio == pytest.approx((tiny_copy / "tiny-f16.gguf").stat().st_size / q.stat().st_size)
     assert r.size_ratio > 1.2  # the tiny model's file is dominated by its tokenizer metadata, so less than 2x
     assert r.speed_baseline.tg_tokens_per_s > 0 and r.speed_quantized.peak_rss_bytes > 0
-    assert {c.name for c in r.criteria} == {"perplexity", "speed", "size", "generation"}
+    assert {c.name.split(":")[0] for c in r.criteria} == {"perplexity", "speed", "size", "generation", "accuracy"}
+    tasks = r.measurements["accuracy"]["tasks"]  # the default spec's benchmark groups, on the same items for both files
+    assert set(tasks) | set(r.measurements["accuracy"]["not_measured"]) == {f"{c.name.split(':')[1]}" for c in r.criteria if c.name.startswith("accuracy:")}
+    assert all(t["items"] == 10 for t in tasks.values())
     assert "dequantized" not in r.reference_note  # a user checkpoint, not the grid-aligned reference
 
 

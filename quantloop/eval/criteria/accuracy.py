@@ -70,7 +70,8 @@ def measure_task(task: str, config: dict, ctx: MeasureContext, settings: Accurac
         base = evaluate_tasks(ctx.base_runner, {task: config}, limit=n, model=ctx.baseline)[task]
         quant = evaluate_tasks(ctx.quant_runner, {task: config}, limit=n)[task]
         drop = paired_drop(base, quant, metric)
-        if base.items < n or n >= cap or not near_bar(drop.drop_pp, drop.stderr_pp, settings, ctx.spec.eval.decide_sigmas):
+        if (base.items < n or n >= cap or not above_chance(base, task, settings)  # near chance: more items judge nothing
+                or not near_bar(drop.drop_pp, drop.stderr_pp, settings, ctx.spec.eval.decide_sigmas)):
             break
         n = min(2 * n, cap)
     chance = TASKS[task].chance
