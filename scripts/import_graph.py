@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "quantloop"
 
 
 # The layers, top to bottom: a package may import only packages below it.
-LAYERS = ["pipelines", "serve", "report", "agents", "tools", "search", "backends", "eval", "data", "models", "gguf",
+LAYERS = ["pipelines", "serve", "report", "agents", "tools", "search", "knowledge", "backends", "eval", "data", "models", "gguf",
           "specs", "tracking", "schemas", "fileio", "memory", "paths", "errors"]
 
 
