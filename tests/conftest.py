@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the knowledge store of the tests' runs: one per session, never the user's SLM/knowledge/
+os.environ["QUANTLOOP_KNOWLEDGE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="quantloop-knowledge-"), "atomspace.metta")
 
 from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR  # noqa: E402 (after the test environment is set)
 
