@@ -18,6 +18,12 @@ def need_prepared():
         pytest.skip("the reference model and text are not prepared: run `make test` (it runs `quantloop prepare` first)")
 
 
+@pytest.fixture(autouse=True)
+def own_knowledge_store(tmp_path_factory, monkeypatch):
+    """Every test its own knowledge store: a run never skips a step because another test's run failed it."""
+    monkeypatch.setenv("QUANTLOOP_KNOWLEDGE", str(tmp_path_factory.mktemp("knowledge") / "atomspace.metta"))
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     need_prepared()

@@ -89,3 +89,21 @@ def test_the_knowledge_command_and_tool_show_query_and_forget(tmp_path, capsys):
     assert "2 atom(s) removed" in capsys.readouterr().out
     assert main(["knowledge", "forget", "base", "--store", str(path)]) == 2
     assert "no model named" in capsys.readouterr().err
+
+
+def test_a_second_run_skips_the_step_the_first_failed_and_no_memory_tries_it(tiny_prepared, dataset_dir, tmp_path):
+    from pipeline_helpers import run_tiny, tiny_policy
+
+    step = {"name": "int4-q4_0", "spec": {"method": "gguf", "bits": 4, "gguf_type": "Q4_0"}}
+    policy = tiny_policy(tmp_path, [step], measure_speed=False, size_ratio=100.0)
+    first = run_tiny(tmp_path / "1", tiny_prepared, dataset_dir, policy, run_id="first")
+    assert first.attempts[0].verdict == "rejected" and first.attempts[0].status == "validated"
+    store = KnowledgeStore.open()  # the store the run wrote (this test's own, see conftest)
+    assert [f.run_id for f in store.facts("Attempt")] == ["first"] and len(store.models()) == 1
+    second = run_tiny(tmp_path / "2", tiny_prepared, dataset_dir, policy, run_id="second")
+    a = second.attempts[0]
+    assert a.status == "skipped" and a.note.startswith("memory: the same spec failed on this model") and "run first" in a.note
+    assert "memory:" in a.reason and second.decision == "rejected"
+    third = run_tiny(tmp_path / "3", tiny_prepared, dataset_dir, policy, run_id="third", memory=False)
+    assert third.attempts[0].status == "validated" and not third.policy.memory
+    assert [f.run_id for f in KnowledgeStore.open().facts("Attempt")] == ["first"]  # neither the skip nor --no-memory recorded

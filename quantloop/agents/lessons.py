@@ -46,6 +46,11 @@ def failed_criteria(f: AttemptFact) -> list[str]:
     return [k.split(":", 1)[1] for k in f.metrics if k.startswith("failed:")]
 
 
+def failed_noisily(f: AttemptFact) -> bool:
+    """A criterion whose verdict may change when measured again failed on a measurement (not for want of one)."""
+    return any(f.metrics[k] == 1.0 for k in f.metrics if k.startswith("failed:") and k.split(":")[1] in NOISY)
+
+
 def lessons(memory: KnowledgeStore | None, planned: PlannedAttempt, state: PipelineState) -> Lesson:
     if memory is None or not memory.enabled or not planned.checkpoint:
         return Lesson()
@@ -60,7 +65,7 @@ def lessons(memory: KnowledgeStore | None, planned: PlannedAttempt, state: Pipel
                 continue
             where = "this model" if same else f"{m.name} (same family)"
             failed = failed_criteria(f)
-            if (same and f.status == "validated" and not f.passed and failed and not set(c.split(":")[0] for c in failed) & set(NOISY)
+            if (same and f.status == "validated" and not f.passed and failed and not failed_noisily(f)
                     and f.acceptance == state.acceptance_sha256):
                 out.skip = (f"memory: the same spec failed on this model against the same acceptance spec in run {f.run_id} "
                             f"({f.reason.split('; next:')[0]}); run with --no-memory to try it again")
@@ -75,7 +80,8 @@ def lessons(memory: KnowledgeStore | None, planned: PlannedAttempt, state: Pipel
 
 
 def attempt_fact(a: Attempt, planned: PlannedAttempt, state: PipelineState, model: ModelFact) -> AttemptFact:
-    metrics = {f"failed:{c.name}": 1.0 for c in a.criteria if not c.passed} | {f"passed:{c.name}": 1.0 for c in a.criteria if c.passed}
+    metrics = ({f"failed:{c.name}": 0.0 if c.measured is None else 1.0 for c in a.criteria if not c.passed}  # 0: not measured
+               | {f"passed:{c.name}": 1.0 for c in a.criteria if c.passed})
     metrics["wall_s"] = round(a.wall_s, 2)
     reason = a.reason if a.status != "skipped" else f"{a.step} was skipped: {a.note}"
     return AttemptFact(digest=model.digest, run_id=state.run_id, step=a.step, tag=spec_key(planned), method=a.method or a.kind,
