@@ -107,3 +107,21 @@ def test_a_second_run_skips_the_step_the_first_failed_and_no_memory_tries_it(tin
     third = run_tiny(tmp_path / "3", tiny_prepared, dataset_dir, policy, run_id="third", memory=False)
     assert third.attempts[0].status == "validated" and not third.policy.memory
     assert [f.run_id for f in KnowledgeStore.open().facts("Attempt")] == ["first"]  # neither the skip nor --no-memory recorded
+
+
+def test_a_search_front_is_recorded_for_its_checkpoint(tiny_prepared, tmp_path):
+    from quantloop.agents.lessons import remember_front
+    from quantloop.search.schemas import CandidateMeasurement, FrontMember, SearchResult
+
+    measured = CandidateMeasurement(genome={"blk.0.ffn_down.weight": "Q8_0"}, kld_mean=0.0123, kld_by_domain={"s": 0.0123},
+                                    ppl_increase_pct=0.4, bytes=1000, bytes_written=1000, bits_per_weight=6.2, tg_tokens_per_s=90.5)
+    result = SearchResult(study="st", storage="j", trials_complete=3, trials_measured_here=3, target="cpu", wall_s=1.0,
+                          front=[FrontMember(trial=2, origin="greedy@6.2", measured=measured)], baselines=[],
+                          result_json=str(tmp_path / "r.json"))
+    (tmp_path / "r.json").write_text(result.model_dump_json())
+    store = KnowledgeStore.open(tmp_path / "k.metta")
+    planned = PlannedAttempt(index=0, step="search", kind="search", spec=None, checkpoint=str(tiny_prepared), output_dir=None)
+    assert remember_front(store, planned, tmp_path / "r.json") == 2  # the model and one front member
+    front = KnowledgeStore.open(tmp_path / "k.metta").facts("Front")
+    assert [(f.trial, f.kld_mean, f.bits_per_weight, f.genome) for f in front] == [(2, 0.0123, 6.2, measured.genome)]
+    assert front[0].digest == checkpoint_fact(str(tiny_prepared)).digest

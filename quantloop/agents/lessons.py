@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
-from quantloop.knowledge.atoms import AttemptFact, ModelFact
+from quantloop.knowledge.atoms import AttemptFact, FrontFact, ModelFact
 from quantloop.knowledge.identity import model_fact
 from quantloop.knowledge.store import KnowledgeStore
 from quantloop.models.checkpoints import resolve_model
+from quantloop.search.schemas import SearchResult
 
 NOISY = ("speed",)  # criteria whose verdict may change when measured again on the same file
 
@@ -102,3 +103,21 @@ def remember_attempt(memory: KnowledgeStore | None, state: PipelineState, a: Att
     memory.put(attempt_fact(a, state.plan[a.index], state, model))
     memory.save()
     return True
+
+
+def remember_front(memory: KnowledgeStore | None, planned: PlannedAttempt, result_json) -> int:
+    """The measured front of a search result (on the planned checkpoint) into the store, saved at once. New atoms."""
+    if memory is None or not memory.enabled:
+        return 0
+    model = checkpoint_fact(planned.checkpoint)
+    if model is None:
+        return 0
+    result = SearchResult.model_validate_json(open(result_json).read())
+    new = int(memory.put(model))
+    for m in result.front:
+        new += memory.put(FrontFact(digest=model.digest, study=f"{result.study}:{result_json}", trial=m.trial,
+                                    kld_mean=m.measured.kld_mean, bytes=m.measured.bytes,
+                                    bits_per_weight=m.measured.bits_per_weight, tg_tokens_per_s=m.measured.tg_tokens_per_s,
+                                    genome=m.measured.genome))
+    memory.save()
+    return new

@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from quantloop.agents.lessons import lessons
+from quantloop.agents.lessons import lessons, remember_front
 from quantloop.agents.search_step import search_attempt
 from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
 from quantloop.errors import InputError, crash_line, missing_extra
@@ -114,7 +114,8 @@ class QuantizationAgent:
             return skipped(planned, f"the step takes about {planned.expect_minutes:g} min and the run has spent "
                                     f"{state.active_s / 60:.1f} of its {budget:g} min; raise max_minutes in the policy to try it")
         if planned.kind == "search" and planned.spec is None:  # the searched map becomes the spec, then as a quantize step
-            return search_attempt(planned, state, self.attempt, skipped)
+            memory = self.memory if state.policy.memory else None
+            return search_attempt(planned, state, self.attempt, skipped, lambda p, path: remember_front(memory, p, path))
         if state.policy.validation.precheck_size and (too_big := self.size_precheck(planned, state)):
             return skipped(planned, too_big)
         lesson = lessons(self.memory if state.policy.memory else None, planned, state)
