@@ -12,23 +12,19 @@ Every atom and pattern is also re-read from its MeTTa text before it reaches a s
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Iterator
 
 from hyperon import GroundingSpaceRef, MeTTa
 from hyperon.atoms import Atom, AtomKind, E
 
 MAX_KEYS = 1000  # under the 1024 leaf atoms one hyperon 0.2.10 GroundingSpace indexes correctly
+LEAF = re.compile(r'"(?:[^"\\]|\\.)*"|[^\s()"]+')  # a string literal, or a symbol / number / variable
 
 
-def leaf_keys(atom: Atom, out: set[str]) -> set[str]:
-    """The distinct leaf atoms (what the index stores a key for) of `atom`, added to `out`."""
-    kind = atom.get_metatype()
-    if kind == AtomKind.EXPR:
-        for child in atom.get_children():
-            leaf_keys(child, out)
-    elif kind != AtomKind.VARIABLE:
-        out.add(f"{kind.name}:{atom}")
-    return out
+def leaf_texts(text: str) -> set[str]:
+    """The distinct leaf atoms of an atom's MeTTa text (variables left out): one index key each, at most."""
+    return {t for t in LEAF.findall(text) if not t.startswith("$")}
 
 
 def substitute(pattern: Atom, bindings: dict) -> Atom:
@@ -44,12 +40,12 @@ def substitute(pattern: Atom, bindings: dict) -> Atom:
 class ShardedSpace:
     """A set of atoms (no duplicates) in hyperon GroundingSpaces of at most MAX_KEYS leaf keys each."""
 
-    def __init__(self, atoms: Iterable[Atom] = ()):
+    def __init__(self, atoms: Iterable[Atom] = (), parsed: bool = False):
         self.metta = MeTTa()  # its parser and tokenizer: numbers and strings become grounded atoms
         self._shards: list[tuple[GroundingSpaceRef, set[str]]] = []
         self._text: dict[str, Atom] = {}  # MeTTa text of every atom -> the atom, in insertion order
         for a in atoms:
-            self.add(a)
+            self.add(a, parsed)
 
     def parse(self, text: str) -> list[Atom]:
         """MeTTa text -> atoms (SyntaxError on malformed text)."""
@@ -59,13 +55,14 @@ class ShardedSpace:
         """The atom as MeTTa's parser makes it (numbers and strings as hyperon's own grounded values)."""
         return self.metta.parse_single(str(atom))
 
-    def add(self, atom: Atom) -> bool:
-        """Add one atom; False when it is there already."""
+    def add(self, atom: Atom, parsed: bool = False) -> bool:
+        """Add one atom (parsed: made by a MeTTa parser already); False when it is there already."""
         text = str(atom)
         if text in self._text:
             return False
-        atom = self.native(atom)
-        keys = leaf_keys(atom, set())
+        if not parsed:
+            atom = self.native(atom)
+        keys = leaf_texts(text)
         if not self._shards or len(self._shards[-1][1] | keys) > MAX_KEYS:
             self._shards.append((GroundingSpaceRef(), set()))
         space, held = self._shards[-1]
@@ -111,7 +108,7 @@ class ShardedSpace:
         removed = len(self._text) - len(kept)
         self._shards, self._text = [], {}
         for a in kept:
-            self.add(a)
+            self.add(a, parsed=True)
         return removed
 
 

@@ -140,7 +140,7 @@ class KnowledgeStore:
                 on_warning(f"{path}: {e.why}; kept aside as {aside.name}; this run goes on without memory")
                 return cls(path, enabled=False, note=f"store unreadable ({e.why}), kept aside as {aside}")
         for a in atoms:
-            store.space.add(a)
+            store.space.add(a, parsed=True)
         store.load_s = time.perf_counter() - t0
         return store
 
@@ -173,9 +173,9 @@ class KnowledgeStore:
                 aside = self._set_aside(e)
                 warn(f"{self.path}: {e.why}; kept aside as {aside.name}; writing this run's atoms to a new store")
                 disk = []
-            merged = ShardedSpace(disk)
+            merged = ShardedSpace(disk, parsed=True)
             for a in self.space.atoms():
-                merged.add(a)
+                merged.add(a, parsed=True)
             write_text_atomic(self.path, render(list(merged.texts())))
             self.space = merged
 
@@ -186,11 +186,11 @@ class KnowledgeStore:
             return 0
         with locked(self.path):
             try:
-                disk = ShardedSpace(self._read_disk())
+                disk = ShardedSpace(self._read_disk(), parsed=True)
             except StoreUnreadable:
                 disk = ShardedSpace()
             for a in self.space.atoms():
-                disk.add(a)
+                disk.add(a, parsed=True)
             removed = disk.remove_where(lambda a: str(a.get_children()[1]).strip('"') not in digests)
             write_text_atomic(self.path, render(list(disk.texts())))
             self.space = disk
