@@ -81,8 +81,7 @@ def test_the_allocation_with_priors_from_an_identical_twin_equals_the_full_one(r
 
     monkeypatch.setattr(sensitivity, "CACHE_DIR", tmp_path / "cache-prior")
     with_priors, record = fit_to_budget(resolve_model(model), spec, memory=KnowledgeStore.open(tmp_path / "k.metta"))
-    monkeypatch.setattr(sensitivity, "CACHE_DIR", tmp_path / "cache-full")
-    full, full_record = fit_to_budget(resolve_model(model), spec)
+    full, full_record = fit_to_budget(resolve_model(model), spec)  # every unit measured (those measured above from the cache)
     assert with_priors.gguf_tensor_types == full.gguf_tensor_types
     assert full_record.prior_units == [] and len(full_record.measured_units) == full_record.units
     assert record.prior_units and len(record.measured_units) < record.units, record

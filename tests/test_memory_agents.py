@@ -103,6 +103,7 @@ def test_a_second_run_skips_the_step_the_first_failed_and_no_memory_tries_it(tin
     second = run_tiny(tmp_path / "2", tiny_prepared, dataset_dir, policy, run_id="second")
     a = second.attempts[0]
     assert a.status == "skipped" and a.note.startswith("memory: the same spec failed on this model") and "run first" in a.note
+    assert "saving about" in a.note, a.note
     assert "memory:" in a.reason and second.decision == "rejected"
     third = run_tiny(tmp_path / "3", tiny_prepared, dataset_dir, policy, run_id="third", memory=False)
     assert third.attempts[0].status == "validated" and not third.policy.memory

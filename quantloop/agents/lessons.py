@@ -68,8 +68,9 @@ def lessons(memory: KnowledgeStore | None, planned: PlannedAttempt, state: Pipel
             failed = failed_criteria(f)
             if (same and f.status == "validated" and not f.passed and failed and not failed_noisily(f)
                     and f.acceptance == state.acceptance_sha256):
+                saved = f", saving about {f.metrics['wall_s']:.0f} s" if f.metrics.get("wall_s") else ""
                 out.skip = (f"memory: the same spec failed on this model against the same acceptance spec in run {f.run_id} "
-                            f"({f.reason.split('; next:')[0]}); run with --no-memory to try it again")
+                            f"({f.reason.split('; next:')[0]}){saved}; run with --no-memory to try it again")
             elif f.status == "skipped" and f.reason and "cannot run on this input" in f.reason:
                 out.skip = f"memory: {f.reason.split('; next:')[0]} (on {where}, run {f.run_id})"
             else:
