@@ -126,3 +126,26 @@ def test_a_search_front_is_recorded_for_its_checkpoint(tiny_prepared, tmp_path):
     front = KnowledgeStore.open(tmp_path / "k.metta").facts("Front")
     assert [(f.trial, f.kld_mean, f.bits_per_weight, f.genome) for f in front] == [(2, 0.0123, 6.2, measured.genome)]
     assert front[0].digest == checkpoint_fact(str(tiny_prepared)).digest
+
+
+def test_the_served_knowledge_tool_reads_the_data_folders_store(tmp_path):
+    import json
+
+    import anyio
+    from mcp import Client
+
+    from quantloop.serve.mcp_server import build_server
+
+    store = KnowledgeStore.open(tmp_path / "knowledge" / "atomspace.metta")
+    store.put(ModelFact(digest="d1", name="served", architecture="LlamaForCausalLM", family="llama:x"))
+    store.save()
+
+    async def go():
+        async with Client(build_server(tmp_path)) as client:
+            return await client.call_tool("knowledge", {"action": "query", "pattern": "(Model $d $n $a $f $p)"})
+
+    result = anyio.run(go)
+    assert not result.is_error, result
+    report = json.loads(result.content[0].text)
+    assert report["matched"] == 1 and '"served"' in report["matches"][0]
+    assert report["path"] == str(tmp_path / "knowledge" / "atomspace.metta")
