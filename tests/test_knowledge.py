@@ -135,3 +135,16 @@ def test_forget_removes_a_models_atoms_from_the_file(tmp_path):
     assert store.forget("fine-tune") == 2
     again = KnowledgeStore.open(path)
     assert [m.name for m in again.models()] == ["base"] and len(again.facts("Measurement")) == 1
+
+
+def test_a_store_the_file_system_refuses_is_one_warning_and_no_memory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a path through a file: no folder can be made there
+    warnings: list[str] = []
+    off = KnowledgeStore.open(blocker / "k" / "atomspace.metta", on_warning=warnings.append)
+    assert not off.enabled and len(warnings) == 1 and "without memory" in warnings[0]
+    store = KnowledgeStore.open(tmp_path / "ok" / "atomspace.metta")
+    store.put(A)
+    store.path = blocker / "k" / "atomspace.metta"
+    store.save()  # one warning on stderr, no exception: the run goes on
+    assert not store.enabled and "not writable" in store.note

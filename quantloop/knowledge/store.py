@@ -132,13 +132,17 @@ class KnowledgeStore:
         path = Path(path) if path else default_path()
         store = cls(path)
         t0 = time.perf_counter()
-        with locked(path):
-            try:
-                atoms = store._read_disk()
-            except StoreUnreadable as e:
-                aside = store._set_aside(e)
-                on_warning(f"{path}: {e.why}; kept aside as {aside.name}; this run goes on without memory")
-                return cls(path, enabled=False, note=f"store unreadable ({e.why}), kept aside as {aside}")
+        try:
+            with locked(path):
+                try:
+                    atoms = store._read_disk()
+                except StoreUnreadable as e:
+                    aside = store._set_aside(e)
+                    on_warning(f"{path}: {e.why}; kept aside as {aside.name}; this run goes on without memory")
+                    return cls(path, enabled=False, note=f"store unreadable ({e.why}), kept aside as {aside}")
+        except OSError as e:  # a read-only or full file system, missing permissions: no memory, the run goes on
+            on_warning(f"{path}: {e.strerror or e}; this run goes on without memory")
+            return cls(path, enabled=False, note=f"store not accessible ({e.strerror or e})")
         for a in atoms:
             store.space.add(a, parsed=True)
         store.load_s = time.perf_counter() - t0
@@ -163,9 +167,17 @@ class KnowledgeStore:
         return aside
 
     def save(self) -> None:
-        """Merge with the file as it is now (other runs' atoms kept), then write it atomically, under the lock."""
+        """Merge with the file as it is now (other runs' atoms kept), then write it atomically, under the lock. When
+        the file system refuses, one warning line and the store is off for the rest of the run."""
         if not self.enabled or self.path is None:
             return
+        try:
+            self._save()
+        except OSError as e:
+            warn(f"{self.path}: cannot write the knowledge store ({e.strerror or e}); this run goes on without memory")
+            self.enabled, self.note = False, f"store not writable ({e.strerror or e})"
+
+    def _save(self) -> None:
         with locked(self.path):
             try:
                 disk = self._read_disk()
