@@ -3,7 +3,8 @@ checkpoint's measurements in the knowledge store as priors, against the full mea
 
     .venv/bin/python bench/bench_knowledge.py [--first smollm2-135m] [--second smollm2-135m-offgrid] [--ratio 3.5]
 
-Each pass measures into its own sensitivity cache folder (nothing is reused between passes but the store). Prints
+Each pass measures into its own sensitivity cache folder (nothing is reused between passes but the store; with
+--work, a pass whose cache is complete is not measured again, and its row says 0 rows measured). Prints
 one table (units measured, rows measured, wall time, the allocation) and the store's atom counts, file size and
 load time; writes SLM/reports/bench_knowledge.json.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,7 +42,7 @@ def one_pass(name: str, model: str, spec, store, cache: Path) -> dict:
     return {"pass": name, "model": model, "units": record.units, "units_measured": len(record.measured_units),
             "units_prior": len(record.prior_units), "rows_measured": len(counted), "wall_s": round(wall, 1),
             "bytes": record.bytes, "lower": dict(sorted(lower.items())), "types": fitted.gguf_tensor_types,
-            "prior_sources": record.prior_sources}
+            "prior_sources": record.prior_sources, "prior_ratio": record.prior_ratio, "prior_spread": record.prior_spread}
 
 
 def main() -> None:
@@ -49,6 +51,7 @@ def main() -> None:
     p.add_argument("--second", default="smollm2-135m-offgrid")
     p.add_argument("--ratio", type=float, default=3.5)
     p.add_argument("--dataset", default=str(DATASETS_DIR / "shakespeare"))
+    p.add_argument("--tag", default="1", help="names the prior-guided pass's cache: a new tag measures it afresh")
     p.add_argument("--work", help="folder of the passes' caches and store (default: a new temporary one); the first pass "
                                   "continues from its cache when given again")
     a = p.parse_args()
@@ -56,10 +59,12 @@ def main() -> None:
     whole = {"embeddings": "IQ4_NL", "attention": "IQ4_NL", "feed_forward": "IQ4_NL"}
     spec = quant_spec(method="gptq", gguf_type="IQ4_NL", layer_types=whole, min_size_ratio=a.ratio,
                       calibration=CalibrationSpec(dataset_dir=a.dataset, samples=128, seqlen=256))
-    store_path = work / "atomspace.metta"
-    rows = [one_pass("first, recorded", a.first, spec, KnowledgeStore.open(store_path), work / "c1"),
-            one_pass("second, priors", a.second, spec, KnowledgeStore.open(store_path), work / "c2"),
-            one_pass("second, full", a.second, spec, None, work / "c3")]
+    first_store, store_path = work / "first.metta", work / f"second-{a.tag}.metta"
+    rows = [one_pass("first, recorded", a.first, spec, KnowledgeStore.open(first_store), work / "c1")]
+    shutil.copyfile(first_store, store_path)  # the first model's atoms only: what the second run starts from
+    KnowledgeStore.open(store_path).forget(a.second)
+    rows += [one_pass("second, priors", a.second, spec, KnowledgeStore.open(store_path), work / f"c2-{a.tag}"),
+             one_pass("second, full", a.second, spec, None, work / "c3")]
     same = rows[1]["types"] == rows[2]["types"]
     print(table(["pass", "model", "units", "measured", "priors", "rows measured", "wall s", "bytes", "below 4 bits"],
                 [[r["pass"], r["model"], r["units"], r["units_measured"], r["units_prior"], r["rows_measured"], r["wall_s"],

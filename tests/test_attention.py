@@ -87,3 +87,27 @@ def test_the_allocation_with_priors_from_an_identical_twin_equals_the_full_one(r
     assert record.prior_units and len(record.measured_units) < record.units, record
     assert set(record.prior_units) | set(record.measured_units) == set(full_record.measured_units)
     assert record.prior_sources == ["wide-twin"]
+
+
+def test_priors_learn_the_ratio_and_spread_of_what_is_measured():
+    from quantloop.knowledge import Prior
+    from quantloop.search.attention import MIN_PAIRS, AttentionLog, calibration, recalibrate
+
+    assert calibration([(1.3, 1.0)] * (MIN_PAIRS - 1)) is None  # too few pairs: the store's assumed spread stays
+    ratio, rel = calibration([(1.3 * k, k) for k in (1, 2, 3, 4, 5, 6)])
+    assert ratio == pytest.approx(1.3) and rel == pytest.approx(0.05 * (1 + 1 / 6) ** 0.5)  # no spread: the floor
+    ratio, rel = calibration([(2.0, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (0.5, 1.0), (1.0, 1.0)])
+    assert ratio == pytest.approx(1.0) and rel > 0.3  # unit by unit differences: a wide sigma
+
+    rows, sigmas, base = {}, {}, {}
+    for i in range(4):
+        u = f"u{i}"
+        rows[u] = {"Q2_K": row(u, "Q2_K", 100, 0.026 if i < 3 else 0.02).model_copy(update={"source": "measured" if i < 3 else "prior"}),
+                   "Q3_K": row(u, "Q3_K", 200, 0.013 if i < 3 else 0.01).model_copy(update={"source": "measured" if i < 3 else "prior"})}
+        base[(u, "Q2_K")], base[(u, "Q3_K")] = Prior(kld=0.02, sigma=0.005, sources=["x"]), Prior(kld=0.01, sigma=0.0025, sources=["x"])
+        if i == 3:
+            sigmas[u] = {"Q2_K": 0.005, "Q3_K": 0.0025}
+    log = AttentionLog()
+    recalibrate(rows, sigmas, base, log)
+    assert log.ratio == pytest.approx(1.3) and rows["u3"]["Q2_K"].kld == pytest.approx(0.026)
+    assert sigmas["u3"]["Q2_K"] == pytest.approx(0.026 * log.spread) and rows["u3"]["Q2_K"].source == "prior"

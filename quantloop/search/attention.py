@@ -10,6 +10,11 @@ dearest step taken and the cheapest left). A unit's
   uncertainty = sigma_c / c              (the prior's relative error on that cost),
 and it could change the allocation while |c - c*| <= Z sigma_c. Units measured, or held by the store for this very
 model (same weights digest and text), have no uncertainty left. Rows left as priors say so (source 'prior').
+
+The priors learn from what is measured: once MIN_PAIRS rows have both a prior and a measurement on this model, the
+priors left are scaled by the median ratio measured / prior, and their sigma becomes the spread of the log ratios
+(at least MIN_SPREAD), in place of the store's assumed 25 %: a checkpoint whose tensors are all a little more
+sensitive than its relative's is recognised as such, and one that differs unit by unit keeps being measured.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from quantloop.search.sensitivity import unit_group
 from quantloop.search.tensors import tensor_bytes
 
 Z = 2.0  # a decision is settled when the margin is more than Z standard deviations from a unit's cost
+MIN_PAIRS = 6  # rows measured where a prior was known, before the priors left are recalibrated on them
+MIN_SPREAD = 0.05  # the smallest relative sigma a recalibrated prior keeps
 
 
 @dataclass
@@ -50,6 +57,8 @@ class AttentionLog:
     sources: list[str] = field(default_factory=list)
     margin: float | None = None
     allocation_changes: int = 0
+    ratio: float | None = None  # this model's values over the priors' (median of the measured pairs), once learned
+    spread: float | None = None  # the relative sigma left on the priors after that
 
 
 def step_costs(opts: dict[str, SensitivityRow], sigmas: dict[str, float], planned: str) -> list[tuple[float, float]]:
@@ -116,6 +125,33 @@ def as_prior(row: SensitivityRow, p: Prior) -> SensitivityRow:
     return row.model_copy(update={"kld": p.kld, "kld_stderr": p.sigma, "source": "prior", "prior_from": p.sources})
 
 
+def calibration(pairs: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(ratio, relative sigma) of this model's values to its priors from (measured, prior) pairs; None when too few."""
+    logs = [math.log(m / p) for m, p in pairs if m > 0 and p > 0]
+    if len(logs) < MIN_PAIRS:
+        return None
+    logs.sort()
+    mid = len(logs) // 2
+    median = logs[mid] if len(logs) % 2 else (logs[mid - 1] + logs[mid]) / 2
+    spread = math.sqrt(sum((x - median) ** 2 for x in logs) / (len(logs) - 1))
+    return math.exp(median), max(spread, MIN_SPREAD) * math.sqrt(1 + 1 / len(logs))
+
+
+def recalibrate(rows, sigmas, base: dict[tuple[str, str], Prior], log: "AttentionLog") -> None:
+    """Scale the priors still unmeasured by what the measured ones taught (see the module's docstring)."""
+    pairs = [(rows[u][t].kld, p.kld) for (u, t), p in base.items() if rows[u][t].source != "prior"]
+    cal = calibration(pairs)
+    if cal is None:
+        return
+    ratio, rel = cal
+    log.ratio, log.spread = ratio, rel
+    for (u, t), p in base.items():
+        if rows[u][t].source == "prior":
+            kld = p.kld * ratio
+            rows[u][t] = rows[u][t].model_copy(update={"kld": kld, "kld_stderr": kld * rel})
+            sigmas[u][t] = kld * rel
+
+
 def prior_guided_rows(session, memory: KnowledgeStore, planned: dict[str, str], allocate) -> tuple[list[SensitivityRow], AttentionLog]:
     """The sensitivity rows the budget needs, measuring only where it matters. `session` is a SensitivitySession
     (rows on demand), `planned` the unit -> planned type, allocate(rows) -> (taken downgrades, costs of the next
@@ -126,6 +162,7 @@ def prior_guided_rows(session, memory: KnowledgeStore, planned: dict[str, str], 
     own = memory.measured(model, session.text_id)
     rows: dict[str, dict[str, SensitivityRow]] = {}
     sigmas: dict[str, dict[str, float]] = {}
+    base: dict[tuple[str, str], Prior] = {}  # every row that started as a prior
     to_measure: list[str] = []
     for unit, typ in session.todo:
         role = role_of(unit)
@@ -139,6 +176,7 @@ def prior_guided_rows(session, memory: KnowledgeStore, planned: dict[str, str], 
             p = priors[(unit, typ)]
             row = as_prior(skeleton(session, unit, typ), p)
             sigmas.setdefault(unit, {})[typ] = p.sigma
+            base[(unit, typ)] = p
             log.sources = sorted(set(log.sources) | set(p.sources))
         else:
             row = None
@@ -147,6 +185,7 @@ def prior_guided_rows(session, memory: KnowledgeStore, planned: dict[str, str], 
             rows.setdefault(unit, {})[typ] = row
     for unit in dict.fromkeys(to_measure):  # no estimate at all: measured first
         measure_unit(session, unit, rows, sigmas, log)
+    recalibrate(rows, sigmas, base, log)
     last_choice = None
     while True:
         flat = [r for opts in rows.values() for r in opts.values()]
@@ -163,6 +202,7 @@ def prior_guided_rows(session, memory: KnowledgeStore, planned: dict[str, str], 
         if not still_open:
             break
         measure_unit(session, still_open[0].unit, rows, sigmas, log)
+        recalibrate(rows, sigmas, base, log)
     log.from_store = sorted({r.unit for opts in rows.values() for r in opts.values() if r.source == "store"})
     log.priors = sorted({r.unit for opts in rows.values() for r in opts.values() if r.source == "prior"})
     return [r for opts in rows.values() for r in opts.values()], log

@@ -59,6 +59,8 @@ class BudgetRecord:
     measured_units: list[str] = field(default_factory=list)  # units measured on this model (now or from the cache)
     prior_units: list[str] = field(default_factory=list)  # units never measured on this model: priors from related models
     prior_sources: list[str] = field(default_factory=list)  # the related models the priors come from
+    prior_ratio: float | None = None  # this model's values over the priors', learned from the units measured
+    prior_spread: float | None = None  # the relative sigma left on the priors after that
 
 
 def planned_types(gguf: Path, spec) -> dict[str, str]:
@@ -206,7 +208,8 @@ def fit_to_budget(model, spec, progress=None, memory: KnowledgeStore | None = No
     priors = log.priors if log else []
     return with_types(spec, types), replace(record, bytes=size, downgrades=taken, sensitivity_cache=str(session.cache_file),
                                             units=len(units), measured_units=[u for u in units if u not in priors],
-                                            prior_units=priors, prior_sources=log.sources if log else [])
+                                            prior_units=priors, prior_sources=log.sources if log else [],
+                                            prior_ratio=log.ratio if log else None, prior_spread=log.spread if log else None)
 
 
 def with_types(spec, types: dict[str, str]):

@@ -50,7 +50,8 @@ def apply_size_budget(model, spec: QuantSpec, memory=None) -> tuple[QuantSpec, l
     if record.prior_units:
         notes.append(f"sensitivity: {len(record.measured_units)} of {record.units} units measured on this model; "
                      f"{len(record.prior_units)} never measured, their values are priors from {', '.join(record.prior_sources)} "
-                     f"(knowledge store): {', '.join(record.prior_units)}")
+                     f"(knowledge store{f', scaled by {record.prior_ratio:.2f} as the measured units were' if record.prior_ratio else ''}): "
+                     f"{', '.join(record.prior_units)}")
     return fitted, notes
 
 
