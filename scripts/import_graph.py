@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent / "quantloop"
 
 
 # The layers, top to bottom: a package may import only packages below it.
-LAYERS = ["pipelines", "serve", "report", "agents", "tools", "search", "backends", "eval", "benchmarks", "data", "models", "gguf",
-          "specs", "tracking", "locks", "schemas", "fileio", "faults", "memory", "paths", "names", "errors"]
+LAYERS = ["pipelines", "serve", "report", "agents", "tools", "search", "knowledge", "backends", "eval", "benchmarks", "data",
+          "models", "gguf", "specs", "tracking", "locks", "schemas", "fileio", "faults", "memory", "paths", "names", "errors"]
 
 
 def unit_of(module: str, modules: bool = False) -> str:

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the knowledge store of the tests' runs: one per session, never the user's SLM/knowledge/
+os.environ["QUANTLOOP_KNOWLEDGE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="quantloop-knowledge-"), "atomspace.metta")
 
 from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR  # noqa: E402 (after the test environment is set)
 
@@ -14,6 +16,12 @@ DATASET_DIR = DATASETS_DIR / "shakespeare"
 def need_prepared():
     if not (DEFAULT_MODEL_DIR / "quantloop_model.json").is_file() or not (DATASET_DIR / "manifest.json").is_file():
         pytest.skip("the reference model and text are not prepared: run `make test` (it runs `quantloop prepare` first)")
+
+
+@pytest.fixture(autouse=True)
+def own_knowledge_store(tmp_path_factory, monkeypatch):
+    """Every test its own knowledge store: a run never skips a step because another test's run failed it."""
+    monkeypatch.setenv("QUANTLOOP_KNOWLEDGE", str(tmp_path_factory.mktemp("knowledge") / "atomspace.metta"))
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,10 @@ class Policy(Strict):
                                                          "(its own qat_max_minutes if shorter), keeping time for its export, "
                                                          "validation and the steps after")
     steps: dict[Target, list[PolicyStep]] = Field(description="ordered fallback steps per deployment target")
+    memory: bool = Field(True, description="use the knowledge store (SLM/knowledge/): skip a step whose outcome it already "
+                                           "knows, cite what it knows in the attempt line, take related checkpoints' "
+                                           "sensitivities as priors for a size budget, and record every attempt into it "
+                                           "(`quantloop run --no-memory` turns it off)")
 
     @model_validator(mode="after")
     def _check_steps(self):

@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+from quantloop.agents.lessons import lessons, remember_front
 from quantloop.agents.search_step import search_attempt
 from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
 from quantloop.errors import InputError, crash_line, missing_extra
@@ -89,7 +90,12 @@ def with_run_time_limit(spec: QuantSpec, state: PipelineState) -> QuantSpec:
 class QuantizationAgent:
     """Three graph nodes, one tool call each, so a run killed during validation resumes without re-quantizing:
     quantize (quantize_model, appends the attempt), validate (validate_quantization on the last attempt),
-    compare (compare_outputs on the last attempt)."""
+    compare (compare_outputs on the last attempt). With a knowledge store (memory), a step whose outcome it already
+    knows is skipped with the reason, what it knows is kept as the attempt's evidence, and a size budget's
+    sensitivity pass takes related checkpoints' values as priors."""
+
+    def __init__(self, memory=None):
+        self.memory = memory
 
     def __call__(self, state: PipelineState) -> dict:
         planned = state.plan[state.next_index]
@@ -109,15 +115,20 @@ class QuantizationAgent:
             return skipped(planned, f"the step takes about {planned.expect_minutes:g} min and the run has spent "
                                     f"{state.active_s / 60:.1f} of its {budget:g} min; raise max_minutes in the policy to try it")
         if planned.kind == "search" and planned.spec is None:  # the searched map becomes the spec, then as a quantize step
-            return search_attempt(planned, state, self.attempt, skipped)
+            memory = self.memory if state.policy.memory else None
+            return search_attempt(planned, state, self.attempt, skipped, lambda p, path: remember_front(memory, p, path))
         if state.policy.validation.precheck_size and (too_big := self.size_precheck(planned, state)):
             return skipped(planned, too_big)
+        lesson = lessons(self.memory if state.policy.memory else None, planned, state)
+        if lesson.skip:
+            return skipped(planned, lesson.skip).model_copy(update={"evidence": lesson.evidence})
         spec = with_run_time_limit(spec, state)
         out = Path(planned.output_dir)
         remove_stale_temporaries(out)
         t0 = time.perf_counter()
         try:
-            result = quantize_model(planned.checkpoint, out, spec, overwrite=True, cache_dir=Path(state.output_root) / CACHE_NAME)
+            result = quantize_model(planned.checkpoint, out, spec, overwrite=True, cache_dir=Path(state.output_root) / CACHE_NAME,
+                                    memory=self.memory if state.policy.memory else None)
         except Exception as e:  # noqa: BLE001 — the loop goes on; the attempt records why
             reason = unavailable_reason(e)
             if reason is not None:
@@ -127,7 +138,7 @@ class QuantizationAgent:
             return skipped(planned, f"quantizer failed: {crash_line(e)}", status="failed")
         return Attempt(index=planned.index, step=planned.step, kind=planned.kind, method=spec.method, bits=spec.bits,
                        checkpoint=planned.checkpoint, output_dir=str(out), status="quantized", quantization=result,
-                       wall_s=time.perf_counter() - t0)
+                       wall_s=time.perf_counter() - t0, evidence=lesson.evidence)
 
     def validate_last(self, state: PipelineState) -> dict:
         """validate_quantization of the attempt just quantized (its files stay as they are)."""

@@ -45,7 +45,14 @@ def recommendation(attempts: list[Attempt]) -> str:
     return bars + (advice[:1].upper() + advice[1:] if bars else advice) + crash_tip
 
 
+def cite(a: Attempt) -> str:
+    """The knowledge store's evidence the decision took into account, as one clause (empty when there is none)."""
+    return f" Memory: {'; '.join(a.evidence)}." if a.evidence else ""
+
+
 class ReviewerAgent:
+    """Judges the last attempt from its validation report and cites the store's evidence on the same step."""
+
     def __call__(self, state: PipelineState) -> dict:
         attempts = list(state.attempts)
         last = attempts[-1]
@@ -65,7 +72,7 @@ class ReviewerAgent:
             verdict = "fallback" if next_step else "rejected"
             then = f"next: {next_step}" if next_step else "the plan is exhausted"
             reason = f"{last.step} fails on {failing_measurements(last)}; {then}."
-        attempts[-1] = last.model_copy(update={"verdict": verdict, "reason": reason})
+        attempts[-1] = last.model_copy(update={"verdict": verdict, "reason": reason + cite(last)})
         update: dict = {"attempts": attempts}
         if verdict == "accepted":
             update.update(decision="accepted", accepted_index=last.index)

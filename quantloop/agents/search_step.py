@@ -148,16 +148,19 @@ def search_failure(planned, err: Exception, skip: Callable):
     return skip(planned, f"the search failed: {crash_line(err)}", status="failed")
 
 
-def search_attempt(planned, state, quantize: Callable, skip: Callable):
+def search_attempt(planned, state, quantize: Callable, skip: Callable, on_result: Callable | None = None):
     """The attempt of a search step (planned: a PlannedAttempt without a spec; state: the PipelineState): pick the map
     from the step's result, or from a short search run now, and quantize to it with `quantize` (the QuantizationAgent's
     attempt, given the planned attempt with the map as its spec), or `skip` it with the reason. The note names the
-    front member. (The agent passes both in: this module is imported by policy.py and imports no agent.)"""
+    front member; on_result(planned, result_json) sees the result file first. (The agent passes these in: this module
+    is imported by policy.py and imports no agent.)"""
     settings = search_settings(state.policy, planned.step)
     t0 = time.perf_counter()
     try:
         budget = budget_bpw(settings, state.acceptance_spec, planned.checkpoint)
         result_json, found = finished_search(settings, planned, state.dataset_dir, budget)
+        if on_result is not None:
+            on_result(planned, result_json)
         member = best_precision_map_for_budget(result_json, budget, settings.max_kld)
         spec = None if member is None else member_spec(member)
     except Exception as e:  # noqa: BLE001 — the loop goes on; the attempt records why

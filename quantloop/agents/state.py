@@ -72,6 +72,8 @@ class Attempt(Strict):
     verdict: Verdict | None = None
     reason: str = ""
     mlflow_run_id: str | None = None
+    evidence: list[str] = Field(default_factory=list, description="what the knowledge store knew of this step (the same spec "
+                                                                  "on this model or its family) when it was tried")
 
 
 class PipelineState(BaseModel):

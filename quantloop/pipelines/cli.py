@@ -28,6 +28,7 @@ from quantloop.paths import (
     default_model_dir,
 )
 from quantloop.pipelines.report_format import format_evaluation, format_validation, mib, table
+from quantloop.pipelines.knowledge_command import add_knowledge_command
 from quantloop.pipelines.run import add_run_command
 from quantloop.pipelines.search_command import add_search_commands
 from quantloop.pipelines.train_command import add_train_command
@@ -376,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_mcp_command(sub)
 
     add_report_command(sub)
+
+    add_knowledge_command(sub)
     return p
 
 

@@ -25,10 +25,11 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
 
+from quantloop import faults
 from quantloop.agents.evaluation import EvaluationAgent
+from quantloop.agents.lessons import remember_attempt
 from quantloop.agents.quantization import QuantizationAgent
 from quantloop.agents.reviewer import ReviewerAgent
-from quantloop import faults
 from quantloop.agents.state import PipelineState, serialisable_types
 from quantloop.eval.criteria.base import result_params
 from quantloop.locks import connect_state_db
@@ -52,8 +53,9 @@ def timed(name: str, node):
     return run
 
 
-def build_graph(tracker: Tracker, state_db: Path):
-    """Compile the graph with the SQLite checkpointer at `state_db` (one thread per --run-id)."""
+def build_graph(tracker: Tracker, state_db: Path, memory=None):
+    """Compile the graph with the SQLite checkpointer at `state_db` (one thread per --run-id); `memory`, a
+    quantloop.knowledge.KnowledgeStore, is read by the agents and gets every attempt when it is tracked."""
 
     def track(state: PipelineState) -> dict:
         attempts = list(state.attempts)
@@ -61,6 +63,8 @@ def build_graph(tracker: Tracker, state_db: Path):
         rid = tracker.log_attempt(state.mlflow_parent_run_id, state.run_id, a, state.policy.log_model_max_mib,
                                   result_params(a.criteria))
         attempts[-1] = a.model_copy(update={"mlflow_run_id": rid})
+        if state.policy.memory:
+            remember_attempt(memory, state, attempts[-1])
         return {"attempts": attempts}
 
     def finish(state: PipelineState) -> dict:
@@ -84,7 +88,7 @@ def build_graph(tracker: Tracker, state_db: Path):
     def after_quantize(state: PipelineState) -> str:
         return "validate" if state.attempts[-1].status == "quantized" else "review"
 
-    quantization = QuantizationAgent()
+    quantization = QuantizationAgent(memory)
 
     g = StateGraph(PipelineState)
     g.add_node("evaluate", timed("evaluate", EvaluationAgent()))

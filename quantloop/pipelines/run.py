@@ -23,6 +23,7 @@ from quantloop.eval.criteria.base import bar_text, row_cells
 from quantloop.fileio import sha256_file, sweep_temporaries
 from quantloop.locks import RunLock
 from quantloop.names import check_name, check_run_id, under
+from quantloop.knowledge import KnowledgeStore
 from quantloop.paths import (
     DEFAULT_MODEL_DIR,
     OFFGRID_MODEL_DIR,
@@ -55,7 +56,7 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
                  run_id: str | None = None, tracking_uri: str | None = None, data_free: bool = False,
                  dataset_dir: str | Path | None = None, output_root: str | Path | None = None, state_db: str | Path | None = None,
                  on_attempt: Callable | None = None, on_start: Callable | None = None, spec_file: str | Path | None = None,
-                 on_progress: Callable | None = None):
+                 on_progress: Callable | None = None, memory: bool = True, on_memory: Callable | None = None):
     """Run (or resume, with the same run_id) the loop. Returns the final PipelineState.
 
     on_attempt(attempt, resumed) after each attempt is reviewed and tracked; on_progress(node, state) after
@@ -74,6 +75,8 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
         policy = policy.model_copy(update={"acceptance_spec": str(spec_path)})
     if data_free:  # calibration from the model's own generations; the test split is only used to validate
         policy = policy.data_free()
+    if not memory:  # --no-memory: part of the policy, so a resumed run keeps it
+        policy = policy.model_copy(update={"memory": False})
     model_path = Path(model) if model else default_model_dir()
     find_checkpoints(model_path)  # a folder without checkpoints fails here, before anything else
     model_path = model_path.resolve()
@@ -95,15 +98,19 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
         for folder in (root, REPORTS_DIR, db.parent):  # what killed runs left half-written (a live run's stays)
             sweep_temporaries(folder, started, recursive=folder == root)
         return run_graph(Tracker(uri), db, run_id, model_path, policy, spec_path, dataset, root, run_dir, uri,
-                         on_attempt, on_start, on_progress)
+                         on_attempt, on_start, on_progress, on_memory)
 
 
 def run_graph(tracker: Tracker, db: Path, run_id: str, model_path: Path, policy, spec_path: Path, dataset: Path, root: Path,
-              run_dir: Path, uri: str, on_attempt: Callable | None, on_start: Callable | None, on_progress: Callable | None):
+              run_dir: Path, uri: str, on_attempt: Callable | None, on_start: Callable | None, on_progress: Callable | None,
+              on_memory: Callable | None = None):
     """Start or resume the graph's thread `run_id` and stream it to the end (the run's lock held by the caller)."""
     from quantloop.pipelines.graph import build_graph  # deferred: langgraph
 
-    graph = build_graph(tracker, db)
+    store = KnowledgeStore.open() if policy.memory else KnowledgeStore.off("turned off (--no-memory or the policy's memory: false)")
+    if on_memory:
+        on_memory(store)
+    graph = build_graph(tracker, db, store)
     config = {"configurable": {"thread_id": run_id}}
     saved = graph.get_state(config)
     if saved.values:
@@ -186,6 +193,15 @@ def print_progress(node: str, state) -> None:
         print(f"[{last.index}] {last.step}: validated; comparing generations ...", flush=True)
 
 
+def print_memory(store) -> None:
+    s = store.stats()
+    if not s["enabled"]:
+        print(f"memory: off, {s['note']}", flush=True)
+        return
+    kinds = ", ".join(f"{n} {k}" for k, n in s["by_kind"].items() if n)
+    print(f"memory: {s['path']} ({s['atoms']} atoms{': ' + kinds if kinds else ''}; loaded in {s['load_s']:.2f} s)", flush=True)
+
+
 def cmd_run(a) -> int:
     t0 = time.perf_counter()
 
@@ -193,7 +209,8 @@ def cmd_run(a) -> int:
         print(f"run id: {run_id} ({'resumed' if resumed else 'new'}; resume with --run-id {run_id})   tracking: {uri}", flush=True)
 
     state = run_pipeline(a.model, a.policy, a.target, a.run_id, a.tracking_uri, a.data_free, a.dataset,
-                         on_attempt=print_attempt, on_start=on_start, spec_file=a.spec, on_progress=print_progress)
+                         on_attempt=print_attempt, on_start=on_start, spec_file=a.spec, on_progress=print_progress,
+                         memory=not a.no_memory, on_memory=print_memory)
     acc = load_quality_spec(state.acceptance_spec).acceptance
     print()
     if state.candidates:
@@ -241,5 +258,7 @@ def add_run_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--data-free", action="store_true", help="no calibration text: GPTQ, imatrix and QAT calibrate on text the float model "
                         "generates itself (the test split is still used, only to validate)")
     s.add_argument("--dataset", help="prepared dataset folder (default: SLM/datasets/shakespeare)")
+    s.add_argument("--no-memory", action="store_true", help="neither read nor write the knowledge store (SLM/knowledge/): "
+                        "every step is tried and every sensitivity measured as if nothing were known (docs/knowledge.md)")
     s.set_defaults(func=cmd_run)
     return s

@@ -21,8 +21,11 @@ from quantloop.data.calibration import calibration_dirs, shares
 from quantloop.errors import InputError
 from quantloop.gguf.export import planned_export_types
 from quantloop.gguf.precision_map import estimate_bytes, plan_precision_map
+from quantloop.knowledge.identity import model_fact
+from quantloop.knowledge.store import KnowledgeStore
+from quantloop.search.attention import prior_guided_rows, record_rows
 from quantloop.search.schemas import SensitivityRequest, SensitivityRow, TextSpec
-from quantloop.search.sensitivity import measure_sensitivity, units_of
+from quantloop.search.sensitivity import SensitivitySession, units_of
 from quantloop.search.tensors import model_tensors, tensor_bytes
 
 LOWER_TYPES = ("Q3_K", "Q2_K")  # below 4 bits: the types a budget may spend on the least sensitive tensors
@@ -38,6 +41,7 @@ class Downgrade:
     bytes_saved: int | None = None  # measured downgrades: the bytes it saves and the KL divergence it adds
     kld_added: float | None = None
     forced: bool = False  # the only plan that fits: nothing measured
+    prior: bool = False  # decided on a prior from related models (the knowledge store), not on this model's measurement
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,12 @@ class BudgetRecord:
     bytes: int | None = None  # the file the fitted types write; None while a choice is left to measure
     forced: bool = False  # only one plan fits (every tensor that can go lower at its smallest type)
     sensitivity_cache: str | None = None  # the measured sensitivity's cache file, when one was measured
+    units: int = 0  # sensitivity units the budget could move
+    measured_units: list[str] = field(default_factory=list)  # units measured on this model (now or from the cache)
+    prior_units: list[str] = field(default_factory=list)  # units never measured on this model: priors from related models
+    prior_sources: list[str] = field(default_factory=list)  # the related models the priors come from
+    prior_ratio: float | None = None  # this model's values over the priors', learned from the units measured
+    prior_spread: float | None = None  # the relative sigma left on the priors after that
 
 
 def planned_types(gguf: Path, spec) -> dict[str, str]:
@@ -89,10 +99,24 @@ def downgrades(types: dict[str, str], rows: list[SensitivityRow], budget: int, s
         for name in by_unit[unit][t].tensors:
             types[name] = t
         taken.append(Downgrade(unit, current[unit], t, bytes_saved=saved,
-                               kld_added=by_unit[unit][t].kld - by_unit[unit][current[unit]].kld))
+                               kld_added=by_unit[unit][t].kld - by_unit[unit][current[unit]].kld,
+                               prior=by_unit[unit][t].source == "prior" or by_unit[unit][current[unit]].source == "prior"))
         current[unit] = t
         size -= saved
     return types, taken
+
+
+def next_costs(types: dict[str, str], rows: list[SensitivityRow]) -> list[float]:
+    """KLD added per byte saved by each unit's next downgrade from the type `types` gives it (what the budget left)."""
+    by_unit: dict[str, dict[str, SensitivityRow]] = {}
+    for r in rows:
+        by_unit.setdefault(r.unit, {})[r.type] = r
+    out = []
+    for opts in by_unit.values():
+        here = opts.get(types[next(iter(opts.values())).tensors[0]])
+        if here is not None:
+            out += [(r.kld - here.kld) / (here.bytes - r.bytes) for r in opts.values() if r.bytes < here.bytes]
+    return out
 
 
 def plan_without_measuring(gguf: Path, spec) -> tuple[dict[str, str] | None, BudgetRecord]:
@@ -131,9 +155,11 @@ def budget_plan(gguf: Path, spec) -> tuple[dict[str, str], BudgetRecord, bool]:
     return types, record, False
 
 
-def fit_to_budget(model, spec, progress=None):
+def fit_to_budget(model, spec, progress=None, memory: KnowledgeStore | None = None):
     """(spec, BudgetRecord): the attempt's spec with one type per tensor so that its file is at least spec.min_size_ratio
-    times smaller than the F16 GGUF, and what was decided. Unchanged when the planned file already fits."""
+    times smaller than the F16 GGUF, and what was decided. Unchanged when the planned file already fits. With a
+    knowledge store, related checkpoints' sensitivities are priors and only the units that can change the allocation
+    are measured (search/attention.py); what is measured is recorded in the store."""
     gguf = model.gguf
     types, record, decided = budget_plan(gguf, spec)
     if decided:
@@ -149,6 +175,7 @@ def fit_to_budget(model, spec, progress=None):
     # only units that can go lower are measured (at their planned type and below): the others cannot move
     units = [u for u, ts in units_of(model_tensors(gguf, tuple(measured_types)), "group").items()
              if any(t in LOWER_TYPES for t in ts[0].types)]
+    planned = {u: types[ts[0].name] for u, ts in units_of(model_tensors(gguf, tuple(measured_types)), "group").items() if u in units}
     with tqdm(desc="sensitivity for the size budget", unit="unit", leave=False) as bar:
         def tick(i, n, unit, typ, kld):
             bar.total = n
@@ -156,15 +183,33 @@ def fit_to_budget(model, spec, progress=None):
             if progress is not None:
                 progress(i, n, unit, typ, kld)
 
-        sens = measure_sensitivity(SensitivityRequest(model=str(model.path), text=text, types=measured_types, granularity="group",
-                                                      units=units), progress=tick)
-    rows = [r for r in sens.rows if r.type in LOWER_TYPES or all(types[n] == r.type for n in r.tensors)]
+        session = SensitivitySession(SensitivityRequest(model=str(model.path), text=text, types=measured_types, granularity="group",
+                                                        units=units), progress=tick)
+        keep = lambda r: r.type in LOWER_TYPES or all(types[n] == r.type for n in r.tensors)  # noqa: E731
+        log = None
+        if memory is not None and memory.enabled:  # priors from related checkpoints: measure where the allocation is decided
+            def allocate(rows):
+                rows = [r for r in rows if keep(r)]
+                fitted, taken = downgrades(dict(types), rows, budget, size)
+                return taken, next_costs(fitted, rows)
+
+            all_rows, log = prior_guided_rows(session, memory, planned, allocate)
+        else:
+            all_rows = [session.row(u, t) for u, t in session.todo]
+    rows = [r for r in all_rows if keep(r)]
+    if memory is not None and memory.enabled:
+        record_rows(memory, model_fact(model), session.text_id, all_rows)
+        memory.save()
     types, taken = downgrades(dict(types), rows, budget, size)
     size = file_bytes(gguf, types)
     if size > budget:
         raise InputError(None, f"the smallest file these types allow is {size:,} bytes, over the budget of {budget:,} "
                          f"(F16 {f16_bytes:,} / {spec.min_size_ratio})", "lower min_size_ratio or allow smaller types")
-    return with_types(spec, types), replace(record, bytes=size, downgrades=taken, sensitivity_cache=sens.cache_file)
+    priors = log.priors if log else []
+    return with_types(spec, types), replace(record, bytes=size, downgrades=taken, sensitivity_cache=str(session.cache_file),
+                                            units=len(units), measured_units=[u for u in units if u not in priors],
+                                            prior_units=priors, prior_sources=log.sources if log else [],
+                                            prior_ratio=log.ratio if log else None, prior_spread=log.spread if log else None)
 
 
 def with_types(spec, types: dict[str, str]):

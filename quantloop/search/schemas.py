@@ -52,6 +52,12 @@ class SensitivityRow(Strict):
     type: str
     bytes: int
     kld: float = Field(description="mean KL divergence against the float model with only this unit quantized")
+    kld_stderr: float | None = Field(None, description="its standard error over the scored positions (None: measured before it was kept)")
+    n_tokens: int = 0
+    source: Literal["measured", "store", "prior"] = Field("measured", description="measured: on this model (now or from the "
+                                                          "cache); store: this model's own row from the knowledge store; prior: "
+                                                          "not measured, the value related models of the family measured")
+    prior_from: list[str] = Field(default_factory=list, description="source prior: the related models it comes from")
 
 
 class SensitivityResult(Strict):
@@ -60,6 +66,7 @@ class SensitivityResult(Strict):
     cache_file: str
     rows: list[SensitivityRow]
     measured: int = Field(description="rows measured in this call (the rest came from the cache)")
+    unmeasured: int = Field(0, description="rows never measured on this model: their value is a prior from related models")
     wall_s: float
     heatmap_png: str | None = None
 

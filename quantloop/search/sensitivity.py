@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from quantloop.eval.perplexity import make_chunks
 from quantloop.eval.runtimes import default_threads
 from quantloop.fileio import write_json_atomic
 from quantloop.gguf.blocks import fake_quantize
+from quantloop.knowledge.identity import weights_digest as weights_fingerprint
 from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer, resolve_model
 from quantloop.paths import CACHE_DIR
 from quantloop.search.schemas import SensitivityRequest, SensitivityResult, SensitivityRow, TextSpec
@@ -66,18 +68,6 @@ def text_chunks(spec: TextSpec, tokenizer, model_dir: Path | None = None) -> tup
 def synthetic_digest(spec: TextSpec) -> str:
     """Self-generated text is fixed by the model (part of every cache key) and its size."""
     return f"synthetic:{spec.chunks}x{spec.seqlen}"
-
-
-def weights_fingerprint(hf_dir: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}".encode())
-        with open(f, "rb") as fh:  # header + first MiB: names, shapes and the first weights
-            h.update(fh.read(1 << 20))
-            fh.seek(max(st.st_size - (1 << 20), 0))
-            h.update(fh.read())
-    return h.hexdigest()[:16]
 
 
 class KLDProbe:
@@ -135,6 +125,10 @@ class KLDProbe:
     def kld(self, replaced: dict[str, np.ndarray], start_layer: int | None = None) -> float:
         """Mean KLD(float || model with `replaced` weights) over every position of every chunk. With start_layer,
         the replaced weights must lie in decoder layers >= start_layer, and the layers below it are not run again."""
+        return self.kld_stats(replaced, start_layer)[0]
+
+    def kld_stats(self, replaced: dict[str, np.ndarray], start_layer: int | None = None) -> tuple[float, float, int]:
+        """(mean KLD, its standard error over the scored positions, positions scored); see kld()."""
         import torch  # deferred: torch
 
         saved = {}
@@ -143,12 +137,16 @@ class KLDProbe:
                 p = self.params[name]
                 saved[name] = p.data.clone()
                 p.data.copy_(torch.from_numpy(w).reshape(p.shape))
-            total, n = 0.0, 0
+            total, total2, n = 0.0, 0.0, 0
             for i, (chunk, lb) in enumerate(zip(self.chunks, self.base)):
                 lq = self._logprobs(chunk) if start_layer is None else self._logprobs_from(i, start_layer)
-                total += float((lb.exp() * (lb - lq)).sum(-1).clamp_min(0).sum())
+                per = (lb.exp() * (lb - lq)).sum(-1).clamp_min(0).double()
+                total += float(per.sum())
+                total2 += float((per * per).sum())
                 n += lb.shape[0]
-            return total / n
+            mean = total / n
+            var = max(total2 / n - mean * mean, 0.0) * n / max(n - 1, 1)
+            return mean, math.sqrt(var / n), n
         finally:
             for name, w in saved.items():
                 self.params[name].data.copy_(w)
@@ -170,47 +168,71 @@ def cache_key(weights: str, text_digest: str, granularity: str) -> str:
     return hashlib.sha256(json.dumps([weights, text_digest, granularity]).encode()).hexdigest()[:20]
 
 
+class SensitivitySession:
+    """One model's sensitivity units on one text, measured one (unit, type) at a time on demand: rows in the cache
+    file are reused, new ones written to it as they are measured; the float model is loaded at the first new row."""
+
+    def __init__(self, req: SensitivityRequest, progress=None):
+        self.t0 = time.perf_counter()
+        self.req, self.progress = req, progress
+        self.model = model = resolve_model(req.model)
+        if model.hf_dir is None or model.gguf is None:
+            raise InputError(model.path, "sensitivity needs a prepared checkpoint (transformers + F16 GGUF)", "run `quantloop prepare` on it first")
+        if not req.text:
+            raise InputError(None, "no calibration text given", "name at least one prepared dataset")
+        self.mt = model_tensors(model.gguf, tuple(req.types) + (FLOAT16,))
+        units = units_of(self.mt, req.granularity)
+        self.probe = None
+        self.weights = weights_fingerprint(model.hf_dir)
+        self.text_digest = "|".join(synthetic_digest(s) if s.source == "synthetic" else f"{Path(s.dataset_dir).resolve()}:{s.split}:{s.chunks}x{s.seqlen}"
+                                    for s in req.text)
+        manifests = [manifest_digest(Path(s.dataset_dir)) for s in req.text
+                     if s.source == "dataset" and (Path(s.dataset_dir) / "manifest.json").is_file()]
+        self.text_digest += "|" + "|".join(manifests)
+        self.text_id = "|".join([synthetic_digest(s) if s.source == "synthetic" else f"{s.split}:{s.chunks}x{s.seqlen}"
+                                 for s in req.text] + manifests)  # the text alone, wherever it lies (the store's text key)
+        self.key = cache_key(self.weights, self.text_digest, req.granularity)
+        self.cache_file = Path(req.cache_dir or CACHE_DIR / "sensitivity") / f"{self.key}.json"
+        saved = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
+        self.cache, self.stderr, self.tokens = saved.get("kld", {}), saved.get("stderr", {}), saved.get("tokens", {})
+        if req.units is not None:
+            unknown = sorted(set(req.units) - set(units))
+            if unknown:
+                raise InputError(None, f"no unit {unknown[0]} at granularity {req.granularity}", f"units look like {next(iter(units))}")
+            units = {u: ts for u, ts in units.items() if u in req.units}
+        self.units = units
+        self.todo = [(u, t) for u, ts in units.items() for t in ts[0].types if t != FLOAT16]
+        self.measured = 0
+
+    def is_cached(self, unit: str, typ: str) -> bool:
+        return f"{unit}|{typ}" in self.cache
+
+    def row(self, unit: str, typ: str) -> SensitivityRow:
+        """The unit's row at this type, measured now unless the cache holds it."""
+        ts, k = self.units[unit], f"{unit}|{typ}"
+        if k not in self.cache:
+            if self.probe is None:
+                self.probe = KLDProbe(self.model.hf_dir, self.req.text, self.req.threads)
+            start = min(t.layer for t in ts)
+            replaced = {t.hf_name: fake_quantized(self.probe.weight(t.hf_name), typ) for t in ts}
+            self.cache[k], self.stderr[k], self.tokens[k] = self.probe.kld_stats(replaced, start if start >= 0 else None)
+            self.measured += 1
+            write_json_atomic(self.cache_file, {"model": str(self.model.path), "weights": self.weights, "text": self.text_digest,
+                                                "granularity": self.req.granularity, "kld": self.cache, "stderr": self.stderr,
+                                                "tokens": self.tokens})
+            if self.progress is not None:
+                self.progress(self.measured, len(self.todo), unit, typ, self.cache[k])
+        return SensitivityRow(unit=unit, tensors=[t.name for t in ts], layer=ts[0].layer, group=unit_group(ts[0], self.req.granularity),
+                              n_weights=sum(t.n_weights for t in ts), type=typ,
+                              bytes=sum(tensor_bytes(t.n_weights, typ, self.mt.alignment) for t in ts), kld=self.cache[k],
+                              kld_stderr=self.stderr.get(k), n_tokens=self.tokens.get(k, 0))
+
+    def result(self, rows: list[SensitivityRow]) -> SensitivityResult:
+        return SensitivityResult(model=str(self.model.path), key=self.key, cache_file=str(self.cache_file), rows=rows,
+                                 measured=self.measured, wall_s=time.perf_counter() - self.t0)
+
+
 def measure_sensitivity(req: SensitivityRequest, progress=None) -> SensitivityResult:
     """The sensitivity table of `req.model` (cached rows reused; new rows written to the cache as they are measured)."""
-    t0 = time.perf_counter()
-    model = resolve_model(req.model)
-    if model.hf_dir is None or model.gguf is None:
-        raise InputError(model.path, "sensitivity needs a prepared checkpoint (transformers + F16 GGUF)", "run `quantloop prepare` on it first")
-    if not req.text:
-        raise InputError(None, "no calibration text given", "name at least one prepared dataset")
-    mt = model_tensors(model.gguf, tuple(req.types) + (FLOAT16,))
-    units = units_of(mt, req.granularity)
-    probe = None
-    weights = weights_fingerprint(model.hf_dir)
-    text_digest = "|".join(synthetic_digest(s) if s.source == "synthetic" else f"{Path(s.dataset_dir).resolve()}:{s.split}:{s.chunks}x{s.seqlen}"
-                           for s in req.text)
-
-    text_digest += "|" + "|".join(manifest_digest(Path(s.dataset_dir)) for s in req.text
-                                  if s.source == "dataset" and (Path(s.dataset_dir) / "manifest.json").is_file())
-    key = cache_key(weights, text_digest, req.granularity)
-    cache_file = Path(req.cache_dir or CACHE_DIR / "sensitivity") / f"{key}.json"
-    cache = json.loads(cache_file.read_text())["kld"] if cache_file.is_file() else {}
-    rows, measured = [], 0
-    if req.units is not None:
-        unknown = sorted(set(req.units) - set(units))
-        if unknown:
-            raise InputError(None, f"no unit {unknown[0]} at granularity {req.granularity}", f"units look like {next(iter(units))}")
-        units = {u: ts for u, ts in units.items() if u in req.units}
-    todo = [(u, ts, t) for u, ts in units.items() for t in ts[0].types if t != FLOAT16]
-    for i, (unit, ts, typ) in enumerate(todo):
-        k = f"{unit}|{typ}"
-        if k not in cache:
-            if probe is None:
-                probe = KLDProbe(model.hf_dir, req.text, req.threads)
-            start = min(t.layer for t in ts)
-            cache[k] = probe.kld({t.hf_name: fake_quantized(probe.weight(t.hf_name), typ) for t in ts}, start if start >= 0 else None)
-            measured += 1
-            write_json_atomic(cache_file, {"model": str(model.path), "weights": weights, "text": text_digest,
-                                           "granularity": req.granularity, "kld": cache})
-            if progress is not None:
-                progress(i + 1, len(todo), unit, typ, cache[k])
-        rows.append(SensitivityRow(unit=unit, tensors=[t.name for t in ts], layer=ts[0].layer, group=unit_group(ts[0], req.granularity),
-                                   n_weights=sum(t.n_weights for t in ts), type=typ,
-                                   bytes=sum(tensor_bytes(t.n_weights, typ, mt.alignment) for t in ts), kld=cache[k]))
-    return SensitivityResult(model=str(model.path), key=key, cache_file=str(cache_file), rows=rows, measured=measured,
-                             wall_s=time.perf_counter() - t0)
+    session = SensitivitySession(req, progress)
+    return session.result([session.row(u, t) for u, t in session.todo])

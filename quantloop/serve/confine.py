@@ -60,6 +60,8 @@ def fill_defaults(entry: ToolEntry, data: dict, root: Path) -> None:
         data["output_dir"] = str(root / "models" / "quantized" / default_output_dir(data["checkpoint"], entry.request.model_validate(data).spec).name)
     if entry.name == "sensitivity" and not data.get("cache_dir"):  # the measurements stay with the data they were made on
         data["cache_dir"] = str(root / "cache" / "sensitivity")
+    if entry.name == "knowledge" and not data.get("store"):  # the data folder's own store, as `quantloop run` on it keeps
+        data["store"] = str(root / "knowledge" / "atomspace.metta")
     if entry.name == "search":  # a file-backed study or tracking store is a path like any other; servers (postgresql://) are not
         if data.get("storage") and "://" not in data["storage"]:
             data["storage"] = str(confined_path(data["storage"], "storage", root))

@@ -31,6 +31,7 @@ from quantloop.schemas import (
 from quantloop.search.schemas import SearchRequest, SearchResult, SensitivityRequest, SensitivityResult
 from quantloop.tools.compare import compare_outputs
 from quantloop.tools.evaluate import evaluate_model
+from quantloop.tools.knowledge import KnowledgeReport, KnowledgeRequest, knowledge
 from quantloop.tools.quantize import default_output_dir, quantize_model
 from quantloop.tools.search import search_mixed_precision
 from quantloop.tools.sensitivity import measure_sensitivity
@@ -167,6 +168,10 @@ TOOLS: tuple[ToolEntry, ...] = (
               SearchRequest, SearchResult, search,
               ("model", "text[].dataset_dir", "sensitivity_text[].dataset_dir", "test_text[].dataset_dir", "seed_maps[]",
                "out_dir"), lambda req: Path(req.out_dir), read_only=False),
+    ToolEntry("knowledge", "The memory across runs and models (an OpenCog Hyperon AtomSpace): atom counts by kind, file size "
+              "and load time; the atoms a MeTTa pattern matches (Model, Tensor, Measurement, Attempt, Front); or forget a "
+              "model's atoms.", KnowledgeRequest, KnowledgeReport, knowledge, ("store",),
+              lambda req: Path(req.store) if req.store and req.action == "forget" else None, read_only=False),
 )
 
 

@@ -37,7 +37,7 @@ def check_architecture(model, spec: QuantSpec) -> None:
         check_gguf_architecture(model.gguf)
 
 
-def apply_size_budget(model, spec: QuantSpec) -> tuple[QuantSpec, list[str]]:
+def apply_size_budget(model, spec: QuantSpec, memory=None) -> tuple[QuantSpec, list[str]]:
     """The spec with one type per tensor that meets spec.min_size_ratio, and one note saying what it cost."""
     if not spec.gguf_type:  # (a method without min_size_ratio is refused when its spec is made)
         problem, fix = spec.refusal("min_size_ratio", spec.min_size_ratio)
@@ -45,11 +45,17 @@ def apply_size_budget(model, spec: QuantSpec) -> tuple[QuantSpec, list[str]]:
     if model.gguf is None:
         raise InputError(model.path, "a size budget needs the model's F16 GGUF", "run `quantloop prepare` on it first")
     print(f"size budget: the whole file at least {spec.min_size_ratio}x smaller than the F16 GGUF", flush=True)
-    fitted, record = fit_to_budget(model, spec)
-    moved = ", ".join(f"{d.unit} {d.to_type}" for d in record.downgrades) or "none needed"
-    return fitted, [f"size budget {spec.min_size_ratio}x of {record.f16_bytes:,} bytes = {record.budget_bytes:,}: "
-                    f"planned {record.planned_bytes:,}, fitted {record.bytes:,} (estimate); below the planned types "
-                    f"(least measured KLD per byte): {moved}"]
+    fitted, record = fit_to_budget(model, spec, memory=memory)
+    moved = ", ".join(f"{d.unit} {d.to_type}{' (prior)' if d.prior else ''}" for d in record.downgrades) or "none needed"
+    notes = [f"size budget {spec.min_size_ratio}x of {record.f16_bytes:,} bytes = {record.budget_bytes:,}: "
+             f"planned {record.planned_bytes:,}, fitted {record.bytes:,} (estimate); below the planned types "
+             f"(least measured KLD per byte): {moved}"]
+    if record.prior_units:
+        notes.append(f"sensitivity: {len(record.measured_units)} of {record.units} units measured on this model; "
+                     f"{len(record.prior_units)} never measured, their values are priors from {', '.join(record.prior_sources)} "
+                     f"(knowledge store{f', scaled by {record.prior_ratio:.2f} as the measured units were' if record.prior_ratio else ''}): "
+                     f"{', '.join(record.prior_units)}")
+    return fitted, notes
 
 
 def time_left_for_training(spec: QuantSpec, started: float) -> QuantSpec:
@@ -77,9 +83,10 @@ def reused_result(entry: dict, key: str) -> tuple[str, str, list[str]]:
 
 
 def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSpec, overwrite: bool = False,
-                   cache_dir: str | Path | None = None) -> QuantizationResult:
+                   cache_dir: str | Path | None = None, memory=None) -> QuantizationResult:
     """Resolve the model, check what the backend needs, get the calibration once, run the backend, record.
-    `cache_dir`: reuse (and add to) the content-addressed cache there (quantloop/tools/quant_cache.py)."""
+    `cache_dir`: reuse (and add to) the content-addressed cache there (quantloop/tools/quant_cache.py). `memory`
+    (a quantloop.knowledge.KnowledgeStore): a size budget's sensitivity pass uses related models' values as priors."""
     started = time.perf_counter()
     model = resolve_model(checkpoint)
     check_architecture(model, spec)
@@ -88,7 +95,7 @@ def quantize_model(checkpoint: str | Path, output_dir: str | Path, spec: QuantSp
         raise InputError(out, "output folder exists", "pass --overwrite or choose another output folder")
     budget_notes = []
     if spec.size_budget():  # a size budget: the least sensitive tensors go below the planned types until it fits
-        spec, budget_notes = apply_size_budget(model, spec)
+        spec, budget_notes = apply_size_budget(model, spec, memory)
     backend = backend_for(spec)
     needs = backend.needs(spec)
     check_needs(needs, model, spec.label or spec.method)
