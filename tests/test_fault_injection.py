@@ -28,7 +28,8 @@ SIGINT_POINTS = {"node:finish": "write:validation"}  # before this kill point: a
 
 
 def run_cmd(slm: Path, policy: Path, model: Path, dataset: Path, run_id: str, fault: str | None = None, signal_name: str = "KILL"):
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "QUANTLOOP_FAULT")}
+    # the chain's knowledge store is its own (SLM/knowledge): the reference run's memory would skip the failed steps
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "QUANTLOOP_FAULT", "QUANTLOOP_KNOWLEDGE")}
     env |= {"QUANTLOOP_SLM_DIR": str(slm), "TQDM_DISABLE": "1", "QUANTLOOP_FAULT_SIGNAL": signal_name}
     if fault:
         env["QUANTLOOP_FAULT"] = fault
@@ -77,7 +78,7 @@ def test_kill_at_every_point_then_resume(tiny_prepared, dataset_dir, tmp_path):
     slm = tmp_path / "SLM"
     reference = run_pipeline(tiny_prepared, policy, run_id="uninterrupted", tracking_uri=f"sqlite:///{slm}/mlflow.db",
                              dataset_dir=dataset_dir, output_root=slm / "models" / "quantized",
-                             state_db=slm / "runs" / "langgraph_checkpoints.sqlite")
+                             state_db=slm / "runs" / "langgraph_checkpoints.sqlite", memory=False)
     assert [a.verdict for a in reference.attempts] == ["fallback", "fallback", "accepted"]
 
     table = []

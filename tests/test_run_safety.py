@@ -161,9 +161,10 @@ def test_identical_work_is_reused_from_the_cache(tiny_prepared, tmp_path):
 
 def test_a_second_run_never_replaces_the_first_runs_files(tiny_prepared, dataset_dir, tmp_path):
     policy = tiny_policy(tmp_path, [Q8], measure_speed=False, max_ppl_pct=50.0)
-    one = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy, run_id="first")
+    # without the knowledge store, which would skip the step the first run failed (speed not measured here)
+    one = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy, run_id="first", memory=False)
     files = {p: (p.stat().st_mtime_ns, sha256_file(p)) for p in Path(one.attempts[0].output_dir).iterdir()}
-    two = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy, run_id="second")
+    two = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy, run_id="second", memory=False)
     out1, out2 = Path(one.attempts[0].output_dir), Path(two.attempts[0].output_dir)
     assert out1 == tmp_path / "quantized" / "tiny" / "first" / "0-tiny_gguf-q8_0"
     assert out2 == tmp_path / "quantized" / "tiny" / "second" / "0-tiny_gguf-q8_0"
