@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quantloop.benchmarks.agreement import agreement_with_hflm  # noqa: E402
 from quantloop.benchmarks.score import evaluate_tasks, paired_drop  # noqa: E402
+from quantloop.benchmarks.tasks import TASKS  # noqa: E402
 from quantloop.eval.runtimes import LlamaCppRunner  # noqa: E402
 from quantloop.fileio import write_json_atomic  # noqa: E402
 from quantloop.paths import CACHE_DIR, OFFGRID_MODEL_DIR, SLM_DIR  # noqa: E402
@@ -140,7 +141,8 @@ def main() -> int:
         base = scores["F16"][t]
         for label, by_task in scores.items():
             s = by_task[t]
-            drop = "-" if label == "F16" else f"{(d := paired_drop(base, s)).drop_pp:+.1f} +- {d.stderr_pp:.1f}"
+            metric = TASKS[t].metric if t in TASKS else "acc"  # the metric the accuracy bar judges this task by
+            drop = "-" if label == "F16" else f"{(d := paired_drop(base, s, metric)).drop_pp:+.1f} +- {d.stderr_pp:.1f} ({metric})"
             norm = f"{s.acc_norm:.3f} +- {s.acc_norm_stderr:.3f}" if s.acc_norm is not None else "-"
             same = f"{agree[t].same_answer * 100:.1f} %" if label.startswith("HFLM") and t in agree else ""
             rows.append([t, label, f"{s.acc:.3f} +- {s.acc_stderr:.3f}", norm, drop, s.items, f"{s.seconds:.1f} s",
