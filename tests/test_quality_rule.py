@@ -88,3 +88,17 @@ def test_the_mean_drop_counts_only_tasks_that_carry_a_verdict():
     mean, se = mean_drop(m)
     assert mean == pytest.approx(2.0) and se == pytest.approx((0.3**2 + 0.4**2) ** 0.5 / 2)
     assert mean_drop({}) == (None, None)
+
+
+def test_tasks_are_measured_most_informative_per_second_first():
+    from quantloop.benchmarks.score import TaskScore
+    from quantloop.eval.criteria.accuracy import informative_first
+
+    def score(task, acc, se, seconds):
+        return TaskScore(task=task, items=100, acc=acc, acc_stderr=se, acc_norm=acc, acc_norm_stderr=se, correct=[1] * 100,
+                         chosen=[0] * 100, doc_ids=list(range(100)), seconds=seconds, items_per_s=100 / seconds)
+
+    base = {"hellaswag": score("hellaswag", 0.45, 0.02, 100.0),  # 10 sigma above chance (0.25), 1 s per item
+            "arc_easy": score("arc_easy", 0.55, 0.05, 10.0),  # 4.5 sigma above chance, 0.1 s per item
+            "os_pci": score("os_pci", 0.26, 0.04, 1.0)}  # at chance, however cheap
+    assert informative_first(base) == ["arc_easy", "hellaswag", "os_pci"]

@@ -48,13 +48,16 @@ def above_chance(score: TaskScore, task: str, settings: AccuracySettings) -> boo
 
 
 def informative_first(base: dict[str, TaskScore]) -> list[str]:
-    """Tasks by how many standard errors the float model sits above chance, most first: a task near chance cannot
-    show a drop, so it is measured last."""
-    def z(task: str) -> float:
+    """Tasks by how many standard errors the float model sits above chance per second of scoring an item, most first:
+    a task near chance cannot show a drop, and a slow one (HellaSwag's long endings) costs several fast ones, so a
+    failing bar is found soonest. A task within two standard errors of chance comes last whatever its cost."""
+    def z_per_s(task: str) -> float:
         s, metric = base[task], TASKS[task].metric
         se = getattr(s, f"{metric}_stderr") or 1e-9
-        return (getattr(s, metric) - TASKS[task].chance) / se
-    return sorted(base, key=z, reverse=True)
+        z = (getattr(s, metric) - TASKS[task].chance) / se
+        per_item = s.seconds / max(s.items, 1) if s.seconds > 0 else 1.0
+        return z / per_item if z >= 2 else z - 1e6  # within 2 standard errors of chance: it cannot carry a verdict
+    return sorted(base, key=z_per_s, reverse=True)
 
 
 def near_bar(drop_pp: float, se_pp: float, settings: AccuracySettings, sigmas: float) -> bool:
