@@ -164,3 +164,23 @@ def test_agreement_share_and_accuracy_within_its_standard_error():
     assert a.acc_diff_pp == pytest.approx(-12.5) and a.within_stderr == (12.5 <= 100 * ours.acc_stderr)
     with pytest.raises(InputError):
         agreement(ours, score("t", [1, 0, 1]))
+
+
+
+def test_a_score_extended_by_its_next_items_is_the_score_of_all_of_them():
+    """merged(first items, next items) has the items in order and the accuracy and standard error of all of them:
+    the accuracy bar doubles its items this way instead of scoring the first ones again."""
+    import numpy as np
+
+    from quantloop.benchmarks.score import TaskScore, merged, stderr_of_mean
+
+    def score(ids, correct, norm, seconds):
+        return TaskScore(task="t", items=len(ids), acc=float(np.mean(correct)), acc_stderr=stderr_of_mean(correct),
+                         acc_norm=float(np.mean(norm)), acc_norm_stderr=stderr_of_mean(norm), correct=correct,
+                         correct_norm=norm, chosen=[0] * len(ids), doc_ids=ids, seconds=seconds, items_per_s=len(ids) / seconds)
+
+    a, b = score([5, 2, 9], [1, 0, 1], [1, 1, 1], 3.0), score([4, 7], [0, 0], [1, 0], 1.0)
+    m = merged(a, b)
+    assert m.doc_ids == [5, 2, 9, 4, 7] and m.correct == [1, 0, 1, 0, 0] and m.items == 5
+    assert m.acc == pytest.approx(0.4) and m.acc_stderr == pytest.approx(np.std([1, 0, 1, 0, 0], ddof=1) / 5 ** 0.5)
+    assert m.acc_norm == pytest.approx(0.8) and m.items_per_s == pytest.approx(5 / 4.0)

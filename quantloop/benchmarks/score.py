@@ -86,6 +86,17 @@ def paired_drop(base: TaskScore, quant: TaskScore, metric: str = "acc") -> Paire
                       changed=int(np.count_nonzero(d)))
 
 
+def merged(a: TaskScore, b: TaskScore) -> TaskScore:
+    """One score of a's items followed by b's (b scored with start=a.items): what scoring both at once gives."""
+    correct, norm = a.correct + b.correct, (a.correct_norm + b.correct_norm) if a.correct_norm and b.correct_norm else None
+    seconds = a.seconds + b.seconds
+    return a.model_copy(update={
+        "items": len(correct), "acc": float(np.mean(correct)), "acc_stderr": stderr_of_mean(correct),
+        "acc_norm": float(np.mean(norm)) if norm else None, "acc_norm_stderr": stderr_of_mean(norm) if norm else None,
+        "correct": correct, "correct_norm": norm, "chosen": a.chosen + b.chosen, "doc_ids": a.doc_ids + b.doc_ids,
+        "seconds": seconds, "items_per_s": len(correct) / seconds if seconds > 0 else float("nan"), "cached": a.cached and b.cached})
+
+
 def item_order(n_docs: int, task: str) -> list[int]:
     """A fixed shuffle of a task's document ids (the same for every model)."""
     seed = int(hashlib.sha256(f"{ORDER_SEED}:{task}".encode()).hexdigest()[:8], 16)
@@ -155,14 +166,15 @@ def as_lm(runner):
 
 
 def evaluate_tasks(runner: Any, task_configs: dict[str, dict], limit: int | None = None,
-                   model: ResolvedModel | str | Path | None = None, from_end: bool = False) -> dict[str, TaskScore]:
+                   model: ResolvedModel | str | Path | None = None, from_end: bool = False, start: int = 0) -> dict[str, TaskScore]:
     """Score `runner` (an open LlamaCppRunner / TransformersRunner, an lm-eval LM, or a model path) on each lm-eval
     task config (name -> config dict) over the first `limit` items of the task's fixed order (all when None).
 
     `model`: the model the runner runs (a ResolvedModel or its path); when given, each task's score is cached
     under CACHE_DIR/accuracy by the digest of that model's file for this runtime, and read back next time.
     `from_end`: the last `limit` items of the order instead of the first (disjoint from the acceptance bar's items
-    while both counts together stay within the task: what checkpoint selection scores)."""
+    while both counts together stay within the task: what checkpoint selection scores). `start`: skip the first
+    `start` items of the order (score items start..limit-1, to extend an earlier score; see merged)."""
     from lm_eval import evaluator  # deferred: lm_eval
     from lm_eval.tasks import TaskManager  # deferred: lm_eval
 
@@ -173,7 +185,7 @@ def evaluate_tasks(runner: Any, task_configs: dict[str, dict], limit: int | None
     manager = TaskManager(include_defaults=False)
     try:
         for name, config in task_configs.items():
-            cfile = cache_path(digest, name, config, limit, runtime, from_end) if digest else None
+            cfile = cache_path(digest, name, config, (start, limit) if start else limit, runtime, from_end) if digest else None
             if cfile is not None and cfile.is_file():
                 try:
                     out[name] = TaskScore.model_validate_json(cfile.read_text()).model_copy(update={"cached": True})
@@ -183,6 +195,7 @@ def evaluate_tasks(runner: Any, task_configs: dict[str, dict], limit: int | None
             task_dict = manager.load([dict(config, task=name)])
             order = item_order(len(task_dict["tasks"][name].eval_docs), name)
             ids = (order[-limit:] if from_end else order[:limit]) if limit else order
+            ids = ids[start:]
             t0 = time.perf_counter()
             results = evaluator.evaluate(lm=lm, task_dict=task_dict, samples={name: ids}, bootstrap_iters=0,
                                          log_samples=True, verbosity="ERROR")

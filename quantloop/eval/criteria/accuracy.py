@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, Field
 
-from quantloop.benchmarks.score import TaskScore, evaluate_tasks, paired_drop
+from quantloop.benchmarks.score import TaskScore, evaluate_tasks, merged, paired_drop
 from quantloop.benchmarks.tasks import TASKS, expand, task_configs
 from quantloop.eval.criteria.base import Cell, Criterion, MeasureContext, Measurements, Section, Where, fmt, how_close, number, shown
 from quantloop.schemas import AcceptanceCriteria, AccuracySettings, CriterionResult, QualitySpec
@@ -69,14 +69,17 @@ def measure_task(task: str, config: dict, ctx: MeasureContext, settings: Accurac
     max_items (the float model's items come from the baseline cache after the first time)."""
     start, metric = time.perf_counter(), TASKS[task].metric
     n, cap = settings.items, max(settings.max_items or settings.items, settings.items)
+    base = evaluate_tasks(ctx.base_runner, {task: config}, limit=n, model=ctx.baseline)[task]
+    quant = evaluate_tasks(ctx.quant_runner, {task: config}, limit=n)[task]
     while True:
-        base = evaluate_tasks(ctx.base_runner, {task: config}, limit=n, model=ctx.baseline)[task]
-        quant = evaluate_tasks(ctx.quant_runner, {task: config}, limit=n)[task]
         drop = paired_drop(base, quant, metric)
         if (base.items < n or n >= cap or not above_chance(base, task, settings)  # near chance: more items judge nothing
                 or not near_bar(drop.drop_pp, drop.stderr_pp, settings, ctx.spec.eval.decide_sigmas)):
             break
-        n = min(2 * n, cap)
+        more = min(2 * n, cap)  # the next items of the same order, scored on both models, added to what is known
+        base = merged(base, evaluate_tasks(ctx.base_runner, {task: config}, limit=more, model=ctx.baseline, start=n)[task])
+        quant = merged(quant, evaluate_tasks(ctx.quant_runner, {task: config}, limit=more, start=n)[task])
+        n = more
     chance = TASKS[task].chance
     base_acc, base_se = getattr(base, metric), getattr(base, f"{metric}_stderr")
     quant_acc, quant_se = getattr(quant, metric), getattr(quant, f"{metric}_stderr")
