@@ -114,7 +114,7 @@ def test_the_agent_quantizes_to_the_lowest_kld_member_within_the_budget(finished
     q4, mixed, q8 = front
     budget = (mixed.measured.bits_per_weight + q8.measured.bits_per_weight) / 2  # Q4_0 and the mix fit, Q8_0 does not
     plan, state = plan_and_state(tiny_prepared, tmp_path, {"result": str(result_json), "max_bpw": budget})
-    assert plan[0].kind == "search" and plan[0].spec is None and Path(plan[0].output_dir).name == "tiny_search-searched"
+    assert plan[0].kind == "search" and plan[0].spec is None and Path(plan[0].output_dir).name == "0-tiny_search-searched"  # <index>-<checkpoint>_<tag>, in the run's folder
     attempt = QuantizationAgent().attempt(plan[0], state)
     assert attempt.status == "quantized", attempt.note
     assert attempt.output_dir == plan[0].output_dir and attempt.method == "gguf"
