@@ -78,13 +78,14 @@ def write_plots(record: RunRecord, out_dir: Path) -> list[Path]:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     acc = record.acceptance
+    drops = {a.index: mean_drop(a.metrics) for a in measured(record)}  # (mean accuracy drop, its standard error)
     return [
         scatter_plot(record, lambda a: a.ppl_increase_pct, lambda a: a.ppl_increase_stderr_pct, "perplexity increase (%)",
                      f"run {record.run_id}: perplexity increase against size", acc.max_ppl_increase_pct,
                      f"perplexity bar (< {acc.max_ppl_increase_pct} %)", out_dir / "ppl_vs_size.png"),
         scatter_plot(record, lambda a: a.kld_mean, lambda a: a.kld_mean_stderr, "mean KL divergence (nats/token)",
                      f"run {record.run_id}: mean KLD against size", None, "", out_dir / "kld_vs_size.png"),
-    ] + ([scatter_plot(record, lambda a: mean_drop(a.metrics)[0], lambda a: mean_drop(a.metrics)[1],
+    ] + ([scatter_plot(record, lambda a: drops[a.index][0], lambda a: drops[a.index][1],
                        "accuracy drop (points, mean over tasks)", f"run {record.run_id}: benchmark accuracy drop against size",
                        acc.accuracy.max_drop_pp, f"accuracy bar (< {acc.accuracy.max_drop_pp:g} points)", out_dir / "accuracy_vs_size.png")]
-         if acc.accuracy is not None and any(mean_drop(a.metrics)[0] is not None for a in measured(record)) else [])
+         if acc.accuracy is not None and any(d[0] is not None for d in drops.values()) else [])

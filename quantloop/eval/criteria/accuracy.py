@@ -186,20 +186,19 @@ class Accuracy(Criterion):
 
     def section(self, rows: list[tuple[str, Mapping[str, float]]]) -> Section | None:
         """The report's accuracy table: a column per task, a row per measured attempt."""
-        tasks = sorted({t for _, m in rows for t in task_drops(m)})
+        measured = [(label, m, drops) for label, m in rows if (drops := task_drops(m))]  # each row's metrics read once
+        tasks = sorted({t for _, _, drops in measured for t in drops})
         if not tasks:
             return None
         body = []
-        for label, m in rows:
-            if not task_drops(m):
-                continue
+        for label, m, drops in measured:
             cells = []
             for t in tasks:
                 acc = number(m, key(t, "quant_acc"))
-                d, s = task_drops(m).get(t, (None, None))
+                d, s = drops.get(t, (None, None))
                 cells.append("-" if acc is None else f"{100 * acc:.1f} % ({d:+.2f} ± {s or 0:.2f})")
             body.append([label, *cells])
-        base = next(m for _, m in rows if task_drops(m))
+        base = measured[0][1]
         float_row = ["float baseline", *(f"{100 * (number(base, key(t, 'base_acc')) or 0):.1f} % "
                                          f"(chance {100 * (number(base, key(t, 'chance')) or 0):.0f} %)" for t in tasks)]
         return Section("Benchmark accuracy", "accuracy on the same items as the float model, and the drop in points ± its "
