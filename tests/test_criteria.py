@@ -130,6 +130,9 @@ def test_a_failing_registered_criterion_is_named_by_the_reviewer(tiny_toy, tiny_
                          measure_speed=True, max_ppl_pct=50.0)
     state = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy, run_id="toy-fail")
     a = state.attempts[0]
-    assert state.decision == "rejected" and [c.name for c in a.criteria if not c.passed] == ["toy"]
+    assert state.decision == "rejected" and [c.name for c in a.criteria if not c.passed and c.binding] == ["toy"]
+    # speed comes after the criteria's own measurements: once toy fails it cannot change the verdict, so it is skipped
+    speed = next(c for c in a.criteria if c.name == "speed")
+    assert speed.measured is None and speed.detail == "not measured: the attempt already fails on toy, which this cannot change"
     assert "fails on toy " in a.reason and "KiB on disk (needs < 1 KiB)" in a.reason
     assert state.recommendation == "The bar that bound the last attempt: toy. The toy bar fails: pick a smaller file."

@@ -62,6 +62,8 @@ class ValidationSettings(Strict):
     chunks: int | None = Field(None, ge=1, description="test chunks scored (default: the acceptance spec's eval.chunks)")
     measure_speed: bool = True
     check_generation: bool = True
+    full_report: bool = Field(False, description="measure every criterion of every attempt (default: one that can no longer "
+                              "change an attempt's verdict is reported as not measured, with the reason)")
     compare_generations: bool = Field(True, description="write the side-by-side generations (Markdown) of every attempt")
     selection_chunks: int = Field(4, ge=1, description="validation-split chunks the EvaluationAgent scores per checkpoint")
     rank_by: Literal["perplexity", "accuracy"] = Field("perplexity", description="how the EvaluationAgent ranks candidate "

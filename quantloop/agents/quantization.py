@@ -221,6 +221,7 @@ class QuantizationAgent:
             report_path=str(Path(planned.output_dir) / "validation_report.json"),
             chunks=v.chunks, held_out=v.held_out,
             held_out_chunks=v.held_out_chunks, measure_speed=v.measure_speed, check_generation=v.check_generation,
+            full_report=v.full_report,
         ))
 
     @staticmethod

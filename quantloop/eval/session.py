@@ -12,8 +12,9 @@ from quantloop.errors import InputError
 from quantloop.eval.kld import KLDAccumulator
 from quantloop.eval.perplexity import first_scored, make_chunks, scored_nll, summarize_nll
 from quantloop.eval.runtimes import LlamaCppRunner, TransformersRunner
+from quantloop.eval.sequential import run_looks
 from quantloop.models.checkpoints import ResolvedModel, load_hf_tokenizer
-from quantloop.schemas import PerplexityReport
+from quantloop.schemas import KLDReport, PerplexityReport
 
 
 def open_runner(model: ResolvedModel, runtime: str, n_ctx: int):
@@ -54,3 +55,22 @@ def kl_divergence(base_runner, quant_runner, chunks: list[np.ndarray], desc: str
         first = first_scored(len(c))
         acc.add_scored(base_runner.logits(c, first), quant_runner.logits(c, first), c)
     return acc.report()
+
+
+def kld_in_rounds(base_runner, quant_runner, chunks: list[np.ndarray], looks: list[int], margin, c: float,
+                  desc: str = "KLD") -> tuple[KLDReport, int]:
+    """KLD statistics over the first looks[0] chunks, then the next ones up to each later look, until `margin(report)`
+    (standard errors from the bar, > 0 passing) is decided against the boundary c (eval/sequential.py) or the last look
+    is reached. Each chunk is scored once. (report, chunks scored)."""
+    acc = KLDAccumulator()
+    done = [0]
+    with tqdm(total=looks[-1], desc=desc, unit="chunk", leave=False) as bar:
+        def margin_after(n: int) -> float | None:
+            for ch in chunks[done[0]:n]:
+                first = first_scored(len(ch))
+                acc.add_scored(base_runner.logits(ch, first), quant_runner.logits(ch, first), ch)
+                bar.update(1)
+            done[0] = n
+            return margin(acc.report())
+        run_looks(looks, c, margin_after)
+    return acc.report(), done[0]

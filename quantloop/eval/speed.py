@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from quantloop.eval.runtimes import default_threads
+from quantloop.eval.sequential import boundary, every, run_looks
 from quantloop.gguf.llamacpp import tool
 from quantloop.memory import peak_rss_bytes
 from quantloop.models.checkpoints import load_hf_model
@@ -129,19 +130,37 @@ def median_and_stderr(values: list[float]) -> tuple[float, float]:
     return float(np.median(v)), 1.2533 * sd / np.sqrt(len(v))
 
 
-def speed_pairs(base: ModelRef, quant: ModelRef, settings: SpeedSettings, threads: int, bar: float,
-                decide_sigmas: float) -> tuple[SpeedReport, SpeedReport, list[float]]:
-    """Interleaved pairs until the median ratio is decide_sigmas standard errors from `bar`, or max_repeats pairs."""
-    cap = max(settings.max_repeats or settings.repeats, settings.repeats)
-    with tqdm(total=cap, desc="speed pairs", unit="pair", leave=False) as bar_:
-        runs = measure_runs([base, quant], settings, threads, settings.repeats, bar_)
-        while len(runs[0]) < cap:
-            median, se = median_and_stderr(pair_ratios(*runs))
-            if abs(median - bar) >= decide_sigmas * se:
-                break
-            more = measure_runs([base, quant], settings, threads, min(settings.repeats, cap - len(runs[0])), bar_)
-            runs = [runs[0] + more[0], runs[1] + more[1]]
-    return speed_report(base, runs[0], settings, threads), speed_report(quant, runs[1], settings, threads), pair_ratios(*runs)
+def ratio_and_stderr(ratios: list[float], settings: SpeedSettings) -> tuple[float, float]:
+    """The median pair ratio and its standard error: the spread of the pairs within this validation, plus (in
+    quadrature) how much the ratio moves between validations on this machine (speed.between_run_sd_pct, a bench's
+    number), which no amount of pairs measured back to back can show."""
+    median, within = median_and_stderr(ratios)
+    between = median * settings.between_run_sd_pct / 100
+    return median, float(np.hypot(within, between))
+
+
+def speed_looks(settings: SpeedSettings) -> list[int]:
+    """Pair counts at which the speed verdict is looked at: every `repeats` pairs up to max_repeats."""
+    return every(settings.repeats, max(settings.max_repeats or settings.repeats, settings.repeats))
+
+
+def speed_pairs(base: ModelRef, quant: ModelRef, settings: SpeedSettings, threads: int, bar: float, decide_sigmas: float,
+                sequential: bool = True) -> tuple[SpeedReport, SpeedReport, list[float], float]:
+    """Interleaved pairs, `repeats` at a time, until a look decides the median ratio against `bar` or max_repeats pairs
+    are measured. (float report, quantized report, pair ratios, the boundary in standard errors the verdict uses:
+    sequential: raised for the number of looks (eval/sequential.py); else decide_sigmas at every look)."""
+    looks = speed_looks(settings)
+    c = boundary(tuple(looks), decide_sigmas) if sequential else decide_sigmas
+    runs: list[list[dict]] = [[], []]
+    with tqdm(total=looks[-1], desc="speed pairs", unit="pair", leave=False) as bar_:
+        def margin_after(n: int) -> float | None:
+            more = measure_runs([base, quant], settings, threads, n - len(runs[0]), bar_)
+            runs[0] += more[0]
+            runs[1] += more[1]
+            median, se = ratio_and_stderr(pair_ratios(*runs), settings)
+            return (median - bar) / se if n > 1 and se > 0 else None
+        run_looks(looks, c, margin_after)
+    return speed_report(base, runs[0], settings, threads), speed_report(quant, runs[1], settings, threads), pair_ratios(*runs), c
 
 
 def _measure_once(ref: ModelRef, settings: SpeedSettings, threads: int) -> tuple[dict, int]:

@@ -107,7 +107,8 @@ def cmd_evaluate(a) -> int:
 def cmd_validate(a) -> int:
     r = validate_quantization(ValidationRequest(
         quantized=str(a.quantized), baseline=str(a.base), nominal_bits=a.bits, dataset_dir=a.dataset, spec_file=a.spec,
-        report_path=a.report, chunks=a.chunks, held_out=a.held_out or [], measure_speed=not a.no_speed, check_generation=not a.no_generation))
+        report_path=a.report, chunks=a.chunks, held_out=a.held_out or [], measure_speed=not a.no_speed,
+        check_generation=not a.no_generation, full_report=a.full_report))
     print(format_validation(r))
     return 0 if r.passed else 1
 
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", default=None, help=f"float baseline (default: {DEFAULT_MODELS_HELP})")
     s.add_argument("--bits", type=int, help="nominal bit width for the size criterion (default: from the GGUF file type)")
     s.add_argument("--report", help="where to write validation_report.json")
+    s.add_argument("--full-report", action="store_true", help="measure every criterion even after one has failed")
     s.add_argument("--held-out", action="append", metavar="DATASET",
                    help="another prepared dataset (name under SLM/datasets, or folder) whose test split is scored too and "
                         "judged by the perplexity bar; repeat for more (default: none; `make domains` prepares python-docs, "

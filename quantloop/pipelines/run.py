@@ -56,7 +56,8 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
                  run_id: str | None = None, tracking_uri: str | None = None, data_free: bool = False,
                  dataset_dir: str | Path | None = None, output_root: str | Path | None = None, state_db: str | Path | None = None,
                  on_attempt: Callable | None = None, on_start: Callable | None = None, spec_file: str | Path | None = None,
-                 on_progress: Callable | None = None, memory: bool = True, on_memory: Callable | None = None):
+                 on_progress: Callable | None = None, memory: bool = True, on_memory: Callable | None = None,
+                 full_report: bool = False):
     """Run (or resume, with the same run_id) the loop. Returns the final PipelineState.
 
     on_attempt(attempt, resumed) after each attempt is reviewed and tracked; on_progress(node, state) after
@@ -77,6 +78,8 @@ def run_pipeline(model: str | Path | None = None, policy_file: str | Path | None
         policy = policy.data_free()
     if not memory:  # --no-memory: part of the policy, so a resumed run keeps it
         policy = policy.model_copy(update={"memory": False})
+    if full_report:  # --full-report: the same
+        policy = policy.model_copy(update={"validation": policy.validation.model_copy(update={"full_report": True})})
     model_path = Path(model) if model else default_model_dir()
     find_checkpoints(model_path)  # a folder without checkpoints fails here, before anything else
     model_path = model_path.resolve()
@@ -210,7 +213,7 @@ def cmd_run(a) -> int:
 
     state = run_pipeline(a.model, a.policy, a.target, a.run_id, a.tracking_uri, a.data_free, a.dataset,
                          on_attempt=print_attempt, on_start=on_start, spec_file=a.spec, on_progress=print_progress,
-                         memory=not a.no_memory, on_memory=print_memory)
+                         memory=not a.no_memory, on_memory=print_memory, full_report=a.full_report)
     acc = load_quality_spec(state.acceptance_spec).acceptance
     print()
     if state.candidates:
@@ -260,5 +263,7 @@ def add_run_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--dataset", help="prepared dataset folder (default: SLM/datasets/shakespeare)")
     s.add_argument("--no-memory", action="store_true", help="neither read nor write the knowledge store (SLM/knowledge/): "
                         "every step is tried and every sensitivity measured as if nothing were known (docs/knowledge.md)")
+    s.add_argument("--full-report", action="store_true", help="measure every criterion of every attempt, even one that can "
+                        "no longer change its verdict (default: reported as not measured, with the reason)")
     s.set_defaults(func=cmd_run)
     return s

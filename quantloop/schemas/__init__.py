@@ -85,6 +85,11 @@ class EvalSettings(Strict):
     max_chunks: int | None = Field(None, ge=1, description="when the perplexity increase lies within decide_sigmas standard "
                                    "errors of its bar, the chunks double up to this many before the verdict (default: no more)")
     decide_sigmas: float = Field(2.0, gt=0, description="a measurement this many standard errors or more from its bar decides")
+    sequential: bool = Field(True, description="measure in rounds and stop each bar at the first look that decides it, with "
+                             "the boundary raised for the number of looks (eval/sequential.py); false: the first `chunks` "
+                             "chunks, doubled up to max_chunks while within decide_sigmas of the bar")
+    first_chunks: int = Field(4, ge=1, description="sequential: chunks at the first look of each text; the looks double up to "
+                              "max_chunks (or chunks)")
 
 
 class SpeedSettings(Strict):
@@ -96,6 +101,9 @@ class SpeedSettings(Strict):
                                     "within decide_sigmas standard errors of the bar (default: repeats, no more)")
     threads: int | None = Field(None, ge=1, description="threads of every speed run, float and quantized alike (default: "
                                 "QUANTLOOP_THREADS, else every core)")
+    between_run_sd_pct: float = Field(0.0, ge=0, description="how much the ratio moves between validations on this machine "
+                                      "beyond the spread of the pairs within one (relative standard deviation, %, measured "
+                                      "by bench/bench_speed_verdict.py); added in quadrature to the standard error")
 
 
 class GenerationSettings(Strict):
@@ -300,6 +308,8 @@ class ValidationRequest(Strict):
                                         "the bar (default: chunks)")
     check_generation: bool = True
     measure_speed: bool = True
+    full_report: bool = Field(False, description="measure every criterion even after the attempt has failed one (default: "
+                              "a criterion that cannot change the verdict any more is reported as not measured)")
 
 
 class ValidationReport(Strict):

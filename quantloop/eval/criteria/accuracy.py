@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from quantloop.benchmarks.score import TaskScore, evaluate_tasks, merged, paired_drop
 from quantloop.benchmarks.tasks import TASKS, expand, task_configs
 from quantloop.eval.criteria.base import Cell, Criterion, MeasureContext, Measurements, Section, Where, fmt, how_close, number, shown
+from quantloop.eval.sequential import boundary, doubling
 from quantloop.schemas import AcceptanceCriteria, AccuracySettings, CriterionResult, QualitySpec
 
 
@@ -40,6 +41,8 @@ class AccuracyMeasurement(BaseModel):
     tasks: dict[str, TaskAccuracy] = Field(description="the measured tasks, in the order they were measured")
     not_measured: dict[str, str] = Field(default_factory=dict, description="task -> why it was not measured")
     seconds: float
+    decide_sigmas: float | None = Field(None, description="the boundary each task's drop is judged with: raised for the "
+                                        "looks at items, 2x, 4x ... (eval/sequential.py); none: eval.decide_sigmas")
 
 
 def above_chance(score: TaskScore, task: str, settings: AccuracySettings) -> bool:
@@ -64,9 +67,19 @@ def near_bar(drop_pp: float, se_pp: float, settings: AccuracySettings, sigmas: f
     return abs(settings.max_drop_pp - drop_pp) < sigmas * se_pp
 
 
+def item_looks(settings: AccuracySettings) -> list[int]:
+    return doubling(settings.items, max(settings.max_items or settings.items, settings.items))
+
+
+def task_sigmas(ctx: MeasureContext) -> float:
+    """The boundary of a task's drop: raised for its looks when validation is sequential, else decide_sigmas."""
+    sigmas = ctx.spec.eval.decide_sigmas
+    return boundary(tuple(item_looks(ctx.spec.acceptance.accuracy)), sigmas) if ctx.spec.eval.sequential else sigmas
+
+
 def measure_task(task: str, config: dict, ctx: MeasureContext, settings: AccuracySettings) -> TaskAccuracy:
-    """Score `items` items on both models, then twice as many while the drop lies within its noise of the bar, up to
-    max_items (the float model's items come from the baseline cache after the first time)."""
+    """Score `items` items on both models, then twice as many while the drop lies within its noise of the bar (the
+    boundary task_sigmas), up to max_items (the float model's items come from the baseline cache after the first time)."""
     start, metric = time.perf_counter(), TASKS[task].metric
     n, cap = settings.items, max(settings.max_items or settings.items, settings.items)
     base = evaluate_tasks(ctx.base_runner, {task: config}, limit=n, model=ctx.baseline)[task]
@@ -74,7 +87,7 @@ def measure_task(task: str, config: dict, ctx: MeasureContext, settings: Accurac
     while True:
         drop = paired_drop(base, quant, metric)
         if (base.items < n or n >= cap or not above_chance(base, task, settings)  # near chance: more items judge nothing
-                or not near_bar(drop.drop_pp, drop.stderr_pp, settings, ctx.spec.eval.decide_sigmas)):
+                or not near_bar(drop.drop_pp, drop.stderr_pp, settings, task_sigmas(ctx))):
             break
         more = min(2 * n, cap)  # the next items of the same order, scored on both models, added to what is known
         base = merged(base, evaluate_tasks(ctx.base_runner, {task: config}, limit=more, model=ctx.baseline, start=n)[task])
@@ -161,12 +174,13 @@ class Accuracy(Criterion):
                 skipped[name] = f"the accuracy bar already fails on {failed[0]}"
                 continue
             tasks[name] = measure_task(name, configs[name], ctx, settings)
-        return AccuracyMeasurement(tasks=tasks, not_measured=skipped, seconds=time.perf_counter() - start)
+        return AccuracyMeasurement(tasks=tasks, not_measured=skipped, seconds=time.perf_counter() - start,
+                                   decide_sigmas=task_sigmas(ctx))
 
     @staticmethod
     def task_passes(t: TaskAccuracy, ctx: MeasureContext) -> bool:
         settings = ctx.spec.acceptance.accuracy
-        return settings.measure_all or task_result("", t, settings, ctx.spec.eval.decide_sigmas).passed
+        return settings.measure_all or task_result("", t, settings, task_sigmas(ctx)).passed
 
     def judge(self, m: Measurements, acceptance: AcceptanceCriteria, sigmas: float | None) -> list[CriterionResult]:
         own = m.own.get(self.name)
@@ -174,6 +188,7 @@ class Accuracy(Criterion):
             return [CriterionResult(name=self.name, passed=False, measured=None, threshold=f"< {acceptance.accuracy.max_drop_pp:g} points drop",
                                     detail="not measured")]
         bar = f"< {acceptance.accuracy.max_drop_pp:g} points drop"
+        sigmas = own.decide_sigmas if own.decide_sigmas is not None and sigmas is not None else sigmas
         return ([task_result(f"{self.name}:{task}", t, acceptance.accuracy, sigmas) for task, t in own.tasks.items()] +
                 [CriterionResult(name=f"{self.name}:{task}", passed=False, measured=None, threshold=bar, binding=False,
                                  detail=f"not measured: {why}") for task, why in own.not_measured.items()])

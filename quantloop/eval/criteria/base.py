@@ -57,6 +57,12 @@ class Measurements:
     bits: int | None = None
     generation: GenerationReport | None = None
     own: dict[str, BaseModel] = field(default_factory=dict)  # a criterion's own measurement (measure), by its name
+    # the boundary (standard errors) a result's sequential measurement was decided with, by result name
+    # (eval/sequential.py); a result without one is judged at decide_sigmas
+    boundaries: dict[str, float] = field(default_factory=dict)
+
+    def sigmas(self, result: str, default: float | None) -> float | None:
+        return self.boundaries.get(result, default) if default is not None else None
 
 
 @dataclass
@@ -109,7 +115,7 @@ def shown(margin: float | None, sigmas: float | None) -> tuple[bool, str]:
     if margin >= sigmas:
         return True, ""
     if margin >= 0:
-        return False, f"; not shown: within {sigmas:g} standard errors of the bar"
+        return False, f"; not shown: within {sigmas:.3g} standard errors of the bar"
     return False, ""
 
 
@@ -136,6 +142,11 @@ class Criterion:
 
     def measure(self, ctx: MeasureContext) -> BaseModel | None:
         return None
+
+    @property
+    def measures_own(self) -> bool:
+        """Whether it has a measurement of its own (measure is overridden)."""
+        return type(self).measure is not Criterion.measure
 
     def applies(self, acceptance: AcceptanceCriteria) -> bool:
         return True
@@ -231,12 +242,13 @@ def criterion_for(result_name: str) -> Criterion:
 # ---------------------------------------------------------------------- what the consumers call
 
 
-def judge(m: Measurements, acceptance: AcceptanceCriteria, sigmas: float | None = None) -> list[CriterionResult]:
-    """Every criterion the acceptance spec asks for, against its bar, in the registry's order."""
+def judge(m: Measurements, acceptance: AcceptanceCriteria, sigmas: float | None = None,
+          names: set[str] | None = None) -> list[CriterionResult]:
+    """Every criterion the acceptance spec asks for (of `names` when given), against its bar, in the registry's order."""
     known = {f.name for f in fields(Measurements)}
     out: list[CriterionResult] = []
     for c in criteria():
-        if not c.applies(acceptance):
+        if not c.applies(acceptance) or (names is not None and c.name not in names):
             continue
         missing = [n for n in c.needs if n not in known]
         if missing:
@@ -262,6 +274,25 @@ def verdict(results: list[CriterionResult], acceptance: AcceptanceCriteria) -> t
         quality_pass = all(q in held for q in carried)
     passed = others_pass and quality_pass
     return passed, (carried if passed else [])
+
+
+def can_still_pass(results: list[CriterionResult], pending: list[str], acceptance: AcceptanceCriteria) -> bool:
+    """Whether the verdict can still be a pass when every criterion not judged yet (`pending`, by name) passes."""
+    hope = [CriterionResult(name=n, passed=True, measured=None, threshold="", detail="") for n in pending]
+    return verdict(results + hope, acceptance)[0]
+
+
+def not_measured(skipped: Mapping[str, str], acceptance: AcceptanceCriteria) -> list[CriterionResult]:
+    """Results for what was not measured ({result name: why}): reported, not binding."""
+    return [CriterionResult(name=name, passed=False, measured=None, binding=False, detail=f"not measured: {why}",
+                            threshold=criterion_for(name).bar(acceptance, "report") or "")
+            for name, why in skipped.items()]
+
+
+def in_registry_order(results: list[CriterionResult]) -> list[CriterionResult]:
+    """Results grouped by criterion in the registry's order (a stable sort: each criterion's own order is kept)."""
+    order = {c.name: i for i, c in enumerate(criteria())}
+    return sorted(results, key=lambda r: order.get(r.name.split(":")[0], len(order)))
 
 
 def row_cells(metrics: Mapping[str, float], where: Where) -> list[Cell]:

@@ -50,8 +50,9 @@ class Perplexity(Criterion):
            "more or more representative calibration text, or an earlier/later training checkpoint")
 
     def judge(self, m: Measurements, acceptance: AcceptanceCriteria, sigmas: float | None) -> list[CriterionResult]:
-        out = [perplexity_criterion(m.kld, acceptance, sigmas, self.name)]
-        return out + [perplexity_criterion(k, acceptance, sigmas, f"{self.name}:{domain}") for domain, k in m.held_out.items()]
+        out = [perplexity_criterion(m.kld, acceptance, m.sigmas(self.name, sigmas), self.name)]
+        return out + [perplexity_criterion(k, acceptance, m.sigmas(name, sigmas), name)
+                      for domain, k in m.held_out.items() if (name := f"{self.name}:{domain}")]
 
     def cells(self, metrics: Mapping[str, float], where: Where) -> list[Cell]:
         if where == "line":

@@ -4,6 +4,7 @@ with its noise (eval/speed.py measures it)."""
 from __future__ import annotations
 
 from quantloop.eval.criteria.base import Measurements, RatioCriterion, Where, how_close, shown
+from quantloop.eval.sequential import same_verdict_rate
 from quantloop.schemas import AcceptanceCriteria, CriterionResult
 
 
@@ -17,10 +18,12 @@ class Speed(RatioCriterion):
         need, speedup = acceptance.min_speedup, m.speedup_tg
         if speedup is None:
             return [CriterionResult(name=self.name, passed=False, measured=None, threshold=f">= {need}x", detail="not measured")]
-        se = m.speedup_tg_stderr
+        se, c = m.speedup_tg_stderr, m.sigmas(self.name, sigmas)
         margin = (speedup - need) / se if se and se != float("inf") else None
-        speed_shown, note = shown(margin, sigmas)
-        spread = (f" ± {se:.2f} (median of {len(m.speedup_tg_pairs or [])} interleaved pairs; {how_close(margin)}{note})"
+        speed_shown, note = shown(margin, c)
+        again = same_verdict_rate(margin, c) if c is not None else None
+        rerun = f"; the same verdict on a rerun about {again:.0%} of the time" if again is not None else ""
+        spread = (f" ± {se:.2f} (median of {len(m.speedup_tg_pairs or [])} interleaved pairs; {how_close(margin)}{note}{rerun})"
                   if margin is not None else "")
         return [CriterionResult(name=self.name, passed=speedup >= need and speed_shown, measured=speedup,
                                 threshold=f">= {need}x token generation", margin_sigmas=margin,
