@@ -43,6 +43,12 @@ def own_knowledge_store(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("QUANTLOOP_KNOWLEDGE", str(tmp_path_factory.mktemp("knowledge") / "atomspace.metta"))
 
 
+@pytest.fixture(autouse=True)
+def own_step_costs(tmp_path_factory, monkeypatch):
+    """Every test its own step-cost record: a test's measured seconds never set another test's (or the user's) time limits."""
+    monkeypatch.setenv("QUANTLOOP_STEP_COSTS", str(tmp_path_factory.mktemp("step-costs")))
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     need_prepared()

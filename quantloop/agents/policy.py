@@ -37,7 +37,9 @@ class PolicyStep(Strict):
     retry: list[str] = Field(default_factory=list, description="next_checkpoint: names of earlier steps to run again on that checkpoint (default: all quantize steps)")
     skip: str | None = Field(None, description="record this step as skipped with this reason (a capability this target cannot run)")
     expect_minutes: float | None = Field(None, gt=0, description="about how long the step takes with its validation: with the "
-                                                                 "policy's max_minutes, a step that would end past it is not started")
+                                                                 "policy's max_minutes, a step that would end past it is not started; "
+                                                                 "once the step is measured on this machine and model, the "
+                                                                 "measured minutes are used instead (agents/step_costs.py)")
 
     @model_validator(mode="after")
     def _spec_matches_kind(self):
@@ -90,7 +92,11 @@ class Policy(Strict):
                                                               "is skipped with the reason, so a run reaches its decision in time")
     reserve_minutes: float = Field(8.0, ge=0, description="a QAT step trains for at most what is left of max_minutes less this "
                                                          "(its own qat_max_minutes if shorter), keeping time for its export, "
-                                                         "validation and the steps after")
+                                                         "validation and the step after, until those are measured on this "
+                                                         "machine and model (agents/step_costs.py): then their measured minutes "
+                                                         "times cost_margin are kept instead")
+    cost_margin: float = Field(1.25, ge=1.0, description="measured minutes are multiplied by this where the run keeps time "
+                                                         "for them (validation near the bar scores more text than far from it)")
     steps: dict[Target, list[PolicyStep]] = Field(description="ordered fallback steps per deployment target")
     memory: bool = Field(True, description="use the knowledge store (SLM/knowledge/): skip a step whose outcome it already "
                                            "knows, cite what it knows in the attempt line, take related checkpoints' "

@@ -10,6 +10,14 @@ from pathlib import Path
 from quantloop.agents.lessons import lessons, remember_front
 from quantloop.agents.search_step import search_attempt
 from quantloop.agents.state import Attempt, PipelineState, PlannedAttempt
+from quantloop.agents.step_costs import (
+    expected_minutes,
+    model_digest,
+    record_cost,
+    step_key,
+    tail_seconds,
+    training_limit,
+)
 from quantloop.errors import InputError, crash_line, missing_extra
 from quantloop.eval.criteria.size import required_size_ratio
 from quantloop.eval.size import gguf_size, judged_bits
@@ -23,7 +31,7 @@ from quantloop.schemas import CompareRequest, QuantSpec, ValidationReport, Valid
 from quantloop.search.budget import plan_without_measuring
 from quantloop.specs import load_quality_spec
 from quantloop.tools.compare import compare_outputs
-from quantloop.tools.quantize import quantize_model
+from quantloop.tools.quantize import REUSED_NOTE, quantize_model
 from quantloop.tools.validate import validate_quantization
 
 GENERATIONS_NAME = "generations.md"
@@ -76,15 +84,11 @@ def skipped(planned: PlannedAttempt, note: str, status: str = "skipped") -> Atte
                    bits=spec.bits if spec else None, checkpoint=planned.checkpoint, output_dir=None, status=status, note=note)
 
 
-def with_run_time_limit(spec: QuantSpec, state: PipelineState) -> QuantSpec:
-    """A QAT spec whose training ends by the run's time budget (max_minutes less reserve_minutes, from now), or
-    its own qat_max_minutes if that is shorter; other specs, or a run without a budget, as they are."""
-    budget = state.policy.max_minutes
-    if not spec.trains or budget is None:
-        return spec
-    left = budget - state.active_s / 60 - state.policy.reserve_minutes
-    limit = min(left, spec.time_limit() or left)
-    return spec.with_time_limit(max(limit, 0.1))
+def with_run_time_limit(spec: QuantSpec, state: PipelineState, planned: PlannedAttempt | None = None,
+                        costs_dir: Path | None = None) -> QuantSpec:
+    """A QAT spec whose training ends by the run's time budget (max_minutes less what must still fit after it, from
+    now: step_costs.training_limit), or its own qat_max_minutes if that is shorter; other specs as they are."""
+    return training_limit(spec, state, planned, costs_dir)[0]
 
 
 class QuantizationAgent:
@@ -94,12 +98,17 @@ class QuantizationAgent:
     knows is skipped with the reason, what it knows is kept as the attempt's evidence, and a size budget's
     sensitivity pass takes related checkpoints' values as priors."""
 
-    def __init__(self, memory=None):
+    def __init__(self, memory=None, costs_dir: Path | None = None):
         self.memory = memory
+        self.costs_dir = costs_dir  # the step-cost record's folder (default: step_costs.costs_dir())
 
     def __call__(self, state: PipelineState) -> dict:
         planned = state.plan[state.next_index]
-        return {"attempts": state.attempts + [self.attempt(planned, state)], "next_index": state.next_index + 1}
+        attempt = self.attempt(planned, state)
+        if attempt.status == "quantized":  # its quantize seconds (a search step's search included)
+            attempt = attempt.model_copy(update={"quantize_s": attempt.wall_s})
+            self.record(planned, state, attempt.quantization, quantize_s=attempt.wall_s)
+        return {"attempts": state.attempts + [attempt], "next_index": state.next_index + 1}
 
     def attempt(self, planned: PlannedAttempt, state: PipelineState) -> Attempt:
         if planned.skip:
@@ -111,9 +120,11 @@ class QuantizationAgent:
         if budget is not None and state.active_s > 60 * budget:
             return skipped(planned, f"the run's time budget of {budget:g} min is spent ({state.active_s / 60:.1f} min so far); "
                                     "raise max_minutes in the policy to try this step")
-        if budget is not None and planned.expect_minutes and state.active_s / 60 + planned.expect_minutes > budget:
-            return skipped(planned, f"the step takes about {planned.expect_minutes:g} min and the run has spent "
-                                    f"{state.active_s / 60:.1f} of its {budget:g} min; raise max_minutes in the policy to try it")
+        expected = expected_minutes(planned, state, self.costs_dir) if budget is not None else None
+        if expected is not None and state.active_s / 60 + expected.minutes > budget:
+            return skipped(planned, f"the step takes about {round(expected.minutes, 1):g} min ({expected.source}) and the "
+                                    f"run has spent {state.active_s / 60:.1f} of its {budget:g} min; raise max_minutes in the "
+                                    "policy to try it")
         if planned.kind == "search" and planned.spec is None:  # the searched map becomes the spec, then as a quantize step
             memory = self.memory if state.policy.memory else None
             return search_attempt(planned, state, self.attempt, skipped, lambda p, path: remember_front(memory, p, path))
@@ -122,10 +133,10 @@ class QuantizationAgent:
         lesson = lessons(self.memory if state.policy.memory else None, planned, state)
         if lesson.skip:
             return skipped(planned, lesson.skip).model_copy(update={"evidence": lesson.evidence})
-        spec = with_run_time_limit(spec, state)
+        spec, limit_line = training_limit(spec, state, planned, self.costs_dir)
         out = Path(planned.output_dir)
         remove_stale_temporaries(out)
-        t0 = time.perf_counter()
+        t0, started_unix = time.perf_counter(), time.time()
         try:
             result = quantize_model(planned.checkpoint, out, spec, overwrite=True, cache_dir=Path(state.output_root) / CACHE_NAME,
                                     memory=self.memory if state.policy.memory else None)
@@ -136,9 +147,23 @@ class QuantizationAgent:
             if isinstance(e, InputError):
                 return skipped(planned, f"cannot run on this input: {e.line()}")
             return skipped(planned, f"quantizer failed: {crash_line(e)}", status="failed")
+        if spec.trains:
+            self.record(planned, state, result, tail_s=tail_seconds(out, started_unix, time.time(), spec.time_limit()))
+        if limit_line:
+            result = result.model_copy(update={"notes": [limit_line, *result.notes]})
         return Attempt(index=planned.index, step=planned.step, kind=planned.kind, method=spec.method, bits=spec.bits,
                        checkpoint=planned.checkpoint, output_dir=str(out), status="quantized", quantization=result,
                        wall_s=time.perf_counter() - t0, evidence=lesson.evidence)
+
+    def record(self, planned: PlannedAttempt, state: PipelineState, result, **seconds: float | None) -> None:
+        """Seconds of the step into the step-cost record (the first time each is measured); a quantization whose files
+        were reused from the cache measured no quantizing, only its validation counts."""
+        if any(n.startswith(REUSED_NOTE) for n in result.notes):
+            seconds = {k: v for k, v in seconds.items() if k == "validate_s"}
+        digest = model_digest(planned.checkpoint) if seconds else None
+        if digest is None:
+            return
+        record_cost(digest, step_key(state.plan[planned.index], state), planned.step, state.run_id, self.costs_dir, **seconds)
 
     def validate_last(self, state: PipelineState) -> dict:
         """validate_quantization of the attempt just quantized (its files stay as they are)."""
@@ -155,8 +180,12 @@ class QuantizationAgent:
         """Side-by-side generations of the float model and the attempt just validated."""
         attempts, last = list(state.attempts), state.attempts[-1]
         t0 = time.perf_counter()
-        generations = self.compare(last.quantization.model_path, state.plan[last.index], state)
-        attempts[-1] = last.model_copy(update={"generations_path": generations, "wall_s": last.wall_s + time.perf_counter() - t0})
+        planned = state.plan[last.index]
+        generations = self.compare(last.quantization.model_path, planned, state)
+        wall = last.wall_s + time.perf_counter() - t0
+        attempts[-1] = done = last.model_copy(update={"generations_path": generations, "wall_s": wall})
+        if done.quantize_s:  # 0: quantized by a run started before attempts kept it
+            self.record(planned, state, done.quantization, validate_s=done.wall_s - done.quantize_s)
         return {"attempts": attempts}
 
     @staticmethod

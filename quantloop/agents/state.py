@@ -69,6 +69,7 @@ class Attempt(Strict):
     passed: bool = False
     carried_by: list[str] = Field(default_factory=list, description="the quality bars a pass rests on (acceptance.quality)")
     wall_s: float = 0.0
+    quantize_s: float = Field(0.0, description="seconds of the quantize node; wall_s adds validation and comparison")
     verdict: Verdict | None = None
     reason: str = ""
     mlflow_run_id: str | None = None

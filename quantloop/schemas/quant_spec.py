@@ -304,9 +304,9 @@ class QATSpec(BudgetedSpec):
     qat_init: Literal["teacher", "gptq"] = Field("teacher", description="start from the float weights rounded to the grid "
                                                  "(teacher) or from act-order GPTQ on the same grid, whose block scales the "
                                                  "training then learns (gptq)")
-    qat_max_minutes: float | None = Field(None, gt=0, description="time limit of the step up to its export (the size budget's "
-                                          "measurement, the GPTQ start and the training): the planned steps shrink to fit, at "
-                                          "the measured seconds per step")
+    qat_max_minutes: float | None = Field(None, gt=0, description="time limit of the step up to its export (sensitivity, GPTQ "
+                                          "start, training; steps shrink to fit); in a policy run a cap on the run's own limit "
+                                          "(max_minutes less what must fit after it), which alone decides when unset")
 
     def needs(self) -> Needs:
         return Needs(hf_checkpoint=True, f16_gguf=self.has_precision_map(), calibration="sequences")

@@ -4,8 +4,11 @@ against the float model on calibration text (full vocabulary, real forward passe
 
 The weights are put on the type's exact grid by quantloop.gguf.blocks.fake_quantize (llama.cpp's own
 rounding, from the F16 values the GGUF holds). Every measurement is written to a cache file keyed by the
-model's weights and the text (each row further keyed by unit and type), so a later call, or a search, reuses
-it (as ExLlamaV3 reuses its measurement file); an interrupted run continues where it stopped.
+model's weights, the text's content (its datasets' manifests, split and cut: not where the folder lies), the
+granularity and the versions of the rounding (llama.cpp's and gguf-py's), each row further keyed by unit and
+type, so a later call, a later run, another checkout of the same data, or a search reuses it (as ExLlamaV3
+reuses its measurement file); an interrupted run continues where it stopped. Writes are atomic and merged
+under a lock, so two runs measuring the same model lose neither's rows.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import json
 import math
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ from quantloop.eval.runtimes import default_threads
 from quantloop.fileio import write_json_atomic
 from quantloop.gguf.blocks import fake_quantize
 from quantloop.knowledge.identity import weights_digest as weights_fingerprint
+from quantloop.locks import shared_file_lock
 from quantloop.models.checkpoints import load_hf_model, load_hf_tokenizer, resolve_model
 from quantloop.paths import CACHE_DIR
 from quantloop.search.schemas import SensitivityRequest, SensitivityResult, SensitivityRow, TextSpec
@@ -164,8 +169,21 @@ def fake_quantized(w: np.ndarray, type_name: str) -> np.ndarray:
     return np.asarray(fake_quantize(w16, type_name), dtype=np.float32).reshape(w.shape)
 
 
-def cache_key(weights: str, text_digest: str, granularity: str) -> str:
-    return hashlib.sha256(json.dumps([weights, text_digest, granularity]).encode()).hexdigest()[:20]
+def rounding_versions() -> str:
+    """The versions the rows' rounding follows: llama.cpp's (llama-cpp-python, whose sources the k-quant ports mirror)
+    and gguf-py's (the block-32 rounding), read from the installed distributions without importing them."""
+    out = []
+    for dist in ("llama_cpp_python", "gguf"):
+        try:
+            out.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{dist} none")
+    return ", ".join(out)
+
+
+def cache_key(weights: str, text_digest: str, granularity: str, versions: str = "") -> str:
+    parts = [weights, text_digest, granularity] + ([versions] if versions else [])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
 class SensitivitySession:
@@ -191,9 +209,11 @@ class SensitivitySession:
         self.text_digest += "|" + "|".join(manifests)
         self.text_id = "|".join([synthetic_digest(s) if s.source == "synthetic" else f"{s.split}:{s.chunks}x{s.seqlen}"
                                  for s in req.text] + manifests)  # the text alone, wherever it lies (the store's text key)
-        self.key = cache_key(self.weights, self.text_digest, req.granularity)
+        self.versions = rounding_versions()
+        # keyed by what the rows depend on: the weights, the text's content (not where it lies), the units, the rounding
+        self.key = cache_key(self.weights, self.text_id, req.granularity, self.versions)
         self.cache_file = Path(req.cache_dir or CACHE_DIR / "sensitivity") / f"{self.key}.json"
-        saved = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
+        saved = self.read_cache()
         self.cache, self.stderr, self.tokens = saved.get("kld", {}), saved.get("stderr", {}), saved.get("tokens", {})
         if req.units is not None:
             unknown = sorted(set(req.units) - set(units))
@@ -217,15 +237,31 @@ class SensitivitySession:
             replaced = {t.hf_name: fake_quantized(self.probe.weight(t.hf_name), typ) for t in ts}
             self.cache[k], self.stderr[k], self.tokens[k] = self.probe.kld_stats(replaced, start if start >= 0 else None)
             self.measured += 1
-            write_json_atomic(self.cache_file, {"model": str(self.model.path), "weights": self.weights, "text": self.text_digest,
-                                                "granularity": self.req.granularity, "kld": self.cache, "stderr": self.stderr,
-                                                "tokens": self.tokens})
+            self.write_cache()
             if self.progress is not None:
                 self.progress(self.measured, len(self.todo), unit, typ, self.cache[k])
         return SensitivityRow(unit=unit, tensors=[t.name for t in ts], layer=ts[0].layer, group=unit_group(ts[0], self.req.granularity),
                               n_weights=sum(t.n_weights for t in ts), type=typ,
                               bytes=sum(tensor_bytes(t.n_weights, typ, self.mt.alignment) for t in ts), kld=self.cache[k],
                               kld_stderr=self.stderr.get(k), n_tokens=self.tokens.get(k, 0))
+
+    def read_cache(self) -> dict:
+        """The rows cached for this key; {} when there are none or the file cannot be read (it is rewritten)."""
+        try:
+            return json.loads(self.cache_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_cache(self) -> None:
+        """The rows measured so far, merged under a lock with rows another process wrote since, written atomically."""
+        with shared_file_lock(self.cache_file):
+            saved = self.read_cache()
+            for field, mine in (("kld", self.cache), ("stderr", self.stderr), ("tokens", self.tokens)):
+                mine.update({k: v for k, v in saved.get(field, {}).items() if k not in mine})
+            write_json_atomic(self.cache_file, {
+                "model": str(self.model.path), "weights": self.weights, "text": self.text_digest, "text_id": self.text_id,
+                "versions": self.versions, "granularity": self.req.granularity, "kld": self.cache, "stderr": self.stderr,
+                "tokens": self.tokens})
 
     def result(self, rows: list[SensitivityRow]) -> SensitivityResult:
         return SensitivityResult(model=str(self.model.path), key=self.key, cache_file=str(self.cache_file), rows=rows,

@@ -75,9 +75,12 @@ def default_output_dir(checkpoint: str | Path, spec: QuantSpec) -> Path:
     return under(QUANTIZED_DIR, f"{name}_{spec.tag()}", what="output folder")
 
 
+REUSED_NOTE = "reused the files of an identical earlier quantization"  # the note of a result taken from the cache
+
+
 def reused_result(entry: dict, key: str) -> tuple[str, str, list[str]]:
     """(format, model file relative to the folder, notes) of a cache entry, with a note saying it was reused."""
-    note = (f"reused the files of an identical earlier quantization (same model files, spec and calibration text; "
+    note = (f"{REUSED_NOTE} (same model files, spec and calibration text; "
             f"cache entry {key[:12]}, first made for {entry['first_made_for']})")
     return entry["format"], entry["model_path"], [*entry["notes"], note]
 

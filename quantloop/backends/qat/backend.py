@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 from quantloop.backends.base import (
@@ -44,9 +45,11 @@ def qat_checkpoint(hf_dir, out_dir, gguf_type: str, sequences, steps: int = 200,
     teacher = load_hf_model(hf_dir)
     check_grid_model(teacher, gguf_type, hf_dir)
     student, result, blocks = run_qat(teacher, sequences, cfg)
+    trained_unix = round(time.time(), 3)  # when training stopped: what the step does after it (export) is timed from here
     del teacher
     gguf_name = gguf_name or f"{hf_dir.resolve().name}-{gguf_type}.gguf"
-    return save_and_export(student, hf_dir, out_dir, "qat_result.json", result.to_dict(), gguf_name, gguf_type,
+    return save_and_export(student, hf_dir, out_dir, "qat_result.json", result.to_dict() | {"trained_unix": trained_unix},
+                           gguf_name, gguf_type,
                            embedding_type=result.embedding_type or "F16", tensor_types=cfg.tensor_types, overwrite=overwrite,
                            blocks=blocks)
 
