@@ -239,6 +239,10 @@ def cmd_run(a) -> int:
     print(f"wall time: {time.perf_counter() - t0:.1f} s this invocation, {state.active_s:.1f} s in the graph over all invocations: "
           f"checkpoint evaluation {t['evaluation_s']:.1f} s, attempts (quantize, validate, compare) {t['attempts_s']:.1f} s, "
           f"quantloop's own code (agents, MLflow, state) {t['own_s']:.1f} s = {100 * t['own_share']:.1f} %")
+    split = [f"[{x.index}] {x.step} quantize {x.quantize_s:.0f} s + validate {x.wall_s - x.quantize_s:.0f} s"
+             for x in state.attempts if x.status != "skipped" and x.wall_s > 0]
+    if split:
+        print("attempts: " + "; ".join(split), flush=True)
     return 0 if state.decision == "accepted" else 1
 
 
