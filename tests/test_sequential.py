@@ -7,6 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from quantloop.backends.gguf import quantize_gguf
+from quantloop.schemas import ValidationRequest
+from quantloop.tools.validate import validate_quantization
+from spec_helpers import validation_spec
 from quantloop.eval.sequential import boundary, decide, doubling, every, final, one_sided_alpha, run_looks, same_verdict_rate
 
 
@@ -78,3 +82,24 @@ def test_same_verdict_rate():
     assert same_verdict_rate(float("inf"), 2.5) == 1.0 and same_verdict_rate(None, 2.5) is None
     assert same_verdict_rate(2.5, 2.5) == pytest.approx(0.5)
     assert 0.99 < same_verdict_rate(8.0, 2.5) < 1.0 and same_verdict_rate(-8.0, 2.5) > same_verdict_rate(8.0, 2.5)
+
+
+def test_a_validation_stops_at_the_first_chunk_when_the_bar_is_far(tiny_copy, dataset_dir, tmp_path):
+    """On the tiny model: a bar far above Q8_0's increase is decided at the first look, 1 chunk, where the fixed rule
+    scores its 4; the verdict is the same. (The tiny model is random: no quantization moves its perplexity far from
+    the float model's, so the failing side is shown on constructed measurements above.)"""
+    max_ppl, passed = 500.0, True
+    q = quantize_gguf(tiny_copy / "tiny-f16.gguf", tmp_path / "tiny-q8_0.gguf", "Q8_0")
+
+    def validate(rule: str, **eval_settings):
+        spec = validation_spec(tmp_path / f"{rule}.yaml", max_ppl=max_ppl, chunks=4, max_chunks=8, **eval_settings)
+        return validate_quantization(ValidationRequest(quantized=str(q), baseline=str(tiny_copy), dataset_dir=str(dataset_dir),
+                                                       spec_file=spec, measure_speed=False, check_generation=False,
+                                                       report_path=str(tmp_path / f"{rule}.json")))
+
+    sequential = validate("sequential", first_chunks=1)
+    fixed = validate("fixed", sequential=False)
+    assert sequential.kld.tokens == 31 and fixed.kld.tokens == 4 * 31  # chunks of 64 tokens score their second half
+    ppl = [next(c for c in r.criteria if c.name == "perplexity") for r in (sequential, fixed)]
+    assert ppl[0].passed is ppl[1].passed is passed
+    assert abs(ppl[0].margin_sigmas) >= boundary((1, 2, 4, 8), 2.0) and abs(ppl[1].margin_sigmas) >= 2.0
