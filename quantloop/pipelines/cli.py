@@ -177,7 +177,6 @@ def cmd_export_gguf(a) -> int:
     if out.exists() and not a.overwrite:
         raise InputError(out, "output file exists", "pass --overwrite or choose another --out")
     if (src / "quantize_config.json").is_file():  # a GPTQModel checkpoint: its integer codes, onto the float base
-
         if not a.base:
             raise InputError(src, "a GPTQ/AWQ checkpoint holds only the quantized linears", "pass --base FLOAT_CHECKPOINT (the model it was quantized from)")
         check_hf_dir(Path(a.base))
