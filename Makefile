@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 QL := $(VENV)/bin/quantloop
 PYTEST_ARGS ?=
 
-.PHONY: setup prepare services domains benchmarks run test test-fast bench bench-speed bench-int4 bench-search bench-qat bench-accuracy help
+.PHONY: setup prepare services domains benchmarks run test test-fast bench bench-speed bench-int4 bench-search bench-qat bench-accuracy bench-setup help
 
 help:
 	@echo "make run        set up, prepare the default model and text, run the agent loop (quantloop run)"
@@ -19,6 +19,7 @@ help:
 	@echo "make benchmarks   install the benchmark tasks (standard, OS benchmark, held-out) under SLM/benchmarks/"
 	@echo "make bench-search the mixed-precision search against greedy, ILP and llama.cpp's mixes"
 	@echo "make bench-qat   QAT throughput (tokens/s, s/step) on the off-grid SmolLM2-135M"
+	@echo "make bench-setup  set-up time by step: cold (empty cache, new venv) and warm (python3 bench/bench_setup.py)"
 	@echo "make bench-accuracy  benchmark accuracy (lm-eval tasks) of F16, Q8_0, Q4_K_M+imatrix; paired drops, items/s"
 
 setup:
@@ -65,6 +66,11 @@ bench-search: prepare
 
 bench-qat: prepare
 	$(PY) bench/bench_qat_speed.py
+
+# set-up time by step in temporary folders (a cold set-up compiles llama.cpp: about 8 minutes on 2 cores);
+# BENCH_SETUP_ARGS, e.g. --warm-only or --installer pip
+bench-setup:
+	python3 bench/bench_setup.py $(BENCH_SETUP_ARGS)
 
 # BENCH_ACCURACY_ARGS, e.g. --limit 100 --tasks arc_easy piqa --int4 FILE.gguf
 bench-accuracy: prepare
