@@ -70,7 +70,7 @@ bench-search: prepare
 bench-qat: prepare
 	$(PY) bench/bench_qat_speed.py
 
-# set-up time by step in temporary folders (a cold set-up compiles llama.cpp: about 8 minutes on 2 cores);
+# set-up time by step in temporary folders (a cold set-up compiles llama.cpp: about 7 minutes on 2 cores);
 # BENCH_SETUP_ARGS, e.g. --warm-only or --installer pip
 bench-setup:
 	python3 bench/bench_setup.py $(BENCH_SETUP_ARGS)

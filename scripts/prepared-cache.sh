@@ -7,7 +7,8 @@
 # (requirements.txt, pyproject.toml, scripts/setup.sh: packaged models, llama.cpp version), the scripts behind the
 # steps, the Python version and the command; any change there makes a new entry, and the two newest of each NAME
 # are kept. COMMAND always runs after the copy, so it checks what was copied (and prints what it prints) and makes
-# whatever is still missing. QUANTLOOP_PREPARED_CACHE=0 turns the copy and the store off.
+# whatever is still missing. A copied model's manifest names, as its source, the folder it was first prepared from.
+# QUANTLOOP_PREPARED_CACHE=0 turns the copy and the store off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -121,7 +121,7 @@ build_llama() {
   printf 'llama.cpp build\t%s\n' "$((SECONDS - start))" > "$times_file.build"
 }
 if ! tools_built; then
-  log "compiling llama.cpp once in the background: ${TOOLS[*]} and libllama (about 7 minutes on 2 cores;" \
+  log "compiling llama.cpp once in the background: ${TOOLS[*]} and libllama (about 6 minutes on 2 cores;" \
       "cached afterwards; log: $BUILD_LOG)"
   [[ -n "$CFLAGS_NATIVE" ]] && log "  this CPU lists AMX but cannot run it: building without AMX ($CFLAGS_NATIVE)"
   command -v ccache >/dev/null && log "  through ccache ($(command -v ccache))"
