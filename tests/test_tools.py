@@ -129,6 +129,25 @@ def test_generation_failures_the_float_model_shares_are_not_counted(tiny_prepare
     assert judged.failures == sum(1 for s in judged.samples if s.failures) < own.failures + 1
 
 
+def test_a_loop_the_float_model_nearly_shows_is_its_own(tiny_prepared):
+    """The float model's continuation is held to the loop threshold less float_loop_margin: a float continuation that
+    repeats 59 % of its 4-grams (under the 60 % threshold) makes a 69 % loop of the quantized model the float model's."""
+    from quantloop.eval.generation import _failures, float_settings, repeated_ngram_rate
+    from quantloop.eval.runtimes import LlamaCppRunner
+    from quantloop.specs import load_quality_spec
+
+    settings = load_quality_spec().generation
+    f = LlamaCppRunner(next(tiny_prepared.glob("*.gguf")), n_ctx=256)
+    prompt = f.tokenize("The sun rises")
+    loop = [11, 12, 13, 14, 15] * 6 + list(range(20, 30))  # 40 tokens, 37 4-grams of which 22 repeat: 59 %
+    rate = repeated_ngram_rate(loop, settings.ngram)
+    assert settings.max_repeated_ngram_rate - settings.float_loop_margin < rate < settings.max_repeated_ngram_rate
+    assert not any(x.startswith("repetition") for x in _failures(loop, "x", prompt, f, settings)[0])
+    assert any(x.startswith("repetition") for x in _failures(loop, "x", prompt, f, float_settings(settings))[0])
+    none = list(range(20, 60))
+    assert not any(x.startswith("repetition") for x in _failures(none, "x", prompt, f, float_settings(settings))[0])
+
+
 def test_size_bar_denominator_is_the_f16_file_on_both_runtimes(tiny_copy, tiny_prepared, dataset_dir, tmp_path):
     """A float32 transformers copy is twice the F16 file: it is judged 0.5x, not 1x, as it would be on llama.cpp."""
     import shutil

@@ -113,6 +113,10 @@ class GenerationSettings(Strict):
     max_repeated_ngram_rate: float = Field(0.5, gt=0, le=1)
     max_nonsense_ppl: float = Field(100.0, gt=1)
     min_new_tokens: int = Field(4, ge=1, description="fewer generated tokens than this counts as empty output")
+    float_loop_margin: float = Field(0.15, ge=0, le=1, description="a quantized model's repetition loop is the float "
+                                     "model's own when the float model's continuation of the same prompt repeats at least "
+                                     "max_repeated_ngram_rate less this much: greedy continuations of two near-identical "
+                                     "models part after a few tokens, and a loop-prone prompt loops a little more or less")
 
 
 class QualitySpec(Strict):
