@@ -93,9 +93,10 @@ def validate_quantization(req: ValidationRequest) -> ValidationReport:
     held_chunks = req.held_out_chunks or req.chunks or spec.eval.chunks
     for d in held_out_dirs:
         name = f"perplexity:{d.name}"
-        failing = [r.name for r in judge(m, acceptance, sigmas, names={"perplexity"}) if not r.passed]
+        failing = [r.name.partition(":")[2] or "the test split" for r in judge(m, acceptance, sigmas, names={"perplexity"})
+                   if not r.passed]
         if failing and not req.full_report:
-            skipped[name] = f"perplexity already fails on {failing[0].replace(':', ' on ')}, which another text cannot change"
+            skipped[name] = f"perplexity already fails on {failing[0]}, which another text cannot change"
             continue
         m.held_out[d.name], _, m.boundaries[name] = measure_domain(d, base, base_runner, quant_runner, spec, held_chunks, name)
     if req.check_generation and (why := hopeless()):
