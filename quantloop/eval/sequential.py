@@ -64,6 +64,12 @@ def boundary(looks: tuple[int, ...], sigmas: float) -> float:
     return float(max(np.quantile(z.max(axis=1), 1 - one_sided_alpha(sigmas)), sigmas))
 
 
+def boundary_for(looks: list[int], sigmas: float, sequential: bool) -> float:
+    """The boundary a bar measured at these looks is decided with: raised for the looks when sequential, else the
+    fixed rule's decide_sigmas at every look."""
+    return boundary(tuple(looks), sigmas) if sequential else sigmas
+
+
 def decide(margin: float | None, c: float) -> Decision:
     """The verdict a look shows, or None while the margin lies within +-c (margin: (value - bar) / standard error,
     signed so that > 0 passes; +-inf for an exact measurement)."""

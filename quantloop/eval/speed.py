@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from quantloop.eval.runtimes import default_threads
-from quantloop.eval.sequential import boundary, every, run_looks
+from quantloop.eval.sequential import boundary_for, every, run_looks
 from quantloop.gguf.llamacpp import tool
 from quantloop.memory import peak_rss_bytes
 from quantloop.models.checkpoints import load_hf_model
@@ -150,7 +150,7 @@ def speed_pairs(base: ModelRef, quant: ModelRef, settings: SpeedSettings, thread
     are measured. (float report, quantized report, pair ratios, the boundary in standard errors the verdict uses:
     sequential: raised for the number of looks (eval/sequential.py); else decide_sigmas at every look)."""
     looks = speed_looks(settings)
-    c = boundary(tuple(looks), decide_sigmas) if sequential else decide_sigmas
+    c = boundary_for(looks, decide_sigmas, sequential)
     runs: list[list[dict]] = [[], []]
     with tqdm(total=looks[-1], desc="speed pairs", unit="pair", leave=False) as bar_:
         def margin_after(n: int) -> float | None:

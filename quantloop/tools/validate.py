@@ -11,7 +11,7 @@ from quantloop.eval.criteria.base import (MeasureContext, Measurements, can_stil
                                           not_measured, verdict)
 from quantloop.eval.criteria.perplexity import perplexity_criterion
 from quantloop.eval.generation import check_generations
-from quantloop.eval.sequential import boundary, doubling
+from quantloop.eval.sequential import boundary_for, doubling
 from quantloop.eval.session import kld_in_rounds, open_runner, split_chunks
 from quantloop.eval.size import gguf_size, hf_size, nominal_bits
 from quantloop.eval.speed import ratio_and_stderr, speed_pairs, speed_threads
@@ -35,7 +35,7 @@ def measure_domain(dataset_dir: Path, base, base_runner, quant_runner, spec, n_c
     cap = max(spec.eval.max_chunks or n_chunks, n_chunks)
     chunks = split_chunks(dataset_dir, base, spec.eval.context, cap, fallback_runner=base_runner)
     looks = domain_looks(spec, n_chunks, len(chunks))
-    c = boundary(tuple(looks), spec.eval.decide_sigmas) if spec.eval.sequential else spec.eval.decide_sigmas
+    c = boundary_for(looks, spec.eval.decide_sigmas, spec.eval.sequential)
     margin = lambda k: perplexity_criterion(k, spec.acceptance, None, name).margin_sigmas  # noqa: E731
     kld, scored = kld_in_rounds(base_runner, quant_runner, chunks, looks, margin, c, desc=f"KLD {name}")
     return kld, scored, c

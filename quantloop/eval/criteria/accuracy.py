@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from quantloop.benchmarks.score import TaskScore, evaluate_tasks, merged, paired_drop
 from quantloop.benchmarks.tasks import TASKS, expand, task_configs
 from quantloop.eval.criteria.base import Cell, Criterion, MeasureContext, Measurements, Section, Where, fmt, how_close, number, shown
-from quantloop.eval.sequential import boundary, doubling
+from quantloop.eval.sequential import boundary_for, doubling
 from quantloop.schemas import AcceptanceCriteria, AccuracySettings, CriterionResult, QualitySpec
 
 
@@ -73,8 +73,7 @@ def item_looks(settings: AccuracySettings) -> list[int]:
 
 def task_sigmas(ctx: MeasureContext) -> float:
     """The boundary of a task's drop: raised for its looks when validation is sequential, else decide_sigmas."""
-    sigmas = ctx.spec.eval.decide_sigmas
-    return boundary(tuple(item_looks(ctx.spec.acceptance.accuracy)), sigmas) if ctx.spec.eval.sequential else sigmas
+    return boundary_for(item_looks(ctx.spec.acceptance.accuracy), ctx.spec.eval.decide_sigmas, ctx.spec.eval.sequential)
 
 
 def measure_task(task: str, config: dict, ctx: MeasureContext, settings: AccuracySettings) -> TaskAccuracy:
