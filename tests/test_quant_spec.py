@@ -38,7 +38,7 @@ EARLIER_RUNS = [
 ]
 # the tag of every spec in the shipped policies, as the flat spec gave them
 SHIPPED_TAGS = {
-    "specs/policy.yaml": {"cpu.int4-qat-iq4nl": "qat-mix-s200-m13-from-gptq-x3.5", "cpu.int4-awq": "awq-w4g32-asym",
+    "specs/policy.yaml": {"cpu.int4-qat-iq4nl": "qat-mix-s200-from-gptq-x3.5", "cpu.int4-awq": "awq-w4g32-asym",
                           "cpu.int8-gguf-q8_0": "gguf-q8_0", "cpu.int4-gptq-4x-calib": "gptq-mix-act-x3.5",
                           "cuda.int4-gptq-g128": "gptq-w4g128", "cuda.int4-awq": "awq-w4g128", "cuda.int8-gptq": "gptq-w8g128",
                           "cuda.int4-gptq-4x-calib": "gptq-w4g128", "cuda.qat-int4": "qat-q4_0-s200"},

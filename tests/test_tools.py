@@ -148,6 +148,24 @@ def test_a_loop_the_float_model_nearly_shows_is_its_own(tiny_prepared):
     assert not any(x.startswith("repetition") for x in _failures(none, "x", prompt, f, float_settings(settings))[0])
 
 
+def test_a_loop_is_the_float_models_only_when_it_is_the_same_loop():
+    """A loop is excused only when at least same_loop_share of its repeated 4-grams occur in the float continuation:
+    the float model's loop continued a little longer passes, a loop of other tokens on the same prompt does not."""
+    from quantloop.eval.generation import same_loop
+    from quantloop.specs import load_quality_spec
+
+    settings = load_quality_spec().generation
+    ref = [1, 2, 3, 4, 5] * 5 + list(range(40, 55))
+    longer = [1, 2, 3, 4, 5] * 8 + [9]
+    other = [7, 8, 9, 10] * 10
+    half = [1, 2, 3, 4, 5] * 4 + [7, 8, 9, 10] * 5
+    assert same_loop(longer, ref, settings)
+    assert not same_loop(other, ref, settings)
+    assert not same_loop(list(range(100, 140)), ref, settings)  # no loop at all: nothing to excuse
+    strict = settings.model_copy(update={"same_loop_share": 0.9})
+    assert same_loop(half, ref, settings) and not same_loop(half, ref, strict)
+
+
 def test_size_bar_denominator_is_the_f16_file_on_both_runtimes(tiny_copy, tiny_prepared, dataset_dir, tmp_path):
     """A float32 transformers copy is twice the F16 file: it is judged 0.5x, not 1x, as it would be on llama.cpp."""
     import shutil

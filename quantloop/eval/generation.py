@@ -13,7 +13,9 @@ reported in `float_failures` and not counted against the quantization. For loops
 model's continuation counts as one from `float_loop_margin` below the threshold: the greedy
 continuations of two near-identical models part after a few tokens, and a prompt the float
 model loops on at 51 % (SmolLM2-135M: "The sun rises in the east and") loops at 69 % on its
-Q8_0 file, a loop of the same kind, not damage.
+Q8_0 file, a loop of the same kind, not damage. It must be the same loop: at least
+`same_loop_share` of the repeated n-grams occur in the float continuation (1.0 for that Q8_0
+file, 0.0 for a model with random weights that loops on the same prompt).
 """
 
 from __future__ import annotations
@@ -24,17 +26,31 @@ from quantloop.eval.perplexity import log_softmax
 from quantloop.schemas import GenerationReport, GenerationSample, GenerationSettings
 
 
-def repeated_ngram_rate(tokens: list[int], n: int) -> float:
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    if not grams:
-        return 0.0
+def ngrams(tokens: list[int], n: int) -> list[tuple]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repeated_ngrams(tokens: list[int], n: int) -> list[tuple]:
+    """Each n-gram occurrence already seen earlier in `tokens`."""
     seen: set = set()
-    repeats = 0
-    for g in grams:
+    repeats = []
+    for g in ngrams(tokens, n):
         if g in seen:
-            repeats += 1
+            repeats.append(g)
         seen.add(g)
-    return repeats / len(grams)
+    return repeats
+
+
+def repeated_ngram_rate(tokens: list[int], n: int) -> float:
+    grams = ngrams(tokens, n)
+    return len(repeated_ngrams(tokens, n)) / len(grams) if grams else 0.0
+
+
+def same_loop(new: list[int], ref: list[int], settings: GenerationSettings) -> bool:
+    """Whether the loop in `new` is the float continuation's `ref`: enough of its repeated n-grams occur in `ref`."""
+    repeats = set(repeated_ngrams(new, settings.ngram))
+    shared = repeats & set(ngrams(ref, settings.ngram))
+    return bool(repeats) and len(shared) >= settings.same_loop_share * len(repeats)
 
 
 def continuation_ppl(float_runner, prompt_ids: list[int], new_ids: list[int]) -> float:
@@ -77,6 +93,8 @@ def check_generations(runner, float_runner, settings: GenerationSettings, prompt
             ref = float_runner.generate_greedy(prompt_ids, settings.max_new_tokens)
             ref_kinds = {f.split()[0] for f in _failures(ref, float_runner.detokenize(ref), prompt_ids, float_runner,
                                                          float_settings(settings))[0]}
+            if "repetition" in ref_kinds and not same_loop(new, ref, settings):
+                ref_kinds.discard("repetition")
             inherited = [f for f in failures if f.split()[0] in ref_kinds]
             failures = [f for f in failures if f.split()[0] not in ref_kinds]
         samples.append(GenerationSample(prompt=prompt, output=text, new_tokens=len(new), repeated_ngram_rate=rate,

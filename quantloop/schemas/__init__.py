@@ -117,6 +117,9 @@ class GenerationSettings(Strict):
                                      "model's own when the float model's continuation of the same prompt repeats at least "
                                      "max_repeated_ngram_rate less this much: greedy continuations of two near-identical "
                                      "models part after a few tokens, and a loop-prone prompt loops a little more or less")
+    same_loop_share: float = Field(0.5, ge=0, le=1, description="and only when at least this share of the quantized "
+                                   "continuation's repeated n-grams occur in the float continuation: the same loop, not "
+                                   "a loop of its own on a prompt the float model happens to loop on")
 
 
 class QualitySpec(Strict):
