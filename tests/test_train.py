@@ -173,3 +173,39 @@ def test_every_option_help_states_its_real_default():
             if "default" not in text or (str(action.default) not in text and str(action.default) not in text.replace(",", "")):
                 missing.append(f"{name} {action.option_strings[0]} (default {action.default!r}): {action.help}")
     assert not missing, "\n".join(missing)
+
+
+def test_init_fine_tunes_a_prepared_model_into_a_second_checkpoint_of_its_family(trained, tmp_path, dataset_dir):
+    """--init starts from the prepared model's weights: the fine-tune has its config and shapes (one family for the
+    knowledge store), other weights (another digest), starts at the init's validation loss and is a prepared model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from quantloop.knowledge.identity import family_of, weights_digest
+    from quantloop.models.checkpoints import resolve_model
+
+    out, manifest = trained
+    base = out / "step_12"
+    tuned = train.train_slm(tmp_path / "ft", steps=2, init=base, dataset_dir=dataset_dir, batch_size=4, seqlen=32,
+                            seed=1, eval_windows=8, progress=False)
+    step = tmp_path / "ft" / "step_2"
+    assert tuned["size"] == train.FINETUNE_SIZE and tuned["lr"] == train.FINETUNE_LR and tuned["init"] == str(base.resolve())
+    base_cfg, ft_cfg = (json.loads((d / "config.json").read_text()) for d in (base, step))
+    assert family_of(ft_cfg) == family_of(base_cfg)
+    assert weights_digest(step) != weights_digest(base)
+    a, b = load_file(base / "model.safetensors"), load_file(step / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert 0 < moved < 0.05  # two steps at 1e-4: moved, nowhere near a fresh start
+    # the fine-tune begins where the base model is, not at a random model's loss
+    assert abs(tuned["checkpoints"][0]["validation_loss"] - manifest["checkpoints"][-1]["validation_loss"]) < 0.5
+    r = resolve_model(step)
+    assert r.gguf is not None and r.hf_dir == step and "fine-tune of step_12" in r.reference_note
+    assert not torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+
+
+def test_init_that_is_not_a_model_is_one_error_line(capsys, tmp_path, dataset_dir):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(*run_cli(capsys, "train-slm", "--steps", "2", "--out", tmp_path / "o", "--init",
+                                   tmp_path / "empty", "--dataset", dataset_dir), "not a model")
+    assert not (tmp_path / "o").exists()

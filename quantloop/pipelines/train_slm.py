@@ -1,4 +1,5 @@
-"""`quantloop train-slm`: train a small Llama from scratch, as a float reference that sits on no quantization grid.
+"""`quantloop train-slm`: train a small Llama from scratch, as a float reference that sits on no quantization grid,
+or (`--init DIR`) fine-tune a prepared model on another text: a second checkpoint of the same family.
 
     <out>/
         step_<N>/                      one prepared model per checkpoint (any quantloop command takes it):
@@ -56,6 +57,8 @@ SIZES: dict[str, dict] = {
 # Peak learning rates: a short run on a few CPU cores is step-bound, so the tiny model learns fastest at a high rate
 # (8 steps of 8 x 64 tokens: validation loss 7.26 at 1e-2 against 8.39 at 3e-3).
 DEFAULT_LR = {"micro": 1e-2, "tiny": 1e-2, "small": 5e-3}
+FINETUNE_LR = 1e-4  # --init: a short fine-tune of a trained model moves it to the new text without breaking it
+FINETUNE_SIZE = "fine-tune"
 COMMON_CONFIG = dict(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
                      rope_theta=10000.0, attention_dropout=0.0, hidden_act="silu")
 
@@ -67,6 +70,8 @@ MAX_EPOCHS = 50  # --steps * --batch-size * --seqlen may not exceed this many pa
 DEFAULT_DATASET_DIR = DATASETS_DIR / "shakespeare"
 REFERENCE_NOTE = ("float32 model trained from scratch by `quantloop train-slm` (size {size}, seed {seed}, step {step}); "
                   "its weights were never rounded to any quantization grid")
+FINETUNE_NOTE = ("float32 fine-tune of {init} by `quantloop train-slm --init` (seed {seed}, step {step}) on {dataset}; "
+                 "the same architecture and shapes as {init}, other weights")
 
 
 def model_config(size: str, vocab_size: int) -> dict:
@@ -193,7 +198,7 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> dict | None:
     return old
 
 
-def save_checkpoint(model, tok, out: Path, step: int, size: str, seed: int, n_params: int, source: str) -> Path:
+def save_checkpoint(model, tok, out: Path, step: int, n_params: int, source: str, note: str) -> Path:
     """step_<N>/: float32 safetensors + tokenizer + F16 GGUF + quantloop_model.json, written atomically."""
     step_dir = out / f"step_{step}"
     name = f"{out.resolve().name}-step_{step}"
@@ -203,21 +208,35 @@ def save_checkpoint(model, tok, out: Path, step: int, size: str, seed: int, n_pa
         gguf_name = f"{name}-f16.gguf"
         convert_hf_to_gguf(tmp, tmp / gguf_name, "f16")
         write_json_atomic(tmp / MANIFEST, ModelManifest(
-            name=name, source=source, hf_dir=".", gguf_f16=gguf_name, architecture="LlamaForCausalLM", n_params=n_params,
-            reference_note=REFERENCE_NOTE.format(size=size, seed=seed, step=step),
+            name=name, source=source, hf_dir=".", gguf_f16=gguf_name, architecture=model.config.architectures[0],
+            n_params=n_params, reference_note=note.format(step=step),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds")))
     return step_dir
+
+
+def init_hf_dir(init: Path) -> Path:
+    """The transformers folder of the prepared model that --init names."""
+    from quantloop.models.checkpoints import resolve_model
+
+    hf_dir = resolve_model(init).hf_dir
+    if hf_dir is None:
+        raise InputError(init, "--init has no transformers checkpoint (config.json) to start from",
+                         "pass a prepared model folder, e.g. SLM/models/checkpoints/smollm2-135m-offgrid")
+    return Path(hf_dir)
 
 
 def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every: int | None = None, batch_size: int = 8,
               seqlen: int = 512, lr: float | None = None, seed: int = 0, dataset_dir: str | Path | None = None,
               tokenizer_dir: str | Path | None = None, overwrite: bool = False, eval_windows: int = 16,
-              progress: bool = True) -> dict:
-    """Train (or resume) a from-scratch Llama into `out`; returns the training manifest (a dict)."""
+              progress: bool = True, init: str | Path | None = None) -> dict:
+    """Train (or resume) a from-scratch Llama, or fine-tune the prepared model `init`, into `out`; returns the
+    training manifest (a dict)."""
 
     out = Path(out)
     dataset_dir = Path(dataset_dir) if dataset_dir else DEFAULT_DATASET_DIR
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else DEFAULT_MODEL_DIR
+    init_dir = init_hf_dir(Path(init)) if init else None
+    size = FINETUNE_SIZE if init_dir else size
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else (init_dir or DEFAULT_MODEL_DIR)
     for value, flag in ((steps, "--steps"), (batch_size, "--batch-size"), (eval_windows, "--eval-windows")):
         if value < 1:
             raise InputError(None, f"{flag} {value}: must be at least 1", f"pass {flag} 1 or more")
@@ -225,9 +244,9 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
         raise InputError(None, f"--save-every {save_every}: must be at least 1", "pass --save-every 1 or more")
     if seqlen < 8:
         raise InputError(None, f"--seqlen {seqlen}: too short", "pass --seqlen 8 or more (default 512)")
-    if size not in SIZES:
+    if size not in SIZES and not init_dir:
         raise InputError(None, f"--size '{size}': no such size", f"choose one of {', '.join(SIZES)}")
-    lr = DEFAULT_LR.get(size, 3e-3) if lr is None else lr
+    lr = (FINETUNE_LR if init_dir else DEFAULT_LR.get(size, 3e-3)) if lr is None else lr
     if not (lr > 0 and math.isfinite(lr)):
         raise InputError(None, f"--lr {lr}: must be a positive number", "pass e.g. --lr 2e-3")
     if not (dataset_dir / "manifest.json").is_file():
@@ -237,12 +256,13 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
 
 
     tok = load_hf_tokenizer(tokenizer_dir)
-    config_kwargs = model_config(size, len(tok))
+    config_kwargs = json.loads((init_dir / "config.json").read_text()) if init_dir else model_config(size, len(tok))
     if seqlen > config_kwargs["max_position_embeddings"]:
         raise InputError(None, f"--seqlen {seqlen}: longer than the model's {config_kwargs['max_position_embeddings']} positions",
                          f"pass --seqlen {config_kwargs['max_position_embeddings']} or less")
     settings = {"size": size, "config": config_kwargs, "seed": seed, "batch_size": batch_size, "seqlen": seqlen, "lr": lr,
-                "dataset": str(dataset_dir.resolve()), "tokenizer": str(tokenizer_dir.resolve())}
+                "dataset": str(dataset_dir.resolve()), "tokenizer": str(tokenizer_dir.resolve()),
+                **({"init": str(init_dir.resolve())} if init_dir else {})}
 
     # Check the text before touching --out.
     train_ids = token_ids(dataset_dir, "train", tokenizer_dir)
@@ -261,12 +281,13 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
     old = check_out_dir(out, settings, overwrite)
 
     import torch  # deferred: torch
-    from transformers import LlamaConfig, LlamaForCausalLM  # deferred: transformers
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # deferred: transformers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state_path = out / STATE_NAME
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config_kwargs)).to(torch.float32)
+    model = (AutoModelForCausalLM.from_pretrained(str(init_dir), torch_dtype=torch.float32) if init_dir
+             else LlamaForCausalLM(LlamaConfig(**config_kwargs))).to(torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(seed)  # the training windows: CPU, so a run resumes the same on any device
     st = None
@@ -302,7 +323,12 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
     unigram = unigram_ppl(train_ids, windows[:, 1:], config_kwargs["vocab_size"])
     save_every = save_every or max(1, steps // 4)
     warmup = warmup_steps(steps)
-    source = f"trained from scratch by {TOOL} (size {size}, seed {seed}) on {dataset_dir.resolve()} (train split)"
+    if init_dir:
+        source = f"fine-tuned from {init_dir.resolve()} by {TOOL} --init (seed {seed}) on {dataset_dir.resolve()} (train split)"
+        note = FINETUNE_NOTE.format(init=init_dir.name, seed=seed, step="{step}", dataset=dataset_dir.name)
+    else:
+        source = f"trained from scratch by {TOOL} (size {size}, seed {seed}) on {dataset_dir.resolve()} (train split)"
+        note = REFERENCE_NOTE.format(size=size, seed=seed, step="{step}")
     manifest = {
         "tool": TOOL, **settings, "n_params": n_params, "steps_requested": steps, "save_every": save_every,
         "schedule": {"kind": "linear warmup + cosine to lr/10", "warmup_steps": warmup, "total_steps": steps},
@@ -355,7 +381,7 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
             if step % save_every == 0 or step == steps:
                 train_s += time.perf_counter() - t0
                 val_loss = evaluate(model, windows, batch_size, device)
-                save_checkpoint(model, tok, out, step, size, seed, n_params, source)
+                save_checkpoint(model, tok, out, step, n_params, source, note)
                 records.append({"step": step, "validation_loss": val_loss, "validation_ppl": math.exp(val_loss),
                                 "train_loss": loss_sum / loss_n, "wall_s": round(train_s, 2), "tokens_seen": step * batch_size * seqlen})
                 _torch_save_atomic({"step": step, "train_s": train_s, "records": records, "model": model.state_dict(),
