@@ -35,7 +35,7 @@ run: prepare domains benchmarks
 	$(QL) run
 
 test: prepare services benchmarks
-	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow or not slow" --durations=40 $(PYTEST_ARGS)
 
 test-fast: prepare services benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)

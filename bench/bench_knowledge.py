@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--second", default="smollm2-135m-offgrid")
     p.add_argument("--ratio", type=float, default=3.5)
     p.add_argument("--dataset", default=str(DATASETS_DIR / "shakespeare"))
+    p.add_argument("--first-store", help="a knowledge store holding the first model's measurements (e.g. SLM/knowledge/"
+                                         "atomspace.metta after a run on it): the first pass is not measured")
     p.add_argument("--tag", default="1", help="names the prior-guided pass's cache: a new tag measures it afresh")
     p.add_argument("--work", help="folder of the passes' caches and store (default: a new temporary one); the first pass "
                                   "continues from its cache when given again")
@@ -59,13 +61,23 @@ def main() -> None:
     whole = {"embeddings": "IQ4_NL", "attention": "IQ4_NL", "feed_forward": "IQ4_NL"}
     spec = quant_spec(method="gptq", gguf_type="IQ4_NL", layer_types=whole, min_size_ratio=a.ratio,
                       calibration=CalibrationSpec(dataset_dir=a.dataset, samples=128, seqlen=256))
+    work.mkdir(parents=True, exist_ok=True)
     first_store, store_path = work / "first.metta", work / f"second-{a.tag}.metta"
-    rows = [one_pass("first, recorded", a.first, spec, KnowledgeStore.open(first_store), work / "c1")]
+    rows = []
+    if a.first_store:  # the first model's atoms as a run recorded them (its sensitivity pass is not measured again)
+        first_store = Path(a.first_store)
+        if not KnowledgeStore.open(first_store).facts("Measurement"):
+            sys.exit(f"bench_knowledge: {first_store} holds no measurement: run the first model with memory first")
+    else:
+        rows.append(one_pass("first, recorded", a.first, spec, KnowledgeStore.open(first_store), work / "c1"))
+        if not rows[0]["rows_measured"] and not first_store.exists():
+            sys.exit(f"bench_knowledge: --ratio {a.ratio} is decided without measuring on {a.first} (the planned file fits, "
+                     f"or every unit that can go lower must): nothing to compare; pick a ratio between the two")
     shutil.copyfile(first_store, store_path)  # the first model's atoms only: what the second run starts from
     KnowledgeStore.open(store_path).forget(a.second)
     rows += [one_pass("second, priors", a.second, spec, KnowledgeStore.open(store_path), work / f"c2-{a.tag}"),
              one_pass("second, full", a.second, spec, None, work / "c3")]
-    same = rows[1]["types"] == rows[2]["types"]
+    same = rows[-2]["types"] == rows[-1]["types"]
     print(table(["pass", "model", "units", "measured", "priors", "rows measured", "wall s", "bytes", "below 4 bits"],
                 [[r["pass"], r["model"], r["units"], r["units_measured"], r["units_prior"], r["rows_measured"], r["wall_s"],
                   f"{r['bytes']:,}", len(r["lower"])] for r in rows]))

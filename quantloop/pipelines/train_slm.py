@@ -36,7 +36,7 @@ from quantloop.data.datasets import load_manifest, read_split
 from quantloop.errors import InputError
 from quantloop.fileio import atomic_output, write_json_atomic
 from quantloop.gguf.llamacpp import convert_hf_to_gguf
-from quantloop.models.checkpoints import MANIFEST, load_hf_tokenizer
+from quantloop.models.checkpoints import MANIFEST, load_hf_model, load_hf_tokenizer, resolve_model
 from quantloop.paths import DATASETS_DIR, DEFAULT_MODEL_DIR
 from quantloop.schemas import ModelManifest
 
@@ -216,8 +216,6 @@ def save_checkpoint(model, tok, out: Path, step: int, n_params: int, source: str
 
 def init_hf_dir(init: Path) -> Path:
     """The transformers folder of the prepared model that --init names."""
-    from quantloop.models.checkpoints import resolve_model
-
     hf_dir = resolve_model(init).hf_dir
     if hf_dir is None:
         raise InputError(init, "--init has no transformers checkpoint (config.json) to start from",
@@ -281,13 +279,12 @@ def train_slm(out: str | Path, size: str = "tiny", steps: int = 100, save_every:
     old = check_out_dir(out, settings, overwrite)
 
     import torch  # deferred: torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # deferred: transformers
+    from transformers import LlamaConfig, LlamaForCausalLM  # deferred: transformers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state_path = out / STATE_NAME
     torch.manual_seed(seed)
-    model = (AutoModelForCausalLM.from_pretrained(str(init_dir), torch_dtype=torch.float32) if init_dir
-             else LlamaForCausalLM(LlamaConfig(**config_kwargs))).to(torch.float32)
+    model = (load_hf_model(init_dir) if init_dir else LlamaForCausalLM(LlamaConfig(**config_kwargs))).to(torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(seed)  # the training windows: CPU, so a run resumes the same on any device
     st = None
