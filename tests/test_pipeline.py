@@ -438,11 +438,15 @@ def test_a_run_with_the_default_outputs_leaves_git_status_clean(tiny_prepared, d
 
 
 def test_steps_after_the_time_budget_are_skipped_with_the_reason(tiny_prepared, dataset_dir, tmp_path):
-    """max_minutes: once the run has spent its time, the remaining steps are skipped (named), and the run decides."""
-    policy = tiny_policy(tmp_path, [gguf_step("int8-q8_0", "Q8_0", 8), NEXT_CHECKPOINT], measure_speed=False)
+    """max_minutes: once the run has spent its time, the remaining steps are skipped (named), and the run decides;
+    a past_budget step (the Q8_0 safety net) is tried all the same."""
+    safety_net = gguf_step("int8-q8_0", "Q8_0", 8) | {"past_budget": True}
+    policy = tiny_policy(tmp_path, [gguf_step("int4-q4_0", "Q4_0", 4), safety_net, NEXT_CHECKPOINT], measure_speed=False,
+                         size_ratio=1.0)
     doc = yaml.safe_load(policy.read_text())
     policy.write_text(yaml.safe_dump(doc | {"max_minutes": 1e-4}))  # spent by the checkpoint's evaluation alone
     state = run_tiny(tmp_path, tiny_prepared, dataset_dir, policy)
-    assert [a.status for a in state.attempts] == ["skipped", "skipped"]
+    assert state.attempts[0].status == "skipped" and state.attempts[0].output_dir is None
     assert "time budget of 0.0001 min is spent" in state.attempts[0].reason
-    assert state.decision == "rejected" and state.attempts[0].output_dir is None
+    assert state.attempts[1].status == "validated" and state.attempts[1].step == "int8-q8_0"
+    assert state.decision == ("accepted" if state.attempts[1].passed else "rejected")

@@ -116,7 +116,7 @@ def build_plan(policy: Policy, ranked: list[CheckpointScore], output_root: Path)
         writes_files = checkpoint and (step.spec or step.search)
         out = output_folder(output_root, len(plan), checkpoint, step.name, step.kind, step.spec) if writes_files else None
         plan.append(PlannedAttempt(index=len(plan), step=step.name, kind=step.kind, spec=step.spec, skip=step.skip,
-                                   expect_minutes=step.expect_minutes, checkpoint=checkpoint.path if checkpoint else "", output_dir=out))
+                                   expect_minutes=step.expect_minutes, past_budget=step.past_budget, checkpoint=checkpoint.path if checkpoint else "", output_dir=out))
 
     for step in steps:
         if step.kind != "next_checkpoint":

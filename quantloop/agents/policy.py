@@ -40,6 +40,9 @@ class PolicyStep(Strict):
                                                                  "policy's max_minutes, a step that would end past it is not started; "
                                                                  "once the step is measured on this machine and model, the "
                                                                  "measured minutes are used instead (agents/step_costs.py)")
+    past_budget: bool = Field(False, description="tried even when the run's max_minutes is spent: the cheap fallback that "
+                                                  "hands over a passing file (Q8_0), so a slow or loaded machine does not "
+                                                  "turn an accepted run into a rejected one")
 
     @model_validator(mode="after")
     def _spec_matches_kind(self):

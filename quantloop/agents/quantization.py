@@ -116,7 +116,7 @@ class QuantizationAgent:
         if planned.kind == "next_checkpoint":
             return skipped(planned, "no other checkpoint to try: the run was given a single checkpoint")
         spec = planned.spec
-        budget = state.policy.max_minutes
+        budget = None if planned.past_budget else state.policy.max_minutes
         if budget is not None and state.active_s > 60 * budget:
             return skipped(planned, f"the run's time budget of {budget:g} min is spent ({state.active_s / 60:.1f} min so far); "
                                     "raise max_minutes in the policy to try this step")

@@ -49,6 +49,7 @@ class PlannedAttempt(Strict):
     output_dir: str | None
     skip: str | None = None
     expect_minutes: float | None = None
+    past_budget: bool = False
 
 
 class Attempt(Strict):
