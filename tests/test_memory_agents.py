@@ -62,6 +62,15 @@ def test_a_step_that_failed_on_the_same_weights_is_skipped_and_one_on_the_family
     assert reason.endswith("Memory: failed on perplexity on sibling (same family) in run r1."), reason
     assert spec_key(planned) != spec_key(planned.model_copy(update={"spec": quant_spec(method="gguf", gguf_type="Q4_0")}))
 
+    # a criterion left unmeasured once the attempt had failed (speed after perplexity) is not cited as failed
+    unmeasured = CriterionResult(name="speed", passed=False, measured=None, threshold=">= 1.5x", detail="not measured: ...")
+    partly = failed(planned, old, "perplexity")
+    partly = partly.model_copy(update={"criteria": partly.criteria + [unmeasured]})
+    cited = KnowledgeStore.open(tmp_path / "c.metta")
+    cited.put(sibling)
+    cited.put(attempt_fact(partly, planned, old, sibling))
+    assert lessons(cited, planned, state).evidence == ["failed on perplexity on sibling (same family) in run r1"]
+
 
 def test_the_knowledge_command_and_tool_show_query_and_forget(tmp_path, capsys):
     from quantloop.knowledge import MeasurementFact

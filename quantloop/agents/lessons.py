@@ -44,7 +44,8 @@ def checkpoint_fact(path: str) -> ModelFact | None:
 
 
 def failed_criteria(f: AttemptFact) -> list[str]:
-    return [k.split(":", 1)[1] for k in f.metrics if k.startswith("failed:")]
+    """The criteria that failed on a measurement (a criterion not measured once the attempt had failed is not one)."""
+    return [k.split(":", 1)[1] for k in f.metrics if k.startswith("failed:") and f.metrics[k] == 1.0]
 
 
 def failed_noisily(f: AttemptFact) -> bool:
