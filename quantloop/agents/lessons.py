@@ -50,7 +50,7 @@ def failed_criteria(f: AttemptFact) -> list[str]:
 
 def failed_noisily(f: AttemptFact) -> bool:
     """A criterion whose verdict may change when measured again failed on a measurement (not for want of one)."""
-    return any(f.metrics[k] == 1.0 for k in f.metrics if k.startswith("failed:") and k.split(":")[1] in NOISY)
+    return any(c in NOISY for c in failed_criteria(f))
 
 
 def lessons(memory: KnowledgeStore | None, planned: PlannedAttempt, state: PipelineState) -> Lesson:

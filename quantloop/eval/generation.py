@@ -42,8 +42,8 @@ def repeated_ngrams(tokens: list[int], n: int) -> list[tuple]:
 
 
 def repeated_ngram_rate(tokens: list[int], n: int) -> float:
-    grams = ngrams(tokens, n)
-    return len(repeated_ngrams(tokens, n)) / len(grams) if grams else 0.0
+    n_grams = len(tokens) - n + 1
+    return len(repeated_ngrams(tokens, n)) / n_grams if n_grams > 0 else 0.0
 
 
 def same_loop(new: list[int], ref: list[int], settings: GenerationSettings) -> bool:
